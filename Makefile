@@ -1,0 +1,35 @@
+# Everything runs from the project's virtualenv; `make install` builds it from the pinned constraints (no GPU needed).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_RESULTS ?= results/demo
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+# The main job on the built-in default: synthetic data, weight-free baselines, kmeans + linear, then the leaderboard.
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench run --backbone pixels --dataset synthetic --protocol kmeans,linear --results-dir $(DEMO_RESULTS)
+	HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench run --backbone random_vits16 --dataset synthetic --protocol kmeans,linear --results-dir $(DEMO_RESULTS)
+	$(BIN)/ssl-segbench leaderboard --results-dir $(DEMO_RESULTS) --out leaderboards
+	cat leaderboards/synthetic.md
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/bench_extraction.py
+
+lint: install
+	$(BIN)/ruff check ssl_segbench tests benchmarks
+
+clean:
+	rm -rf $(VENV) results .pytest_cache
