@@ -1,0 +1,56 @@
+"""Dataset registry: dataset ids → loader classes reading the authors' own layouts."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from .base import DatasetError, Sample, SegmentationDataset, voc_palette
+
+DATASETS: dict[str, type[SegmentationDataset]] = {}
+HF_PREFIX = "hf:"
+
+
+def register_dataset(cls: type[SegmentationDataset]) -> type[SegmentationDataset]:
+    """Class decorator: make a dataset available under its ``id``."""
+    if not cls.id or cls.id in DATASETS:
+        raise ValueError(f"dataset id {cls.id!r} is empty or registered twice")
+    DATASETS[cls.id] = cls
+    return cls
+
+
+def dataset_options(cls: type[SegmentationDataset]) -> list[str]:
+    """The keyword options a dataset class accepts (e.g. skip_bad, curated_list)."""
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = None, **options) -> SegmentationDataset:
+    """Open `dataset_id` at `root` (the synthetic set generates its own root when none is given).
+
+    `options` go to the loader: ``skip_bad=True`` for every dataset, others per dataset (see `dataset_options`).
+    ``hf:<org>/<name>`` opens a Hugging Face `datasets` dataset (root: a local copy, or None for the Hub / cache).
+    """
+    if dataset_id.startswith(HF_PREFIX):
+        from .hf import HFDataset
+        cls, options = HFDataset, {**options, "repo": dataset_id[len(HF_PREFIX):]}
+    elif dataset_id not in DATASETS:
+        raise DatasetError(f"unknown dataset '{dataset_id}'. Known: {', '.join(sorted(DATASETS))}, "
+                           f"{HF_PREFIX}<org>/<name>")
+    else:
+        cls = DATASETS[dataset_id]
+    unknown = sorted(set(options) - set(dataset_options(cls)))
+    if unknown:
+        raise DatasetError(f"dataset '{dataset_id}' takes no option(s) {unknown}; it takes: "
+                           f"{', '.join(o for o in dataset_options(cls) if o != 'repo')}")
+    if root is None and cls.__name__ != "HFDataset":  # the Hub source needs no root
+        default_root = getattr(cls, "default_root", None)
+        if default_root is None:
+            raise DatasetError(f"dataset '{dataset_id}' needs --data-root. Expected layout:\n{cls.layout}")
+        root = default_root()
+    return cls(root, split, **options)
+
+
+# Loaders register themselves on import.
+from . import ade20k, camvid, cityscapes, cocostuff, folder, potsdam, suim, synthetic, voc  # noqa: E402,F401
+
+__all__ = ["DATASETS", "DatasetError", "Sample", "SegmentationDataset", "dataset_options", "get_dataset",
+           "register_dataset", "voc_palette"]

@@ -1,0 +1,179 @@
+"""`ssl-segbench datasets check|list`: validate a dataset on disk before spending compute on it.
+
+`check_dataset` reads every image and mask of a split once: each image must decode and have its mask, the mask must
+decode at the image's size (or be resized with a warning where the dataset allows it), and every label must be a class
+index or the ignore index. It prints counts and a class histogram and returns non-zero with the offending files listed.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress
+from rich.table import Table
+
+from ..progress import out
+from . import DATASETS, HF_PREFIX, dataset_options, get_dataset
+from .base import DatasetError, SegmentationDataset
+from .hf import HFDataset
+
+EXIT_OK, EXIT_BAD_FILES, EXIT_UNOPENABLE = 0, 1, 2
+
+
+def _scan(dataset: SegmentationDataset, progress: Progress | None) -> dict:
+    """One pass over the split: per-class pixel counts and every problem, each naming its file."""
+    n_cls, ignore = dataset.num_classes, dataset.ignore_index
+    out = {"pixels": np.zeros(n_cls, np.int64), "images_with": np.zeros(n_cls, np.int64), "ignored": 0,
+           "masks": 0, "unlabelled": 0, "problems": [], "resized": []}
+    task = progress.add_task(f"checking {dataset.id}/{dataset.split}", total=len(dataset)) if progress else None
+    for i, s in enumerate(dataset.samples):
+        if progress:
+            progress.advance(task)
+        try:
+            dataset.load_image(i)
+        except DatasetError as e:
+            out["problems"].append((str(s.image), str(e)))
+            continue
+        if s.mask is None:
+            out["unlabelled"] += 1
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                mask = dataset.load_mask(i)
+            except DatasetError as e:
+                out["problems"].append((str(s.mask), str(e)))
+                continue
+        out["resized"] += [(str(s.mask), str(w.message)) for w in caught]
+        out["masks"] += 1
+        labelled = mask != ignore
+        outside = labelled & ((mask < 0) | (mask >= n_cls))
+        if outside.any():
+            out["problems"].append((str(s.mask), f"label values {np.unique(mask[outside])[:10].tolist()} outside "
+                                                  f"0..{n_cls - 1} and ignore {ignore}"))
+            continue
+        counts = np.bincount(mask[labelled], minlength=n_cls)
+        out["pixels"] += counts
+        out["images_with"] += counts > 0
+        out["ignored"] += int((~labelled).sum())
+    return out
+
+
+def _file_table(title: str, rows: list[tuple[str, str]], limit: int, style: str) -> Table:
+    table = Table(title=title, title_style=style, show_lines=False)
+    table.add_column("file", overflow="fold")
+    table.add_column("problem", overflow="fold")
+    for path, msg in rows[:limit]:
+        table.add_row(escape(path), escape(msg))
+    if len(rows) > limit:
+        table.add_row(f"... and {len(rows) - limit} more", "")
+    return table
+
+
+def check_dataset(dataset: SegmentationDataset, console: Console | None = None, *, fail_on_skipped: bool = True,
+                  max_listed: int = 50) -> int:
+    """Validate every sample of `dataset`, print counts, a class histogram and the problems; 0 when clean, else 1.
+
+    Samples the dataset left out under skip_bad count as problems unless ``fail_on_skipped=False``.
+    """
+    console = console or out
+    if console.is_terminal:
+        with Progress(console=console, transient=True) as progress:
+            res = _scan(dataset, progress)
+    else:
+        res = _scan(dataset, None)
+
+    summary = Table(title=f"{dataset.id} / {dataset.split}", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    for key, value in (("root", str(dataset.root)), ("images", len(dataset)), ("masks decoded", res["masks"]),
+                       ("images without mask (unlabelled split)", res["unlabelled"]),
+                       ("skipped (skip_bad)", len(dataset.skipped)), ("masks resized", len(res["resized"])),
+                       ("problems", len(res["problems"])), ("file_list_sha256", dataset.file_list_sha256())):
+        summary.add_row(key, escape(str(value)))
+    for note in dataset.notes:
+        summary.add_row("note", escape(note))
+    console.print(summary)
+
+    hist = Table(title="class histogram")
+    for col in ("index", "class", "pixels", "% of labelled", "images"):
+        hist.add_column(col, justify="left" if col == "class" else "right")
+    total = max(int(res["pixels"].sum()), 1)
+    for c, name in enumerate(dataset.class_names):
+        hist.add_row(str(c), escape(name), f"{res['pixels'][c]:,}", f"{100 * res['pixels'][c] / total:.2f}",
+                     f"{res['images_with'][c]:,}")
+    hist.add_row(str(dataset.ignore_index), "(ignore)", f"{res['ignored']:,}", "", "")
+    console.print(hist)
+
+    if res["resized"]:
+        console.print(_file_table("masks resized to their image (warning)", res["resized"], max_listed, "yellow"))
+    if dataset.skipped:
+        style = "red" if fail_on_skipped else "yellow"
+        console.print(_file_table("skipped samples", dataset.skipped, max_listed, style))
+    if res["problems"]:
+        console.print(_file_table("problems", res["problems"], max_listed, "red"))
+    failed = bool(res["problems"]) or (fail_on_skipped and bool(dataset.skipped))
+    console.print("[red]FAILED[/red]" if failed else "[green]OK[/green]")
+    return EXIT_BAD_FILES if failed else EXIT_OK
+
+
+def parse_options(pairs: list[str] | None) -> dict:
+    """["key=value", ...] → {key: YAML-parsed value} (so true, 3 and paths come out as bool, int and str)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DatasetError(f"option '{pair}' is not KEY=VALUE")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def run_check(args: argparse.Namespace, console: Console | None = None) -> int:
+    """Handler of `datasets check`: 2 if the dataset cannot be opened, 1 if files are bad, 0 if clean."""
+    console = console or out
+    try:
+        options = parse_options(args.option)
+        if args.skip_bad:
+            options["skip_bad"] = True
+        dataset = get_dataset(args.dataset, args.data_root, args.split, **options)
+    except DatasetError as e:
+        console.print(f"[red]cannot open '{escape(args.dataset)}':[/red] {escape(str(e))}", highlight=False)
+        return EXIT_UNOPENABLE
+    return check_dataset(dataset, console, fail_on_skipped=not args.skip_bad)
+
+
+def run_list(args: argparse.Namespace, console: Console | None = None) -> int:
+    """Handler of `datasets list`: every dataset id with its classes, splits and options."""
+    console = console or out
+    table = Table(title="datasets")
+    for col in ("id", "classes", "splits", "options"):
+        table.add_column(col)
+    for name in sorted(DATASETS):
+        cls = DATASETS[name]
+        table.add_row(name, str(len(cls.class_names)) if cls.class_names else "from classes file",
+                      ", ".join(cls.splits) or "from folders", ", ".join(dataset_options(cls)))
+    table.add_row(escape(f"{HF_PREFIX}<org>/<name>"), "from classes file", "from the dataset",
+                  ", ".join(o for o in dataset_options(HFDataset) if o != "repo"))
+    console.print(table)
+    return EXIT_OK
+
+
+def add_datasets_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `datasets {check,list}` to a CLI; each subcommand sets ``func(args) -> exit code``."""
+    parser = subparsers.add_parser("datasets", help="list datasets, or check one on disk")
+    sub = parser.add_subparsers(dest="datasets_command", required=True)
+    check = sub.add_parser("check", help="validate layout, masks and labels of a split; print a class histogram")
+    check.add_argument("--dataset", required=True, help="dataset id (see `datasets list`) or hf:<org>/<name>")
+    check.add_argument("--data-root", default=None, help="dataset root in its distributed layout")
+    check.add_argument("--split", default=None, help="split to check (default: the dataset's evaluation split)")
+    check.add_argument("--skip-bad", action="store_true", help="leave bad samples out instead of failing")
+    check.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                       help="dataset option, repeatable (e.g. curated_list=PATH, revision=SHA, mask_column=label)")
+    check.set_defaults(func=run_check)
+    listing = sub.add_parser("list", help="dataset ids, classes, splits and options")
+    listing.set_defaults(func=run_list)
+    return parser

@@ -1,0 +1,87 @@
+"""SUIM (Islam et al. 2020): underwater images with 24-bit RGB BMP masks in eight colour-coded classes."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from . import register_dataset
+from .base import Sample, SegmentationDataset
+
+SUIM_CLASSES = ("BW", "HD", "PF", "WR", "RO", "RI", "FV", "SR")
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def decode_suim_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) colours → class index R·4 + G·2 + B, each channel read as one bit (value ≥ 128), which absorbs the
+    compression noise in the released masks (DATASETS.md; the DatUS² decoder's exact-colour matching loses PF and
+    SR)."""
+    bits = (rgb[..., :3] >= 128).astype(np.int64)
+    return bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]
+
+
+@register_dataset
+class SUIM(SegmentationDataset):
+    """SUIM in its distributed layout; a root that directly holds images/ and masks/ (the authors' data/test, or
+    ../shared/data/suim_sample) is read as the single split 'test'."""
+
+    id = "suim"
+    class_names = SUIM_CLASSES
+    ignore_index = 255
+    splits = ("train", "test")
+    eval_split = "test"
+    train_split = "train"
+    layout = ("  <root>/train_val/images/*.jpg   <root>/train_val/masks/*.bmp   (split 'train')\n"
+              "  <root>/TEST/images/*.jpg        <root>/TEST/masks/*.bmp        (split 'test')\n"
+              "  or <root>/images + <root>/masks directly (read as split 'test')")
+    _split_dirs = {"train": ("train_val", "train"), "test": ("TEST", "test", "data/test")}
+
+    def _split_dir(self, split: str):
+        if split == "test" and (self.root / "images").is_dir() and (self.root / "masks").is_dir():
+            return self.root
+        for name in self._split_dirs[split]:
+            d = self.root / name
+            if (d / "images").is_dir():
+                return d
+        return None
+
+    def available_splits(self) -> list[str]:
+        return [s for s in self.splits if self._split_dir(s) is not None]
+
+    def _find_samples(self) -> list[Sample]:
+        d = self._split_dir(self.split)
+        masks = {p.stem: p for p in (d / "masks").iterdir() if p.suffix.lower() in _IMAGE_EXTS} \
+            if (d / "masks").is_dir() else {}
+        images = {p.stem: p for p in (d / "images").iterdir() if p.suffix.lower() in _IMAGE_EXTS}
+        return self._pair(images, masks, d / "masks")
+
+    @property
+    def palette(self) -> np.ndarray:
+        idx = np.arange(len(SUIM_CLASSES))
+        return (np.stack([(idx >> 2) & 1, (idx >> 1) & 1, idx & 1], axis=1) * 255).astype(np.uint8)
+
+    def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray:
+        return decode_suim_rgb(np.asarray(raw.convert("RGB")))
+
+
+# DatUS² coarse grouping: the five object classes of SUIM and everything else (waterbody, plants, sea-floor) together.
+SUIM_COARSE_CLASSES = ("HD", "RO", "FV", "RI", "WR", "BW+PF+SR")
+_COARSE_OF = {"BW": "BW+PF+SR", "HD": "HD", "PF": "BW+PF+SR", "WR": "WR", "RO": "RO", "RI": "RI", "FV": "FV",
+              "SR": "BW+PF+SR"}
+_FINE_TO_COARSE = np.array([SUIM_COARSE_CLASSES.index(_COARSE_OF[c]) for c in SUIM_CLASSES], dtype=np.int64)
+
+
+@register_dataset
+class SUIMCoarse(SUIM):
+    """`suim-coarse`: SUIM in DatUS²'s 6 classes, HD, RO, FV, RI, WR and BW+PF+SR merged, indexed in that order (the
+    order DATASETS.md lists them; the merged background is last). Same files, layout and splits as `suim`."""
+
+    id = "suim-coarse"
+    class_names = SUIM_COARSE_CLASSES
+
+    @property
+    def palette(self) -> np.ndarray:
+        fine = super().palette
+        return np.stack([fine[SUIM_CLASSES.index(c)] for c in SUIM_COARSE_CLASSES[:5]] + [fine[0]])
+
+    def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray:
+        return _FINE_TO_COARSE[super().decode_mask(raw, sample)]
