@@ -1,0 +1,210 @@
+"""Loading backbones: registry ids, `hf-hub:` timm ids, transformers repo ids and local directories.
+
+Hub checkpoints are loaded through the libraries' own code paths (`timm.create_model("hf-hub:org/name@rev")`,
+`AutoModel.from_pretrained(repo, revision=rev)`), so the Hugging Face cache, `HF_HUB_OFFLINE` and `HF_HUB_CACHE`
+behave as users expect. The commit actually used is read back from the cache's snapshot path and recorded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..registry import BackboneSpec, load_registry
+from .base import FACETS, Backbone, BackboneError
+from .builtin import PixelsBackbone, random_init_model
+from .hf_backbone import HFBackbone, hf_spec_fields, model_class
+from .timm_backbone import TimmBackbone
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _offline_hint(repo_id: str, revision: str | None, err: Exception) -> BackboneError:
+    from huggingface_hub import constants
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return BackboneError(
+        f"checkpoint {where} could not be loaded: it is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        + (" and HF_HUB_OFFLINE is set" if offline else " and the Hub could not be reached")
+        + f". On a machine with network run `hf download {repo_id}"
+        + (f" --revision {revision}" if revision else "") + "` and copy the cache here, or point HF_HUB_CACHE at it."
+        + f"\n({type(err).__name__}: {err})")
+
+
+def resolve_revision(repo_id: str, revision: str | None, filename: str = "config.json") -> str:
+    """The commit sha the cache serves for (repo_id, revision), from the snapshot path of one of its files."""
+    from huggingface_hub import hf_hub_download
+
+    path = Path(hf_hub_download(repo_id, filename, revision=revision))
+    return path.parent.name
+
+
+def _is_hub_error(e: Exception) -> bool:
+    mod = type(e).__module__ or ""
+    return isinstance(e, OSError) or mod.startswith("huggingface_hub") or "NotFound" in type(e).__name__
+
+
+def _timm_model(spec: BackboneSpec):
+    """A timm checkpoint: Hub, local directory or seeded random init."""
+    import timm
+
+    if spec.repo_id.startswith("random-init:"):
+        seed = int((spec.revision or "seed0").removeprefix("seed"))
+        return random_init_model(spec.repo_id.removeprefix("random-init:"), seed)
+    if spec.repo_id.startswith("local-dir:"):
+        return timm.create_model(spec.repo_id, pretrained=True, num_classes=0, dynamic_img_size=True)
+    name = f"hf-hub:{spec.repo_id}" + (f"@{spec.revision}" if spec.revision else "")
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
+    except Exception as e:  # the hub raises several unrelated types for "not cached"
+        if _is_hub_error(e):
+            raise _offline_hint(spec.repo_id, spec.revision, e) from e
+        raise
+
+
+def _transformers_model(spec: BackboneSpec):
+    """A transformers checkpoint: Hub repo or local directory."""
+    from transformers import AutoConfig
+
+    local = Path(spec.repo_id).is_dir()
+    revision = None if local else spec.revision
+    try:
+        config = AutoConfig.from_pretrained(spec.repo_id, revision=revision)
+        return model_class(config).from_pretrained(spec.repo_id, revision=revision)
+    except BackboneError:
+        raise
+    except Exception as e:
+        if not local and _is_hub_error(e):
+            raise _offline_hint(spec.repo_id, spec.revision, e) from e
+        raise
+
+
+def _adhoc_spec(name: str) -> BackboneSpec:
+    """A provisional spec for a backbone named on the command line: a local directory, `hf-hub:org/name[@rev]` (timm)
+    or `org/name[@rev]` (transformers). Shape facts are filled in from the checkpoint's config (`_fill_spec`)."""
+    base = dict(revision=None, patch_size=1, embed_dim=1, num_prefix_tokens=0, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD, method="ad-hoc", paper=None, license="unknown")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise BackboneError(f"{path} has no config.json: expected a transformers or timm checkpoint directory")
+        adhoc_id = path.resolve().name.lower()
+        if "architecture" in json.loads(cfg_file.read_text()):  # timm's save_for_hf layout
+            return BackboneSpec(id=adhoc_id, loader="timm", repo_id=f"local-dir:{path.resolve()}", **base)
+        return BackboneSpec(id=adhoc_id, loader="transformers", repo_id=str(path.resolve()), **base)
+    repo, _, rev = name.removeprefix("hf-hub:").partition("@")
+    if "/" not in repo:
+        raise BackboneError(f"'{name}' is neither a registry id, a local directory, nor a Hub repo id 'org/name'")
+    base["revision"] = rev or None
+    loader = "timm" if name.startswith("hf-hub:") else "transformers"
+    return BackboneSpec(id=repo.replace("/", "__").lower(), loader=loader, repo_id=repo, **base)
+
+
+def _fill_spec(spec: BackboneSpec, model=None) -> BackboneSpec:
+    """Complete an ad-hoc spec from the checkpoint: the transformers config (no weights needed) or the timm model."""
+    if spec.loader == "transformers":
+        from transformers import AutoConfig
+
+        local = Path(spec.repo_id).is_dir()
+        try:
+            cfg = AutoConfig.from_pretrained(spec.repo_id, revision=None if local else spec.revision)
+        except Exception as e:
+            if not local and _is_hub_error(e):
+                raise _offline_hint(spec.repo_id, spec.revision, e) from e
+            raise
+        fields = hf_spec_fields(cfg)
+        pre = Path(spec.repo_id) / "preprocessor_config.json"
+        if pre.is_file():
+            pcfg = json.loads(pre.read_text())
+            fields.update(mean=tuple(pcfg.get("image_mean", IMAGENET_MEAN)),
+                          std=tuple(pcfg.get("image_std", IMAGENET_STD)))
+        else:
+            fields["notes"] = "no preprocessor_config.json: ImageNet mean/std assumed"
+    else:
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        fields = {"patch_size": model.patch_embed.patch_size[0], "embed_dim": model.embed_dim,
+                  "num_prefix_tokens": model.num_prefix_tokens, "num_layers": len(model.blocks),
+                  "arch": cfg.get("architecture", "timm"),
+                  "mean": tuple(cfg.get("mean", IMAGENET_MEAN)), "std": tuple(cfg.get("std", IMAGENET_STD))}
+    return dataclasses.replace(spec, **fields)
+
+
+def _local_revision(directory: Path) -> str:
+    """Content identity of a local checkpoint directory: sha256 over its files' names and bytes."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        h.update(f.relative_to(directory).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return "local-sha256:" + h.hexdigest()[:16]
+
+
+class BackboneRef:
+    """A backbone named and pinned but not yet loaded: `spec`, `source` and the resolved `revision` are known without
+    reading weights (except for ad-hoc timm checkpoints, whose shape is only known from the model), so a feature-cache
+    hit never loads or runs the model."""
+
+    def __init__(self, name: str, registry_path=None):
+        registry = load_registry(registry_path)
+        spec = registry.get(name)
+        self._model = None
+        if spec is None:
+            if not (Path(name).expanduser().exists() or "/" in name):
+                raise BackboneError(f"unknown backbone '{name}'. Known: {', '.join(registry)}; or give a local "
+                                    "checkpoint directory, 'hf-hub:org/name[@rev]' (timm) or 'org/name[@rev]' "
+                                    "(transformers)")
+            spec = _adhoc_spec(name)
+            if spec.loader == "timm":
+                self._model = _timm_model(spec)
+                spec = _fill_spec(spec, self._model)
+            else:
+                spec = _fill_spec(spec)
+        self.spec = spec
+        if spec.loader == "builtin":
+            if spec.repo_id != "pixels" and not spec.repo_id.startswith("random-init:"):
+                raise BackboneError(f"backbone '{spec.id}': unknown builtin '{spec.repo_id}' "
+                                    "(use 'pixels' or 'random-init:<timm arch>')")
+            self.source, self.revision = f"builtin:{spec.repo_id}", spec.revision
+        elif spec.repo_id.startswith("local-dir:") or Path(spec.repo_id).is_dir():
+            self.source = spec.repo_id
+            self.revision = _local_revision(Path(spec.repo_id.removeprefix("local-dir:")))
+        else:
+            self.source = (f"hf-hub:{spec.repo_id}" if spec.loader == "timm" else spec.repo_id) + \
+                (f"@{spec.revision}" if spec.revision else "")
+            try:
+                self.revision = resolve_revision(spec.repo_id, spec.revision)
+            except Exception as e:
+                if _is_hub_error(e):
+                    raise _offline_hint(spec.repo_id, spec.revision, e) from e
+                raise
+
+    def load(self, device: str | torch.device = "cpu") -> Backbone:
+        """The frozen model on `device`."""
+        spec = self.spec
+        if spec.repo_id == "pixels" and spec.loader == "builtin":
+            backbone = PixelsBackbone(spec, self.source, self.revision)
+        elif spec.loader == "transformers":
+            model = _transformers_model(spec)
+            backbone = HFBackbone(model, spec, self.source, self.revision)
+        else:
+            model = self._model if self._model is not None else _timm_model(spec)
+            backbone = TimmBackbone(model, spec, self.source, self.revision)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        return backbone.eval().to(device)
+
+
+def load_backbone(name: str, device: str | torch.device = "cpu", registry_path=None) -> Backbone:
+    """Registry id or ad-hoc name → a frozen Backbone on `device`."""
+    return BackboneRef(name, registry_path).load(device)
+
+
+__all__ = ["FACETS", "Backbone", "BackboneError", "BackboneRef", "load_backbone", "resolve_revision"]

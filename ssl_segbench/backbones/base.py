@@ -1,0 +1,84 @@
+"""One dense-feature interface for every loader.
+
+`Backbone.forward(images, layer, facets)` returns a dict with any of:
+- ``tokens``: (B, h, w, D) patch tokens of block `layer` (−1 = last), with the model's final norm applied and every
+  prefix token (CLS, registers) removed by count from the spec, never by guessing from the sequence length;
+- ``cls``: (B, D) the CLS token of the same block (final norm applied);
+- ``attn``: (B, heads, h, w) attention of the CLS query over the patch keys in block `layer` (softmax over all tokens);
+- ``keys`` / ``queries``: (B, h, w, D) that block's keys / queries, heads concatenated, prefix tokens removed.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..registry import BackboneSpec
+
+FACETS = ("tokens", "cls", "attn", "keys", "queries")
+
+
+class BackboneError(Exception):
+    """A backbone cannot be loaded or cannot give what was asked; the message says why and what to do."""
+
+
+class Backbone(torch.nn.Module):
+    """Base class; subclasses implement `_forward(x, layer, facets) -> dict` on token sequences."""
+
+    def __init__(self, spec: BackboneSpec, source: str, resolved_revision: str | None):
+        super().__init__()
+        self.spec = spec
+        self.source = source
+        self.resolved_revision = resolved_revision
+
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    def check_facets(self, facets) -> None:
+        unknown = set(facets) - set(FACETS)
+        if unknown:
+            raise BackboneError(f"unknown facet(s) {sorted(unknown)}; available: {FACETS}")
+        if {"cls", "attn"} & set(facets) and self.spec.num_prefix_tokens == 0:
+            raise BackboneError(f"backbone '{self.spec.id}' has no CLS token, so it has no 'cls' or 'attn' facet")
+
+    def layer_index(self, layer: int) -> int:
+        n = self.num_layers
+        if not -n <= layer < n:
+            raise BackboneError(f"layer {layer} out of range for '{self.spec.id}' with {n} blocks")
+        return layer % n
+
+    def forward(self, images: torch.Tensor, layer: int = -1, facets=("tokens",)) -> dict[str, torch.Tensor]:
+        self.check_facets(facets)
+        b, _, height, width = images.shape
+        p = self.spec.patch_size
+        if height % p or width % p:
+            raise BackboneError(f"input {height}x{width} is not a multiple of patch size {p}")
+        out = self._forward(images, self.layer_index(layer), tuple(facets))
+        h, w = height // p, width // p
+        return {k: _grid(v, h, w, self.spec.num_prefix_tokens, k) for k, v in out.items()}
+
+    def _forward(self, images, layer, facets) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _grid(v: torch.Tensor, h: int, w: int, n_prefix: int, facet: str) -> torch.Tensor:
+    """Sequence (B, n_prefix + h·w, ...) → the facet's documented shape."""
+    if facet == "cls":
+        return v
+    if facet == "attn":  # (B, heads, N) CLS row
+        if v.shape[-1] != n_prefix + h * w:
+            raise BackboneError(f"attention has {v.shape[-1]} keys, expected {n_prefix} prefix + {h * w} patches")
+        return v[..., n_prefix:].reshape(v.shape[0], v.shape[1], h, w)
+    if v.shape[1] != n_prefix + h * w:
+        raise BackboneError(f"model returned {v.shape[1]} tokens, but the spec says {n_prefix} prefix tokens + "
+                            f"{h}x{w} patches: check num_prefix_tokens in backbones.yaml")
+    return v[:, n_prefix:].reshape(v.shape[0], h, w, v.shape[-1])
+
+
+def cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
+    """(B, N, D) queries and keys → (B, heads, N) softmax attention of token 0 (CLS) over all tokens."""
+    b, n, d = q.shape
+    hd = d // num_heads
+    q0 = q[:, :1].reshape(b, 1, num_heads, hd).transpose(1, 2)  # (B, H, 1, hd)
+    kk = k.reshape(b, n, num_heads, hd).transpose(1, 2)  # (B, H, N, hd)
+    logits = (q0 @ kk.transpose(-1, -2)).squeeze(2) * (scale if scale is not None else hd ** -0.5)
+    return logits.float().softmax(-1)

@@ -1,0 +1,101 @@
+"""Hugging Face transformers ViTs (DINOv2 ± registers, ViT, MSN, I-JEPA, and the vision towers of CLIP and SigLIP)
+through `from_pretrained`. Tokens of every block get the model's final norm, as timm does for all its ViTs
+(transformers' CLIP applies `post_layernorm` to the pooled CLS only)."""
+from __future__ import annotations
+
+import inspect
+
+from .base import Backbone, BackboneError, cls_attention
+
+SUPPORTED_TYPES = ("dinov2", "dinov2_with_registers", "vit", "vit_msn", "ijepa", "clip", "siglip")
+# dual-encoder repos whose vision tower is loaded on its own
+VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+
+
+def vision_config(config):
+    """The vision part of a config (the config itself for vision-only models)."""
+    return getattr(config, "vision_config", None) or config
+
+
+def prefix_tokens_from_config(config) -> int:
+    """CLS + registers as the architecture defines them (I-JEPA and SigLIP have no CLS)."""
+    if config.model_type in ("ijepa", "siglip", "siglip_vision_model"):
+        return 0
+    return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+
+
+def model_class(config):
+    """The transformers class that loads this checkpoint's vision encoder."""
+    import transformers
+
+    if config.model_type in VISION_TOWERS:
+        return getattr(transformers, VISION_TOWERS[config.model_type])
+    if config.model_type not in SUPPORTED_TYPES:
+        hint = " (MAE: use the timm loader; transformers' ViTMAE shuffles tokens)" if config.model_type == "vit_mae" \
+            else ""
+        raise BackboneError(f"transformers model_type '{config.model_type}' is not supported; supported: "
+                            f"{SUPPORTED_TYPES}{hint}")
+    return transformers.AutoModel
+
+
+def _first_attr(obj, names):
+    for n in names:
+        if hasattr(obj, n):
+            return getattr(obj, n)
+    raise BackboneError(f"{type(obj).__name__} has none of {names}: unsupported transformers layout")
+
+
+class HFBackbone(Backbone):
+    def __init__(self, model, spec, source, resolved_revision):
+        super().__init__(spec, source, resolved_revision)
+        cfg = vision_config(model.config)
+        self.model = model.eval()
+        for name, expected, actual in (("patch_size", spec.patch_size, cfg.patch_size),
+                                       ("embed_dim", spec.embed_dim, cfg.hidden_size),
+                                       ("num_prefix_tokens", spec.num_prefix_tokens, prefix_tokens_from_config(cfg))):
+            if expected != actual:
+                raise BackboneError(f"backbone '{spec.id}': backbones.yaml says {name}={expected} but {source} has "
+                                    f"{actual}: fix the registry entry")
+        encoder = model.encoder if hasattr(model, "encoder") else model
+        self.layers = _first_attr(encoder, ("layer", "layers"))
+        self.final_norm = _first_attr(model, ("layernorm", "post_layernorm"))
+        self.num_heads = cfg.num_attention_heads
+        self._kwargs = {"interpolate_pos_encoding": True} \
+            if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters else {}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _forward(self, images, layer, facets):
+        captured = {}
+        hooks = []
+        if {"attn", "keys", "queries"} & set(facets):
+            att = _first_attr(self.layers[layer], ("attention", "self_attn"))
+            for facet, proj in (("queries", att.q_proj), ("keys", att.k_proj)):
+                hooks.append(proj.register_forward_hook(lambda _m, _i, o, f=facet: captured.__setitem__(f, o)))
+        try:
+            out = self.model(pixel_values=images, output_hidden_states=True, **self._kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        seq = self.final_norm(out.hidden_states[layer + 1])
+        res = {}
+        if "tokens" in facets:
+            res["tokens"] = seq
+        if "cls" in facets:
+            res["cls"] = seq[:, 0]
+        if "attn" in facets:
+            res["attn"] = cls_attention(captured["queries"], captured["keys"], self.num_heads)
+        for f in ("keys", "queries"):
+            if f in facets:
+                res[f] = captured[f]
+        return res
+
+
+def hf_spec_fields(config) -> dict:
+    """Spec fields read from a transformers config, for ad-hoc backbones given by path or repo id."""
+    cfg = vision_config(config)
+    return {"patch_size": int(cfg.patch_size), "embed_dim": int(cfg.hidden_size),
+            "num_prefix_tokens": prefix_tokens_from_config(cfg), "num_layers": int(cfg.num_hidden_layers),
+            "num_heads": int(cfg.num_attention_heads), "arch": f"{config.model_type} (transformers)"}

@@ -1,0 +1,128 @@
+"""The backbone registry: `backbones.yaml` validated into typed `BackboneSpec`s.
+
+Every field that changes features (patch size, prefix tokens, normalisation, revision) is data, not code, and is checked
+on load: an unknown key, a missing field or a bad value is an error naming the entry and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+LOADERS = ("timm", "transformers", "builtin")
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+class RegistryError(Exception):
+    """backbones.yaml (or an ad-hoc backbone) is malformed; the message names the entry, the key and the file."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One pretrained checkpoint: where it lives and how its tokens must be read."""
+
+    id: str
+    loader: str
+    repo_id: str
+    revision: str | None
+    patch_size: int
+    embed_dim: int
+    num_prefix_tokens: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    method: str
+    paper: str | None
+    license: str
+    arch: str = ""
+    num_layers: int | None = None
+    num_heads: int | None = None
+    image_size: int | None = None
+    revision_source: str | None = None
+    n_parameters: int | None = None
+    notes: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_REQUIRED = {f.name for f in dataclasses.fields(BackboneSpec) if f.default is dataclasses.MISSING}
+_ALL = {f.name for f in dataclasses.fields(BackboneSpec)}
+
+
+def default_registry_path() -> Path:
+    """$SSL_SEGBENCH_REGISTRY, else the backbones.yaml at the repository root next to the package."""
+    env = os.environ.get("SSL_SEGBENCH_REGISTRY")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "backbones.yaml"
+
+
+def _validate(entry: object, where: str) -> BackboneSpec:
+    if not isinstance(entry, dict):
+        raise RegistryError(f"{where}: each entry must be a mapping, got {type(entry).__name__}")
+    name = entry.get("id", "?")
+    at = f"{where}: backbone '{name}'"
+    unknown = set(entry) - _ALL
+    if unknown:
+        raise RegistryError(f"{at}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_ALL)}")
+    missing = _REQUIRED - set(entry)
+    if missing:
+        raise RegistryError(f"{at}: missing key(s) {sorted(missing)}")
+
+    def bad(key: str, why: str):
+        return RegistryError(f"{at}, key '{key}': {why} (got {entry.get(key)!r})")
+
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
+        raise bad("id", "must be lowercase letters, digits, '_', '-', '.'")
+    if entry["loader"] not in LOADERS:
+        raise bad("loader", f"must be one of {LOADERS}")
+    if not isinstance(entry["repo_id"], str) or not entry["repo_id"]:
+        raise bad("repo_id", "must be a non-empty string")
+    rev = entry["revision"]
+    if rev is not None and not isinstance(rev, str):
+        raise bad("revision", "must be a commit sha, a tag, or null")
+    if entry["loader"] != "builtin" and rev is not None and not _SHA.match(rev):
+        raise bad("revision", "must be a full 40-hex commit sha (or null to record the one resolved from the cache)")
+    for key in ("patch_size", "embed_dim"):
+        if not isinstance(entry[key], int) or isinstance(entry[key], bool) or entry[key] <= 0:
+            raise bad(key, "must be a positive integer")
+    if not isinstance(entry["num_prefix_tokens"], int) or entry["num_prefix_tokens"] < 0:
+        raise bad("num_prefix_tokens", "must be an integer >= 0 (CLS + registers)")
+    for key in ("num_layers", "num_heads", "image_size", "n_parameters"):
+        if entry.get(key) is not None and (not isinstance(entry[key], int) or entry[key] < 0):
+            raise bad(key, "must be a non-negative integer or absent")
+    for key in ("mean", "std"):
+        v = entry[key]
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+            raise bad(key, "must be a list of 3 numbers")
+        if key == "std" and min(v) <= 0:
+            raise bad(key, "must be positive")
+    for key in ("method", "license"):
+        if not isinstance(entry[key], str) or not entry[key]:
+            raise bad(key, "must be a non-empty string")
+    values = dict(entry)
+    values["mean"] = tuple(float(x) for x in entry["mean"])
+    values["std"] = tuple(float(x) for x in entry["std"])
+    return BackboneSpec(**values)
+
+
+def load_registry(path: str | Path | None = None) -> dict[str, BackboneSpec]:
+    """Read and validate the registry: id → spec, in file order."""
+    path = Path(path) if path else default_registry_path()
+    if not path.is_file():
+        raise RegistryError(f"backbone registry {path} not found (set SSL_SEGBENCH_REGISTRY or pass --registry)")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RegistryError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(doc, dict) or set(doc) != {"backbones"} or not isinstance(doc["backbones"], list):
+        raise RegistryError(f"{path}: expected one top-level key 'backbones' holding a list of entries")
+    specs: dict[str, BackboneSpec] = {}
+    for i, entry in enumerate(doc["backbones"]):
+        spec = _validate(entry, f"{path} entry #{i + 1}")
+        if spec.id in specs:
+            raise RegistryError(f"{path}: backbone id '{spec.id}' appears twice")
+        specs[spec.id] = spec
+    return specs
