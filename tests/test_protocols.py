@@ -1,0 +1,100 @@
+"""Protocols recover planted answers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from stores import feature_set
+
+from ssl_segbench.data.base import SegmentationDataset
+from ssl_segbench.protocols import Context, ProtocolError, get_protocol
+
+
+class _Planted(SegmentationDataset):
+    """Only the metadata the protocols read; features come from `stores`."""
+
+    id = "planted"
+    class_names = ("a", "b", "c", "d")
+    ignore_index = 255
+
+    def __init__(self, split, n):
+        self.split, self._n = split, n
+
+    def __len__(self):
+        return self._n
+
+    def file_list_sha256(self):
+        return self.split
+
+
+def _planted(tmp_path, name, n, seed, dim=16, noise=0.05, grid=8, patch=4):
+    """Images of 2×2 quadrants of classes; each token = its class centre + noise; labels aligned to patches."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(4, dim)).astype(np.float32)
+    tokens, labels = [], []
+    for _ in range(n):
+        cls = rng.permutation(4)
+        half = grid // 2
+        g = np.block([[np.full((half, half), cls[0]), np.full((half, half), cls[1])],
+                      [np.full((half, half), cls[2]), np.full((half, half), cls[3])]])
+        tokens.append(centres[g] + noise * rng.normal(size=(grid, grid, dim)).astype(np.float32))
+        lab = np.kron(g, np.ones((patch, patch), dtype=np.int64))
+        lab[0, :] = 255
+        labels.append(lab)
+    return feature_set(tmp_path / name, tokens, labels)
+
+
+def _ctx(tmp_path, seeds, with_train=True):
+    ev, tr = _Planted("val", 10), _Planted("train", 20)
+    sets = {"val": _planted(tmp_path, "val", 10, 1), "train": _planted(tmp_path, "train", 20, 2)}
+    return Context(eval_set=ev, train_set=tr if with_train else None,
+                   features=lambda ds, facets: sets[ds.split], seeds=seeds)
+
+
+def test_kmeans_recovers_planted_clusters_exactly(tmp_path):
+    res = get_protocol("kmeans").run(_ctx(tmp_path, [0, 1, 2]))
+    for s in res["per_seed"]:
+        assert s["miou"] == 1.0 and s["pixel_acc"] == 1.0
+        assert sorted(s["cluster_to_class"]) == [0, 1, 2, 3]
+
+
+def test_kmeans_leopart_preset_recovers_planted_clusters(tmp_path):
+    proto = get_protocol("kmeans:leopart", pca_dim=8)
+    assert proto.params["matching"] == "hungarian-iou" and proto.params["standardize"]
+    res = proto.run(_ctx(tmp_path, [0]))
+    assert res["per_seed"][0]["miou"] > 0.95
+
+
+def test_kmeans_on_noise_is_near_chance(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = [rng.normal(size=(8, 8, 16)).astype(np.float32) for _ in range(10)]
+    labels = [np.kron(rng.integers(0, 4, size=(8, 8)), np.ones((4, 4), dtype=np.int64)) for _ in range(10)]
+    fs = feature_set(tmp_path / "noise", tokens, labels)
+    ctx = Context(eval_set=_Planted("val", 10), train_set=None, features=lambda ds, f: fs, seeds=[0])
+    assert get_protocol("kmeans").run(ctx)["per_seed"][0]["miou"] < 0.3
+
+
+def test_linear_probe_learns_planted_classes(tmp_path):
+    # 20 images are one SGD step per epoch: give the probe enough steps
+    res = get_protocol("linear", epochs=60, lr=0.1, lr_step=50).run(_ctx(tmp_path, [0]))
+    assert res["per_seed"][0]["miou"] > 0.95
+    assert res["info"]["train_split"] == "train"
+
+
+def test_linear_probe_without_train_split_says_so(tmp_path):
+    res = get_protocol("linear", epochs=2).run(_ctx(tmp_path, [0], with_train=False))
+    assert "same images" in res["info"]["train_split"]
+
+
+def test_same_seed_same_numbers(tmp_path):
+    a = get_protocol("kmeans", k=6).run(_ctx(tmp_path / "a", [3]))
+    b = get_protocol("kmeans", k=6).run(_ctx(tmp_path / "b", [3]))
+    assert a["per_seed"] == b["per_seed"]
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(ProtocolError, match="unknown parameter.*'kk'"):
+        get_protocol("kmeans", kk=3)
+    with pytest.raises(ProtocolError, match="no preset 'nope'"):
+        get_protocol("kmeans:nope")
+    with pytest.raises(ProtocolError, match="Known: kmeans, linear"):
+        get_protocol("kmeanz")
