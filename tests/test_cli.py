@@ -1,0 +1,88 @@
+"""The command line end to end on a small synthetic set: records, skip policy, determinism, leaderboard, errors."""
+from __future__ import annotations
+
+import pytest
+
+from ssl_segbench.cli import main
+from ssl_segbench.records import iter_records
+
+
+def _run(tmp_path, data, *extra):
+    return main(["run", "--backbone", "pixels", "--dataset", "synthetic", "--data-root", str(data),
+                 "--size", "64", "--results-dir", str(tmp_path / "res"), "--param", "linear.epochs=3", *extra])
+
+
+def test_run_writes_records_then_skips_and_leaderboard_renders(small_synthetic, tmp_path, capsys):
+    assert _run(tmp_path, small_synthetic) == 0
+    recs = [r for _, r in iter_records(tmp_path / "res")]
+    assert sorted(r["protocol"]["name"] for r in recs) == ["kmeans", "linear"]
+    km = next(r for r in recs if r["protocol"]["name"] == "kmeans")
+    assert len(km["metrics"]["miou"]["per_seed"]) == 5 and km["seeds"] == [0, 1, 2, 3, 4]
+    assert km["dataset"]["n_images"] == 8 and len(km["dataset"]["file_list_sha256"]) == 64
+    assert km["transform"] == {"policy": "shorter", "size": 64, "patch_size": 16}
+    prov = km["provenance"]
+    assert {"packages", "git_sha", "device", "wall_seconds", "cache_hit", "started"} <= set(prov)
+    assert prov["packages"]["torch"] and prov["device"] == "cpu"
+    lin = next(r for r in recs if r["protocol"]["name"] == "linear")
+    assert lin["info"]["train_split"] == "train" and lin["provenance"]["cache_hit"] is False
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "res").rglob("*.json")}
+    capsys.readouterr()
+    assert _run(tmp_path, small_synthetic) == 0
+    assert "skipped" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "res").rglob("*.json")} == stamps
+    out = tmp_path / "lb"
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "res"), "--out", str(out)]) == 0
+    text = (out / "synthetic.md").read_text()
+    assert "do not edit" in text and "pixels @ builtin" in text and "K=8" in text and "Synthetic demo" in text
+    first = text
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "res"), "--out", str(out)]) == 0
+    assert (out / "synthetic.md").read_text() == first
+
+
+def test_same_seed_gives_identical_records(small_synthetic, tmp_path):
+    assert _run(tmp_path / "a", small_synthetic, "--backbone", "random_vits16", "--seeds", "2") == 0
+    assert _run(tmp_path / "b", small_synthetic, "--backbone", "random_vits16", "--seeds", "2") == 0
+    a = {r["protocol"]["name"]: r["per_seed"] for _, r in iter_records(tmp_path / "a" / "res")}
+    b = {r["protocol"]["name"]: r["per_seed"] for _, r in iter_records(tmp_path / "b" / "res")}
+    assert a == b and set(a) == {"kmeans", "linear"}
+
+
+def test_unknown_names_list_the_known_ones(small_synthetic, tmp_path, capsys):
+    assert _run(tmp_path, small_synthetic, "--backbone", "dino_vitz") == 2
+    assert "Known: dino_vits16" in capsys.readouterr().err
+    assert main(["run", "--backbone", "pixels", "--dataset", "nope"]) == 2
+    assert "Known:" in capsys.readouterr().err
+    assert _run(tmp_path, small_synthetic, "--protocol", "kmeanz") == 2
+    assert "Known: kmeans, linear" in capsys.readouterr().err
+
+
+def test_missing_data_root_shows_expected_layout(tmp_path, capsys):
+    assert main(["run", "--backbone", "pixels", "--dataset", "suim", "--data-root", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "train_val/images" in err
+
+
+def test_offline_backbone_not_in_cache_message(small_synthetic, tmp_path, capsys):
+    assert _run(tmp_path, small_synthetic, "--backbone", "dino_vits16") == 2
+    assert "not in the Hugging Face cache" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_list_commands(capsys):
+    for what in ("backbones", "datasets", "protocols"):
+        assert main(["list", what]) == 0
+    out = capsys.readouterr().out
+    assert "dinov2_vits14" in out and "synthetic" in out and "kmeans" in out
+
+
+def test_corrupt_record_is_reported_not_dropped(small_synthetic, tmp_path, capsys):
+    assert _run(tmp_path, small_synthetic, "--protocol", "kmeans", "--seeds", "1") == 0
+    (tmp_path / "res" / "synthetic" / "bad.json").write_text("{not json")
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "res"), "--out", str(tmp_path / "lb")]) == 1
+    assert "bad.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["--seeds=x", "--param=kmeans"])
+def test_bad_arguments_exit_nonzero(bad):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--backbone", "pixels", "--dataset", "synthetic", bad])
+    assert e.value.code == 2
