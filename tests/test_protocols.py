@@ -98,3 +98,16 @@ def test_bad_parameters_are_named():
         get_protocol("kmeans:nope")
     with pytest.raises(ProtocolError, match="Known: kmeans, linear"):
         get_protocol("kmeanz")
+
+
+def test_saved_label_map_keeps_labels_and_palette(tmp_path):
+    from PIL import Image
+
+    from ssl_segbench.protocols.base import save_label_map
+
+    lab = np.array([[0, 1], [2, 255]])
+    save_label_map(tmp_path / "m.png", lab, np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=np.uint8))
+    im = Image.open(tmp_path / "m.png")
+    assert im.mode == "P" and np.asarray(im).tolist() == lab.tolist()
+    assert np.asarray(im.convert("RGB")).tolist() == [[[1, 2, 3], [4, 5, 6]], [[7, 8, 9], [0, 0, 0]]]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.png"]

@@ -86,6 +86,33 @@ class Protocol:
         raise NotImplementedError
 
 
+def save_label_map(path: Path, labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> None:
+    """Write an (H, W) label map as a palette PNG in the dataset's colours (pixel values = labels; `ignore_index` and
+    any label beyond the palette are drawn black), atomically."""
+    import os
+    import tempfile
+
+    from PIL import Image
+
+    if labels.min() < 0 or labels.max() > 255:
+        raise ProtocolError(f"label map for {path} has values outside 0..255; cannot store as a palette PNG")
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    pal[: len(palette)] = palette[:256]
+    if 0 <= ignore_index < 256:
+        pal[ignore_index] = 0
+    img = Image.fromarray(labels.astype(np.uint8), mode="P")
+    img.putpalette(pal.ravel().tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.png", dir=path.parent)
+    os.close(fd)
+    try:
+        img.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def eval_labels(labels: np.ndarray, eval_size: int | None) -> np.ndarray:
     """Ground truth at the evaluation resolution: as cached (transform resolution) or nearest-resized to a square."""
     if eval_size is None:
