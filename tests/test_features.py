@@ -49,8 +49,15 @@ def test_key_changes_with_transform_and_layer(small_synthetic, tmp_path):
     assert not (b.cache_hit or c.cache_hit)
 
 
-def test_crash_mid_extraction_leaves_nothing_half_written(small_synthetic, tmp_path, monkeypatch):
+def test_crash_mid_extraction_leaves_no_valid_looking_entry_and_resumes(small_synthetic, tmp_path, monkeypatch):
+    import json
+
+    import ssl_segbench.features as features
+
     ds = get_dataset("synthetic", small_synthetic, "test")
+    t = Transform("shorter", 32, 16)
+    reference = extract(BackboneRef("random_vits16"), ds, t, root=tmp_path / "clean", batch_size=2)
+    monkeypatch.setattr(features, "CHECKPOINT_SECONDS", 0.0)  # checkpoint after every batch
     original = type(ds).load_image
 
     def flaky(self, i):
@@ -60,12 +67,16 @@ def test_crash_mid_extraction_leaves_nothing_half_written(small_synthetic, tmp_p
 
     monkeypatch.setattr(type(ds), "load_image", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        extract(BackboneRef("pixels"), ds, Transform("shorter", 32, 16), root=tmp_path, batch_size=2)
-    leftovers = [p for p in tmp_path.rglob("*") if p.is_dir() and (".tmp-" in p.name or (p / "meta.json").exists())]
-    assert leftovers == []
+        extract(BackboneRef("random_vits16"), ds, t, root=tmp_path / "c", batch_size=2)
+    assert not [p for p in (tmp_path / "c").rglob("meta.json")]  # nothing looks complete
+    partial = next((tmp_path / "c").rglob("*.partial"))
+    assert json.loads((partial / "progress.json").read_text())["done"] == 4  # batches [0,1] and [2,3] are safe
     monkeypatch.setattr(type(ds), "load_image", original)
-    fs = extract(BackboneRef("pixels"), ds, Transform("shorter", 32, 16), root=tmp_path, batch_size=2)
-    assert not fs.cache_hit and len(fs["tokens"]) == len(ds)
+    fs = extract(BackboneRef("random_vits16"), ds, t, root=tmp_path / "c", batch_size=2)
+    assert not fs.cache_hit and fs["tokens"].meta["resumed_from"] == 4
+    np.testing.assert_array_equal(np.asarray(fs["tokens"].data), np.asarray(reference["tokens"].data))
+    np.testing.assert_array_equal(np.asarray(fs.labels.data), np.asarray(reference.labels.data))
+    assert not list((tmp_path / "c").rglob("*.partial"))
 
 
 def test_variable_size_images_with_pad_policy(tmp_path):
