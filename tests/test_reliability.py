@@ -1,4 +1,4 @@
-"""A run killed mid-extraction resumes from its checkpoint with identical numbers; concurrent runs never corrupt files."""
+"""A run killed mid-extraction resumes from its checkpoint with identical numbers; concurrent runs corrupt nothing."""
 from __future__ import annotations
 
 import json
