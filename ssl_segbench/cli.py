@@ -91,7 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     lb.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
     lb.add_argument("--out", type=Path, default=Path("leaderboards"), help="output directory")
+
+    chk = sub.add_parser("check", help="CI gate: compare records with a committed baseline; non-zero on regression",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    chk.add_argument("--baseline", type=Path, required=True, help="baseline JSON file")
+    chk.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
+    chk.add_argument("--tolerance", type=_tolerance, default={},
+                     help="absolute tolerance, for all metrics (0.01) or per metric (miou=0.01,pixel_acc=0.005); "
+                          "default max(0.002, 2 × the baseline's std over seeds)")
+    chk.add_argument("--update-baseline", action="store_true", help="write the current records as the new baseline")
     return parser
+
+
+def _tolerance(text: str) -> dict[str, float]:
+    """'0.01' → every metric; 'miou=0.01,pixel_acc=0.005' → per metric."""
+    from .records import METRICS
+
+    try:
+        if "=" not in text:
+            return dict.fromkeys(METRICS, float(text))
+        out = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tolerance takes 0.01 or miou=0.01,pixel_acc=0.005, got {text!r}") from None
+    unknown = set(out) - set(METRICS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--tolerance: unknown metric(s) {sorted(unknown)}; metrics: {METRICS}")
+    return out
 
 
 def _cmd_run(args) -> int:
@@ -178,18 +203,51 @@ def _cmd_leaderboard(args) -> int:
     return 1 if problems else 0
 
 
+def _cmd_check(args) -> int:
+    from rich.table import Table
+
+    from .paths import results_dir
+    from .regression import compare, gate_failed, read_baseline, write_baseline
+
+    results = args.results_dir or results_dir()
+    if args.update_baseline:
+        n = write_baseline(results, args.baseline)
+        console.print(f"wrote baseline {args.baseline} with {n} record(s) from {results}")
+        return 0
+    rows, problems = compare(read_baseline(args.baseline), results, args.tolerance)
+    table = Table(title=f"{args.baseline} vs {results}")
+    for col in ("status", "result", "metric", "baseline", "current", "delta", "tolerance"):
+        table.add_column(col)
+    colour = {"ok": "green", "improved": "cyan", "new": "blue", "regressed": "bold red", "missing": "bold red"}
+
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.2f}"
+
+    for r in sorted(rows, key=lambda r: (r.status in ("ok", "new"), r.label, r.metric)):
+        table.add_row(f"[{colour[r.status]}]{r.status}[/]", r.label, r.metric, pct(r.baseline), pct(r.current),
+                      "–" if r.delta is None else f"{100 * r.delta:+.2f}", pct(r.tolerance))
+    out.print(table)
+    for p in problems:
+        console.print(f"[yellow]warning:[/] {p}")
+    failed = gate_failed(rows)
+    console.print("[bold red]check failed[/]: a metric regressed beyond its tolerance or a baseline result is missing"
+                  if failed else "[green]check passed[/]")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .backbones import BackboneError
     from .data import DatasetError
     from .protocols import ProtocolError
     from .registry import RegistryError
+    from .regression import BaselineError
 
     args = build_parser().parse_args(argv)
-    handler = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard,
+    handler = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check": _cmd_check,
                "datasets": lambda a: a.func(a)}[args.command]
     try:
         return handler(args)
-    except (BackboneError, DatasetError, ProtocolError, RegistryError, ValueError, RuntimeError) as e:
+    except (BackboneError, BaselineError, DatasetError, ProtocolError, RegistryError, ValueError, RuntimeError) as e:
         console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         return 2
     except KeyboardInterrupt:
