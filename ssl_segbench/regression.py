@@ -81,7 +81,8 @@ def default_tolerance(entry: dict) -> float:
     return max(TOLERANCE_FLOOR, 2.0 * float(entry.get("std") or 0.0))
 
 
-def compare(baseline: dict, results_dir: Path, tolerances: dict[str, float] | None = None) -> tuple[list[Row], list[str]]:
+def compare(baseline: dict, results_dir: Path,
+            tolerances: dict[str, float] | None = None) -> tuple[list[Row], list[str]]:
     """Rows for every baseline metric (and for new records), plus problems with unreadable records."""
     current, problems = {}, []
     for _path, rec in iter_records(results_dir):
