@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     lb.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
     lb.add_argument("--out", type=Path, default=Path("leaderboards"), help="output directory")
+    lb.add_argument("--format", choices=("md", "csv", "json"), default="md",
+                    help="md: a page per dataset + README.md summary; csv/json: one flat file for other tools")
 
     chk = sub.add_parser("check", help="CI gate: compare records with a committed baseline; non-zero on regression",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -193,7 +195,7 @@ def _cmd_leaderboard(args) -> int:
     from .leaderboard import write
     from .paths import results_dir
 
-    written, problems = write(args.results_dir or results_dir(), args.out)
+    written, problems = write(args.results_dir or results_dir(), args.out, args.format)
     for p in problems:
         console.print(f"[yellow]warning:[/] {p}")
     for path in written:

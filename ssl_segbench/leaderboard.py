@@ -1,20 +1,26 @@
-"""Markdown leaderboards generated from records (never edited by hand).
+"""Leaderboards generated from records (never edited by hand): markdown per dataset, a cross-dataset summary, or flat
+CSV / JSON for other tools.
 
-One table per dataset and split: rows are backbones (id @ resolved revision), columns are protocol settings. A column is
-one exact combination of protocol, version, parameters, transform, layer and seeds, so numbers produced under different
-settings never share a column; its header carries the axes that change numbers. Output is sorted and uses a fixed float
-format, so the same records always give the same bytes.
+A column is one exact combination of protocol, version, parameters, transform, layer and seeds, so numbers produced
+under different settings never share a column; its header carries the axes that change numbers. Rows are backbones
+(id @ resolved revision), ranked by mIoU within each column. Where `published.yaml` holds a paper's number for the same
+dataset, backbone and protocol settings, it is shown beside ours with the difference. Output is sorted and uses fixed
+float formats, so the same records always give the same bytes.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from .records import RecordError, iter_records, write_text_atomic
+from .records import METRICS, RecordError, iter_records, write_text_atomic
 
+PUBLISHED = Path(__file__).with_name("published.yaml")
 _DEMO_DATASETS = {"synthetic": "Synthetic demo data (generated shapes and textures): this checks the pipeline end to "
                                "end and says nothing about real images."}
 
@@ -22,6 +28,15 @@ _DEMO_DATASETS = {"synthetic": "Synthetic demo data (generated shapes and textur
 def column_identity(rec: dict) -> dict:
     ident = rec["identity"]
     return {k: ident[k] for k in ("protocol", "version", "params", "layer", "seeds")}
+
+
+def column_id(rec: dict) -> str:
+    return hashlib.sha256(json.dumps(column_identity(rec), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def row_label(rec: dict) -> str:
+    rev = rec["backbone"]["revision_resolved"]
+    return f"{rec['backbone']['id']} @ {rev[:12] if rev else 'builtin'}"
 
 
 def column_label(rec: dict) -> str:
@@ -36,16 +51,12 @@ def column_label(rec: dict) -> str:
         parts.append(p["matching"])
     parts.append(f"{p['resize']} {p['size']}")
     parts.append(f"eval {p['eval_size']}²" if p.get("eval_size") else "eval at input res")
+    if p.get("crf"):
+        parts.append("CRF")
     if rec["backbone"].get("layer", -1) != -1:
         parts.append(f"layer {rec['backbone']['layer']}")
     parts.append(f"{len(rec['seeds'])} seed" + ("s" if len(rec["seeds"]) != 1 else ""))
     return " · ".join(parts)
-
-
-def _fmt(metric: dict | None) -> str:
-    if not metric:
-        return "–"
-    return f"{100 * metric['mean']:.1f} ± {100 * metric['std']:.1f}"
 
 
 def collect(results_dir: Path) -> tuple[list[dict], list[str]]:
@@ -59,15 +70,57 @@ def collect(results_dir: Path) -> tuple[list[dict], list[str]]:
     return records, problems
 
 
-def render(records: list[dict]) -> dict[str, str]:
-    """{file name: markdown} with one file per dataset."""
+def load_published(path: Path = PUBLISHED) -> list[dict]:
+    return yaml.safe_load(path.read_text())["published"] if path.is_file() else []
+
+
+def published_for(rec: dict, published: list[dict]) -> dict | None:
+    """The paper's number for exactly this dataset, split, backbone, protocol (+ preset) and parameter subset."""
+    ident = rec["identity"]
+    for entry in published:
+        if (entry["dataset"], entry["split"], entry["backbone"], entry["protocol"]) != \
+                (ident["dataset"], ident["split"], ident["backbone"], ident["protocol"]):
+            continue
+        if entry.get("preset") != rec["protocol"]["preset"]:
+            continue
+        if all(ident["params"].get(k) == v for k, v in (entry.get("params") or {}).items()):
+            return entry
+    return None
+
+
+def _fmt(metric: dict | None) -> str:
+    if not metric:
+        return "–"
+    text = f"{100 * metric['mean']:.1f} ± {100 * metric['std']:.1f}"
+    ci = metric.get("ci95")
+    return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def _columns(records: list[dict]) -> dict[str, str]:
+    """column id → header, with the id appended where two different columns would read the same."""
+    labels: dict[str, str] = {}
+    for r in records:
+        labels.setdefault(column_id(r), column_label(r))
+    out = {}
+    for cid, label in sorted(labels.items(), key=lambda kv: (kv[1], kv[0])):
+        clash = sum(1 for other in labels.values() if other == label) > 1
+        out[cid] = f"{label} [{cid}]" if clash else label
+    return out
+
+
+def render(records: list[dict], published: list[dict] | None = None) -> dict[str, str]:
+    """{file name: markdown}: one file per dataset and a README.md summary across datasets."""
+    published = load_published() if published is None else published
     by_dataset: dict[str, list[dict]] = {}
     for rec in records:
         by_dataset.setdefault(rec["identity"]["dataset"], []).append(rec)
-    return {f"{ds}.md": _render_dataset(ds, recs) for ds, recs in sorted(by_dataset.items())}
+    files = {f"{ds}.md": _render_dataset(ds, recs, published) for ds, recs in sorted(by_dataset.items())}
+    if files:
+        files["README.md"] = _render_summary(by_dataset)
+    return files
 
 
-def _render_dataset(dataset: str, recs: list[dict]) -> str:
+def _render_dataset(dataset: str, recs: list[dict], published: list[dict]) -> str:
     lines = [f"# Leaderboard: {dataset}", "",
              "_Generated by `ssl-segbench leaderboard` from result records; do not edit by hand._", ""]
     if dataset in _DEMO_DATASETS:
@@ -79,38 +132,112 @@ def _render_dataset(dataset: str, recs: list[dict]) -> str:
         files = sorted({(r["dataset"]["n_images"], r["identity"]["files_sha256"][:12]) for r in srecs})
         lines += [f"## split `{split}`", "",
                   "Images: " + "; ".join(f"{n} (file list sha256 {h})" for n, h in files) + ". "
-                  "Cells: mIoU ± std over seeds (%), pixel accuracy in the second table.", ""]
-        columns: dict[str, tuple[str, dict]] = {}
+                  "Cells: mean ± std over seeds, in %; [95% bootstrap interval over images] where the record has "
+                  "per-image statistics.", ""]
+        columns = _columns(srecs)
+        overview: dict[str, dict[str, str]] = {}
         for r in srecs:
-            cid = hashlib.sha256(json.dumps(column_identity(r), sort_keys=True).encode()).hexdigest()[:8]
-            columns.setdefault(cid, (column_label(r), column_identity(r)))
-        labels = {}
-        for cid, (label, _) in sorted(columns.items(), key=lambda kv: (kv[1][0], kv[0])):
-            clash = sum(1 for lab, _ in columns.values() if lab == label) > 1
-            labels[cid] = f"{label} [{cid}]" if clash else label
-        cells: dict[str, dict[str, dict]] = {}
-        for r in srecs:
-            cid = hashlib.sha256(json.dumps(column_identity(r), sort_keys=True).encode()).hexdigest()[:8]
-            rev = r["backbone"]["revision_resolved"]
-            row = f"{r['backbone']['id']} @ {rev[:12] if rev else 'builtin'}"
-            cells.setdefault(row, {})[cid] = r["metrics"]
-        order = list(labels)
-        first = order[0]
-        rows = sorted(cells, key=lambda row: (-cells[row].get(first, {}).get("miou", {}).get("mean", -1), row))
-        for metric, title in (("miou", "mIoU"), ("pixel_acc", "Pixel accuracy")):
-            table = pd.DataFrame([[_fmt(cells[row].get(c, {}).get(metric)) for c in order] for row in rows],
-                                 index=pd.Index(rows, name="backbone @ revision"),
-                                 columns=[labels[c] for c in order])
-            lines += [f"### {title}", "", table.to_markdown(stralign="right"), ""]
+            overview.setdefault(row_label(r), {})[column_id(r)] = f"{100 * r['metrics']['miou']['mean']:.1f}"
+        first = next(iter(columns))
+        order = sorted(overview, key=lambda row: (-float(overview[row].get(first, "-1")), row))
+        wide = pd.DataFrame([[row] + [overview[row].get(c, "–") for c in columns] for row in order],
+                            columns=["backbone @ revision"] + list(columns.values()))
+        lines += ["### Overview: mIoU (%)", "", wide.to_markdown(index=False, stralign="right"), ""]
+        for cid, label in columns.items():
+            col = [r for r in srecs if column_id(r) == cid]
+            col.sort(key=lambda r: (-r["metrics"]["miou"]["mean"], row_label(r)))
+            pub = {row_label(r): published_for(r, published) for r in col}
+            table = pd.DataFrame(
+                [[rank, row_label(r), _fmt(r["metrics"]["miou"]), _fmt(r["metrics"]["pixel_acc"]),
+                  _published_cell(r, pub[row_label(r)])] for rank, r in enumerate(col, 1)],
+                columns=["#", "backbone @ revision", "mIoU", "pixel accuracy", "published mIoU (ours − published)"])
+            if not any(pub.values()):
+                table = table.drop(columns=["published mIoU (ours − published)"])
+            lines += [f"### {label}", "", table.to_markdown(index=False, stralign="right"), ""]
+            sources = sorted({p["source"] for p in pub.values() if p})
+            lines += [f"Published: {s}" for s in sources] + ([""] if sources else [])
+            figures = sorted({r.get("figure") for r in col if r.get("figure")})
+            lines += [f"Predictions: [{Path(f).name}]({f})" for f in figures] + ([""] if figures else [])
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write(results_dir: Path, out_dir: Path) -> tuple[list[Path], list[str]]:
-    """Regenerate every leaderboard file under out_dir; returns (written paths, record problems)."""
+def _published_cell(rec: dict, entry: dict | None) -> str:
+    if not entry:
+        return "–"
+    return f"{100 * entry['value']:.1f} ({100 * (rec['metrics']['miou']['mean'] - entry['value']):+.1f})"
+
+
+def _render_summary(by_dataset: dict[str, list[dict]]) -> str:
+    """Rows = backbones, columns = (dataset, protocol[:preset]) with the column holding the most backbones."""
+    chosen: dict[tuple[str, str], str] = {}
+    for ds, recs in by_dataset.items():
+        counts: dict[tuple[str, str], dict[str, set]] = {}
+        for r in recs:
+            name = r["protocol"]["name"] + (f":{r['protocol']['preset']}" if r["protocol"]["preset"] else "")
+            counts.setdefault((f"{ds}/{r['identity']['split']}", name), {}).setdefault(column_id(r), set()).add(
+                row_label(r))
+        for key, cols in counts.items():
+            chosen[key] = max(sorted(cols), key=lambda c: len(cols[c]))
+    cells: dict[str, dict[tuple[str, str], str]] = {}
+    for recs in by_dataset.values():
+        for r in recs:
+            name = r["protocol"]["name"] + (f":{r['protocol']['preset']}" if r["protocol"]["preset"] else "")
+            key = (f"{r['identity']['dataset']}/{r['identity']['split']}", name)
+            if chosen.get(key) == column_id(r):
+                cells.setdefault(row_label(r), {})[key] = f"{100 * r['metrics']['miou']['mean']:.1f}"
+    keys = sorted(chosen)
+    table = pd.DataFrame([[row] + [cells[row].get(k, "–") for k in keys] for row in sorted(cells)],
+                         columns=["backbone @ revision"] + [f"{d} {p}" for d, p in keys])
+    lines = ["# Leaderboards", "",
+             "_Generated by `ssl-segbench leaderboard` from result records; do not edit by hand._", "", "mIoU (%) per dataset and protocol; each cell is the column of that protocol holding the most "
+             "backbones: see the dataset's page for its exact settings and the other columns.", "",
+             table.to_markdown(index=False, stralign="right"), "", "Pages: "
+             + ", ".join(f"[{ds}]({ds}.md)" for ds in sorted(by_dataset)) + "."]
+    for ds in sorted(by_dataset):
+        if ds in _DEMO_DATASETS:
+            lines += ["", f"> {ds}: {_DEMO_DATASETS[ds]}"]
+    return "\n".join(lines) + "\n"
+
+
+def flat_rows(records: list[dict]) -> list[dict]:
+    """One row per record with the columns other tools need, sorted."""
+    rows = []
+    for r in records:
+        row = {"dataset": r["identity"]["dataset"], "split": r["identity"]["split"], "backbone": r["backbone"]["id"],
+               "revision": r["backbone"]["revision_resolved"] or "", "protocol": r["protocol"]["name"],
+               "preset": r["protocol"]["preset"] or "", "version": r["protocol"]["version"],
+               "column": column_label(r), "column_id": column_id(r), "n_seeds": len(r["seeds"]),
+               "n_images": r["dataset"]["n_images"], "record_key": r["key"]}
+        for m in METRICS:
+            met = r["metrics"].get(m, {})
+            row[f"{m}_mean"] = round(met["mean"], 6) if met else None
+            row[f"{m}_std"] = round(met["std"], 6) if met else None
+            ci = met.get("ci95") if met else None
+            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = (round(ci[0], 6), round(ci[1], 6)) if ci else (None, None)
+        rows.append(row)
+    return sorted(rows, key=lambda x: (x["dataset"], x["split"], x["column"], -(x["miou_mean"] or 0), x["backbone"]))
+
+
+def write(results_dir: Path, out_dir: Path, fmt: str = "md") -> tuple[list[Path], list[str]]:
+    """Regenerate the leaderboard under out_dir; returns (written paths, record problems)."""
     records, problems = collect(results_dir)
+    out_dir = Path(out_dir)
+    if fmt == "md":
+        files = render(records)
+    elif fmt == "csv":
+        rows = flat_rows(records)
+        buf = io.StringIO()
+        if rows:
+            w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+        files = {"leaderboard.csv": buf.getvalue()}
+    elif fmt == "json":
+        files = {"leaderboard.json": json.dumps(flat_rows(records), indent=1, sort_keys=True) + "\n"}
+    else:
+        raise ValueError(f"unknown leaderboard format {fmt!r}: use md, csv or json")
     written = []
-    for name, text in render(records).items():
-        path = Path(out_dir) / name
-        write_text_atomic(path, text)
-        written.append(path)
+    for name, text in files.items():
+        write_text_atomic(out_dir / name, text)
+        written.append(out_dir / name)
     return written, problems
