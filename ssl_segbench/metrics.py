@@ -103,3 +103,79 @@ def match_and_score(conf: np.ndarray, matching: str = "hungarian-pixels") -> tup
     else:
         raise ValueError(f"unknown matching {matching!r}")
     return scores(remap(conf, mapping, num_classes)), mapping
+
+
+# --- uncertainty over images ----------------------------------------------------------------------------------------
+# Per-image sufficient statistics: for each image and class, [tp, fp, fn] after the dataset-level matching. Summing
+# them over any multiset of images gives that multiset's confusion-based scores, so resampling images (not pixels) for a
+# bootstrap is a weighted sum.
+
+
+def image_stats(image_confs: list[np.ndarray], mapping: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, C, 3) int64 [tp, fp, fn] per image, from each image's (C, K) cluster confusion and the cluster → class map
+    (-1 = unmatched, always wrong)."""
+    out = np.zeros((len(image_confs), num_classes, 3), dtype=np.int64)
+    for i, conf in enumerate(image_confs):
+        folded = remap(conf, mapping, num_classes)
+        tp = np.diag(folded[:, :num_classes])
+        out[i, :, 0] = tp
+        out[i, :, 1] = folded[:, :num_classes].sum(0) - tp
+        out[i, :, 2] = folded.sum(1) - tp
+    return out
+
+
+def scores_from_stats(totals: np.ndarray) -> dict[str, np.ndarray]:
+    """mIoU and pixel accuracy from summed [tp, fp, fn] of shape (..., C, 3); the same definitions as `scores`."""
+    tp, fp, fn = totals[..., 0].astype(float), totals[..., 1].astype(float), totals[..., 2].astype(float)
+    union = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+        miou = np.nanmean(np.where(np.isnan(iou).all(-1, keepdims=True), 0.0, iou), axis=-1)
+        acc = tp.sum(-1) / np.maximum((tp + fn).sum(-1), 1)
+    return {"miou": miou, "pixel_acc": acc, "per_class_iou": iou}
+
+
+def _resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) counts of each image in each bootstrap resample."""
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
+
+
+def bootstrap_ci(stats: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile interval of the seed-mean mIoU and pixel accuracy when images are resampled with replacement.
+
+    `stats` is (S, N, C, 3): per seed, per image, per class [tp, fp, fn]. The same resample of images is applied to
+    every seed (the seeds cluster the same images)."""
+    s, n, c, _ = stats.shape
+    w = _resample_weights(n, n_boot, seed)
+    totals = np.einsum("bn,snk->bsk", w, stats.reshape(s, n, c * 3).astype(float)).reshape(n_boot, s, c, 3)
+    sc = scores_from_stats(totals)
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return {m: [float(np.percentile(sc[m].mean(1), lo)), float(np.percentile(sc[m].mean(1), hi))]
+            for m in ("miou", "pixel_acc")}
+
+
+def paired_bootstrap(stats_a: np.ndarray, stats_b: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> dict:
+    """Difference a − b of seed-mean mIoU, pixel accuracy and per-class IoU on the same images, with a percentile
+    interval and a two-sided p-value from resampling images jointly for both (paired)."""
+    if stats_a.shape[1:] != stats_b.shape[1:]:
+        raise ValueError(f"paired comparison needs the same images and classes: {stats_a.shape} vs {stats_b.shape}")
+    n = stats_a.shape[1]
+    w = _resample_weights(n, n_boot, seed)
+
+    def boot(stats):
+        s, _, c, _ = stats.shape
+        tot = np.einsum("bn,snk->bsk", w, stats.reshape(s, n, c * 3).astype(float)).reshape(n_boot, s, c, 3)
+        return scores_from_stats(tot), scores_from_stats(stats.sum(1))
+
+    (ba, fa), (bb, fb) = boot(stats_a), boot(stats_b)
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    out = {}
+    for m in ("miou", "pixel_acc", "per_class_iou"):
+        with np.errstate(invalid="ignore"):
+            observed = np.nanmean(fa[m], 0) - np.nanmean(fb[m], 0)
+            diffs = np.nanmean(ba[m], 1) - np.nanmean(bb[m], 1)
+        p = 2 * np.minimum((diffs <= 0).mean(0), (diffs >= 0).mean(0))
+        out[m] = {"delta": observed, "ci": [np.nanpercentile(diffs, lo, axis=0), np.nanpercentile(diffs, hi, axis=0)],
+                  "p": np.minimum(p, 1.0)}
+    return out

@@ -125,3 +125,56 @@ def test_absent_class_is_excluded_from_mean():
 def test_confusion_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match="outside"):
         confusion(np.array([0, 3]), np.array([0, 0]), 3, 2)
+
+
+def _stats_from_labels(gts, preds, c):
+    """Per-image [tp, fp, fn] computed directly from label arrays (independent of image_stats)."""
+    out = np.zeros((len(gts), c, 3), dtype=np.int64)
+    for i, (g, p) in enumerate(zip(gts, preds)):
+        for k in range(c):
+            out[i, k] = [((g == k) & (p == k)).sum(), ((g != k) & (p == k)).sum(), ((g == k) & (p != k)).sum()]
+    return out
+
+
+def test_image_stats_sum_to_dataset_scores():
+    from ssl_segbench.metrics import image_stats, scores_from_stats
+
+    rng = np.random.default_rng(0)
+    gts = [rng.integers(0, 3, size=(6, 6)) for _ in range(5)]
+    preds = [(g + (rng.random(g.shape) < 0.3)) % 4 for g in gts]  # 4 clusters, one will be unmatched
+    confs = [confusion(g, p, 3, 4) for g, p in zip(gts, preds)]
+    sc, mapping = match_and_score(sum(confs), "hungarian-pixels")
+    stats = image_stats(confs, mapping, 3)
+    mapped = [np.where(mapping[p] < 0, 99, mapping[p]) for p in preds]
+    np.testing.assert_array_equal(stats, _stats_from_labels(gts, mapped, 3))
+    total = scores_from_stats(stats.sum(0))
+    assert total["miou"] == pytest.approx(sc["miou"]) and total["pixel_acc"] == pytest.approx(sc["pixel_acc"])
+
+
+def test_bootstrap_ci_matches_known_standard_error():
+    """400 images of 100 pixels, half all-correct and half all-wrong: accuracy 0.5 with standard error
+    0.5 / √400 = 0.025, so the 95% interval is 0.5 ± 1.96 · 0.025."""
+    from ssl_segbench.metrics import bootstrap_ci
+
+    stats = np.zeros((1, 400, 2, 3), dtype=np.int64)
+    stats[0, :200, 0, 0] = 100  # correct: tp of class 0
+    stats[0, 200:, 0, 2] = 100  # wrong: fn of class 0 ...
+    stats[0, 200:, 1, 1] = 100  # ... predicted as class 1
+    ci = bootstrap_ci(stats, n_boot=4000, seed=1)
+    assert ci["pixel_acc"][0] == pytest.approx(0.5 - 1.96 * 0.025, abs=0.006)
+    assert ci["pixel_acc"][1] == pytest.approx(0.5 + 1.96 * 0.025, abs=0.006)
+
+
+def test_paired_bootstrap_detects_real_differences_only():
+    from ssl_segbench.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(3)
+    gts = [rng.integers(0, 3, size=(8, 8)) for _ in range(60)]
+    good = [np.where(rng.random(g.shape) < 0.9, g, (g + 1) % 3) for g in gts]
+    bad = [np.where(rng.random(g.shape) < 0.6, g, (g + 1) % 3) for g in gts]
+    sa, sb = _stats_from_labels(gts, good, 3)[None], _stats_from_labels(gts, bad, 3)[None]
+    res = paired_bootstrap(sa, sb, n_boot=1000)
+    assert res["miou"]["delta"] > 0.2 and res["miou"]["p"] < 0.01 and res["miou"]["ci"][0] > 0
+    same = paired_bootstrap(sa, sa, n_boot=200)
+    assert same["miou"]["delta"] == 0 and same["miou"]["p"] == 1.0
+    assert (res["per_class_iou"]["p"] < 0.01).all()
