@@ -96,7 +96,7 @@ def test_bad_parameters_are_named():
         get_protocol("kmeans", kk=3)
     with pytest.raises(ProtocolError, match="no preset 'nope'"):
         get_protocol("kmeans:nope")
-    with pytest.raises(ProtocolError, match="Known: kmeans, linear"):
+    with pytest.raises(ProtocolError, match="Known: datus, kmeans, leopart-cd, linear"):
         get_protocol("kmeanz")
 
 
