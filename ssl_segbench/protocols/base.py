@@ -6,7 +6,11 @@ exactly when their parameters are equal.
 """
 from __future__ import annotations
 
+import collections
+import contextvars
 import copy
+import functools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import Backbone, BackboneRef
+from ..crf import CRFError, CRFParams, pool_map, refine_scores, require_crf
 from ..data import SegmentationDataset
 from ..features import ArrayStore, FeatureSet
 from ..metrics import confusion
@@ -66,6 +71,11 @@ class Protocol:
     # parameters that choose the input transform; they are recorded like any other
     transform_params: ClassVar[tuple[str, ...]] = ("resize", "size")
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__:  # every protocol's run gets the scoring scope (CRF) of its own parameters
+            cls.run = _scoped(cls.__dict__["run"])
+
     def __init__(self, preset: str | None = None, **overrides):
         params = copy.deepcopy(self.defaults)
         if preset is not None:
@@ -84,6 +94,82 @@ class Protocol:
     def run(self, ctx: Context) -> dict:
         """Return {"per_seed": [scores dict per seed], "info": {...}}; scores as metrics.scores() gives them."""
         raise NotImplementedError
+
+
+@dataclass
+class _Scoring:
+    """What the shared scoring path needs to know about the protocol run it serves: its CRF setting and its context
+    (for the images the CRF compares labels against)."""
+
+    crf: CRFParams | None
+    ctx: Context
+    refined: int = 0
+    seconds: float = 0.0
+    _hashes: dict = field(default_factory=dict)
+
+    def images_for(self, labels: ArrayStore, eval_size: int | None) -> Callable[[int], np.ndarray]:
+        """The RGB images, at label resolution, of the split whose cached labels these are (found by the label entry's
+        key: dataset id, split and file-list hash; drawn with the transform the labels were made with)."""
+        key = labels.meta.get("key", {})
+        for ds in (self.ctx.eval_set, self.ctx.train_set):
+            if ds is None or key.get("dataset") != ds.id or key.get("split") != ds.split:
+                continue
+            if id(ds) not in self._hashes:
+                self._hashes[id(ds)] = ds.file_list_sha256()
+            if key.get("files_sha256") == self._hashes[id(ds)] and "transform" in key:
+                transform = Transform(**key["transform"])
+                return functools.partial(label_image, ds, transform, eval_size=eval_size)
+        raise ProtocolError("crf: cannot tell which images these labels belong to (their cache key names no dataset "
+                            "of this run); pass images= to accumulate_confusion")
+
+
+_SCORING: contextvars.ContextVar[_Scoring | None] = contextvars.ContextVar("ssl_segbench_scoring", default=None)
+
+
+def _scoped(run):
+    """Wrap Protocol.run: the protocol's `crf` parameter reaches accumulate_confusion through a context variable, so
+    every protocol that scores through it supports CRF without passing it along; the resolved CRF parameters go into
+    the result's info."""
+
+    @functools.wraps(run)
+    def wrapper(self, ctx: Context) -> dict:
+        try:
+            crf = CRFParams.from_param(self.params.get("crf"))
+        except ValueError as e:
+            raise ProtocolError(f"protocol '{self.name}': {e}") from None
+        if crf is not None:
+            try:
+                require_crf()
+            except CRFError as e:
+                raise ProtocolError(f"protocol '{self.name}' with crf=true: {e}") from None
+        scope = _Scoring(crf, ctx)
+        token = _SCORING.set(scope)
+        try:
+            result = run(self, ctx)
+        finally:
+            _SCORING.reset(token)
+        if crf is not None:
+            if not scope.refined:
+                raise ProtocolError(f"protocol '{self.name}' was run with crf=true but scored nothing through the "
+                                    "shared CRF path (accumulate_confusion)")
+            result.setdefault("info", {})["crf"] = {**crf.to_dict(), "package": "pydensecrf2",
+                                                    "images_refined": scope.refined,
+                                                    "seconds": round(scope.seconds, 3)}
+        return result
+
+    return wrapper
+
+
+def label_image(dataset: SegmentationDataset, transform: Transform, i: int, eval_size: int | None = None) -> np.ndarray:
+    """Image i as (H, W, 3) uint8 RGB at label resolution: the transform's geometry (bicubic resize, crop, black
+    padding), then, with `eval_size`, a bilinear resize to eval_size × eval_size (labels are resized nearest)."""
+    from PIL import Image
+
+    x = transform.image(dataset.load_image(i), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    rgb = np.clip(np.rint(x.permute(1, 2, 0).numpy() * 255.0), 0, 255).astype(np.uint8)
+    if eval_size is not None:
+        rgb = np.asarray(Image.fromarray(rgb).resize((eval_size, eval_size), Image.BILINEAR))
+    return rgb
 
 
 def save_label_map(path: Path, labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> None:
@@ -121,8 +207,17 @@ def eval_labels(labels: np.ndarray, eval_size: int | None) -> np.ndarray:
     return F.interpolate(t, size=(eval_size, eval_size), mode="nearest")[0, 0].long().numpy()
 
 
-def scores_to_labels(scores: torch.Tensor, size: tuple[int, int], upsample: str) -> np.ndarray:
-    """(K, h, w) scores → (H, W) argmax labels; 'bilinear' upsamples the scores first, 'nearest' the argmax."""
+def scores_to_labels(scores: torch.Tensor, size: tuple[int, int], upsample: str, *, crf: CRFParams | bool | None = None,
+                     image: np.ndarray | None = None) -> np.ndarray:
+    """(K, h, w) scores → (H, W) argmax labels; 'bilinear' upsamples the scores first, 'nearest' the argmax.
+    With `crf` (True or CRFParams) and the (H, W, 3) uint8 `image`: upsample the scores, softmax, dense CRF."""
+    crf = CRFParams.from_param(crf) if not isinstance(crf, CRFParams) else crf
+    if crf is not None:
+        if image is None or tuple(image.shape[:2]) != tuple(size):
+            raise ProtocolError(f"crf needs the RGB image at label resolution {tuple(size)}")
+        if upsample not in ("bilinear", "nearest"):
+            raise ProtocolError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
+        return refine_scores(image, scores.float().numpy(), upsample, crf)
     if upsample == "bilinear":
         up = F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
         return up.argmax(0).numpy()
@@ -135,17 +230,72 @@ def scores_to_labels(scores: torch.Tensor, size: tuple[int, int], upsample: str)
 def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list[Callable[[np.ndarray], torch.Tensor]],
                          num_classes: int, num_preds: int, ignore_index: int, upsample: str,
                          eval_size: int | None, advance=lambda n=1: None,
-                         prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> list[np.ndarray]:
+                         prepare: Callable[[np.ndarray], np.ndarray] | None = None, *,
+                         crf: CRFParams | bool | dict | None = None,
+                         images: Callable[[int], np.ndarray] | None = None,
+                         on_labels: Callable[[int, int, np.ndarray], None] | None = None) -> list[np.ndarray]:
     """For each scoring function (one per seed): dataset-level (C, K) confusion of its upsampled argmax predictions.
-    `prepare` maps an image's (h, w, D) tokens once before all scoring functions see them."""
+    `prepare` maps an image's (h, w, D) tokens once before all scoring functions see them.
+
+    CRF: `crf=None` takes the running protocol's `crf` parameter, False turns it off, True / CRFParams / a dict turn
+    it on. Then each prediction is the dense CRF of the softmax of the upsampled scores against the RGB image at label
+    resolution (`images(i)`, by default read from the split the labels belong to), computed in a bounded process pool
+    (crf.pool_map; $SSL_SEGBENCH_CRF_WORKERS, $SSL_SEGBENCH_CRF_TIMEOUT). `on_labels(i, j, labels)` sees every final
+    label map (image i, scoring function j), e.g. to save it."""
+    scope = _SCORING.get()
+    if crf is None:
+        params = scope.crf if scope is not None else None
+    else:
+        params = crf if isinstance(crf, CRFParams) else CRFParams.from_param(crf)
     confs = [np.zeros((num_classes, num_preds), dtype=np.int64) for _ in score_fns]
-    for i in range(len(tokens)):
-        gt = eval_labels(labels.labels(i), eval_size)
-        x = np.asarray(tokens.image(i), dtype=np.float32)
-        if prepare is not None:
-            x = prepare(x)
-        for conf, fn in zip(confs, score_fns):
-            pred = scores_to_labels(fn(x), gt.shape, upsample)
-            conf += confusion(gt, pred, num_classes, num_preds, ignore_index)
-        advance()
+    if params is None:
+        for i in range(len(tokens)):
+            gt = eval_labels(labels.labels(i), eval_size)
+            x = np.asarray(tokens.image(i), dtype=np.float32)
+            if prepare is not None:
+                x = prepare(x)
+            for j, (conf, fn) in enumerate(zip(confs, score_fns)):
+                pred = scores_to_labels(fn(x), gt.shape, upsample)
+                conf += confusion(gt, pred, num_classes, num_preds, ignore_index)
+                if on_labels is not None:
+                    on_labels(i, j, pred)
+            advance()
+        return confs
+
+    if upsample not in ("bilinear", "nearest"):
+        raise ProtocolError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
+    try:
+        require_crf()
+    except CRFError as e:
+        raise ProtocolError(str(e)) from None
+    if images is None:
+        if scope is None:
+            raise ProtocolError("crf outside a protocol run needs images= (RGB at label resolution)")
+        images = scope.images_for(labels, eval_size)
+    pending: collections.deque = collections.deque()
+
+    def tasks():
+        for i in range(len(tokens)):
+            gt = eval_labels(labels.labels(i), eval_size)
+            img = images(i)
+            if tuple(img.shape[:2]) != tuple(gt.shape):
+                raise ProtocolError(f"crf: image {i} is {img.shape[:2]} but its labels are {gt.shape}")
+            x = np.asarray(tokens.image(i), dtype=np.float32)
+            if prepare is not None:
+                x = prepare(x)
+            for j, fn in enumerate(score_fns):
+                pending.append((i, j, gt))
+                yield img, fn(x).float().numpy(), upsample, params
+
+    t0 = time.perf_counter()
+    for pred in pool_map(refine_scores, tasks()):
+        i, j, gt = pending.popleft()
+        confs[j] += confusion(gt, pred, num_classes, num_preds, ignore_index)
+        if on_labels is not None:
+            on_labels(i, j, pred)
+        if j == len(score_fns) - 1:
+            advance()
+    if scope is not None:
+        scope.refined += len(tokens) * len(score_fns)
+        scope.seconds += time.perf_counter() - t0
     return confs

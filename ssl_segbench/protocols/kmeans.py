@@ -28,7 +28,7 @@ class KMeansProtocol(Protocol):
         "resize": None, "size": None,  # None: the run's transform
         "standardize": False, "pca_dim": None, "l2_normalize": True, "spherical": True,
         "niter": 100, "nredo": 5, "max_points_per_centroid": None, "max_fit_points": 2_000_000,
-        "upsample": "bilinear", "eval_size": None, "matching": "hungarian-pixels",
+        "upsample": "bilinear", "eval_size": None, "matching": "hungarian-pixels", "crf": False,
     }
     presets = {
         "leopart": {"resize": "square", "size": 448, "standardize": True, "pca_dim": 50, "l2_normalize": False,

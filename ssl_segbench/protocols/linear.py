@@ -10,6 +10,8 @@ themselves, and the record says so.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ class LinearProtocol(Protocol):
     default_seeds = 1
     defaults = {"resize": None, "size": None, "variant": "cached-features", "epochs": 25, "lr": 0.01, "momentum": 0.9,
                 "weight_decay": 1e-4, "lr_step": 20, "batch_size": 60, "train_size": 100, "upsample": "bilinear",
-                "eval_size": None}
+                "eval_size": None, "crf": False}
     presets = {"leopart": {"resize": "square", "size": 448, "eval_size": 100}}
 
     def run(self, ctx: Context) -> dict:
@@ -56,21 +58,30 @@ class LinearProtocol(Protocol):
         return {"per_seed": per_seed, "info": info, "confusions": [c.tolist() for c in confs]}
 
 
-def _batch(store, labels, idx, train_size: int):
+def _batch(store, label_of, idx, train_size: int):
     """Tokens (B, D, h, w) and labels (B, S, S) of images `idx` (all of one grid size)."""
     x = torch.from_numpy(np.stack([np.asarray(store.image(i), dtype=np.float32) for i in idx])).permute(0, 3, 1, 2)
-    y = torch.from_numpy(np.stack([eval_labels(labels.labels(i), train_size) for i in idx]))
+    y = torch.from_numpy(np.stack([eval_labels(label_of(i), train_size) for i in idx]))
     return x, y
 
 
 def _train(fs, num_classes: int, ignore_index: int, p: dict, seed: int, device: str, advance) -> torch.nn.Conv2d:
+    return train_head(fs["tokens"], fs.labels.labels, lambda dim: torch.nn.Conv2d(dim, num_classes, kernel_size=1),
+                      ignore_index, p, seed, device, advance)
+
+
+def train_head(tokens, label_of: Callable[[int], np.ndarray], make_head: Callable[[int], torch.nn.Module],
+               ignore_index: int, p: dict, seed: int, device: str, advance) -> torch.nn.Module:
+    """Train `make_head(D)` on cached (h, w, D) tokens against `label_of(i)` ((H, W) labels of image i, resized nearest
+    to p["train_size"]²), with CE on bilinearly upsampled logits, SGD (p: lr, momentum, weight_decay, epochs, lr_step,
+    batch_size); images of one grid size share a forward pass. Returns the head on the CPU in eval mode."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    tokens = fs["tokens"]
-    head = torch.nn.Conv2d(tokens.data.shape[1], num_classes, kernel_size=1).to(device)
+    head = make_head(tokens.data.shape[1]).to(device)
     opt = torch.optim.SGD(head.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=p["lr_step"], gamma=0.1)
     grids = [tuple(g) for g in tokens.index[:, 1:].tolist()]
+    head.train()
     for _epoch in range(p["epochs"]):
         order = rng.permutation(len(tokens))
         for start in range(0, len(order), p["batch_size"]):
@@ -81,7 +92,7 @@ def _train(fs, num_classes: int, ignore_index: int, p: dict, seed: int, device: 
             opt.zero_grad()
             loss_sum, n_valid = 0.0, 0
             for idx in by_grid.values():
-                x, y = _batch(tokens, fs.labels, idx, p["train_size"])
+                x, y = _batch(tokens, label_of, idx, p["train_size"])
                 x, y = x.to(device), y.to(device)
                 logits = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
                 valid = int((y != ignore_index).sum())
@@ -96,7 +107,7 @@ def _train(fs, num_classes: int, ignore_index: int, p: dict, seed: int, device: 
     return head.cpu().eval()
 
 
-def _scorer(head: torch.nn.Conv2d):
+def _scorer(head: torch.nn.Module):
     """(h, w, D) tokens → (C, h, w) logits."""
 
     def score(x: np.ndarray) -> torch.Tensor:
