@@ -1,0 +1,584 @@
+"""`maskdistill`: MaskDistill's object-mask pseudo labels (PROTOCOLS.md §6; official code wvangansbeke/MaskDistill,
+`gen_masks.py` and `utils/cluster.py`), scored directly (`stage='pseudo'`) or distilled into a light head on the frozen
+patch tokens (`stage='distill-linear'` / `'distill-conv'`). Each stage is its own record; the masks and their
+embeddings are computed once per split and cached, so `--protocol maskdistill,maskdistill:distill-linear` finds the
+masks of the first stage on disk.
+
+1. One class-agnostic object mask per image, on the patch grid of the run's transform (the original's geometry, shorter
+   side 640 zero-padded to a multiple of the patch size, is preset `original`), in this order:
+   a. CLS attention: the cached `attn` facet (last block, CLS query over the patches), averaged over the first `heads`
+      (5) heads. Departure: the original averages the raw logits q_cls·k_j (no scale, no softmax); the cache holds the
+      softmax per head, which is DINO's own attention map. Ranks within one head are the same; the head average is not.
+   b. Threshold to keep `mass` (50 %) of its mass, DINO's rule: sort ascending, normalise to sum 1, keep the patches
+      whose cumulative sum exceeds 1 − mass. Patches outside are set to 0, as in the original.
+   c. Proposals: the ⌊topk·n⌋ (40 %) highest patches of the thresholded map; the source is the first. The original
+      leaves ties between the zeroed patches to `torch.topk`'s unspecified order; here ties are broken by the
+      unthresholded attention, then by patch index, which makes the ranking deterministic (and equal to ranking by
+      attention). `proposals='topk-in-mass'` instead drops proposals outside the mass set.
+   d. Key affinity G = K Kᵀ with the heads concatenated (= the per-head Kᵢ Kᵢᵀ summed over heads), in float64.
+   e. Keep the proposals with G[source, p] > 0 (the source itself included), sum their rows of G (computed as
+      (Σ K_p) Kᵀ, the same sum without forming G), threshold > 0, and keep the connected component (4-connected, as
+      `scipy.ndimage.label`'s default that the original uses) that contains the source.
+   `center_keys=True` (our default; the `original*` presets turn it off, as the released code) subtracts the image's
+   mean key first, which leaves attention unchanged (softmax is shift-invariant). The recipe relies on
+   LOST's observation on DINO ViT-S/16 that object keys correlate positively with each other and negatively with
+   background keys; DINOv2's keys share a large common component (on the VOC sample its norm is ~95 % of the average
+   key norm), so every affinity is positive and the faithful recipe returns the whole image. Centring restores signs
+   and keeps the protocol comparable across backbones (DatUS² makes the same choice).
+2. Mask embedding: the mask's patch bounding box [c0·p, (c1+1)·p) × [r0·p, (r1+1)·p) in the transformed image is
+   mapped back to the ORIGINAL image by undoing the transform (the centre-crop offset for 'shorter', then the per-axis
+   resize scale; padding is clipped away) and rounded to whole pixels. That crop of the original image, normalised with
+   the embedding backbone's mean/std and zero-padded right/bottom to a multiple of its patch size (as the original
+   does), goes through the backbone (the run's, or `embed_backbone`: a registry id or path; the original uses DINO
+   ViT-S/8) and its last-layer CLS token is the embedding. Crops of equal padded shape share a batch. `crop_size`
+   (int) resizes every crop to that square instead (bicubic; one batch shape, faster; not the original).
+3. Clustering: embeddings of the masks of the train and eval splits (`fit_set='all'`, the original clusters all its
+   masks at once; 'eval' for the eval split only) are whitened (`whiten='std'`: each dimension divided by its standard
+   deviation, `scipy.cluster.vq.whiten`, which the original calls; 'pca': PCA whitening; None) and L2-normalised, then
+   sklearn `MiniBatchKMeans(batch_size=1000, n_init=3, random_state=seed)` (n_init 3 was sklearn's default when the
+   original ran; the original's seed was 1234: `--seeds 1234`). K = (C − 1) × `overcluster` object clusters, or `k`.
+   With fewer masks than K (tiny datasets) K is lowered to the number of masks, and the record says so.
+4. Pseudo masks: label 0 outside the mask, 1 + cluster inside, on the patch grid, upsampled nearest to label
+   resolution (the original's `interpolate(..., mode='nearest')`). Matching (`matching='auto'`: 'hungarian' when
+   K = C − 1, else 'many-to-one'): with `background_class` (0, VOC-style datasets whose class 0 is background) label
+   0 is fixed to that class; Hungarian (pixel counts) then matches the object clusters to the other classes, and
+   many-to-one sends each object cluster to its majority class (background allowed). With `background_class=None`
+   label 0 is matched like any cluster. Departure: the original matches clusters to classes per mask, by the class of
+   the ground-truth box that overlaps the mask most; here matching uses the dataset-level pixel confusion, like every
+   other protocol of this harness.
+5. Distillation (departure: the original trains a Mask R-CNN, then a DeepLab-v3 with CRF rounds, on the pseudo masks; a
+   frozen-backbone harness trains a light head on cached tokens instead): a 1×1 convolution ('distill-linear') or
+   3×3 conv → BatchNorm → ReLU → 1×1 conv with `conv_hidden` channels ('distill-conv'), trained with cross-entropy on
+   the pseudo labels of the train split (the eval images when there is none; the record says so) in cluster space
+   (K + 1 outputs; padding ignored), with the linear probe's optimiser and schedule. Its predictions are matched on the
+   eval split exactly as the pseudo masks are (the paper evaluates its distilled model by matching clusters too).
+6. `--save-masks`: one PNG per eval image (sample name), the first seed's final label map (pseudo mask, or the
+   distilled head's prediction under `<stage>/`) at label resolution, mapped to classes, in the dataset's palette.
+7. `crf=True`: the shared dense CRF (ssl_segbench.crf, the original's parameters). For the pseudo stage the hard
+   labels become probabilities (`mask_confidence` to the mask's label, the rest spread evenly).
+
+Cache: masks, boxes and embeddings of a split live in `<cache>/pseudo/maskdistill/<dataset>/<split>-<digest>/`, keyed by
+the cache keys of the `attn` and `keys` entries (backbone, revision, dataset files, transform, layer), the mask and
+embedding parameters and the embedding backbone's identity; written to a temporary directory and renamed into place.
+Clustering (seconds) is recomputed from them for every run; it is deterministic for a seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..metrics import hungarian, remap, scores
+from ..paths import cache_dir
+from ..progress import progress_bar
+from . import register_protocol
+from .base import Context, Protocol, ProtocolError, accumulate_confusion, save_label_map
+from .linear import _scorer, train_head
+
+STAGES = ("pseudo", "distill-linear", "distill-conv")
+MATCHINGS = ("auto", "hungarian", "many-to-one")
+WHITENING = ("std", "pca", None)
+CACHE_VERSION = 1
+PSEUDO_IGNORE = -1  # label of padding in the pseudo labels a head trains on
+
+
+# --- 1. object mask discovery ------------------------------------------------------------------------------------
+
+def mass_threshold(a: np.ndarray, mass: float) -> np.ndarray:
+    """Boolean mask of the largest values of `a` (1-D, non-negative) holding `mass` of its sum (DINO's rule: sort
+    ascending, normalise, keep where the cumulative sum exceeds 1 − mass)."""
+    order = np.argsort(a, kind="stable")
+    total = float(a.sum())
+    cum = np.cumsum(a[order], dtype=np.float64) / (total if total > 0 else 1.0)
+    keep = np.zeros(a.shape, dtype=bool)
+    keep[order] = cum > 1.0 - mass
+    return keep
+
+
+def object_mask(attn: np.ndarray, keys: np.ndarray, heads: int = 5, mass: float = 0.5, topk: float = 0.4,
+                proposals: str = "topk", connectivity: int = 4, center_keys: bool = False) -> np.ndarray:
+    """(h, w, H) CLS attention and (h, w, D) keys of one image → (h, w) bool object mask (module docstring, step 1).
+    `center_keys` subtracts the image's mean key before the affinity (not in the original; see the docstring)."""
+    h, w, n_heads = attn.shape
+    n = h * w
+    a = np.asarray(attn, dtype=np.float64).reshape(n, n_heads)[:, : min(heads, n_heads)].mean(1)
+    keep = mass_threshold(a, mass)
+    g = a * keep
+    order = np.lexsort((np.arange(n), -a, -g))  # by thresholded attention, ties by attention, then index
+    cand = order[: max(1, int(topk * n))]
+    if proposals == "topk-in-mass":
+        cand = cand[keep[cand]]
+    elif proposals != "topk":
+        raise ProtocolError(f"maskdistill: proposals must be 'topk' or 'topk-in-mass', got {proposals!r}")
+    source = int(order[0])
+    k = np.asarray(keys, dtype=np.float64).reshape(n, -1)
+    if center_keys:
+        k = k - k.mean(0)
+    nodes = cand[k[cand] @ k[source] > 0]
+    fg = (k[nodes].sum(0) @ k.T > 0).reshape(h, w) if len(nodes) else np.zeros((h, w), dtype=bool)
+    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    comp, _ = ndimage.label(fg, structure=structure)
+    r, c = divmod(source, w)
+    if comp[r, c] == 0:  # degenerate keys (a zero vector at the source): the source patch alone
+        out = np.zeros((h, w), dtype=bool)
+        out[r, c] = True
+        return out
+    return comp == comp[r, c]
+
+
+def patch_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(r0, c0, r1, c1) inclusive patch rows/columns of a non-empty mask."""
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+
+
+def box_to_original(box: tuple[int, int, int, int], transform, width: int, height: int) -> tuple[int, int, int, int]:
+    """Patch box on the transformed grid → (left, top, right, bottom) pixels of the original width × height image
+    (right/bottom exclusive): undo the centre crop ('shorter'), clip to the resized image (drops 'pad' padding), undo
+    the per-axis resize scale, round, keep at least one pixel."""
+    r0, c0, r1, c1 = box
+    p = transform.patch_size
+    rw, rh = transform._resized(width, height)  # the resize the transform applied before cropping / padding
+    x0, x1, y0, y1 = c0 * p, (c1 + 1) * p, r0 * p, (r1 + 1) * p
+    if transform.policy == "shorter":
+        dx, dy = (rw - transform.size) // 2, (rh - transform.size) // 2
+        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
+    x0, x1 = min(max(x0, 0), rw), min(max(x1, 0), rw)
+    y0, y1 = min(max(y0, 0), rh), min(max(y1, 0), rh)
+    sx, sy = rw / width, rh / height
+    left, right = min(int(round(x0 / sx)), width - 1), min(int(round(x1 / sx)), width)
+    top, bottom = min(int(round(y0 / sy)), height - 1), min(int(round(y1 / sy)), height)
+    return left, top, max(right, left + 1), max(bottom, top + 1)
+
+
+# --- 3. clustering -----------------------------------------------------------------------------------------------
+
+def whiten(x: np.ndarray, mode: str | None) -> np.ndarray:
+    """'std': divide each dimension by its standard deviation (scipy.cluster.vq.whiten; constant dimensions kept);
+    'pca': centre, rotate onto the principal axes and scale each to unit variance (near-null axes dropped); None."""
+    x = np.asarray(x, dtype=np.float64)
+    if mode is None:
+        return x
+    if mode == "std":
+        std = x.std(0)
+        return x / np.where(std > 0, std, 1.0)
+    if mode == "pca":
+        xc = x - x.mean(0)
+        _, s, vt = np.linalg.svd(xc, full_matrices=False)
+        keep = s > max(s.max(), 1e-12) * 1e-6
+        return xc @ vt[keep].T / (s[keep] / math.sqrt(len(x)))
+    raise ProtocolError(f"maskdistill: whiten must be one of {WHITENING}, got {mode!r}")
+
+
+def cluster_embeddings(emb: np.ndarray, k: int, seed: int, whiten_mode: str | None = "std",
+                       batch_size: int = 1000, n_init: int = 3) -> np.ndarray:
+    """(n, D) mask embeddings → (n,) cluster ids in 0..k−1: whiten, L2-normalise, MiniBatchKMeans."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    x = whiten(emb, whiten_mode)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=n_init)
+    return km.fit_predict(x.astype(np.float32)).astype(np.int64)
+
+
+# --- 4. matching -------------------------------------------------------------------------------------------------
+
+def match_labels(conf: np.ndarray, matching: str, background_class: int | None) -> np.ndarray:
+    """(C, K+1) confusion of pseudo labels (0 = outside the mask, 1.. = clusters) → label → class map (−1 unmatched).
+
+    With a background class, label 0 is that class and only the object labels are matched: Hungarian on pixel counts
+    against the other classes, or many-to-one (majority class, background allowed). Without, every label is matched."""
+    conf = np.asarray(conf)
+    c, n_labels = conf.shape
+    if matching not in ("hungarian", "many-to-one"):
+        raise ProtocolError(f"maskdistill: matching must be one of {MATCHINGS}, got {matching!r}")
+    if background_class is None:
+        if matching == "hungarian":
+            return hungarian(conf, "pixels")
+        mapping = conf.argmax(0).astype(np.int64)
+        mapping[conf.sum(0) == 0] = -1
+        return mapping
+    mapping = np.full(n_labels, -1, dtype=np.int64)
+    mapping[0] = background_class
+    obj = conf[:, 1:]
+    if matching == "hungarian":
+        rows = np.array([r for r in range(c) if r != background_class])
+        sub = hungarian(obj[rows], "pixels")
+        mapping[1:] = np.where(sub >= 0, rows[np.maximum(sub, 0)], -1)
+    else:
+        mapping[1:] = obj.argmax(0)
+        mapping[1:][obj.sum(0) == 0] = -1
+    return mapping
+
+
+# --- the protocol ------------------------------------------------------------------------------------------------
+
+class _Grids:
+    """Duck-typed token store for accumulate_confusion: image i → (h, w, seeds) pseudo labels as floats."""
+
+    def __init__(self, grids: list[np.ndarray]):
+        self.grids = grids
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def image(self, i: int) -> np.ndarray:
+        return self.grids[i]
+
+
+def _onehot_scorer(j: int, n_labels: int, confidence: float):
+    """Channel j's hard labels → (K+1, h, w) log-probabilities: `confidence` on the label, the rest spread evenly
+    (argmax is the label; the CRF, when on, sees soft unaries)."""
+    lo = math.log((1.0 - confidence) / max(n_labels - 1, 1))
+    hi = math.log(confidence)
+
+    def score(x: np.ndarray) -> torch.Tensor:
+        lab = torch.from_numpy(np.ascontiguousarray(x[..., j])).long()
+        out = torch.full((n_labels, *lab.shape), lo)
+        out.scatter_(0, lab[None], hi)
+        return out
+
+    return score
+
+
+def _head(kind: str, dim: int, n_out: int, hidden: int) -> torch.nn.Module:
+    if kind == "distill-linear":
+        return torch.nn.Conv2d(dim, n_out, kernel_size=1)
+    return torch.nn.Sequential(torch.nn.Conv2d(dim, hidden, kernel_size=3, padding=1), torch.nn.BatchNorm2d(hidden),
+                               torch.nn.ReLU(inplace=True), torch.nn.Conv2d(hidden, n_out, kernel_size=1))
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _sample_name(ds, i: int) -> str:
+    samples = getattr(ds, "samples", None)
+    return samples[i].name if samples else f"{i:06d}"
+
+
+@register_protocol
+class MaskDistillProtocol(Protocol):
+    name = "maskdistill"
+    version = "1"
+    description = "MaskDistill object-mask pseudo labels (CLS attention + key affinity, crop-CLS k-means), or a " \
+                  "light head distilled from them"
+    default_seeds = 1
+    defaults = {
+        "stage": "pseudo",  # 'pseudo' | 'distill-linear' | 'distill-conv'
+        "resize": None, "size": None,  # None: the run's transform; preset 'original': pad 640
+        "heads": 5, "mass": 0.5, "topk": 0.4, "proposals": "topk", "connectivity": 4, "center_keys": True,
+        "embed_backbone": None, "crop_size": None, "embed_batch_size": 32,
+        "fit_set": "all", "whiten": "std", "k": None, "overcluster": 1, "kmeans_batch_size": 1000,
+        "kmeans_n_init": 3,
+        "background_class": 0, "matching": "auto", "upsample": "auto", "eval_size": None,
+        "epochs": 25, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lr_step": 20, "batch_size": 60,
+        "train_size": 100, "conv_hidden": 256,
+        "mask_confidence": 0.7, "crf": False,
+    }
+    presets = {
+        "original": {"resize": "pad", "size": 640, "center_keys": False},
+        "distill-linear": {"stage": "distill-linear"},
+        "distill-conv": {"stage": "distill-conv"},
+        "original-distill-linear": {"resize": "pad", "size": 640, "center_keys": False, "stage": "distill-linear"},
+        "original-distill-conv": {"resize": "pad", "size": 640, "center_keys": False, "stage": "distill-conv"},
+    }
+
+    def _check(self) -> dict:
+        p = dict(self.params)
+        if p["stage"] not in STAGES:
+            raise ProtocolError(f"maskdistill: stage must be one of {STAGES}, got {p['stage']!r}")
+        if p["matching"] not in MATCHINGS:
+            raise ProtocolError(f"maskdistill: matching must be one of {MATCHINGS}, got {p['matching']!r}")
+        if p["whiten"] not in WHITENING:
+            raise ProtocolError(f"maskdistill: whiten must be one of {WHITENING}, got {p['whiten']!r}")
+        if p["fit_set"] not in ("all", "eval"):
+            raise ProtocolError(f"maskdistill: fit_set must be 'all' or 'eval', got {p['fit_set']!r}")
+        if p["connectivity"] not in (4, 8):
+            raise ProtocolError(f"maskdistill: connectivity must be 4 or 8, got {p['connectivity']!r}")
+        if not 0 < p["topk"] <= 1 or not 0 < p["mass"] <= 1:
+            raise ProtocolError("maskdistill: topk and mass are fractions in (0, 1]")
+        if not isinstance(p["overcluster"], int) or p["overcluster"] < 1:
+            raise ProtocolError(f"maskdistill: overcluster must be a positive integer, got {p['overcluster']!r}")
+        if p["upsample"] == "auto":
+            p["upsample"] = "nearest" if p["stage"] == "pseudo" else "bilinear"
+        if p["upsample"] not in ("nearest", "bilinear"):
+            raise ProtocolError(f"maskdistill: upsample must be 'auto', 'nearest' or 'bilinear', got {p['upsample']!r}")
+        return p
+
+    def run(self, ctx: Context) -> dict:
+        p = self._check()
+        ds = ctx.eval_set
+        if ctx.transform is None:
+            raise ProtocolError("maskdistill maps mask boxes back to the original images and needs the run's transform")
+        c = ds.num_classes
+        bg = p["background_class"]
+        if bg is not None and not 0 <= bg < c:
+            raise ProtocolError(f"maskdistill: background_class {bg} is not a class of '{ds.id}' (0..{c - 1}); use "
+                                "None for datasets without a background class")
+        distill = p["stage"] != "pseudo"
+        info: dict = {"stage": p["stage"], "upsample": p["upsample"]}
+        train_set = ctx.train_set
+        if distill:
+            if train_set is None:
+                info["train_split"] = f"{ds.split} (same images as evaluation: no train split under this root)"
+            else:
+                info["train_split"] = train_set.split
+                info["train_files_sha256"] = train_set.file_list_sha256()
+        use_train = train_set is not None and (distill or p["fit_set"] == "all")
+        facets = ("attn", "keys", "tokens")  # tokens too in the pseudo stage: one backbone pass serves every stage
+        splits = {"eval": (ds, ctx.get(ds, facets))}
+        if use_train:
+            splits["train"] = (train_set, ctx.get(train_set, facets))
+
+        entries = {name: self._entry(ctx, split_ds, fs, p) for name, (split_ds, fs) in splits.items()}
+        info["pseudo_cache_hit"] = {name: e["cache_hit"] for name, e in entries.items()}
+        info["n_masks"] = {name: len(e["boxes"]) for name, e in entries.items()}
+        info["mask_area"] = {name: round(float(np.mean([m.mean() for m in e["masks"]])), 4)
+                             for name, e in entries.items()}
+        info["embed_backbone"] = entries["eval"]["embed_key"]
+        info["pseudo_seconds"] = {name: e["seconds"] for name, e in entries.items()}
+
+        fit_names = [n for n in ("train", "eval") if n in entries and (n == "eval" or p["fit_set"] == "all")]
+        info["fit_set"] = "+".join(f"{splits[n][0].split}" for n in fit_names)
+        fit = np.concatenate([entries[n]["embeddings"] for n in fit_names])
+        k = p["k"] or (c - 1) * p["overcluster"]
+        info["k"] = k
+        if len(fit) < k:
+            info["k_effective"] = len(fit)
+            info["note"] = f"only {len(fit)} masks to cluster: K lowered from {k} to {len(fit)}"
+            k = len(fit)
+        matching = p["matching"]
+        if matching == "auto":
+            matching = "hungarian" if k <= c - 1 else "many-to-one"
+        info["matching"] = matching + ("" if bg is None else f" (label 0 fixed to class {bg})")
+
+        assignments = []  # per seed: {split name: (n_images,) cluster ids}
+        for seed in ctx.seeds:
+            ids = cluster_embeddings(fit, k, seed, p["whiten"], p["kmeans_batch_size"], p["kmeans_n_init"])
+            out, start = {}, 0
+            for n in fit_names:
+                out[n] = ids[start: start + len(entries[n]["boxes"])]
+                start += len(entries[n]["boxes"])
+            assignments.append(out)
+
+        def grid(name: str, i: int, s: int) -> np.ndarray:
+            return entries[name]["masks"][i].astype(np.int64) * (1 + int(assignments[s][name][i]))
+
+        evalfs = splits["eval"][1]
+        n_labels = k + 1
+        saver = _Saver(ctx, ds, p["stage"])
+        t0 = time.perf_counter()
+        if not distill:
+            grids = _Grids([np.stack([grid("eval", i, s) for s in range(len(ctx.seeds))], -1).astype(np.float32)
+                            for i in range(len(ds))])
+            fns = [_onehot_scorer(j, n_labels, p["mask_confidence"]) for j in range(len(ctx.seeds))]
+            with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
+                confs = accumulate_confusion(grids, evalfs.labels, fns, c, n_labels, ds.ignore_index, p["upsample"],
+                                             p["eval_size"], advance, on_labels=saver)
+        else:
+            tname = "train" if "train" in splits else "eval"
+            tds, tfs = splits[tname]
+            heads = []
+            with progress_bar(len(ctx.seeds) * p["epochs"], f"{p['stage']} on {tds.id}/{tds.split}") as adv:
+                for s, seed in enumerate(ctx.seeds):
+                    label_of = _PseudoLabels(tds, tfs, ctx.transform, lambda i, s=s, n=tname: grid(n, i, s))
+                    heads.append(train_head(tfs["tokens"], label_of,
+                                            lambda dim: _head(p["stage"], dim, n_labels, p["conv_hidden"]),
+                                            PSEUDO_IGNORE, p, seed, ctx.device, adv))
+            with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
+                confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [_scorer(h) for h in heads], c,
+                                             n_labels, ds.ignore_index, p["upsample"], p["eval_size"], advance,
+                                             on_labels=saver)
+        info["scoring_seconds"] = round(time.perf_counter() - t0, 3)
+        per_seed, mappings = [], []
+        for conf in confs:
+            mapping = match_labels(conf, matching, bg)
+            sc = scores(remap(conf, mapping, c))
+            sc["cluster_to_class"] = mapping.tolist()
+            per_seed.append(sc)
+            mappings.append(mapping)
+        saver.finish(mappings[0] if mappings else None)
+        if saver.written:
+            info["saved_masks"] = saver.written
+        return {"per_seed": per_seed, "info": info, "confusions": [cf.tolist() for cf in confs]}
+
+    # --- masks + embeddings of one split, cached --------------------------------------------------------------
+    def _entry(self, ctx: Context, ds, fs, p: dict) -> dict:
+        embed_key, load = _embedder(ctx, p)
+        key = {"kind": "maskdistill-pseudo", "version": CACHE_VERSION, "dataset": ds.id, "split": ds.split,
+               "attn": fs["attn"].meta.get("key"), "keys": fs["keys"].meta.get("key"),
+               "transform": ctx.transform.to_dict(),
+               "mask": {f: p[f] for f in ("heads", "mass", "topk", "proposals", "connectivity", "center_keys")},
+               "embed": embed_key, "crop_size": p["crop_size"]}
+        path = cache_dir() / "pseudo" / "maskdistill" / str(ds.id) / f"{ds.split}-{_digest(key)}"
+        hit = (path / "meta.json").is_file()
+        if not hit:
+            _compute_entry(path, key, ctx, ds, fs, p, load)
+        index = np.load(path / "index.npy")
+        flat = np.load(path / "masks.npy")
+        masks = [flat[o: o + h * w].reshape(h, w).astype(bool) for o, h, w in index.tolist()]
+        meta = json.loads((path / "meta.json").read_text())
+        return {"masks": masks, "boxes": np.load(path / "boxes.npy"), "embeddings": np.load(path / "embeddings.npy"),
+                "cache_hit": hit, "embed_key": embed_key, "path": str(path),
+                "seconds": {"masks": meta["mask_seconds"], "embed": meta["embed_seconds"]}}
+
+
+def _embedder(ctx: Context, p: dict):
+    """(identity of the embedding backbone for the cache key, a loader) without loading any weights."""
+    if p["embed_backbone"]:
+        from ..backbones import BackboneRef
+
+        ref = BackboneRef(p["embed_backbone"])
+
+        def load():
+            return ref.load(ctx.device)
+    else:
+        ref = ctx.backbone_ref
+        load = ctx.backbone
+    if ref is None:
+        raise ProtocolError("maskdistill embeds mask crops with a backbone, but the run gave none")
+    s = ref.spec
+    key = {"id": s.id, "source": ref.source, "revision": ref.revision, "mean": list(s.mean), "std": list(s.std),
+           "patch_size": s.patch_size}
+    return key, load
+
+
+def _compute_entry(path: Path, key: dict, ctx: Context, ds, fs, p: dict, load) -> None:
+    t0 = time.perf_counter()
+    n = len(ds)
+    masks, boxes = [], []
+    with progress_bar(n, f"object masks {ds.id}/{ds.split}") as advance:
+        for i in range(n):
+            m = object_mask(np.asarray(fs["attn"].image(i), dtype=np.float32),
+                            np.asarray(fs["keys"].image(i), dtype=np.float32),
+                            p["heads"], p["mass"], p["topk"], p["proposals"], p["connectivity"], p["center_keys"])
+            masks.append(m)
+            boxes.append(box_to_original(patch_box(m), ctx.transform, *ds.image_size(i)))
+            advance()
+    t_masks = time.perf_counter() - t0
+    emb = _embed_crops(ds, boxes, load, p, ctx.device)
+    meta = {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mask_seconds": round(t_masks, 3),
+            "embed_seconds": round(time.perf_counter() - t0 - t_masks, 3)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        np.save(tmp / "masks.npy", np.concatenate([m.ravel() for m in masks]).astype(np.uint8))
+        np.save(tmp / "index.npy", np.asarray(fs["attn"].index, dtype=np.int64))
+        np.save(tmp / "boxes.npy", np.asarray(boxes, dtype=np.int64).reshape(-1, 4))
+        np.save(tmp / "embeddings.npy", emb.astype(np.float32))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another run committed the same entry first; it is equally valid
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _embed_crops(ds, boxes: list[tuple[int, int, int, int]], load, p: dict, device: str) -> np.ndarray:
+    """CLS token of each box's crop of the original image, crops of one padded shape batched together."""
+    from PIL import Image
+
+    backbone = load()
+    spec = backbone.spec
+    if spec.num_prefix_tokens == 0:
+        raise ProtocolError(f"maskdistill embeds crops by their CLS token, but '{spec.id}' has none; name another "
+                            "backbone with --param maskdistill.embed_backbone=ID")
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    ps = spec.patch_size
+    cs = p["crop_size"]
+
+    def shape_of(box):
+        if cs:
+            return cs, cs
+        w, h = box[2] - box[0], box[3] - box[1]
+        return math.ceil(h / ps) * ps, math.ceil(w / ps) * ps
+
+    def crop(i: int) -> torch.Tensor:
+        im = ds.load_image(i).crop(boxes[i])
+        if cs:
+            im = im.resize((cs, cs), Image.BICUBIC)
+        x = (np.asarray(im, dtype=np.float32) / 255.0 - mean) / std
+        t = torch.from_numpy(x.transpose(2, 0, 1).copy())
+        hh, ww = shape_of(boxes[i])
+        return torch.nn.functional.pad(t, (0, ww - t.shape[2], 0, hh - t.shape[1]))
+
+    groups: dict[tuple, list[int]] = {}
+    for i, b in enumerate(boxes):
+        groups.setdefault(shape_of(b), []).append(i)
+    out = np.zeros((len(boxes), spec.embed_dim), dtype=np.float32)
+    with progress_bar(len(boxes), f"crop CLS embeddings ({spec.id}) {ds.id}/{ds.split}") as advance, \
+            torch.inference_mode():
+        for idx in groups.values():
+            for start in range(0, len(idx), p["embed_batch_size"]):
+                chunk = idx[start: start + p["embed_batch_size"]]
+                x = torch.stack([crop(i) for i in chunk]).to(device)
+                out[chunk] = backbone(x, -1, ("cls",))["cls"].float().cpu().numpy()
+                advance(len(chunk))
+    return out
+
+
+class _PseudoLabels:
+    """Image i's pseudo labels at label resolution (nearest from the patch grid), padding set to PSEUDO_IGNORE."""
+
+    def __init__(self, ds, fs, transform, grid_of):
+        self.ds, self.fs, self.transform, self.grid_of = ds, fs, transform, grid_of
+        self._valid: dict[int, tuple[int, int]] = {}  # image → resized (width, height), read once per image
+
+    def __call__(self, i: int) -> np.ndarray:
+        g = self.grid_of(i)
+        hh, ww = self.fs.labels.image(i).shape[:2]
+        rows = np.minimum(np.arange(hh) * g.shape[0] // hh, g.shape[0] - 1)
+        cols = np.minimum(np.arange(ww) * g.shape[1] // ww, g.shape[1] - 1)
+        lab = g[rows][:, cols].astype(np.int64)
+        if self.transform is not None and self.transform.policy == "pad":
+            if i not in self._valid:
+                self._valid[i] = self.transform._resized(*self.ds.image_size(i))
+            rw, rh = self._valid[i]
+            lab[rh:, :] = PSEUDO_IGNORE
+            lab[:, rw:] = PSEUDO_IGNORE
+        return lab
+
+
+class _Saver:
+    """on_labels hook: keeps the first seed's label maps (cluster space) in a temporary directory, then writes them in
+    class space as palette PNGs once the matching is known."""
+
+    def __init__(self, ctx: Context, ds, stage: str):
+        self.ds = ds
+        self.written = 0
+        self.dir = None
+        if ctx.save_masks is not None:
+            self.dir = Path(ctx.save_masks) if stage == "pseudo" else Path(ctx.save_masks) / stage
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=".maskdistill-", dir=self.dir))
+
+    def __call__(self, i: int, j: int, labels: np.ndarray) -> None:
+        if self.dir is not None and j == 0:
+            np.save(self.tmp / f"{i}.npy", labels.astype(np.int32))
+
+    def finish(self, mapping: np.ndarray | None) -> None:
+        if self.dir is None:
+            return
+        try:
+            if mapping is not None:
+                lut = np.where(mapping >= 0, mapping, self.ds.ignore_index)
+                palette = self.ds.palette
+                for f in sorted(self.tmp.glob("*.npy"), key=lambda q: int(q.stem)):
+                    i = int(f.stem)
+                    save_label_map(self.dir / f"{_sample_name(self.ds, i)}.png", lut[np.load(f)], palette,
+                                   self.ds.ignore_index)
+                    self.written += 1
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
