@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", choices=("skip", "always"), default="skip",
                      help="what to do when a record with the same key exists")
     run.add_argument("--registry", help="backbones.yaml to use (default: the repository's)")
+    run.add_argument("--crf", action="store_true",
+                     help="dense-CRF post-processing of every protocol's label maps (pip install '.[crf]'); "
+                          "recorded as a parameter, so CRF and non-CRF results never share a column")
     run.add_argument("--save-masks", type=Path, metavar="DIR",
                      help="keep the pseudo masks of protocols that make them (PNG per image, dataset palette)")
     run.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
@@ -127,9 +130,17 @@ def _cmd_run(args) -> int:
     from .data.check import parse_options
     from .runner import RunOptions, run
 
+    from .protocols import PROTOCOLS, ProtocolError
+
     params: dict[str, dict] = {}
     for proto, name, value in args.param:
         params.setdefault(proto, {})[name] = value
+    if args.crf:
+        for spec in args.protocol.split(","):
+            name = spec.strip().partition(":")[0]
+            if name in PROTOCOLS and "crf" not in PROTOCOLS[name].defaults:
+                raise ProtocolError(f"--crf: protocol '{name}' has no CRF step; run it without --crf")
+            params.setdefault(name, {})["crf"] = True
     dataset_options = parse_options(args.option)
     if args.skip_bad:
         dataset_options["skip_bad"] = True

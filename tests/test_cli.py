@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from ssl_segbench.cli import main
+from ssl_segbench.leaderboard import column_label
 from ssl_segbench.records import iter_records
 
 
@@ -86,3 +87,13 @@ def test_bad_arguments_exit_nonzero(bad):
     with pytest.raises(SystemExit) as e:
         main(["run", "--backbone", "pixels", "--dataset", "synthetic", bad])
     assert e.value.code == 2
+
+
+def test_crf_flag_sets_the_parameter_or_names_protocols_without_crf(small_synthetic, tmp_path, capsys):
+    assert _run(tmp_path, small_synthetic, "--protocol", "datus", "--crf") == 2
+    assert "protocol 'datus' has no CRF step" in capsys.readouterr().err
+    pytest.importorskip("pydensecrf.densecrf")
+    assert _run(tmp_path, small_synthetic, "--protocol", "kmeans", "--seeds", "1", "--crf") == 0
+    (_, rec), = iter_records(tmp_path / "res")
+    assert rec["protocol"]["params"]["crf"] is True and rec["info"]["crf"]["images_refined"] == 8
+    assert "CRF" in column_label(rec)
