@@ -128,9 +128,8 @@ def _cmd_run(args) -> int:
     from rich.table import Table
 
     from .data.check import parse_options
-    from .runner import RunOptions, run
-
     from .protocols import PROTOCOLS, ProtocolError
+    from .runner import RunOptions, run
 
     params: dict[str, dict] = {}
     for proto, name, value in args.param:
