@@ -111,11 +111,22 @@ def match_and_score(conf: np.ndarray, matching: str = "hungarian-pixels") -> tup
 # bootstrap is a weighted sum.
 
 
-def image_stats(image_confs: list[np.ndarray], mapping: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N, C, 3) int64 [tp, fp, fn] per image, from each image's (C, K) cluster confusion and the cluster → class map
-    (-1 = unmatched, always wrong)."""
+def sparse(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A per-image confusion kept compactly: (flat indices of non-zero cells, their counts)."""
+    flat = np.asarray(conf).ravel()
+    nz = np.flatnonzero(flat)
+    return nz.astype(np.int32), flat[nz]
+
+
+def image_stats(image_confs: list, mapping: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, C, 3) int64 [tp, fp, fn] per image, from each image's (C, K) cluster confusion (dense, or as `sparse`
+    gives it) and the cluster → class map (-1 = unmatched, always wrong)."""
+    k = len(mapping)
     out = np.zeros((len(image_confs), num_classes, 3), dtype=np.int64)
     for i, conf in enumerate(image_confs):
+        if isinstance(conf, tuple):
+            conf = np.bincount(conf[0], weights=conf[1], minlength=num_classes * k).astype(np.int64)
+            conf = conf.reshape(num_classes, k)
         folded = remap(conf, mapping, num_classes)
         tp = np.diag(folded[:, :num_classes])
         out[i, :, 0] = tp

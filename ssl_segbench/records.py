@@ -6,6 +6,7 @@ written to a temporary file and renamed, so a crash never leaves a truncated rec
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import platform
 import subprocess
 import tempfile
 import warnings
+import zlib
 from importlib import metadata
 from pathlib import Path
 
@@ -76,6 +78,17 @@ def summarize(per_seed: list[dict]) -> dict:
         mean_pc = np.nanmean(pcs, axis=0) if pcs.size else pcs
     out["per_class_iou"] = [None if np.isnan(v) else float(v) for v in np.atleast_1d(mean_pc)]
     return out
+
+
+def encode_array(a: np.ndarray) -> dict:
+    """A compact, exact JSON form of an integer array (zlib-compressed little-endian int64, base64)."""
+    raw = np.ascontiguousarray(a, dtype="<i8").tobytes()
+    return {"shape": list(a.shape), "dtype": "int64", "encoding": "zlib+base64",
+            "data": base64.b64encode(zlib.compress(raw, 6)).decode("ascii")}
+
+
+def decode_array(d: dict) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(base64.b64decode(d["data"])), dtype="<i8").reshape(d["shape"])
 
 
 def write_text_atomic(path: Path, text: str) -> None:

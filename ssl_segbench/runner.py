@@ -11,9 +11,10 @@ from . import __version__
 from .backbones import BackboneRef
 from .data import get_dataset
 from .features import extract
+from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
 from .protocols import Context, get_protocol
-from .records import SCHEMA, environment, record_key, record_path, summarize, write_json_atomic
+from .records import SCHEMA, encode_array, environment, record_key, record_path, summarize, write_json_atomic
 from .transforms import Transform
 
 OVERWRITE = ("skip", "always")
@@ -92,6 +93,11 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         t0 = time.perf_counter()
         result = proto.run(ctx)
+        metrics = summarize(result["per_seed"])
+        stats = result.get("image_stats")
+        if stats is not None:  # 95% interval of the seed mean, resampling images
+            for m, ci in bootstrap_ci(stats).items():
+                metrics[m]["ci95"] = ci
         record = {
             "schema": SCHEMA, "key": record_key(identity), "identity": identity,
             "backbone": {**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision,
@@ -99,8 +105,11 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
             "dataset": eval_set.describe(),
             "protocol": {"name": proto.name, "version": proto.version, "preset": proto.preset, "params": params},
             "transform": transform.to_dict(), "seeds": seeds,
-            "metrics": summarize(result["per_seed"]), "per_seed": result["per_seed"],
+            "metrics": metrics, "per_seed": result["per_seed"],
             "info": {**result.get("info", {}), **ctx.info}, "confusions": result.get("confusions"),
+            "image_stats": None if stats is None else {
+                "what": "per seed, per image (dataset order), per class: [tp, fp, fn] after matching",
+                **encode_array(stats)},
             "provenance": {**environment(), "ssl_segbench": __version__, "device": device,
                            "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
                            "batch_size": batch_size, "started": started,

@@ -97,3 +97,18 @@ def test_crf_flag_sets_the_parameter_or_names_protocols_without_crf(small_synthe
     (_, rec), = iter_records(tmp_path / "res")
     assert rec["protocol"]["params"]["crf"] is True and rec["info"]["crf"]["images_refined"] == 8
     assert "CRF" in column_label(rec)
+
+
+def test_records_carry_per_image_stats_that_reproduce_the_scores(small_synthetic, tmp_path):
+    from ssl_segbench.metrics import scores_from_stats
+    from ssl_segbench.records import decode_array
+
+    assert _run(tmp_path, small_synthetic, "--seeds", "3") == 0
+    for _, rec in iter_records(tmp_path / "res"):
+        stats = decode_array(rec["image_stats"])
+        assert stats.shape == (3, 8, 8, 3)
+        for seed, s in enumerate(rec["per_seed"]):
+            again = scores_from_stats(stats[seed].sum(0))
+            assert again["miou"] == pytest.approx(s["miou"]) and again["pixel_acc"] == pytest.approx(s["pixel_acc"])
+        lo, hi = rec["metrics"]["miou"]["ci95"]
+        assert lo <= rec["metrics"]["miou"]["mean"] <= hi

@@ -100,5 +100,9 @@ def test_cli_writes_record_and_is_deterministic(small_synthetic, tmp_path):
     assert a["protocol"]["name"] == "overcluster" and a["protocol"]["params"]["k"] == 20
     assert a["info"]["k"] == 20 and a["dataset"]["n_images"] == 8
     assert a["per_seed"] == b["per_seed"]
-    # overclustering makes no pseudo masks
-    assert not (tmp_path / "masks" / "overcluster").exists()
+    # --save-masks keeps the first seed's maps in class space: one palette PNG per image, class ids only
+    from PIL import Image
+
+    pngs = sorted((tmp_path / "masks" / "overcluster").glob("*.png"))
+    assert [p.stem for p in pngs] == [f"syn_test_{i:05d}" for i in range(8)]
+    assert all(set(np.unique(np.asarray(Image.open(p)))) <= set(range(8)) | {255} for p in pngs)

@@ -10,6 +10,8 @@ import collections
 import contextvars
 import copy
 import functools
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from ..backbones import Backbone, BackboneRef
 from ..crf import CRFError, CRFParams, pool_map, refine_scores, require_crf
 from ..data import SegmentationDataset
 from ..features import ArrayStore, FeatureSet
-from ..metrics import confusion
+from ..metrics import confusion, image_stats, match_and_score, sparse
 from ..transforms import Transform
 
 
@@ -176,7 +178,6 @@ def save_label_map(path: Path, labels: np.ndarray, palette: np.ndarray, ignore_i
     """Write an (H, W) label map as a palette PNG in the dataset's colours (pixel values = labels; `ignore_index` and
     any label beyond the palette are drawn black), atomically."""
     import os
-    import tempfile
 
     from PIL import Image
 
@@ -197,6 +198,59 @@ def save_label_map(path: Path, labels: np.ndarray, palette: np.ndarray, ignore_i
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sample_name(ds, i: int) -> str:
+    """The file stem a saved mask of image i gets (the sample's name; an index for nameless test datasets)."""
+    samples = getattr(ds, "samples", None)
+    return samples[i].name if samples else f"{i:06d}"
+
+
+class MaskSaver:
+    """on_labels hook for `--save-masks` when clusters are matched to classes only after every image was predicted:
+    the first seed's raw maps wait in a temporary folder; `finish(mapping)` writes them in class space (unmatched
+    clusters = ignore) as palette PNGs named after the samples, under `ctx.save_masks[/subdir]`."""
+
+    def __init__(self, ctx: Context, subdir: str | None = None):
+        self.dataset, self.written, self.dir = ctx.eval_set, 0, None
+        if ctx.save_masks is not None:
+            self.dir = Path(ctx.save_masks) / subdir if subdir else Path(ctx.save_masks)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=".raw-", dir=self.dir))
+
+    def __call__(self, i: int, j: int, pred: np.ndarray) -> None:
+        if self.dir is not None and j == 0:
+            np.save(self.tmp / f"{i}.npy", pred.astype(np.int32))
+
+    def finish(self, mapping: np.ndarray | None) -> None:
+        if self.dir is None:
+            return
+        ds = self.dataset
+        try:
+            if mapping is not None:
+                lut = np.where(np.asarray(mapping) < 0, ds.ignore_index, mapping)
+                for f in sorted(self.tmp.glob("*.npy"), key=lambda q: int(q.stem)):
+                    save_label_map(self.dir / f"{sample_name(ds, int(f.stem))}.png", lut[np.load(f)], ds.palette,
+                                   ds.ignore_index)
+                    self.written += 1
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def match_seeds(confs: list[np.ndarray], per_image: list, matching: str,
+                saver: MaskSaver | None = None) -> tuple[list[dict], np.ndarray]:
+    """Match each seed's clusters to classes and score it; returns the per-seed scores and the (S, N, C, 3) per-image
+    [tp, fp, fn] after matching. The first seed's saved label maps are written in class space."""
+    per_seed, stats = [], []
+    for j, conf in enumerate(confs):
+        sc, mapping = match_and_score(conf, matching)
+        if matching != "identity":
+            sc["cluster_to_class"] = mapping.tolist()
+        per_seed.append(sc)
+        stats.append(image_stats(per_image[j], mapping, conf.shape[0]))
+        if j == 0 and saver is not None:
+            saver.finish(mapping)
+    return per_seed, np.stack(stats)
 
 
 def eval_labels(labels: np.ndarray, eval_size: int | None) -> np.ndarray:
@@ -233,7 +287,8 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
                          prepare: Callable[[np.ndarray], np.ndarray] | None = None, *,
                          crf: CRFParams | bool | dict | None = None,
                          images: Callable[[int], np.ndarray] | None = None,
-                         on_labels: Callable[[int, int, np.ndarray], None] | None = None) -> list[np.ndarray]:
+                         on_labels: Callable[[int, int, np.ndarray], None] | None = None,
+                         per_image: list | None = None) -> list[np.ndarray]:
     """For each scoring function (one per seed): dataset-level (C, K) confusion of its upsampled argmax predictions.
     `prepare` maps an image's (h, w, D) tokens once before all scoring functions see them.
 
@@ -241,22 +296,32 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
     it on. Then each prediction is the dense CRF of the softmax of the upsampled scores against the RGB image at label
     resolution (`images(i)`, by default read from the split the labels belong to), computed in a bounded process pool
     (crf.pool_map; $SSL_SEGBENCH_CRF_WORKERS, $SSL_SEGBENCH_CRF_TIMEOUT). `on_labels(i, j, labels)` sees every final
-    label map (image i, scoring function j), e.g. to save it."""
+    label map (image i, scoring function j), e.g. to save it. A `per_image` list receives, per scoring function, each
+    image's confusion in `metrics.sparse` form (for bootstrap intervals over images)."""
     scope = _SCORING.get()
     if crf is None:
         params = scope.crf if scope is not None else None
     else:
         params = crf if isinstance(crf, CRFParams) else CRFParams.from_param(crf)
     confs = [np.zeros((num_classes, num_preds), dtype=np.int64) for _ in score_fns]
+    if per_image is not None:
+        per_image[:] = [[] for _ in score_fns]
+
+    def add(j: int, gt: np.ndarray, pred: np.ndarray) -> None:
+        conf = confusion(gt, pred, num_classes, num_preds, ignore_index)
+        confs[j] += conf
+        if per_image is not None:
+            per_image[j].append(sparse(conf))
+
     if params is None:
         for i in range(len(tokens)):
             gt = eval_labels(labels.labels(i), eval_size)
             x = np.asarray(tokens.image(i), dtype=np.float32)
             if prepare is not None:
                 x = prepare(x)
-            for j, (conf, fn) in enumerate(zip(confs, score_fns)):
+            for j, fn in enumerate(score_fns):
                 pred = scores_to_labels(fn(x), gt.shape, upsample)
-                conf += confusion(gt, pred, num_classes, num_preds, ignore_index)
+                add(j, gt, pred)
                 if on_labels is not None:
                     on_labels(i, j, pred)
             advance()
@@ -290,7 +355,7 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
     t0 = time.perf_counter()
     for pred in pool_map(refine_scores, tasks()):
         i, j, gt = pending.popleft()
-        confs[j] += confusion(gt, pred, num_classes, num_preds, ignore_index)
+        add(j, gt, pred)
         if on_labels is not None:
             on_labels(i, j, pred)
         if j == len(score_fns) - 1:

@@ -11,10 +11,9 @@ Hungarian on pixel counts, shorter side 320 centre crop).
 from __future__ import annotations
 
 from ..cluster import Preprocess, centroid_scores, kmeans, sample_rows
-from ..metrics import match_and_score
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, Protocol, ProtocolError, accumulate_confusion
+from .base import Context, MaskSaver, Protocol, ProtocolError, accumulate_confusion, match_seeds
 
 
 @register_protocol
@@ -62,14 +61,12 @@ def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> dict:
             c = kmeans(x, k, seed, p["niter"], p["nredo"], p["spherical"], p["max_points_per_centroid"])
             score_fns.append(centroid_scores(c, p["spherical"]))
             advance()
+    per_image, saver = [], MaskSaver(ctx)
     with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
         confs = accumulate_confusion(fs["tokens"], fs.labels, score_fns, ds.num_classes, k, ds.ignore_index,
                                      p["upsample"], p["eval_size"], advance,
-                                     prepare=lambda t: pre(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:2], -1))
-    per_seed = []
-    for conf in confs:
-        sc, mapping = match_and_score(conf, matching)
-        sc["cluster_to_class"] = mapping.tolist()
-        per_seed.append(sc)
+                                     prepare=lambda t: pre(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:2], -1),
+                                     on_labels=saver, per_image=per_image)
+    per_seed, stats = match_seeds(confs, per_image, matching, saver)
     return {"per_seed": per_seed, "info": {"k": k, "fit_points": int(len(x)), "feature_dim": int(x.shape[1])},
-            "confusions": [c.tolist() for c in confs]}
+            "confusions": [c.tolist() for c in confs], "image_stats": stats}

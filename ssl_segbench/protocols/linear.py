@@ -16,10 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..metrics import match_and_score
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, Protocol, accumulate_confusion, eval_labels
+from .base import Context, MaskSaver, Protocol, accumulate_confusion, eval_labels, match_seeds
 
 
 @register_protocol
@@ -51,11 +50,13 @@ class LinearProtocol(Protocol):
             for seed in ctx.seeds:
                 heads.append(_train(train, ds.num_classes, ds.ignore_index, p, seed, ctx.device, adv))
         score_fns = [_scorer(h) for h in heads]
+        per_image, saver = [], MaskSaver(ctx)
         with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
             confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, score_fns, ds.num_classes, ds.num_classes,
-                                         ds.ignore_index, p["upsample"], p["eval_size"], advance)
-        per_seed = [match_and_score(c, "identity")[0] for c in confs]
-        return {"per_seed": per_seed, "info": info, "confusions": [c.tolist() for c in confs]}
+                                         ds.ignore_index, p["upsample"], p["eval_size"], advance,
+                                         on_labels=saver, per_image=per_image)
+        per_seed, stats = match_seeds(confs, per_image, "identity", saver)
+        return {"per_seed": per_seed, "info": info, "confusions": [c.tolist() for c in confs], "image_stats": stats}
 
 
 def _batch(store, label_of, idx, train_size: int):

@@ -77,11 +77,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..metrics import hungarian, remap, scores
+from ..metrics import hungarian, image_stats, remap, scores
 from ..paths import cache_dir
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, Protocol, ProtocolError, accumulate_confusion, save_label_map
+from .base import Context, MaskSaver, Protocol, ProtocolError, accumulate_confusion
 from .linear import _scorer, train_head
 
 STAGES = ("pseudo", "distill-linear", "distill-conv")
@@ -261,11 +261,6 @@ def _digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _sample_name(ds, i: int) -> str:
-    samples = getattr(ds, "samples", None)
-    return samples[i].name if samples else f"{i:06d}"
-
-
 @register_protocol
 class MaskDistillProtocol(Protocol):
     name = "maskdistill"
@@ -376,7 +371,8 @@ class MaskDistillProtocol(Protocol):
 
         evalfs = splits["eval"][1]
         n_labels = k + 1
-        saver = _Saver(ctx, ds, p["stage"])
+        saver = MaskSaver(ctx, None if p["stage"] == "pseudo" else p["stage"])
+        per_image: list = []
         t0 = time.perf_counter()
         if not distill:
             grids = _Grids([np.stack([grid("eval", i, s) for s in range(len(ctx.seeds))], -1).astype(np.float32)
@@ -384,7 +380,7 @@ class MaskDistillProtocol(Protocol):
             fns = [_onehot_scorer(j, n_labels, p["mask_confidence"]) for j in range(len(ctx.seeds))]
             with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
                 confs = accumulate_confusion(grids, evalfs.labels, fns, c, n_labels, ds.ignore_index, p["upsample"],
-                                             p["eval_size"], advance, on_labels=saver)
+                                             p["eval_size"], advance, on_labels=saver, per_image=per_image)
         else:
             tname = "train" if "train" in splits else "eval"
             tds, tfs = splits[tname]
@@ -398,7 +394,7 @@ class MaskDistillProtocol(Protocol):
             with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
                 confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [_scorer(h) for h in heads], c,
                                              n_labels, ds.ignore_index, p["upsample"], p["eval_size"], advance,
-                                             on_labels=saver)
+                                             on_labels=saver, per_image=per_image)
         info["scoring_seconds"] = round(time.perf_counter() - t0, 3)
         per_seed, mappings = [], []
         for conf in confs:
@@ -410,7 +406,9 @@ class MaskDistillProtocol(Protocol):
         saver.finish(mappings[0] if mappings else None)
         if saver.written:
             info["saved_masks"] = saver.written
-        return {"per_seed": per_seed, "info": info, "confusions": [cf.tolist() for cf in confs]}
+        stats = np.stack([image_stats(per_image[j], m, c) for j, m in enumerate(mappings)])
+        return {"per_seed": per_seed, "info": info, "confusions": [cf.tolist() for cf in confs],
+                "image_stats": stats}
 
     # --- masks + embeddings of one split, cached --------------------------------------------------------------
     def _entry(self, ctx: Context, ds, fs, p: dict) -> dict:
@@ -551,34 +549,3 @@ class _PseudoLabels:
         return lab
 
 
-class _Saver:
-    """on_labels hook: keeps the first seed's label maps (cluster space) in a temporary directory, then writes them in
-    class space as palette PNGs once the matching is known."""
-
-    def __init__(self, ctx: Context, ds, stage: str):
-        self.ds = ds
-        self.written = 0
-        self.dir = None
-        if ctx.save_masks is not None:
-            self.dir = Path(ctx.save_masks) if stage == "pseudo" else Path(ctx.save_masks) / stage
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=".maskdistill-", dir=self.dir))
-
-    def __call__(self, i: int, j: int, labels: np.ndarray) -> None:
-        if self.dir is not None and j == 0:
-            np.save(self.tmp / f"{i}.npy", labels.astype(np.int32))
-
-    def finish(self, mapping: np.ndarray | None) -> None:
-        if self.dir is None:
-            return
-        try:
-            if mapping is not None:
-                lut = np.where(mapping >= 0, mapping, self.ds.ignore_index)
-                palette = self.ds.palette
-                for f in sorted(self.tmp.glob("*.npy"), key=lambda q: int(q.stem)):
-                    i = int(f.stem)
-                    save_label_map(self.dir / f"{_sample_name(self.ds, i)}.png", lut[np.load(f)], palette,
-                                   self.ds.ignore_index)
-                    self.written += 1
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
