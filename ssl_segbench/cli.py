@@ -97,6 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--format", choices=("md", "csv", "json"), default="md",
                     help="md: a page per dataset + README.md summary; csv/json: one flat file for other tools")
 
+    cmp_ = sub.add_parser("compare", help="two backbones side by side: per-class IoU and paired-bootstrap significance",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cmp_.add_argument("a", help="backbone id (as in the records)")
+    cmp_.add_argument("b", help="backbone id (as in the records)")
+    cmp_.add_argument("--dataset", help="only this dataset")
+    cmp_.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
+    cmp_.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the images")
+
+    show = sub.add_parser("show", help="PNG grid of images, ground truth and predictions (linked from the leaderboard)",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    show.add_argument("--backbone", required=True)
+    show.add_argument("--dataset", required=True)
+    show.add_argument("--protocol", required=True, help="one protocol, optionally with a preset (kmeans:stego)")
+    show.add_argument("--data-root")
+    show.add_argument("--split")
+    show.add_argument("--device", default="auto")
+    show.add_argument("--resize", choices=POLICIES, default="shorter")
+    show.add_argument("--size", type=int, default=224)
+    show.add_argument("--param", type=_param, action="append", default=[], metavar="PROTO.NAME=VALUE")
+    show.add_argument("-n", "--images", type=int, default=4, help="rows in the grid")
+    show.add_argument("--out", type=Path, help="PNG path (default: leaderboards/figures/<dataset>/"
+                                               "<backbone>__<protocol>.png, where the leaderboard links it)")
+    show.add_argument("--registry", help="backbones.yaml to use")
+
     chk = sub.add_parser("check", help="CI gate: compare records with a committed baseline; non-zero on regression",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     chk.add_argument("--baseline", type=Path, required=True, help="baseline JSON file")
@@ -215,6 +239,63 @@ def _cmd_leaderboard(args) -> int:
     return 1 if problems else 0
 
 
+def _cmd_compare(args) -> int:
+    from rich.table import Table
+
+    from .compare import compare_pair, pairs
+    from .paths import results_dir
+
+    for ra, rb in pairs(args.results_dir or results_dir(), args.a, args.b, args.dataset):
+        res = compare_pair(ra, rb, n_boot=args.n_boot)
+        table = Table(title=f"{res['setting']} ({res['n_images']} images): {args.a} vs {args.b}")
+        for col in ("", args.a, args.b, "Δ", "95% CI of Δ", "p"):
+            table.add_column(col, justify="right")
+        for row in res["rows"]:
+            sig = "[bold]" if row["p"] < 0.05 else ""
+
+            def pct(v):
+                return "–" if v != v else f"{100 * v:.1f}"  # NaN: class absent
+
+            table.add_row(row["what"], pct(row["a"]), pct(row["b"]), f"{sig}{100 * row['delta']:+.1f}",
+                          f"[{100 * row['ci'][0]:+.1f}, {100 * row['ci'][1]:+.1f}]", f"{sig}{row['p']:.3f}")
+        out.print(table)
+    out.print("p: two-sided paired bootstrap over images (both backbones resampled jointly); bold: p < 0.05")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    import tempfile
+
+    from .figures import figure_path, prediction_grid
+    from .runner import RunOptions, run
+
+    params: dict[str, dict] = {}
+    for proto, name, value in args.param:
+        params.setdefault(proto, {})[name] = value
+    name = args.protocol.partition(":")[0]
+    with tempfile.TemporaryDirectory(prefix="ssl-segbench-show-") as tmp:
+        opts = RunOptions(backbone=args.backbone, dataset=args.dataset, protocols=(args.protocol,),
+                          data_root=args.data_root, split=args.split, device=args.device, seeds=[0],
+                          resize=args.resize, size=args.size, registry=args.registry, params=params,
+                          save_masks=Path(tmp), write_records=False)
+        (_status, _path, rec), = run(opts)
+        from .data import get_dataset
+        from .transforms import Transform
+
+        ds = get_dataset(args.dataset, args.data_root, rec["dataset"]["split"])
+        transform = Transform(**rec["transform"])
+        out_path = args.out or figure_path(Path("leaderboards"), rec["identity"]["dataset"], rec["backbone"]["id"],
+                                           args.protocol)
+        title = (f"{rec['backbone']['id']} · {ds.id}/{ds.split} · {args.protocol}: mIoU "
+                 f"{100 * rec['metrics']['miou']['mean']:.1f} (seed 0)")
+        masks = Path(tmp) / name
+        if args.protocol.partition(":")[0] == "maskdistill" and rec["protocol"]["params"].get("stage") != "pseudo":
+            masks = masks / rec["protocol"]["params"]["stage"]
+        prediction_grid(ds, transform, masks, out_path, args.images, title)
+    console.print(f"wrote {out_path}")
+    return 0
+
+
 def _cmd_check(args) -> int:
     from rich.table import Table
 
@@ -249,6 +330,7 @@ def _cmd_check(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .backbones import BackboneError
+    from .compare import CompareError
     from .data import DatasetError
     from .protocols import ProtocolError
     from .registry import RegistryError
@@ -256,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check": _cmd_check,
-               "datasets": lambda a: a.func(a)}[args.command]
+               "compare": _cmd_compare, "show": _cmd_show, "datasets": lambda a: a.func(a)}[args.command]
     try:
         return handler(args)
-    except (BackboneError, BaselineError, DatasetError, ProtocolError, RegistryError, ValueError, RuntimeError) as e:
+    except (BackboneError, BaselineError, CompareError, DatasetError, ProtocolError, RegistryError, ValueError,
+            RuntimeError, FileNotFoundError) as e:
         console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         return 2
     except KeyboardInterrupt:

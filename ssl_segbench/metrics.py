@@ -6,6 +6,8 @@ averaging is deliberately not offered because it is not comparable with the fiel
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -183,7 +185,8 @@ def paired_bootstrap(stats_a: np.ndarray, stats_b: np.ndarray, n_boot: int = 200
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     out = {}
     for m in ("miou", "pixel_acc", "per_class_iou"):
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a class absent in a resample stays NaN
             observed = np.nanmean(fa[m], 0) - np.nanmean(fb[m], 0)
             diffs = np.nanmean(ba[m], 1) - np.nanmean(bb[m], 1)
         p = 2 * np.minimum((diffs <= 0).mean(0), (diffs >= 0).mean(0))

@@ -39,7 +39,8 @@ class RunOptions:
     registry: str | None = None
     params: dict | None = None  # {protocol name: {param: value}}
     dataset_options: dict | None = None  # loader options (skip_bad, curated_list, ...), for every split alike
-    save_masks: Path | None = None  # protocols that make pseudo masks write PNGs under <save_masks>/<protocol>/
+    save_masks: Path | None = None  # label maps (first seed, class space) as PNGs under <save_masks>/<protocol>/
+    write_records: bool = True  # False: compute and return records without storing them (e.g. for `show`)
 
 
 def resolve_device(device: str) -> str:
@@ -51,7 +52,8 @@ def resolve_device(device: str) -> str:
 
 
 def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[tuple[str, Path, dict | None]]:
-    """Run every protocol; returns (status, path, record) with status 'written' or 'skipped' (record exists)."""
+    """Run every protocol; returns (status, path, record) with status 'written', 'skipped' (record exists) or
+    'computed' (write_records=False)."""
     if opts.overwrite not in OVERWRITE:
         raise ValueError(f"overwrite must be one of {OVERWRITE}")
     device = resolve_device(opts.device)
@@ -79,7 +81,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
                     "protocol": proto.name, "version": proto.version, "params": params, "layer": opts.layer,
                     "seeds": seeds}
         path = record_path(results, identity)
-        if path.exists() and opts.overwrite == "skip":
+        if opts.write_records and path.exists() and opts.overwrite == "skip":
             out.append(("skipped", path, None))
             on_record("skipped", path, None)
             continue
@@ -116,7 +118,9 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
                            "wall_seconds": round(time.perf_counter() - t0, 3),
                            "cache_hit": all(ctx.cache_hits), "feature_entries": len(ctx.cache_hits)},
         }
-        write_json_atomic(path, record)
-        out.append(("written", path, record))
-        on_record("written", path, record)
+        status = "written" if opts.write_records else "computed"
+        if opts.write_records:
+            write_json_atomic(path, record)
+        out.append((status, path, record))
+        on_record(status, path, record)
     return out
