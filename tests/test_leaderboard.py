@@ -66,3 +66,17 @@ def test_summary_csv_json_and_byte_stability(tmp_path):
     write(tmp_path / "res", tmp_path / "lb", "json")
     assert json.loads((tmp_path / "lb" / "leaderboard.json").read_text()) == json.loads(
         json.dumps(flat_rows([_rec("a", 0.3, dataset="suim"), _rec("b", 0.6), _rec("a", 0.5)])))
+
+
+def test_shipped_published_numbers_are_well_formed_and_match_a_real_protocol():
+    from ssl_segbench.leaderboard import load_published
+    from ssl_segbench.protocols import get_protocol
+    from ssl_segbench.registry import load_registry
+
+    entries = load_published()
+    assert entries
+    registry = load_registry()
+    for e in entries:
+        proto = get_protocol(f"{e['protocol']}:{e['preset']}" if e.get("preset") else e["protocol"])
+        assert set(e["params"]) <= set(proto.params), e  # every listed parameter exists in the protocol
+        assert e["backbone"] in registry and 0 < e["value"] < 1 and e["source"]
