@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_RESULTS ?= results/demo
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo check test bench lint clean
 
 install: $(STAMP)
 
@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench run --backbone pixels --dataset synthetic --protocol kmeans,linear --results-dir $(DEMO_RESULTS)
 	HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench run --backbone random_vits16 --dataset synthetic --protocol kmeans,linear --results-dir $(DEMO_RESULTS)
+	HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench show --backbone pixels --dataset synthetic --protocol kmeans -n 3
+	HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench show --backbone random_vits16 --dataset synthetic --protocol kmeans -n 3
 	$(BIN)/ssl-segbench leaderboard --results-dir $(DEMO_RESULTS) --out leaderboards
 	cat leaderboards/synthetic.md
+
+# The CI recipe of the README: the demo benchmark, then the regression gate against the committed baseline.
+check: demo
+	$(BIN)/ssl-segbench check --baseline benchmarks/baseline_demo.json --results-dir $(DEMO_RESULTS)
 
 test: install
 	$(BIN)/python -m pytest -q
