@@ -11,7 +11,8 @@ from stores import store
 
 from ssl_segbench.cli import main
 from ssl_segbench.data.base import SegmentationDataset
-from ssl_segbench.features import FeatureSet
+from ssl_segbench.features import FeatureSet, _Writer
+from ssl_segbench.metrics import scores_from_stats
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
 from ssl_segbench.protocols.datus import (
     discover_segments,
@@ -212,6 +213,44 @@ def test_protocol_counts_noise_pixels_wrong_and_saves_masks(tmp_path):
     assert saved.shape == (32, 32) and (saved[:8, :8] == 255).all()  # noise = ignore index
     assert set(np.unique(saved[8:])) <= {0, 1, 2} and len(list((tmp_path / "masks").iterdir())) == 6
 
+
+
+def test_protocol_returns_per_image_stats_that_reproduce_each_seed(tmp_path):
+    res = get_protocol("datus", key_centering="none").run(_planted_ctx(tmp_path, noise_patches=True))
+    stats = res["image_stats"]
+    assert stats.shape == (2, 6, 3, 3)  # seeds, images, classes, [tp, fp, fn]
+    for j, s in enumerate(res["per_seed"]):
+        sc = scores_from_stats(stats[j].sum(0))
+        assert sc["miou"] == pytest.approx(s["miou"]) and sc["pixel_acc"] == pytest.approx(s["pixel_acc"])
+
+
+def _keyed_labels(path, fs, ds, transform):
+    """The planted labels again, under a cache key naming the dataset (so the CRF finds the images)."""
+    labels = [np.asarray(fs.labels.labels(i)) for i in range(len(ds))]
+    key = {"dataset": ds.id, "split": ds.split, "files_sha256": ds.file_list_sha256(),
+           "transform": transform.to_dict()}
+    w = _Writer(path, key, [a.shape for a in labels], 1, np.uint8, False)
+    for i, a in enumerate(labels):
+        w.write(i, a.reshape(-1, 1))
+    return w.commit({})
+
+
+def test_protocol_with_crf_refines_the_pseudo_masks(tmp_path):
+    pytest.importorskip("pydensecrf.densecrf")
+    ctx = _planted_ctx(tmp_path, noise_patches=True, save=tmp_path / "masks")
+    fs = ctx.features(None, ())
+    keyed = FeatureSet({"keys": fs["keys"]}, _keyed_labels(tmp_path / "keyed", fs, ctx.eval_set, ctx.transform),
+                       cache_hit=True, keys={})
+    ctx.features = lambda ds, facets: keyed
+    res = get_protocol("datus", key_centering="none", crf=True).run(ctx)
+    assert res["info"]["crf"]["images_refined"] == 12  # 6 images × 2 seeds
+    assert res["image_stats"].shape == (2, 6, 3, 3)
+    # the noise square lies inside one flat colour region of class 0: the CRF gives its pixels to class 0
+    assert res["info"]["noise_pixel_fraction"] < 64 / 1024
+    for j, s in enumerate(res["per_seed"]):
+        assert s["pixel_acc"] > 1 - 64 / 1024
+        assert scores_from_stats(res["image_stats"][j].sum(0))["miou"] == pytest.approx(s["miou"])
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 6
 
 def test_protocol_errors_name_the_fix(tmp_path):
     ctx = _planted_ctx(tmp_path / "a")

@@ -10,7 +10,8 @@ from stores import store
 
 from ssl_segbench.cli import main
 from ssl_segbench.data.base import SegmentationDataset
-from ssl_segbench.features import FeatureSet
+from ssl_segbench.features import FeatureSet, _Writer
+from ssl_segbench.metrics import scores_from_stats
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
 from ssl_segbench.protocols.leopart_cd import (
     CD_HPARAMS,
@@ -22,6 +23,7 @@ from ssl_segbench.protocols.leopart_cd import (
     noisy_foreground,
 )
 from ssl_segbench.records import iter_records
+from ssl_segbench.transforms import Transform
 
 
 def test_cooccurrence_matrix_by_hand():
@@ -170,6 +172,53 @@ def test_fewer_merged_labels_than_classes_count_as_wrong(tmp_path):
     # 2 foreground clusters + background = 3 labels for 4 classes: one class is never predicted
     assert s["merged_labels"] == 3 and 0.0 in s["per_class_iou"] and s["miou"] < 1.0
 
+
+
+def test_protocol_returns_per_image_stats_that_reproduce_each_seed(tmp_path):
+    fs = _planted(tmp_path)
+    for eval_size in (None, 16):
+        res = get_protocol("leopart-cd", k=2, markov_time=1.0, weight_threshold=2.0, cbfe_k=8, pca_dim=8,
+                           eval_size=eval_size).run(_ctx(fs, [0, 1]))
+        stats = res["image_stats"]
+        assert stats.shape == (2, 12, 4, 3)  # seeds, images, classes, [tp, fp, fn]
+        for j, s in enumerate(res["per_seed"]):
+            sc = scores_from_stats(stats[j].sum(0))
+            assert sc["miou"] == pytest.approx(s["miou"]) and sc["pixel_acc"] == pytest.approx(s["pixel_acc"])
+
+
+class _PlantedImages(_Planted):
+    """The planted scenes as images too: each class a flat colour (for the CRF)."""
+
+    def __init__(self, labels):
+        super().__init__(len(labels))
+        self.labels = labels
+
+    def load_image(self, i):
+        from PIL import Image
+
+        colours = np.array([[128, 128, 128], [220, 30, 30], [30, 220, 30], [30, 30, 220]], dtype=np.uint8)
+        return Image.fromarray(colours[self.labels[i]])
+
+
+def test_protocol_with_crf_completes_and_records_it(tmp_path):
+    pytest.importorskip("pydensecrf.densecrf")
+    fs = _planted(tmp_path)
+    labels = [np.asarray(fs.labels.labels(i)) for i in range(12)]
+    ds = _PlantedImages(labels)
+    key = {"dataset": ds.id, "split": ds.split, "files_sha256": ds.file_list_sha256(),
+           "transform": Transform("square", 32, 4).to_dict()}
+    w = _Writer(tmp_path / "keyed", key, [a.shape for a in labels], 1, np.uint8, False)
+    for i, a in enumerate(labels):
+        w.write(i, a.reshape(-1, 1))
+    keyed = FeatureSet({"tokens": fs["tokens"], "attn": fs["attn"]}, w.commit({}), cache_hit=True, keys={})
+    ctx = Context(eval_set=ds, train_set=None, features=lambda d, facets: keyed, seeds=[0, 1])
+    res = get_protocol("leopart-cd", k=3, markov_time=1.0, weight_threshold=2.0, cbfe_k=8, pca_dim=8,
+                       eval_size=16, crf=True).run(ctx)
+    assert res["info"]["crf"]["images_refined"] == 24  # 12 images × 2 seeds
+    assert res["image_stats"].shape == (2, 12, 4, 3)
+    for j, s in enumerate(res["per_seed"]):
+        assert s["miou"] > 0.9  # flat colour regions that agree with the planted labels: the CRF keeps them
+        assert scores_from_stats(res["image_stats"][j].sum(0))["miou"] == pytest.approx(s["miou"])
 
 def test_hyperparameters_follow_the_backbone_and_say_they_used_labels():
     def hp(dim, patch, **params):

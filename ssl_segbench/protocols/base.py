@@ -10,6 +10,7 @@ import collections
 import contextvars
 import copy
 import functools
+import math
 import shutil
 import tempfile
 import time
@@ -235,6 +236,35 @@ class MaskSaver:
                     self.written += 1
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class LabelGrids:
+    """Duck-typed token store for accumulate_confusion that scores HARD label maps: image i → an (h, w, S) float
+    array holding one label grid per scoring function (seed) in its last axis; pair it with `onehot_scorer`."""
+
+    def __init__(self, grids: list[np.ndarray]):
+        self.grids = grids
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def image(self, i: int) -> np.ndarray:
+        return self.grids[i]
+
+
+def onehot_scorer(j: int, n_labels: int, confidence: float) -> Callable[[np.ndarray], torch.Tensor]:
+    """Scoring function for LabelGrids: channel j's hard labels → (n_labels, h, w) log-probabilities, `confidence` on
+    the label and the rest spread evenly (the argmax is the label; the CRF, when on, sees soft unaries)."""
+    lo = math.log((1.0 - confidence) / max(n_labels - 1, 1))
+    hi = math.log(confidence)
+
+    def score(x: np.ndarray) -> torch.Tensor:
+        lab = torch.from_numpy(np.ascontiguousarray(x[..., j])).long()
+        out = torch.full((n_labels, *lab.shape), lo)
+        out.scatter_(0, lab[None], hi)
+        return out
+
+    return score
 
 
 def match_seeds(confs: list[np.ndarray], per_image: list, matching: str,

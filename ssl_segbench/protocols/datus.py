@@ -31,6 +31,10 @@
    count as WRONG in the main score. Each seed's entry also carries `noise_excluded` (the same mapping scored on the
    non-noise pixels only, closer to what DatUS²'s `evalV2.py` reports; unmatched clusters still count as wrong there).
    Pixel accuracy, mIoU and mean F1 (`mf1`) are reported.
+7. `crf=True`: the shared dense CRF (ssl_segbench.crf) refines each seed's final pseudo mask before it is scored: the
+   hard labels become probabilities (`mask_confidence` on the pixel's label, noise included, the rest spread evenly)
+   at label resolution (or `eval_size`). Every seed's per-image confusions also go into the record (`image_stats`,
+   for bootstrap intervals over images).
 `--save-masks DIR` writes, for the first seed, one palette PNG per image (the sample's name) of the final pseudo mask
 in class space after matching at label resolution (or `eval_size`); noise and unmatched clusters are the
 ignore index.
@@ -56,13 +60,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..metrics import confusion, hungarian, many_to_one, remap, scores
+from ..metrics import hungarian, image_stats, many_to_one, remap, scores
 from ..paths import cache_dir
 from ..progress import progress_bar
 from ..transforms import Transform
 from . import register_protocol
-from .base import Context, Protocol, ProtocolError, eval_labels, save_label_map
-from .leopart_cd import upsample_nearest
+from .base import Context, LabelGrids, MaskSaver, Protocol, ProtocolError, accumulate_confusion, onehot_scorer
 
 SEGMENT_CACHE_VERSION = 1
 CROP_BATCH = 64  # crops per backbone call; does not change the numbers
@@ -81,6 +84,7 @@ class DatUSProtocol(Protocol):
         "crop_resize": 256, "crop_size": 224,
         "pca_dim": None, "n_init": 10,
         "matching": "auto",
+        "crf": False, "mask_confidence": 0.7,  # CRF: the hard pseudo labels as unaries, mask_confidence on the label
     }
     presets = {"datus": {"resize": "square", "size": 224, "key_centering": "none"}}  # the paper's settings
     matchings = ("auto", "hungarian-pixels", "hungarian-iou", "many-to-one")
@@ -91,6 +95,8 @@ class DatUSProtocol(Protocol):
             raise ProtocolError(f"datus: matching must be one of {self.matchings}, got {p['matching']!r}")
         if p["key_centering"] not in ("none", "image-mean"):
             raise ProtocolError(f"datus: key_centering must be 'none' or 'image-mean', got {p['key_centering']!r}")
+        if not 0 < p["mask_confidence"] < 1:
+            raise ProtocolError(f"datus: mask_confidence must be in (0, 1), got {p['mask_confidence']!r}")
         if ctx.transform is None:
             raise ProtocolError("datus: the run's transform is needed to map segments back to the original images")
         ds = ctx.eval_set
@@ -124,6 +130,9 @@ class DatUSProtocol(Protocol):
         if n_valid < k:
             raise ProtocolError(f"datus: k={k} clusters but only {n_valid} valid segments (> tau={p['tau']} patches) "
                                 f"in {len(ds)} images; lower datus.k or datus.tau")
+        if p["mask_confidence"] * (k + 1) <= 1:
+            raise ProtocolError(f"datus: mask_confidence {p['mask_confidence']} does not exceed 1/{k + 1}: the pseudo "
+                                "label would not be the most likely one")
         z = reduce_dims(emb, p["pca_dim"])
 
         # per image: patch grid of global valid-segment indices, -1 = noise
@@ -134,30 +143,31 @@ class DatUSProtocol(Protocol):
             vmaps.append(lut[s])
             start += len(v)
 
-        per_seed, confs = [], []
+        clusters = []
         with progress_bar(len(ctx.seeds), f"k-means K={k} on {n_valid} segments") as advance:
-            for seed_no, seed in enumerate(ctx.seeds):
-                cl = cluster_segments(z, k, seed, p["n_init"])
-                conf = np.zeros((ds.num_classes, k + 1), dtype=np.int64)
-                preds = []
-                for i, vm in enumerate(vmaps):
-                    gt = eval_labels(fs.labels.labels(i), p["eval_size"])
-                    pred = upsample_nearest(np.where(vm >= 0, cl[np.maximum(vm, 0)], k), gt.shape)
-                    conf += confusion(gt, pred, ds.num_classes, k + 1, ds.ignore_index)
-                    if seed_no == 0 and ctx.save_masks is not None:
-                        preds.append(pred)
-                sc, mapping, excluded = score_with_noise(conf, matching)
-                sc["cluster_to_class"] = mapping.tolist()
-                sc["noise_excluded"] = excluded
-                per_seed.append(sc)
-                confs.append(conf.tolist())
-                if preds:
-                    full = np.append(mapping, -1)
-                    for i, pred in enumerate(preds):
-                        cls = full[pred]
-                        save_label_map(ctx.save_masks / f"{ds.samples[i].name}.png",
-                                       np.where(cls < 0, ds.ignore_index, cls), ds.palette, ds.ignore_index)
+            for seed in ctx.seeds:
+                clusters.append(cluster_segments(z, k, seed, p["n_init"]))
                 advance()
+        # per image: the patch-grid pseudo mask of every seed (noise = label k), scored as hard labels
+        grids = LabelGrids([np.stack([np.where(vm >= 0, cl[np.maximum(vm, 0)], k) for cl in clusters], -1)
+                            .astype(np.float32) for vm in vmaps])
+        fns = [onehot_scorer(j, k + 1, p["mask_confidence"]) for j in range(len(ctx.seeds))]
+        per_image: list = []
+        saver = MaskSaver(ctx)
+        with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
+            confs = accumulate_confusion(grids, fs.labels, fns, ds.num_classes, k + 1, ds.ignore_index, "nearest",
+                                         p["eval_size"], advance, on_labels=saver, per_image=per_image)
+        per_seed, stats = [], []
+        for j, conf in enumerate(confs):
+            sc, mapping, excluded = score_with_noise(conf, matching)
+            sc["cluster_to_class"] = mapping.tolist()
+            sc["noise_excluded"] = excluded
+            per_seed.append(sc)
+            full = np.append(mapping, -1)  # the noise label is never matched
+            stats.append(image_stats(per_image[j], full, ds.num_classes))
+            if j == 0:
+                saver.finish(full)
+        confs = [conf.tolist() for conf in confs]
 
         n_seg = int(sum(int(s.max()) + 1 for s in segs))
         noise_patches = int(sum((vm < 0).sum() for vm in vmaps))
@@ -178,7 +188,7 @@ class DatUSProtocol(Protocol):
             res = f"{p['eval_size']}x{p['eval_size']}" if p["eval_size"] else "label resolution"
             info["saved_masks"] = (f"{ctx.save_masks}: seed {ctx.seeds[0]}, class space after matching, {res}, "
                                    "noise and unmatched clusters = ignore index")
-        return {"per_seed": per_seed, "info": info, "confusions": confs}
+        return {"per_seed": per_seed, "info": info, "confusions": confs, "image_stats": np.stack(stats)}
 
     def _embeddings(self, ctx: Context, fs, segs: list[np.ndarray], valid: list[np.ndarray]) -> tuple[np.ndarray, dict]:
         """(N, D) L2-normalised CLS embeddings of the valid segments, in image order: from the segment cache when the

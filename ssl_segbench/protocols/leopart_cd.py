@@ -28,6 +28,10 @@ Steps, on cached features only (facets `tokens` and `attn`):
    maps of the evaluation images are matched to classes with Hungarian on 1 − IoU (Leopart's `PredsmIoU`) at the
    working resolution. When the number of merged labels differs from the number of classes, unmatched labels count as
    wrong and unmatched classes score IoU 0.
+7. `crf=True`: the shared dense CRF (ssl_segbench.crf) refines each seed's merged label map at the working resolution
+   before it is scored and matched (the hard labels become probabilities: `mask_confidence` on the pixel's label, the
+   rest spread evenly; the RGB image is resized bilinearly to the working resolution). Every seed's per-image
+   confusions also go into the record (`image_stats`, for bootstrap intervals over images).
 
 Hyper-parameters (k, markov time, weight threshold) are Leopart's, found by an optuna search that maximised train
 mIoU, i.e. WITH labels (the record says so): ViT-S/16 k=149, mt=2, wt=0.09 (preset `vits16`); ViT-B/8 k=109,
@@ -54,10 +58,10 @@ import torch
 import torch.nn.functional as F
 
 from ..cluster import Preprocess, kmeans, sample_rows
-from ..metrics import confusion, match_and_score
+from ..metrics import image_stats, match_and_score
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, Protocol, ProtocolError, eval_labels, save_label_map
+from .base import Context, LabelGrids, MaskSaver, Protocol, ProtocolError, accumulate_confusion, onehot_scorer
 
 # Leopart's published community-detection hyper-parameters, searched on VOC train mIoU (with labels).
 CD_HPARAMS = {"vits16": {"k": 149, "markov_time": 2.0, "weight_threshold": 0.09},
@@ -84,6 +88,7 @@ class LeopartCDProtocol(Protocol):
         "k": None, "markov_time": None, "weight_threshold": None, "preferred_modules": None,
         "distances": [1, 2],
         "matching": "hungarian-iou",
+        "crf": False, "mask_confidence": 0.7,  # CRF: the hard merged labels as unaries, mask_confidence on the label
     }
     presets = {
         "leopart": {"resize": "square", "size": 448, "eval_size": 100, "max_points_per_centroid": 256},
@@ -98,6 +103,8 @@ class LeopartCDProtocol(Protocol):
             raise ProtocolError(f"leopart-cd: matching must be one of {self.matchings}, got {p['matching']!r}")
         if p["fit_splits"] not in ("eval", "eval+train"):
             raise ProtocolError(f"leopart-cd: fit_splits must be 'eval' or 'eval+train', got {p['fit_splits']!r}")
+        if not 0.5 < p["mask_confidence"] < 1:
+            raise ProtocolError(f"leopart-cd: mask_confidence must be in (0.5, 1), got {p['mask_confidence']!r}")
         ds = ctx.eval_set
         hp, info = self._cd_hparams(ctx)
         k = hp["k"]
@@ -177,34 +184,39 @@ class LeopartCDProtocol(Protocol):
             in_graph = {a for e in edges for a in e[:2]}
             info["graph"] = {"nodes": k + 1, "edges": len(edges), "isolated_nodes": k + 1 - len(in_graph)}
 
-            # 6. community detection per seed, evaluation on the eval split
+            # 6. community detection per seed, evaluation on the eval split (its images come first in `images`)
             ev = [n for n, (si, _) in enumerate(images) if si == 0]
-            per_seed, confs = [], []
-            for seed_no, seed in enumerate(ctx.seeds):
-                merged = communities(edges, k + 1, hp["markov_time"], preferred, seed + 1)
-                n_labels = int(merged.max()) + 1
-                conf = np.zeros((ds.num_classes, n_labels), dtype=np.int64)
-                for n in ev:
-                    gt = eval_labels(feats[0].labels.labels(images[n][1]), p["eval_size"])
-                    conf += confusion(gt, merged[maps[n]], ds.num_classes, n_labels, ds.ignore_index)
-                sc, mapping = match_and_score(conf, p["matching"])
-                sc["cluster_to_class"] = mapping.tolist()
-                sc["merged_labels"] = n_labels
-                sc["merged_label_of_cluster"] = merged.tolist()
-                per_seed.append(sc)
-                confs.append(conf.tolist())
-                if seed_no == 0 and ctx.save_masks is not None:
-                    for n in ev:
-                        cls = mapping[merged[maps[n]]]
-                        i = images[n][1]
-                        save_label_map(ctx.save_masks / f"{ds.samples[i].name}.png",
-                                       np.where(cls < 0, ds.ignore_index, cls), ds.palette, ds.ignore_index)
+            merged = []
+            for seed in ctx.seeds:
+                merged.append(communities(edges, k + 1, hp["markov_time"], preferred, seed + 1))
                 advance()
+        n_labels = [int(m.max()) + 1 for m in merged]
+        # the merged label maps are at the working resolution, which is the ground truth's (eval_size or label
+        # resolution): scored as hard labels, nothing is resized
+        grids = LabelGrids([np.stack([m[maps[n]] for m in merged], -1).astype(np.float32) for n in ev])
+        fns = [onehot_scorer(j, n_labels[j], p["mask_confidence"]) for j in range(len(ctx.seeds))]
+        per_image: list = []
+        saver = MaskSaver(ctx)
+        with progress_bar(len(ev), f"scoring merged labels on {ds.id}/{ds.split}") as advance:
+            confs = accumulate_confusion(grids, feats[0].labels, fns, ds.num_classes, max(n_labels), ds.ignore_index,
+                                         "nearest", p["eval_size"], advance, on_labels=saver, per_image=per_image)
+        per_seed, stats = [], []
+        for j, conf in enumerate(confs):
+            sc, mapping = match_and_score(conf[:, : n_labels[j]], p["matching"])
+            sc["cluster_to_class"] = mapping.tolist()
+            sc["merged_labels"] = n_labels[j]
+            sc["merged_label_of_cluster"] = merged[j].tolist()
+            per_seed.append(sc)
+            full = np.concatenate([mapping, np.full(max(n_labels) - n_labels[j], -1, dtype=mapping.dtype)])
+            stats.append(image_stats(per_image[j], full, ds.num_classes))
+            if j == 0:
+                saver.finish(mapping)
+        confs = [conf[:, : n_labels[j]].tolist() for j, conf in enumerate(confs)]
         if ctx.save_masks is not None:
             res = f"{p['eval_size']}x{p['eval_size']}" if p["eval_size"] else "label resolution"
             info["saved_masks"] = (f"{ctx.save_masks}: seed {ctx.seeds[0]}, class space after matching, {res}, "
                                    "unmatched labels = ignore index")
-        return {"per_seed": per_seed, "info": info, "confusions": confs}
+        return {"per_seed": per_seed, "info": info, "confusions": confs, "image_stats": np.stack(stats)}
 
     def _cd_hparams(self, ctx: Context) -> tuple[dict, dict]:
         """k, markov time and weight threshold: the parameters where given, else Leopart's values for the nearest of

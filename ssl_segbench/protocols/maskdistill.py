@@ -81,7 +81,7 @@ from ..metrics import hungarian, image_stats, remap, scores
 from ..paths import cache_dir
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, MaskSaver, Protocol, ProtocolError, accumulate_confusion
+from .base import Context, LabelGrids, MaskSaver, Protocol, ProtocolError, accumulate_confusion, onehot_scorer
 from .linear import _scorer, train_head
 
 STAGES = ("pseudo", "distill-linear", "distill-conv")
@@ -222,34 +222,6 @@ def match_labels(conf: np.ndarray, matching: str, background_class: int | None) 
 
 # --- the protocol ------------------------------------------------------------------------------------------------
 
-class _Grids:
-    """Duck-typed token store for accumulate_confusion: image i → (h, w, seeds) pseudo labels as floats."""
-
-    def __init__(self, grids: list[np.ndarray]):
-        self.grids = grids
-
-    def __len__(self) -> int:
-        return len(self.grids)
-
-    def image(self, i: int) -> np.ndarray:
-        return self.grids[i]
-
-
-def _onehot_scorer(j: int, n_labels: int, confidence: float):
-    """Channel j's hard labels → (K+1, h, w) log-probabilities: `confidence` on the label, the rest spread evenly
-    (argmax is the label; the CRF, when on, sees soft unaries)."""
-    lo = math.log((1.0 - confidence) / max(n_labels - 1, 1))
-    hi = math.log(confidence)
-
-    def score(x: np.ndarray) -> torch.Tensor:
-        lab = torch.from_numpy(np.ascontiguousarray(x[..., j])).long()
-        out = torch.full((n_labels, *lab.shape), lo)
-        out.scatter_(0, lab[None], hi)
-        return out
-
-    return score
-
-
 def _head(kind: str, dim: int, n_out: int, hidden: int) -> torch.nn.Module:
     if kind == "distill-linear":
         return torch.nn.Conv2d(dim, n_out, kernel_size=1)
@@ -375,9 +347,9 @@ class MaskDistillProtocol(Protocol):
         per_image: list = []
         t0 = time.perf_counter()
         if not distill:
-            grids = _Grids([np.stack([grid("eval", i, s) for s in range(len(ctx.seeds))], -1).astype(np.float32)
+            grids = LabelGrids([np.stack([grid("eval", i, s) for s in range(len(ctx.seeds))], -1).astype(np.float32)
                             for i in range(len(ds))])
-            fns = [_onehot_scorer(j, n_labels, p["mask_confidence"]) for j in range(len(ctx.seeds))]
+            fns = [onehot_scorer(j, n_labels, p["mask_confidence"]) for j in range(len(ctx.seeds))]
             with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
                 confs = accumulate_confusion(grids, evalfs.labels, fns, c, n_labels, ds.ignore_index, p["upsample"],
                                              p["eval_size"], advance, on_labels=saver, per_image=per_image)
