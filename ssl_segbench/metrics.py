@@ -89,22 +89,29 @@ def scores(class_conf: np.ndarray) -> dict:
     }
 
 
-def match_and_score(conf: np.ndarray, matching: str = "hungarian-pixels") -> tuple[dict, np.ndarray]:
-    """Match clusters to classes ('hungarian-pixels', 'hungarian-iou' or 'many-to-one') and score; returns
-    (scores, cluster → class mapping). With matched labels already in class space use 'identity'."""
-    num_classes = conf.shape[0]
+MATCHINGS = ("hungarian-pixels", "hungarian-iou", "many-to-one", "identity")
+
+
+def match(conf: np.ndarray, matching: str = "hungarian-pixels") -> np.ndarray:
+    """Cluster → class map of a (C, K) confusion: 'hungarian-pixels', 'hungarian-iou', 'many-to-one', or 'identity'
+    for labels already in class space (labels ≥ C unmatched)."""
     if matching == "hungarian-pixels":
-        mapping = hungarian(conf, "pixels")
-    elif matching == "hungarian-iou":
-        mapping = hungarian(conf, "iou")
-    elif matching == "many-to-one":
-        mapping = many_to_one(conf)
-    elif matching == "identity":
+        return hungarian(conf, "pixels")
+    if matching == "hungarian-iou":
+        return hungarian(conf, "iou")
+    if matching == "many-to-one":
+        return many_to_one(conf)
+    if matching == "identity":
         mapping = np.arange(conf.shape[1])
-        mapping[mapping >= num_classes] = -1
-    else:
-        raise ValueError(f"unknown matching {matching!r}")
-    return scores(remap(conf, mapping, num_classes)), mapping
+        mapping[mapping >= conf.shape[0]] = -1
+        return mapping
+    raise ValueError(f"unknown matching {matching!r}; use one of {MATCHINGS}")
+
+
+def match_and_score(conf: np.ndarray, matching: str = "hungarian-pixels") -> tuple[dict, np.ndarray]:
+    """Match clusters to classes and score; returns (scores, cluster → class mapping)."""
+    mapping = match(conf, matching)
+    return scores(remap(conf, mapping, conf.shape[0])), mapping
 
 
 # --- uncertainty over images ----------------------------------------------------------------------------------------

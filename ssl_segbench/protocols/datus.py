@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..metrics import hungarian, image_stats, many_to_one, remap, scores
+from ..metrics import image_stats, match, remap, scores
 from ..paths import cache_dir
 from ..progress import progress_bar
 from ..transforms import Transform
@@ -364,14 +364,9 @@ def score_with_noise(conf: np.ndarray, matching: str) -> tuple[dict, np.ndarray,
     conf = np.asarray(conf, dtype=np.int64)
     c, k = conf.shape[0], conf.shape[1] - 1
     clusters = conf[:, :k]
-    if matching == "hungarian-pixels":
-        mapping = hungarian(clusters, "pixels")
-    elif matching == "hungarian-iou":
-        mapping = hungarian(clusters, "iou")
-    elif matching == "many-to-one":
-        mapping = many_to_one(clusters)
-    else:
-        raise ProtocolError(f"datus: unknown matching {matching!r}")
+    if matching == "identity":
+        raise ProtocolError("datus: matching must be hungarian-pixels, hungarian-iou or many-to-one")
+    mapping = match(clusters, matching)
     main = scores(remap(conf, np.append(mapping, -1), c))
     excluded = scores(remap(clusters, mapping, c))
     return main, mapping, excluded
