@@ -7,10 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
-from stores import store
+from stores import PlantedDataset, store
 
 from ssl_segbench.cli import main
-from ssl_segbench.data.base import SegmentationDataset
 from ssl_segbench.features import FeatureSet, _Writer
 from ssl_segbench.metrics import scores_from_stats
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
@@ -129,28 +128,6 @@ def test_many_to_one_when_more_clusters_than_classes_by_hand():
     assert main_sc["per_class_iou"] == pytest.approx([7 / 10, 5 / 6])
 
 
-class _Planted(SegmentationDataset):
-    id = "planted"
-    class_names = ("a", "b", "c")
-    ignore_index = 255
-
-    def __init__(self, images):
-        self.split, self.images = "val", images
-
-    def __len__(self):
-        return len(self.images)
-
-    def file_list_sha256(self):
-        return "planted"
-
-    def load_image(self, i):
-        return Image.fromarray(self.images[i])
-
-    @property
-    def samples(self):
-        return [SimpleNamespace(name=f"img{i}") for i in range(len(self.images))]
-
-
 class _MeanColour:
     """A stand-in backbone whose CLS is the crop's mean colour (so segment embeddings are known)."""
 
@@ -181,8 +158,8 @@ def _planted_ctx(tmp_path, n=6, noise_patches=False, save=None):
         images.append(np.kron(_COLOURS[g], np.ones((4, 4, 1), dtype=np.uint8)))
     fs = FeatureSet({"keys": store(tmp_path / "keys", keys)}, store(tmp_path / "labels", labels, np.uint8),
                     cache_hit=True, keys={})
-    return Context(eval_set=_Planted(images), train_set=None, features=lambda ds, facets: fs, seeds=[0, 1],
-                   transform=Transform("square", 32, 4), save_masks=save, _backbone=_MeanColour())
+    return Context(eval_set=PlantedDataset("abc", images=images), train_set=None, features=lambda ds, facets: fs,
+                   seeds=[0, 1], transform=Transform("square", 32, 4), save_masks=save, _backbone=_MeanColour())
 
 
 def test_protocol_recovers_planted_segments_exactly(tmp_path):

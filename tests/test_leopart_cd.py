@@ -6,10 +6,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from stores import store
+from stores import PlantedDataset, store
 
 from ssl_segbench.cli import main
-from ssl_segbench.data.base import SegmentationDataset
 from ssl_segbench.features import FeatureSet, _Writer
 from ssl_segbench.metrics import scores_from_stats
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
@@ -107,25 +106,6 @@ def test_cluster_precisions_and_label_free_thresholds():
         cbfe_threshold(precs, "oracle")
 
 
-class _Planted(SegmentationDataset):
-    id = "planted"
-    class_names = ("bg", "a", "b", "c")
-    ignore_index = 255
-
-    def __init__(self, n):
-        self.split, self._n = "val", n
-
-    def __len__(self):
-        return self._n
-
-    def file_list_sha256(self):
-        return "planted"
-
-    @property
-    def samples(self):
-        return [SimpleNamespace(name=f"img{i}") for i in range(self._n)]
-
-
 def _planted(tmp_path, n=12, grid=8, patch=4, dim=16):
     """Background (class 0, low attention) with the three object classes as 2×2-patch squares (high attention)."""
     rng = np.random.default_rng(1)
@@ -145,7 +125,7 @@ def _planted(tmp_path, n=12, grid=8, patch=4, dim=16):
 
 
 def _ctx(fs, seeds, save=None):
-    return Context(eval_set=_Planted(12), train_set=None, features=lambda ds, facets: fs, seeds=seeds,
+    return Context(eval_set=PlantedDataset(CLASSES, 12), train_set=None, features=lambda ds, facets: fs, seeds=seeds,
                    save_masks=save)
 
 
@@ -186,11 +166,14 @@ def test_protocol_returns_per_image_stats_that_reproduce_each_seed(tmp_path):
             assert sc["miou"] == pytest.approx(s["miou"]) and sc["pixel_acc"] == pytest.approx(s["pixel_acc"])
 
 
-class _PlantedImages(_Planted):
+CLASSES = ("bg", "a", "b", "c")
+
+
+class _PlantedImages(PlantedDataset):
     """The planted scenes as images too: each class a flat colour (for the CRF)."""
 
     def __init__(self, labels):
-        super().__init__(len(labels))
+        super().__init__(CLASSES, len(labels))
         self.labels = labels
 
     def load_image(self, i):
@@ -223,7 +206,7 @@ def test_protocol_with_crf_completes_and_records_it(tmp_path):
 def test_hyperparameters_follow_the_backbone_and_say_they_used_labels():
     def hp(dim, patch, **params):
         ref = SimpleNamespace(spec=SimpleNamespace(embed_dim=dim, patch_size=patch))
-        ctx = Context(eval_set=_Planted(1), train_set=None, features=None, seeds=[0], backbone_ref=ref)
+        ctx = Context(eval_set=PlantedDataset(CLASSES, 1), train_set=None, features=None, seeds=[0], backbone_ref=ref)
         return get_protocol("leopart-cd", **params)._cd_hparams(ctx)
 
     vals, info = hp(768, 8)
@@ -236,7 +219,8 @@ def test_hyperparameters_follow_the_backbone_and_say_they_used_labels():
     assert get_protocol("leopart-cd:vits16").params["k"] == 149
     assert get_protocol("leopart-cd:leopart").params["size"] == 448
     with pytest.raises(ProtocolError, match="no backbone"):
-        get_protocol("leopart-cd").run(Context(eval_set=_Planted(1), train_set=None, features=None, seeds=[0]))
+        get_protocol("leopart-cd").run(Context(eval_set=PlantedDataset(CLASSES, 1), train_set=None, features=None,
+                                               seeds=[0]))
 
 
 def _cli(tmp_path, data, *extra):

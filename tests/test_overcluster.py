@@ -3,28 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from stores import feature_set
+from stores import PlantedDataset, feature_set
 
 from ssl_segbench.cli import main
-from ssl_segbench.data.base import SegmentationDataset
 from ssl_segbench.metrics import many_to_one, match_and_score
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
 from ssl_segbench.records import iter_records
-
-
-class _Planted(SegmentationDataset):
-    id = "planted"
-    class_names = ("a", "b", "c", "d")
-    ignore_index = 255
-
-    def __init__(self, n):
-        self.split, self._n = "val", n
-
-    def __len__(self):
-        return self._n
-
-    def file_list_sha256(self):
-        return "planted"
 
 
 def _ctx(tmp_path, seeds, n=10, grid=8, patch=4, dim=16):
@@ -42,7 +26,7 @@ def _ctx(tmp_path, seeds, n=10, grid=8, patch=4, dim=16):
         lab[0, :] = 255
         labels.append(lab)
     fs = feature_set(tmp_path / "fs", tokens, labels)
-    return Context(eval_set=_Planted(n), train_set=None, features=lambda ds, facets: fs, seeds=seeds)
+    return Context(eval_set=PlantedDataset("abcd", n), train_set=None, features=lambda ds, facets: fs, seeds=seeds)
 
 
 def test_overclustering_planted_classes_is_exact(tmp_path):

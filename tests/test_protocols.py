@@ -3,27 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from stores import feature_set
+from stores import PlantedDataset, feature_set
 
-from ssl_segbench.data.base import SegmentationDataset
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
-
-
-class _Planted(SegmentationDataset):
-    """Only the metadata the protocols read; features come from `stores`."""
-
-    id = "planted"
-    class_names = ("a", "b", "c", "d")
-    ignore_index = 255
-
-    def __init__(self, split, n):
-        self.split, self._n = split, n
-
-    def __len__(self):
-        return self._n
-
-    def file_list_sha256(self):
-        return self.split
 
 
 def _planted(tmp_path, name, n, seed, dim=16, noise=0.05, grid=8, patch=4):
@@ -44,7 +26,7 @@ def _planted(tmp_path, name, n, seed, dim=16, noise=0.05, grid=8, patch=4):
 
 
 def _ctx(tmp_path, seeds, with_train=True):
-    ev, tr = _Planted("val", 10), _Planted("train", 20)
+    ev, tr = PlantedDataset("abcd", 10, "val"), PlantedDataset("abcd", 20, "train")
     sets = {"val": _planted(tmp_path, "val", 10, 1), "train": _planted(tmp_path, "train", 20, 2)}
     return Context(eval_set=ev, train_set=tr if with_train else None,
                    features=lambda ds, facets: sets[ds.split], seeds=seeds)
@@ -69,7 +51,7 @@ def test_kmeans_on_noise_is_near_chance(tmp_path):
     tokens = [rng.normal(size=(8, 8, 16)).astype(np.float32) for _ in range(10)]
     labels = [np.kron(rng.integers(0, 4, size=(8, 8)), np.ones((4, 4), dtype=np.int64)) for _ in range(10)]
     fs = feature_set(tmp_path / "noise", tokens, labels)
-    ctx = Context(eval_set=_Planted("val", 10), train_set=None, features=lambda ds, f: fs, seeds=[0])
+    ctx = Context(eval_set=PlantedDataset("abcd", 10), train_set=None, features=lambda ds, f: fs, seeds=[0])
     assert get_protocol("kmeans").run(ctx)["per_seed"][0]["miou"] < 0.3
 
 
