@@ -11,6 +11,7 @@ images.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import fcntl
 import hashlib
@@ -191,6 +192,18 @@ class _TorchView(torch.utils.data.Dataset):
         return x, torch.from_numpy(y), i
 
 
+def _prefetched(iterable):
+    """Yield from `iterable` while a background thread already fetches the next item: with in-process loading
+    (num_workers=0, the CPU default) image decoding overlaps the forward pass instead of alternating with it (PIL and
+    numpy release the GIL)."""
+    it = iter(iterable)
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssl-segbench-prefetch") as pool:
+        pending = pool.submit(next, it, None)
+        while (item := pending.result()) is not None:
+            pending = pool.submit(next, it, None)
+            yield item
+
+
 def _label_dtype(dataset) -> np.dtype:
     return np.dtype(np.uint8) if max(dataset.num_classes - 1, dataset.ignore_index) <= 255 else np.dtype(np.int16)
 
@@ -248,7 +261,7 @@ def _compute(ref, dataset, transform, layer, facets, targets, label_target, devi
     done, last_checkpoint = start, time.monotonic()
     with progress_bar(len(dataset), what) as advance, torch.inference_mode():
         advance(start)
-        for x, y, idx in loader:
+        for x, y, idx in (_prefetched(loader) if num_workers == 0 else loader):
             if backbone is not None:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     out = backbone(x.to(device, non_blocking=True), layer, tuple(facets))
