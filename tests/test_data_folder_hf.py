@@ -1,4 +1,5 @@
 """User data: the `folder` dataset and Hugging Face `datasets` sources (`hf:<org>/<name>`), all offline."""
+import datasets
 import numpy as np
 import pytest
 import yaml
@@ -58,7 +59,6 @@ def test_folder_classes_file_may_live_elsewhere_and_is_validated(tmp_path):
 
 
 # --- Hugging Face ------------------------------------------------------------------------------------------------
-datasets = pytest.importorskip("datasets")
 
 
 def hf_split(n: int, seed: int):

@@ -71,8 +71,6 @@ class Protocol:
     defaults: ClassVar[dict] = {}
     presets: ClassVar[dict[str, dict]] = {}
     default_seeds: ClassVar[int] = 1
-    # parameters that choose the input transform; they are recorded like any other
-    transform_params: ClassVar[tuple[str, ...]] = ("resize", "size")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
