@@ -76,6 +76,8 @@ def test_same_seed_same_numbers(tmp_path):
 def test_bad_parameters_are_named():
     with pytest.raises(ProtocolError, match="unknown parameter.*'kk'"):
         get_protocol("kmeans", kk=3)
+    with pytest.raises(ProtocolError, match=r"kmeans: matching must be one of \('hungarian-pixels', 'hungarian-iou'\)"):
+        get_protocol("kmeans", matching="many-to-one").run(None)  # many-to-one is the overcluster protocol
     with pytest.raises(ProtocolError, match="no preset 'nope'"):
         get_protocol("kmeans:nope")
     with pytest.raises(ProtocolError, match="Known: datus, kmeans, leopart-cd, linear"):

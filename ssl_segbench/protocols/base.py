@@ -92,6 +92,11 @@ class Protocol:
         self.preset = preset
         self.params = params
 
+    def require_choice(self, key: str, allowed) -> None:
+        """Stop with an error naming the protocol, the parameter and its allowed values unless params[key] is one."""
+        if self.params[key] not in allowed:
+            raise ProtocolError(f"{self.name}: {key} must be one of {tuple(allowed)}, got {self.params[key]!r}")
+
     def run(self, ctx: Context) -> dict:
         """Return {"per_seed": [scores dict per seed], "info": {...}}; scores as metrics.scores() gives them."""
         raise NotImplementedError

@@ -91,10 +91,8 @@ class DatUSProtocol(Protocol):
 
     def run(self, ctx: Context) -> dict:
         p = self.params
-        if p["matching"] not in self.matchings:
-            raise ProtocolError(f"datus: matching must be one of {self.matchings}, got {p['matching']!r}")
-        if p["key_centering"] not in ("none", "image-mean"):
-            raise ProtocolError(f"datus: key_centering must be 'none' or 'image-mean', got {p['key_centering']!r}")
+        self.require_choice("matching", self.matchings)
+        self.require_choice("key_centering", ("none", "image-mean"))
         if not 0 < p["mask_confidence"] < 1:
             raise ProtocolError(f"datus: mask_confidence must be in (0, 1), got {p['mask_confidence']!r}")
         if ctx.transform is None:

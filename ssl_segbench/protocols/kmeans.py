@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..cluster import Preprocess, centroid_scores, kmeans, sample_rows
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, MaskSaver, Protocol, ProtocolError, accumulate_confusion, match_seeds
+from .base import Context, MaskSaver, Protocol, accumulate_confusion, match_seeds
 
 
 @register_protocol
@@ -40,8 +40,7 @@ class KMeansProtocol(Protocol):
 
     def run(self, ctx: Context) -> dict:
         p = self.params
-        if p["matching"] not in self.matchings:
-            raise ProtocolError(f"kmeans: matching must be one of {self.matchings}, got {p['matching']!r}")
+        self.require_choice("matching", self.matchings)
         ds = ctx.eval_set
         k = p["k"] or ds.num_classes
         fs = ctx.get(ds, ("tokens",))

@@ -99,10 +99,8 @@ class LeopartCDProtocol(Protocol):
 
     def run(self, ctx: Context) -> dict:
         p = self.params
-        if p["matching"] not in self.matchings:
-            raise ProtocolError(f"leopart-cd: matching must be one of {self.matchings}, got {p['matching']!r}")
-        if p["fit_splits"] not in ("eval", "eval+train"):
-            raise ProtocolError(f"leopart-cd: fit_splits must be 'eval' or 'eval+train', got {p['fit_splits']!r}")
+        self.require_choice("matching", self.matchings)
+        self.require_choice("fit_splits", ("eval", "eval+train"))
         if not 0.5 < p["mask_confidence"] < 1:
             raise ProtocolError(f"leopart-cd: mask_confidence must be in (0.5, 1), got {p['mask_confidence']!r}")
         ds = ctx.eval_set

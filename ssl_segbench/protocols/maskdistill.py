@@ -262,16 +262,9 @@ class MaskDistillProtocol(Protocol):
 
     def _check(self) -> dict:
         p = dict(self.params)
-        if p["stage"] not in STAGES:
-            raise ProtocolError(f"maskdistill: stage must be one of {STAGES}, got {p['stage']!r}")
-        if p["matching"] not in MATCHINGS:
-            raise ProtocolError(f"maskdistill: matching must be one of {MATCHINGS}, got {p['matching']!r}")
-        if p["whiten"] not in WHITENING:
-            raise ProtocolError(f"maskdistill: whiten must be one of {WHITENING}, got {p['whiten']!r}")
-        if p["fit_set"] not in ("all", "eval"):
-            raise ProtocolError(f"maskdistill: fit_set must be 'all' or 'eval', got {p['fit_set']!r}")
-        if p["connectivity"] not in (4, 8):
-            raise ProtocolError(f"maskdistill: connectivity must be 4 or 8, got {p['connectivity']!r}")
+        for key, allowed in (("stage", STAGES), ("matching", MATCHINGS), ("whiten", WHITENING),
+                             ("fit_set", ("all", "eval")), ("connectivity", (4, 8))):
+            self.require_choice(key, allowed)
         if not 0 < p["topk"] <= 1 or not 0 < p["mass"] <= 1:
             raise ProtocolError("maskdistill: topk and mass are fractions in (0, 1]")
         if not isinstance(p["overcluster"], int) or p["overcluster"] < 1:
