@@ -15,6 +15,8 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
+BAD_FILE_FIX = "Re-download or remove this file, or pass --skip-bad to leave it out."
+
 
 class DatasetError(Exception):
     """A dataset root, split or file that cannot be read; the message names the path and the fix."""
@@ -161,7 +163,7 @@ class SegmentationDataset:
                 raw.load()
                 return self.decode_mask(raw, sample)
         except (OSError, SyntaxError) as e:
-            raise DatasetError(f"cannot read mask {sample.mask}: {e}. Re-download or remove this file.") from e
+            raise DatasetError(f"cannot read mask {sample.mask}: {e}. " + BAD_FILE_FIX) from e
 
     # --- shared behaviour ---------------------------------------------------------------------------------------
     @property
@@ -182,8 +184,7 @@ class SegmentationDataset:
             with Image.open(self.samples[i].image) as im:
                 return im.size
         except (OSError, SyntaxError) as e:
-            raise DatasetError(f"cannot read image {self.samples[i].image}: {e}. "
-                               "Re-download or remove this file.") from e
+            raise DatasetError(f"cannot read image {self.samples[i].image}: {e}. " + BAD_FILE_FIX) from e
 
     def load_image(self, i: int) -> Image.Image:
         s = self.samples[i]
@@ -191,7 +192,7 @@ class SegmentationDataset:
             with Image.open(s.image) as im:
                 return im.convert("RGB")
         except (OSError, SyntaxError) as e:
-            raise DatasetError(f"cannot read image {s.image}: {e}. Re-download or remove this file.") from e
+            raise DatasetError(f"cannot read image {s.image}: {e}. " + BAD_FILE_FIX) from e
 
     def load_mask(self, i: int) -> np.ndarray:
         """Decoded mask of image i at the image's size (see ``resize_masks`` for a mask of another size)."""

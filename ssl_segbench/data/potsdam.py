@@ -19,7 +19,7 @@ import scipy.io
 from PIL import Image
 
 from . import register_dataset
-from .base import DatasetError, Sample, SegmentationDataset
+from .base import BAD_FILE_FIX, DatasetError, Sample, SegmentationDataset
 from .labels import apply_lut, build_lut
 
 POTSDAM3_CLASSES = ("roads and cars", "buildings and clutter", "trees and vegetation")
@@ -37,7 +37,7 @@ def _loadmat(path: Path, key: str) -> np.ndarray:
     try:
         data = scipy.io.loadmat(path)
     except Exception as e:  # noqa: BLE001 - scipy raises IndexError, OSError, MatReadError, ... for damaged files
-        raise DatasetError(f"cannot read {path}: {type(e).__name__}: {e}. Re-download or remove this file.") from e
+        raise DatasetError(f"cannot read {path}: {type(e).__name__}: {e}. " + BAD_FILE_FIX) from e
     if key not in data:
         raise DatasetError(f"{path} has no variable '{key}' (has: {sorted(k for k in data if not k.startswith('_'))})")
     return np.asarray(data[key])
