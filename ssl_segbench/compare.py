@@ -1,8 +1,8 @@
 """`ssl-segbench compare A B`: two backbones side by side on every setting both were run with.
 
-Two records pair up when everything but the backbone is equal (dataset split and file list, protocol, version,
-parameters, layer, seeds). Differences are tested with a paired bootstrap over images (both backbones' per-image
-[tp, fp, fn] resampled jointly), for mIoU, pixel accuracy and each class's IoU.
+Two records pair up when everything but the backbone is equal (dataset split and content, protocol, version,
+parameters, layer, seeds, train data). Differences are tested with a paired bootstrap over images (both backbones'
+per-image [tp, fp, fn] resampled jointly), for mIoU, pixel accuracy and each class's IoU.
 """
 from __future__ import annotations
 
@@ -10,19 +10,21 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import SegbenchError
 from .leaderboard import collect, column_label
 from .metrics import paired_bootstrap, scores_from_stats
-from .records import decode_array
+from .records import data_digest, decode_array
 
 
-class CompareError(Exception):
+class CompareError(SegbenchError):
     """Nothing to compare; the message says what the records hold."""
 
 
 def _setting(rec: dict) -> tuple:
     ident = rec["identity"]
-    return (ident["dataset"], ident["split"], ident["files_sha256"], ident["protocol"], ident["version"],
-            repr(sorted(ident["params"].items())), ident["layer"], tuple(ident["seeds"]))
+    return (ident["dataset"], ident["split"], data_digest(rec), ident["protocol"], ident["version"],
+            repr(sorted(ident["params"].items())), ident["layer"], tuple(ident["seeds"]),
+            repr(ident.get("train")))
 
 
 def pairs(results_dir: Path, a: str, b: str, dataset: str | None = None) -> list[tuple[dict, dict]]:

@@ -26,12 +26,14 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .errors import SegbenchError
+
 INSTALL_HINT = "pip install 'ssl-segbench[crf]'  (or: pip install pydensecrf2==1.1; it builds with a C++ compiler)"
 DEFAULT_TIMEOUT = 600.0  # seconds per task; $SSL_SEGBENCH_CRF_TIMEOUT overrides
 UNARY_CLIP = 1e-5  # probabilities are clipped here before −log, as pydensecrf.utils.unary_from_softmax does
 
 
-class CRFError(RuntimeError):
+class CRFError(SegbenchError, RuntimeError):
     """The CRF cannot run (package missing, a worker died); the message says what to do."""
 
 

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import write_bytes_atomic
+from .atomic import write_bytes_atomic
+from .paths import inside, safe_component
 
 
 def figure_path(root: Path, dataset: str, backbone: str, protocol: str) -> Path:
-    """Where the leaderboard looks for a prediction grid: <root>/figures/<dataset>/<backbone>__<protocol>.png."""
-    return Path(root) / "figures" / dataset / f"{backbone}__{protocol.replace(':', '-')}.png"
+    """Where the leaderboard looks for a prediction grid: <root>/figures/<dataset>/<backbone>__<protocol>.png (names
+    made safe path components, the path checked to stay under <root>)."""
+    name = safe_component(f"{backbone}__{protocol.replace(':', '-')}")
+    return inside(root, Path("figures", safe_component(dataset), f"{name}.png"))
 
 
 def colourize(labels: np.ndarray, palette: np.ndarray, ignore_index: int) -> np.ndarray:

@@ -11,13 +11,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from . import yamlload
+from .errors import SegbenchError
 
 LOADERS = ("timm", "transformers", "builtin")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
-class RegistryError(Exception):
+class RegistryError(SegbenchError):
     """backbones.yaml (or an ad-hoc backbone) is malformed; the message names the entry, the key and the file."""
 
 
@@ -59,7 +60,16 @@ def default_registry_path() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "backbones.yaml"
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _validate(entry: object, where: str) -> BackboneSpec:
+    """Check every key's type strictly (a YAML `true` is not an integer, `123` is not a string) and build the spec."""
     if not isinstance(entry, dict):
         raise RegistryError(f"{where}: each entry must be a mapping, got {type(entry).__name__}")
     name = entry.get("id", "?")
@@ -86,25 +96,30 @@ def _validate(entry: object, where: str) -> BackboneSpec:
     if entry["loader"] != "builtin" and rev is not None and not _SHA.match(rev):
         raise bad("revision", "must be a full 40-hex commit sha (or null to record the one resolved from the cache)")
     for key in ("patch_size", "embed_dim"):
-        if not isinstance(entry[key], int) or isinstance(entry[key], bool) or entry[key] <= 0:
+        if not _is_int(entry[key]) or entry[key] <= 0:
             raise bad(key, "must be a positive integer")
-    if not isinstance(entry["num_prefix_tokens"], int) or entry["num_prefix_tokens"] < 0:
+    if not _is_int(entry["num_prefix_tokens"]) or entry["num_prefix_tokens"] < 0:
         raise bad("num_prefix_tokens", "must be an integer >= 0 (CLS + registers)")
     for key in ("num_layers", "num_heads", "image_size", "n_parameters"):
-        if entry.get(key) is not None and (not isinstance(entry[key], int) or entry[key] < 0):
+        if entry.get(key) is not None and (not _is_int(entry[key]) or entry[key] < 0):
             raise bad(key, "must be a non-negative integer or absent")
     for key in ("mean", "std"):
         v = entry[key]
-        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+        if not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)):
             raise bad(key, "must be a list of 3 numbers")
         if key == "std" and min(v) <= 0:
             raise bad(key, "must be positive")
     for key in ("method", "license"):
         if not isinstance(entry[key], str) or not entry[key]:
             raise bad(key, "must be a non-empty string")
+    for key in ("paper", "revision_source", "notes", "arch"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise bad(key, "must be a string or null")
     values = dict(entry)
     values["mean"] = tuple(float(x) for x in entry["mean"])
     values["std"] = tuple(float(x) for x in entry["std"])
+    if values.get("arch") is None:
+        values.pop("arch", None)
     return BackboneSpec(**values)
 
 
@@ -114,9 +129,9 @@ def load_registry(path: str | Path | None = None) -> dict[str, BackboneSpec]:
     if not path.is_file():
         raise RegistryError(f"backbone registry {path} not found (set SSL_SEGBENCH_REGISTRY or pass --registry)")
     try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RegistryError(f"{path} is not valid YAML: {e}") from e
+        doc = yamlload.load(path.read_text(), str(path))
+    except yamlload.YAMLError as e:
+        raise RegistryError(str(e)) from None
     if not isinstance(doc, dict) or set(doc) != {"backbones"} or not isinstance(doc["backbones"], list):
         raise RegistryError(f"{path}: expected one top-level key 'backbones' holding a list of entries")
     specs: dict[str, BackboneSpec] = {}

@@ -1,27 +1,31 @@
 """`ssl-segbench check`: a CI gate that fails exactly when a metric really moved down.
 
-A baseline is a JSON file of record keys (the hash of backbone revision, dataset file list, protocol version, parameters
+A baseline is a JSON file of record keys (the hash of backbone revision, dataset content, protocol version, parameters
 and seeds) with each metric's mean, seed std and number of seeds. A current record with the same key is compared per
 metric: it regresses when `current < baseline − tolerance`. The default tolerance is derived from the seed spread:
 max(0.002, 2 × the baseline's std over seeds) in absolute metric units (0.002 = 0.2 points absorbs floating-point
 differences between machines; the seed spread is how far a number moves when only randomness changes). A baseline
-entry with no current record is reported as missing and fails the gate, so a benchmark that silently stopped running
-cannot pass.
+entry with no current record, or whose current metric is missing or not a finite number, fails the gate ('missing',
+'invalid'), so a benchmark that silently stopped running or started writing NaN cannot pass. A malformed baseline is a
+usage error (BaselineError, exit 2) naming the entry and key at fault.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text_atomic
+from .errors import SegbenchError
 from .leaderboard import column_label
-from .records import METRICS, RecordError, iter_records, write_text_atomic
+from .records import METRICS, RecordError, iter_records
 
 SCHEMA = "ssl-segbench/baseline/v1"
 TOLERANCE_FLOOR = 0.002
 
 
-class BaselineError(Exception):
+class BaselineError(SegbenchError):
     """The baseline file is missing or malformed; the message names it and how to create one."""
 
 
@@ -60,6 +64,18 @@ def read_baseline(path: Path) -> dict:
         raise BaselineError(f"baseline {path} is not valid JSON: {e}") from e
     if not isinstance(base, dict) or base.get("schema") != SCHEMA or not isinstance(base.get("entries"), dict):
         raise BaselineError(f"{path} is not an {SCHEMA} file")
+    for key, entry in base["entries"].items():
+        where = f"{path}: entry '{key}'"
+        if not isinstance(entry, dict) or not isinstance(entry.get("label"), str) \
+                or not isinstance(entry.get("metrics"), dict) or not entry["metrics"]:
+            raise BaselineError(f"{where} needs a 'label' string and a non-empty 'metrics' mapping; regenerate the "
+                                "baseline with --update-baseline")
+        for metric, m in entry["metrics"].items():
+            ok = isinstance(m, dict) and all(isinstance(m.get(f), (int, float)) and not isinstance(m.get(f), bool)
+                                             and math.isfinite(m[f]) for f in ("mean", "std"))
+            if not ok:
+                raise BaselineError(f"{where}, metric '{metric}': needs finite numbers 'mean' and 'std', got {m!r}; "
+                                    "regenerate the baseline with --update-baseline")
     return base
 
 
@@ -70,7 +86,7 @@ class Row:
     baseline: float | None
     current: float | None
     tolerance: float | None
-    status: str  # ok | regressed | improved | missing | new
+    status: str  # ok | regressed | improved | missing | invalid | new
 
     @property
     def delta(self) -> float | None:
@@ -98,7 +114,10 @@ def compare(baseline: dict, results_dir: Path,
             if rec is None or metric not in rec["metrics"]:
                 rows.append(Row(entry["label"], metric, base["mean"], None, tol, "missing"))
                 continue
-            cur = rec["metrics"][metric]["mean"]
+            cur = rec["metrics"][metric].get("mean")
+            if not isinstance(cur, (int, float)) or isinstance(cur, bool) or not math.isfinite(cur):
+                rows.append(Row(entry["label"], metric, base["mean"], None, tol, "invalid"))
+                continue
             status = "regressed" if cur < base["mean"] - tol else "improved" if cur > base["mean"] + tol else "ok"
             rows.append(Row(entry["label"], metric, base["mean"], cur, tol, status))
     for key, rec in sorted(current.items()):
@@ -108,4 +127,4 @@ def compare(baseline: dict, results_dir: Path,
 
 
 def gate_failed(rows: list[Row]) -> bool:
-    return any(r.status in ("regressed", "missing") for r in rows)
+    return any(r.status in ("regressed", "missing", "invalid") for r in rows)
