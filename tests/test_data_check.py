@@ -64,13 +64,33 @@ def test_bad_files_fail_and_are_listed(folder_root):
     assert "b.png" in out and "[7]" in out and "FAILED" in out
 
 
-def test_resized_mask_is_a_warning_not_a_failure(tmp_path):
+def test_mask_of_other_size_fails_unless_resizing_is_asked_for(tmp_path):
     write_image(tmp_path / "images" / "a.jpg", 4, 4)
     write_rgb_mask(tmp_path / "masks" / "a.bmp", np.zeros((2, 2, 3), np.uint8))
     c = console()
-    assert check_dataset(get_dataset("suim", tmp_path), c) == 0
+    assert check_dataset(get_dataset("suim", tmp_path), c) == 1
+    out = text(c)
+    assert "a.bmp" in out and "a.jpg" in out and "resize_masks=true" in out and "FAILED" in out
+    c = console()
+    assert check_dataset(get_dataset("suim", tmp_path, resize_masks=True), c) == 0
     out = text(c)
     assert row(out, "masks resized", "1") and "a.bmp" in out and row(out, "0", "BW", "16")
+
+
+def test_suim_masks_with_off_palette_pixels_are_reported(tmp_path):
+    write_image(tmp_path / "images" / "a.jpg", 4, 4)
+    write_image(tmp_path / "images" / "b.jpg", 4, 4)
+    clean = np.zeros((4, 4, 3), np.uint8)
+    clean[:, 2:] = (250, 5, 250)  # JPEG-like noise around magenta: near the palette
+    write_rgb_mask(tmp_path / "masks" / "a.bmp", clean)
+    muddy = clean.copy()
+    muddy[0, :3] = (128, 90, 200)  # three pixels nowhere near a palette colour
+    write_rgb_mask(tmp_path / "masks" / "b.bmp", muddy)
+    c = console()
+    assert check_dataset(get_dataset("suim", tmp_path), c) == 0  # a warning, not a failure
+    out = text(c)
+    assert row(out, "masks with warnings", "1") and "b.bmp" in out and "3 pixel(s)" in out
+    assert "a.bmp" not in out.split("mask warnings")[1]
 
 
 def test_cli_exit_codes(folder_root):

@@ -18,7 +18,7 @@ def suim_root(tmp_path):
 
 def test_missing_mask_names_the_image_and_the_way_out(suim_root):
     (suim_root / "TEST" / "masks" / "b.bmp").unlink()
-    with pytest.raises(DatasetError, match=r"(?s)b.jpg has no mask in .*masks.*skip_bad=True"):
+    with pytest.raises(DatasetError, match=r"(?s)b.jpg has no mask in .*masks.*--skip-bad"):
         get_dataset("suim", suim_root)
     ds = get_dataset("suim", suim_root, skip_bad=True)
     assert [s.name for s in ds.samples] == ["a", "c"]
@@ -35,7 +35,7 @@ def test_corrupt_image_is_named_and_can_be_skipped(suim_root):
         ds.load_mask(0)  # needs the image size
     skipping = get_dataset("suim", suim_root, skip_bad=True)
     assert [s.name for s in skipping.samples] == ["b", "c"] and skipping.describe()["n_skipped"] == 1
-    assert skipping.file_list_sha256() != ds.file_list_sha256()
+    assert skipping.content_sha256() != ds.content_sha256()
 
 
 def test_truncated_image_is_caught_when_decoded(suim_root):

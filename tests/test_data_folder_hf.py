@@ -94,8 +94,8 @@ def test_hf_save_to_disk_copy(saved):
         assert np.asarray(ds.load_image(k)).tolist() == np.asarray(val_images[k]).tolist()
     assert any("load_from_disk" in n for n in ds.notes)
     again = get_dataset("hf:acme/streets", root, "val", **OPTS)
-    assert again.split == "validation" and again.file_list_sha256() == ds.file_list_sha256()
-    assert get_dataset("hf:acme/streets", root, "train", **OPTS).file_list_sha256() != ds.file_list_sha256()
+    assert again.split == "validation" and again.content_sha256() == ds.content_sha256()
+    assert get_dataset("hf:acme/streets", root, "train", **OPTS).content_sha256() != ds.content_sha256()
     named = get_dataset("hf:acme/streets", root, "train", name_column="file", **OPTS)
     assert [s.name for s in named.samples] == ["img0_0", "img0_1", "img0_2"]
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from fixtures_data import shared_data, write_image, write_rgb_mask
 
-from ssl_segbench.data import get_dataset
+from ssl_segbench.data import DatasetError, get_dataset
 
 # one pixel per class colour, then the same classes with compression-like noise on every channel
 COLOURS = [(0, 0, 0), (0, 0, 255), (0, 255, 0), (0, 255, 255), (255, 0, 0), (255, 0, 255), (255, 255, 0),
@@ -43,13 +43,16 @@ def test_suim_coarse_groups_background_plants_and_seafloor(suim_root):
     assert ds.palette[ds.class_names.index("HD")].tolist() == [0, 0, 255]
 
 
-def test_suim_mask_of_other_size_is_resized_with_warning(tmp_path):
+def test_suim_mask_of_other_size_is_an_error_or_resized_when_asked(tmp_path):
     write_image(tmp_path / "images" / "a.jpg", 4, 4)
     write_rgb_mask(tmp_path / "masks" / "a.bmp", np.full((2, 2, 3), 255, np.uint8))
     ds = get_dataset("suim", tmp_path)
-    with pytest.warns(UserWarning, match="resized"):
-        mask = ds.load_mask(0)
-    assert mask.shape == (4, 4) and (mask == FINE.index("SR")).all()
+    with pytest.raises(DatasetError, match=r"(?s)a.bmp is 2x2 but its image .*a.jpg is 4x4.*resize_masks=true"):
+        ds.load_mask(0)
+    resizing = get_dataset("suim", tmp_path, resize_masks=True)
+    mask, resized = resizing.load_mask_checked(0)
+    assert resized and mask.shape == (4, 4) and (mask == FINE.index("SR")).all()
+    assert resizing.content_sha256() != ds.content_sha256()  # decoding options are part of the identity
 
 
 def test_real_suim_d_r_47_has_exactly_bw_hd_ro_ri():

@@ -6,8 +6,6 @@ exactly which images produced a number. Images are read lazily, one at a time: n
 """
 from __future__ import annotations
 
-import hashlib
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -15,10 +13,14 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
+from ..errors import SegbenchError
+
 BAD_FILE_FIX = "Re-download or remove this file, or pass --skip-bad to leave it out."
+RESIZE_FIX = ("Re-extract the pair, pass --skip-bad to leave it out, or -o resize_masks=true to resize such masks to "
+              "their images (nearest neighbour; the record counts them).")
 
 
-class DatasetError(Exception):
+class DatasetError(SegbenchError):
     """A dataset root, split or file that cannot be read; the message names the path and the fix."""
 
 
@@ -56,12 +58,17 @@ class SegmentationDataset:
       use.
     - ``layout``: the expected on-disk layout, shown in every error about a missing or malformed root.
     - ``version``: bumped whenever decoding or file selection changes, so records made before the change stand out.
-    - ``resize_masks``: True where masks of another size than their image occur in the released data (SUIM): they are
-      resized nearest with a warning. False where image and mask always match: a size mismatch is then an error.
 
-    Bad input is never skipped silently. By default a missing mask, an unreadable file or an undecodable label raises
-    ``DatasetError`` naming the file; with ``skip_bad=True`` such samples are left out (every file is read once when the
-    dataset opens) and counted in ``describe()``.
+    Options every dataset takes:
+    - ``skip_bad``: bad input is never skipped silently. By default a missing mask, an unreadable file or an
+      undecodable label raises ``DatasetError`` naming the file; with ``skip_bad=True`` (``--skip-bad``) such samples
+      are left out (every file is read once when the dataset opens) and counted in ``describe()``.
+    - ``resize_masks``: a mask of another size than its image is an error naming both files; with
+      ``resize_masks=True`` (``-o resize_masks=true``; SUIM's release has such pairs) it is resized to the image with
+      nearest neighbour, and the feature cache's label entry lists the resized samples, which the record reports.
+
+    Identity: `content_sha256()` covers the bytes of every image and mask (and of files that change decoding, such as
+    a classes file), the dataset id, version, split and decoding options: any changed file changes it.
     """
 
     id: ClassVar[str] = ""
@@ -72,11 +79,13 @@ class SegmentationDataset:
     train_split: ClassVar[str | None] = "train"
     layout: ClassVar[str] = ""
     version: ClassVar[int] = 1
-    resize_masks: ClassVar[bool] = True
 
-    def __init__(self, root: str | Path, split: str | None = None, *, skip_bad: bool = False):
+    def __init__(self, root: str | Path, split: str | None = None, *, skip_bad: bool = False,
+                 resize_masks: bool = False):
         self.root = Path(root).expanduser()
         self.skip_bad = skip_bad
+        self.resize_masks = bool(resize_masks)
+        self._content_sha256: str | None = None
         self.notes: list[str] = []  # facts a record should carry (e.g. which list file was used)
         self.skipped: list[tuple[str, str]] = []  # (sample name, problem) left out under skip_bad
         if not self.root.is_dir():
@@ -122,7 +131,7 @@ class SegmentationDataset:
             shown = "\n  ".join(msg for _, msg in problems[:10])
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise DatasetError(f"{len(problems)} bad sample(s) in '{self.id}' split '{self.split}' under {self.root}:\n"
-                               f"  {shown}{more}\nFix or remove these files, or pass skip_bad=True to leave them out.")
+                               f"  {shown}{more}\nFix or remove these files, or pass --skip-bad to leave them out.")
         self.skipped.extend(problems)
 
     def _pair(self, images: dict[str, Path], masks: dict[str, Path], mask_dir: Path) -> list[Sample]:
@@ -144,16 +153,14 @@ class SegmentationDataset:
     def _drop_unreadable(self) -> None:
         """skip_bad: read every image and mask once and leave out those that fail to load or decode."""
         bad = set()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # resize warnings come again when the mask is used
-            for i, s in enumerate(self.samples):
-                try:
-                    self.load_image(i)
-                    if s.mask is not None:
-                        self.load_mask(i)
-                except DatasetError as e:
-                    bad.add(i)
-                    self.skipped.append((s.name, str(e)))
+        for i, s in enumerate(self.samples):
+            try:
+                self.load_image(i)
+                if s.mask is not None:
+                    self.load_mask(i)
+            except DatasetError as e:
+                bad.add(i)
+                self.skipped.append((s.name, str(e)))
         self.samples = [s for i, s in enumerate(self.samples) if i not in bad]
 
     def _read_mask(self, sample: Sample) -> np.ndarray:
@@ -196,29 +203,61 @@ class SegmentationDataset:
 
     def load_mask(self, i: int) -> np.ndarray:
         """Decoded mask of image i at the image's size (see ``resize_masks`` for a mask of another size)."""
+        return self.load_mask_checked(i)[0]
+
+    def load_mask_checked(self, i: int) -> tuple[np.ndarray, bool]:
+        """(decoded mask of image i at the image's size, whether it had to be resized to get there)."""
         s = self.samples[i]
         if s.mask is None:
             raise DatasetError(f"image {s.image} has no mask in '{self.id}' split '{self.split}'.")
         mask = self._read_mask(s)
         size = self.image_size(i)
-        if mask.shape[::-1] != size:
-            if not self.resize_masks:
-                raise DatasetError(f"mask {s.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {s.image} is "
-                                   f"{size[0]}x{size[1]}: they do not belong together. Re-extract the pair, or pass "
-                                   "skip_bad=True to leave it out.")
-            warnings.warn(f"mask {s.mask} is {mask.shape[1]}x{mask.shape[0]} but its image is {size[0]}x{size[1]}: "
-                          "resized with nearest neighbour", stacklevel=2)
-            mask = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST), dtype=np.int64)
-        return mask
+        if mask.shape[::-1] == size:
+            return mask, False
+        if not self.resize_masks:
+            raise DatasetError(f"mask {s.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {s.image} is "
+                               f"{size[0]}x{size[1]}: they do not belong together. " + RESIZE_FIX)
+        return np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST), dtype=np.int64), True
 
-    def file_list_sha256(self) -> str:
-        """sha256 over the sorted relative paths of every image and mask: equal hashes mean the same files."""
-        h = hashlib.sha256()
-        for s in self.samples:
-            for p in (s.image, s.mask):
-                rel = p.relative_to(self.root).as_posix() if p is not None else "-"
-                h.update(rel.encode() + b"\n")
-        return h.hexdigest()
+    def check_mask(self, i: int) -> str | None:
+        """A warning about mask i that decoding tolerates but a user should see (`datasets check`), or None."""
+        return None
+
+    # --- identity -------------------------------------------------------------------------------------------------
+    def decoding_identity(self) -> dict:
+        """The options that change how files become labels; part of `content_sha256`."""
+        return {"resize_masks": self.resize_masks}
+
+    def identity_files(self) -> list[tuple[str, Path]]:
+        """Files besides images and masks whose content changes the labels (e.g. a classes file)."""
+        return []
+
+    def _rel(self, p: Path) -> str:
+        try:
+            return p.relative_to(self.root).as_posix()
+        except ValueError:
+            return p.name
+
+    def content_sha256(self) -> str:
+        """sha256 over the dataset id, version, split, decoding options and the bytes of every image, mask and
+        identity file, in sample order: equal values mean the same data decoded the same way (see fingerprint.py for
+        how unchanged files are not read twice)."""
+        if self._content_sha256 is None:
+            from ..fingerprint import content_sha256
+
+            header = {"id": self.id, "version": self.version, "split": self.split,
+                      "decoding": self.decoding_identity()}
+            files: list[tuple[str, Path | None]] = []
+            for s in self.samples:
+                files.append((f"{s.name}|image|{self._rel(s.image)}", s.image))
+                files.append((f"{s.name}|mask|{self._rel(s.mask) if s.mask else '-'}", s.mask))
+            files += [(f"identity|{label}", p) for label, p in self.identity_files()]
+            try:
+                self._content_sha256 = content_sha256(header, files, self.root, f"{self.id}/{self.split}")
+            except OSError as e:
+                raise DatasetError(f"cannot read a file of '{self.id}' split '{self.split}' under {self.root} to "
+                                   f"fingerprint it: {e}") from e
+        return self._content_sha256
 
     def describe(self) -> dict:
         """What a record stores about the images behind a number."""
@@ -231,7 +270,8 @@ class SegmentationDataset:
             "num_classes": self.num_classes,
             "class_names": list(self.class_names),
             "ignore_index": self.ignore_index,
-            "file_list_sha256": self.file_list_sha256(),
+            "content_sha256": self.content_sha256(),
+            "resize_masks": self.resize_masks,
             "n_skipped": len(self.skipped),
             "skipped": [name for name, _ in self.skipped],
             "notes": list(self.notes),

@@ -26,7 +26,6 @@ class CamVid(SegmentationDataset):
     id = "camvid"
     class_names = CAMVID_CLASSES
     splits = ("train", "val", "test")
-    resize_masks = False
     layout = "  <root>/{train,val,test}/*.png   <root>/{train,val,test}annot/*.png   (labels 0-10, 11 = void)"
 
     def available_splits(self) -> list[str]:

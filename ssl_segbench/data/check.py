@@ -1,13 +1,12 @@
 """`ssl-segbench datasets check|list`: validate a dataset on disk before spending compute on it.
 
 `check_dataset` reads every image and mask of a split once: each image must decode and have its mask, the mask must
-decode at the image's size (or be resized with a warning where the dataset allows it), and every label must be a class
+decode at the image's size (or be resized where `-o resize_masks=true` allows it), and every label must be a class
 index or the ignore index. It prints counts and a class histogram and returns non-zero with the offending files listed.
 """
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import numpy as np
 import yaml
@@ -28,7 +27,7 @@ def _scan(dataset: SegmentationDataset, progress: Progress | None) -> dict:
     """One pass over the split: per-class pixel counts and every problem, each naming its file."""
     n_cls, ignore = dataset.num_classes, dataset.ignore_index
     out = {"pixels": np.zeros(n_cls, np.int64), "images_with": np.zeros(n_cls, np.int64), "ignored": 0,
-           "masks": 0, "unlabelled": 0, "problems": [], "resized": []}
+           "masks": 0, "unlabelled": 0, "problems": [], "resized": [], "warnings": []}
     task = progress.add_task(f"checking {dataset.id}/{dataset.split}", total=len(dataset)) if progress else None
     for i, s in enumerate(dataset.samples):
         if progress:
@@ -41,14 +40,16 @@ def _scan(dataset: SegmentationDataset, progress: Progress | None) -> dict:
         if s.mask is None:
             out["unlabelled"] += 1
             continue
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                mask = dataset.load_mask(i)
-            except DatasetError as e:
-                out["problems"].append((str(s.mask), str(e)))
-                continue
-        out["resized"] += [(str(s.mask), str(w.message)) for w in caught]
+        try:
+            mask, resized = dataset.load_mask_checked(i)
+            warning = dataset.check_mask(i)
+        except DatasetError as e:
+            out["problems"].append((str(s.mask), str(e)))
+            continue
+        if resized:
+            out["resized"].append((str(s.mask), "resized to its image's size (resize_masks)"))
+        if warning:
+            out["warnings"].append((str(s.mask), warning))
         out["masks"] += 1
         labelled = mask != ignore
         outside = labelled & ((mask < 0) | (mask >= n_cls))
@@ -93,7 +94,8 @@ def check_dataset(dataset: SegmentationDataset, console: Console | None = None, 
     for key, value in (("root", str(dataset.root)), ("images", len(dataset)), ("masks decoded", res["masks"]),
                        ("images without mask (unlabelled split)", res["unlabelled"]),
                        ("skipped (skip_bad)", len(dataset.skipped)), ("masks resized", len(res["resized"])),
-                       ("problems", len(res["problems"])), ("file_list_sha256", dataset.file_list_sha256())):
+                       ("masks with warnings", len(res["warnings"])), ("problems", len(res["problems"])),
+                       ("content_sha256", dataset.content_sha256())):
         summary.add_row(key, escape(str(value)))
     for note in dataset.notes:
         summary.add_row("note", escape(note))
@@ -110,7 +112,9 @@ def check_dataset(dataset: SegmentationDataset, console: Console | None = None, 
     console.print(hist)
 
     if res["resized"]:
-        console.print(_file_table("masks resized to their image (warning)", res["resized"], max_listed, "yellow"))
+        console.print(_file_table("masks resized to their image (resize_masks)", res["resized"], max_listed, "yellow"))
+    if res["warnings"]:
+        console.print(_file_table("mask warnings", res["warnings"], max_listed, "yellow"))
     if dataset.skipped:
         style = "red" if fail_on_skipped else "yellow"
         console.print(_file_table("skipped samples", dataset.skipped, max_listed, style))

@@ -53,7 +53,6 @@ class _Cityscapes(SegmentationDataset):
     """Shared layout: leftImg8bit/{split}/<city>/<frame>_leftImg8bit.png and gtFine/{split}/<city>/<frame>_gtFine_*."""
 
     splits = ("train", "val", "test")
-    resize_masks = False
     layout = ("  <root>/leftImg8bit/{train,val,test}/<city>/<frame>_leftImg8bit.png\n"
               "  <root>/gtFine/{train,val,test}/<city>/<frame>_gtFine_labelIds.png  (and _labelTrainIds.png if made)")
 
@@ -99,8 +98,8 @@ class Cityscapes19(_Cityscapes):
     id = "cityscapes19"
     class_names = CITYSCAPES19_CLASSES
 
-    def __init__(self, root, split=None, *, skip_bad: bool = False):
-        super().__init__(root, split, skip_bad=skip_bad)
+    def __init__(self, root, split=None, *, skip_bad: bool = False, resize_masks: bool = False):
+        super().__init__(root, split, skip_bad=skip_bad, resize_masks=resize_masks)
         n_train_ids = sum(s.mask.name.endswith("_labelTrainIds.png") for s in self.samples)
         self.notes.append(f"labels: {n_train_ids} of {len(self.samples)} from *_labelTrainIds.png, the others from "
                           "*_labelIds.png through the official id → trainId table")

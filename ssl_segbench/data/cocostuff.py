@@ -57,15 +57,15 @@ class CocoStuff27(SegmentationDataset):
     id = "cocostuff27"
     class_names = COCOSTUFF27_CLASSES
     splits = ("train", "val")
-    resize_masks = False
     layout = ("  <root>/images/{train2017,val2017}/*.jpg\n"
               "  <root>/annotations/{train2017,val2017}/*.png   (stuffthingmaps: fine ids 0-181, 255 unlabelled)\n"
               f"  <root>/curated/{{train2017,val2017}}/{CURATED_LIST}   (PiCIE's lists; or pass curated_list=PATH)")
     _lut = FINE_TO_27
 
-    def __init__(self, root, split=None, *, skip_bad: bool = False, curated_list: str | Path | None = None):
+    def __init__(self, root, split=None, *, skip_bad: bool = False, resize_masks: bool = False,
+                 curated_list: str | Path | None = None):
         self.curated_list = None if curated_list is None else Path(curated_list).expanduser()
-        super().__init__(root, split, skip_bad=skip_bad)
+        super().__init__(root, split, skip_bad=skip_bad, resize_masks=resize_masks)
 
     def available_splits(self) -> list[str]:
         return [s for s in self.splits if (self.root / "images" / f"{s}2017").is_dir()]
@@ -135,7 +135,6 @@ class CocoStuff15Leopart(SegmentationDataset):
     id = "cocostuff15-leopart"
     class_names = LEOPART_STUFF15_CLASSES
     splits = ("train", "val")
-    resize_masks = False
     layout = ("  <root>/images/{train2017,val2017}/*.jpg   (or <root>/{train2017,val2017}/*.jpg)\n"
               "  <root>/annotations/stuff_{train2017,val2017}_pixelmaps/*.png\n"
               "      (or <root>/stuff_{train2017,val2017}_pixelmaps)")

@@ -82,7 +82,8 @@ class Folder(SegmentationDataset):
               "  <root>/images/*.png|jpg  <root>/masks/*.png   (split 'all')\n"
               "  or <root>/<split>/images, <root>/<split>/masks for each split")
 
-    def __init__(self, root, split=None, *, skip_bad: bool = False, classes: str | Path | None = None):
+    def __init__(self, root, split=None, *, skip_bad: bool = False, resize_masks: bool = False,
+                 classes: str | Path | None = None):
         root = Path(root).expanduser()
         path = Path(classes).expanduser() if classes is not None else find_classes_file(root)
         if path is None:
@@ -90,7 +91,8 @@ class Folder(SegmentationDataset):
                 else f"dataset root {root} does not exist"
             raise DatasetError(f"{problem}.\nExpected layout for 'folder':\n{self.layout}")
         self.class_names, self.ignore_index, self._palette = read_classes_file(path)
-        super().__init__(root, split, skip_bad=skip_bad)
+        self.classes_file = path
+        super().__init__(root, split, skip_bad=skip_bad, resize_masks=resize_masks)
         self.notes.append(f"classes file: {path}")
 
     def available_splits(self) -> list[str]:
@@ -104,6 +106,9 @@ class Folder(SegmentationDataset):
     @property
     def palette(self) -> np.ndarray:
         return self._palette if self._palette is not None else super().palette
+
+    def identity_files(self) -> list[tuple[str, Path]]:
+        return [("classes file", self.classes_file)]
 
     def _find_samples(self) -> list[Sample]:
         d = self.root if self.split == "all" else self.root / self.split

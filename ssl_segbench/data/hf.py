@@ -11,7 +11,6 @@ Classes come from ``classes`` (a classes file as for `folder`, or a list of name
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ class HFDataset(SegmentationDataset):
     def __init__(self, root, split=None, *, repo: str, revision: str | None = None, config: str | None = None,
                  image_column: str = "image", mask_column: str = "mask", name_column: str | None = None,
                  classes: str | Path | list[str] | None = None, cache_dir: str | Path | None = None,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, resize_masks: bool = False):
         self.id = f"hf:{repo}"
         self.repo, self.revision = repo, revision
         self.image_column, self.mask_column, self.name_column = image_column, mask_column, name_column
@@ -47,7 +46,7 @@ class HFDataset(SegmentationDataset):
         if local is None:
             import datasets
             local = Path(cache_dir or datasets.config.HF_DATASETS_CACHE)
-        super().__init__(local, split, skip_bad=skip_bad)
+        super().__init__(local, split, skip_bad=skip_bad, resize_masks=resize_masks)
 
     def _open(self, local: Path | None, config: str | None, cache_dir) -> tuple[dict, str]:
         import datasets
@@ -140,10 +139,23 @@ class HFDataset(SegmentationDataset):
         return decode_user_mask(value if isinstance(value, Image.Image) else np.asarray(value), self.num_classes,
                                 self.ignore_index, self._palette, sample.mask)
 
-    def file_list_sha256(self) -> str:
-        """sha256 over repo, revision, split, the split's `datasets` content fingerprint and the row names."""
-        fingerprint = self._splits[self.split]._fingerprint
-        h = hashlib.sha256(f"{self.repo}\n{self.revision}\n{self.split}\n{fingerprint}\n".encode())
-        for s in self.samples:
-            h.update(s.name.encode() + b"\n")
-        return h.hexdigest()
+    def decoding_identity(self) -> dict:
+        return {**super().decoding_identity(), "repo": self.repo, "revision": self.revision,
+                "image_column": self.image_column, "mask_column": self.mask_column, "name_column": self.name_column,
+                "class_names": list(self.class_names), "ignore_index": self.ignore_index,
+                "palette": None if self._palette is None else self._palette.tolist()}
+
+    def content_sha256(self) -> str:
+        """sha256 over the decoding options, the row names and the bytes of the split's Arrow files (through the
+        manifest, as for file datasets); a split held only in memory falls back to its `datasets` fingerprint."""
+        if self._content_sha256 is None:
+            from ..fingerprint import content_sha256
+
+            ds = self._splits[self.split]
+            arrow = [Path(f["filename"]) for f in ds.cache_files]
+            header = {"id": self.id, "version": self.version, "split": self.split,
+                      "decoding": self.decoding_identity(), "rows": [s.name for s in self.samples],
+                      "fingerprint": None if arrow else ds._fingerprint}
+            files = [(f"arrow|{p.name}", p) for p in arrow]
+            self._content_sha256 = content_sha256(header, files, arrow[0].parent if arrow else self.root, self.id)
+        return self._content_sha256

@@ -40,7 +40,7 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, path: str | Path, what: str) -> 
         values = np.unique(raw[bad])
         raise DatasetError(f"mask {path} has label value(s) {values[:10].tolist()} that {what} does not define "
                            f"({int(bad.sum())} pixels). Check that the file belongs to this dataset and layout, "
-                           "or pass skip_bad=True to leave it out.")
+                           "or pass --skip-bad to leave it out.")
     return out
 
 
@@ -58,5 +58,5 @@ def decode_colours(rgb: np.ndarray, colours: np.ndarray, values: np.ndarray, pat
         unknown = np.unique(rgb[~found].reshape(-1, 3), axis=0)
         raise DatasetError(f"mask {path} has colour(s) {unknown[:5].tolist()} that are not in the {what} palette "
                            f"({int((~found).sum())} pixels). A resampled or JPEG-compressed mask loses exact colours: "
-                           "use the original PNG, or pass skip_bad=True to leave it out.")
+                           "use the original PNG, or pass --skip-bad to leave it out.")
     return np.asarray(values, dtype=np.int64)[order[pos]]

@@ -52,15 +52,15 @@ class Potsdam3(SegmentationDataset):
     id = "potsdam3"
     class_names = POTSDAM3_CLASSES
     splits = tuple(STEGO_SPLITS)
-    resize_masks = False
     layout = ("  STEGO:  <root>/potsdam/imgs/<id>.mat (img: HxWx4)  <root>/potsdam/gt/<id>.mat (gt: HxW, 0-5, 255)\n"
               "          <root>/potsdam/{labelled_train,unlabelled_train,labelled_test,all}.txt\n"
               "  mmseg:  <root>/img_dir/{train,val}/*.png  <root>/ann_dir/{train,val}/*.png  (0 boundary, 1-6)\n"
               "          or <root>/img_dir/*.png  <root>/ann_dir/*.png  (split 'all')")
 
-    def __init__(self, root, split=None, *, skip_bad: bool = False, reduce_zero_label: bool = True):
+    def __init__(self, root, split=None, *, skip_bad: bool = False, resize_masks: bool = False,
+                 reduce_zero_label: bool = True):
         self.reduce_zero_label = reduce_zero_label
-        super().__init__(root, split, skip_bad=skip_bad)
+        super().__init__(root, split, skip_bad=skip_bad, resize_masks=resize_masks)
         self.notes.append(f"layout: {'STEGO .mat' if self._stego_dir() else 'mmsegmentation png'}")
 
     @property
@@ -128,6 +128,9 @@ class Potsdam3(SegmentationDataset):
         if gt.ndim != 2:
             raise DatasetError(f"{sample.mask}: 'gt' has shape {gt.shape}, expected HxW")
         return apply_lut(gt, SIX_TO_3, sample.mask, "Potsdam (STEGO gt: 0-5, 255)")
+
+    def decoding_identity(self) -> dict:
+        return {**super().decoding_identity(), "reduce_zero_label": bool(self.reduce_zero_label)}
 
     def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray:
         if self.reduce_zero_label:

@@ -9,6 +9,9 @@ from .base import Sample, SegmentationDataset
 
 SUIM_CLASSES = ("BW", "HD", "PF", "WR", "RO", "RI", "FV", "SR")
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+# a channel in this band is more than 63 levels away from both 0 and 255: no compression noise moves a palette colour
+# that far, so such a pixel's class is a guess (`datasets check` lists the masks that have them)
+OFF_PALETTE_LOW, OFF_PALETTE_HIGH = 64, 191
 
 
 def decode_suim_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -61,6 +64,21 @@ class SUIM(SegmentationDataset):
 
     def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray:
         return decode_suim_rgb(np.asarray(raw.convert("RGB")))
+
+    def check_mask(self, i: int) -> str | None:
+        """Pixels whose colour is not near any of the eight palette colours: some channel lies in the ambiguous band
+        [OFF_PALETTE_LOW, OFF_PALETTE_HIGH], where the per-channel bit read at 128 is a guess rather than the absorbed
+        compression noise it is meant for."""
+        path = self.samples[i].mask
+        with Image.open(path) as raw:
+            rgb = np.asarray(raw.convert("RGB"))
+        far = ((rgb >= OFF_PALETTE_LOW) & (rgb <= OFF_PALETTE_HIGH)).any(-1)
+        n = int(far.sum())
+        if not n:
+            return None
+        return (f"{n} pixel(s) ({100 * n / far.size:.2f} %) are not near a SUIM palette colour (a channel within "
+                f"{OFF_PALETTE_LOW}..{OFF_PALETTE_HIGH}); they are decoded by thresholding each channel at 128, which "
+                "may be wrong. Check the mask, or re-export it without resampling.")
 
 
 # DatUS² coarse grouping: the five object classes of SUIM and everything else (waterbody, plants, sea-floor) together.

@@ -39,7 +39,6 @@ class VOC(SegmentationDataset):
     id = "voc"
     class_names = VOC_CLASSES
     splits = ("train", "val", "trainval", "trainaug")
-    resize_masks = False
     layout = ("  <root>/VOCdevkit/VOC2012/JPEGImages/*.jpg\n"
               "  <root>/VOCdevkit/VOC2012/SegmentationClass/*.png          (palette PNGs, 255 = boundary)\n"
               "  <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt\n"
