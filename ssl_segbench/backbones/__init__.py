@@ -7,7 +7,6 @@ behave as users expect. The commit actually used is read back from the cache's s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -35,6 +34,47 @@ def _offline_hint(repo_id: str, revision: str | None, err: Exception) -> Backbon
         + f". On a machine with network run `hf download {repo_id}"
         + (f" --revision {revision}" if revision else "") + "` and copy the cache here, or point HF_HUB_CACHE at it."
         + f"\n({type(err).__name__}: {err})")
+
+
+def verify_checkpoint_files(directory: Path) -> None:
+    """Check every safetensors file of a checkpoint directory against its own header (JSON length, then the byte
+    range of every tensor): a truncated or damaged download is named here, before a library fails deep inside."""
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        size = f.stat().st_size
+        problem = None
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0 or 8 + n > size:
+                problem = f"it has {size} bytes, too few for its header"
+            else:
+                try:
+                    header = json.loads(fh.read(n))
+                    end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, KeyError, TypeError, IndexError):
+                    problem = "its header is not valid safetensors JSON"
+                else:
+                    if size < 8 + n + end:
+                        problem = f"it has {size} bytes but its header declares {8 + n + end} (truncated)"
+        if problem:
+            raise BackboneError(f"checkpoint file {f} is damaged: {problem}. Delete it and download the checkpoint "
+                                "again (`hf download <repo> --revision <sha>` for a Hub checkpoint).")
+
+
+def _snapshot_dir(spec: BackboneSpec) -> Path | None:
+    """The directory holding a checkpoint's files: the local directory, or the Hub cache snapshot (None for the
+    builtins, or when the cache does not have it)."""
+    if spec.loader == "builtin" or spec.repo_id.startswith("random-init:"):
+        return None
+    local = Path(spec.repo_id.removeprefix("local-dir:"))
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(spec.repo_id, "config.json", revision=spec.revision)).parent
+    except Exception:  # noqa: BLE001 - not cached: the loader's own offline message explains it
+        return None
 
 
 def resolve_revision(repo_id: str, revision: str | None, filename: str = "config.json") -> str:
@@ -85,12 +125,26 @@ def _transformers_model(spec: BackboneSpec):
         raise
 
 
+def looks_like_path(name: str) -> bool:
+    """A name meant as a filesystem path rather than a Hub id 'org/name[@rev]': it starts with '.', '/' or '~', has
+    more than one slash, or its first part is a directory here."""
+    repo = name.removeprefix("hf-hub:").partition("@")[0]
+    first = repo.split("/")[0]
+    return (name.startswith(("/", ".", "~")) or "\\" in name or repo.count("/") > 1 or repo.endswith("/")
+            or (repo.count("/") == 1 and (not all(repo.split("/")) or Path(first).is_dir())))
+
+
 def _adhoc_spec(name: str) -> BackboneSpec:
     """A provisional spec for a backbone named on the command line: a local directory, `hf-hub:org/name[@rev]` (timm)
     or `org/name[@rev]` (transformers). Shape facts are filled in from the checkpoint's config (`_fill_spec`)."""
     base = dict(revision=None, patch_size=1, embed_dim=1, num_prefix_tokens=0, mean=IMAGENET_MEAN,
                 std=IMAGENET_STD, method="ad-hoc", paper=None, license="unknown")
     path = Path(name).expanduser()
+    if looks_like_path(name) and not path.is_dir():
+        parent = next((p for p in path.resolve().parents if p.is_dir()), None)
+        what = "is a file, not a checkpoint directory" if path.exists() else "no such directory"
+        raise BackboneError(f"backbone '{name}': {what} ({path.resolve()}). A local checkpoint is a directory with "
+                            f"config.json and the weights; the nearest existing folder is {parent}.")
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -137,14 +191,14 @@ def _fill_spec(spec: BackboneSpec, model=None) -> BackboneSpec:
 
 
 def _local_revision(directory: Path) -> str:
-    """Content identity of a local checkpoint directory: sha256 over its files' names and bytes."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
-        h.update(f.relative_to(directory).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return "local-sha256:" + h.hexdigest()[:16]
+    """Content identity of a local checkpoint directory: sha256 over its files' names and bytes (each file's digest
+    remembered while the file is unchanged, as for datasets)."""
+    from ..fingerprint import content_sha256
+
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    digest = content_sha256({"kind": "checkpoint"}, [(f.relative_to(directory).as_posix(), f) for f in files],
+                            directory, f"checkpoint {directory.name}")
+    return "local-sha256:" + digest[:16]
 
 
 class BackboneRef:
@@ -157,12 +211,15 @@ class BackboneRef:
         spec = registry.get(name)
         self._model = None
         if spec is None:
-            if not (Path(name).expanduser().exists() or "/" in name):
+            if not (Path(name).expanduser().exists() or "/" in name or looks_like_path(name)):
                 raise BackboneError(f"unknown backbone '{name}'. Known: {', '.join(registry)}; or give a local "
                                     "checkpoint directory, 'hf-hub:org/name[@rev]' (timm) or 'org/name[@rev]' "
                                     "(transformers)")
             spec = _adhoc_spec(name)
             if spec.loader == "timm":
+                snapshot = _snapshot_dir(spec)
+                if snapshot is not None:
+                    verify_checkpoint_files(snapshot)
                 self._model = _timm_model(spec)
                 spec = _fill_spec(spec, self._model)
             else:
@@ -187,16 +244,29 @@ class BackboneRef:
                 raise
 
     def load(self, device: str | torch.device = "cpu") -> Backbone:
-        """The frozen model on `device`."""
+        """The frozen model on `device`. A damaged checkpoint file is an error naming the file and the fix."""
         spec = self.spec
         if spec.repo_id == "pixels" and spec.loader == "builtin":
             backbone = PixelsBackbone(spec, self.source, self.revision)
-        elif spec.loader == "transformers":
-            model = _transformers_model(spec)
-            backbone = HFBackbone(model, spec, self.source, self.revision)
         else:
-            model = self._model if self._model is not None else _timm_model(spec)
-            backbone = TimmBackbone(model, spec, self.source, self.revision)
+            snapshot = _snapshot_dir(spec)
+            if snapshot is not None:
+                verify_checkpoint_files(snapshot)
+            try:
+                if spec.loader == "transformers":
+                    backbone = HFBackbone(_transformers_model(spec), spec, self.source, self.revision)
+                else:
+                    model = self._model if self._model is not None else _timm_model(spec)
+                    backbone = TimmBackbone(model, spec, self.source, self.revision)
+            except BackboneError:
+                raise
+            except Exception as e:  # noqa: BLE001 - torch, safetensors and the libraries raise many kinds
+                if snapshot is None:
+                    raise
+                files = ", ".join(sorted(p.name for p in snapshot.iterdir() if p.is_file())) or "no files"
+                raise BackboneError(f"checkpoint {self.source} could not be loaded from {snapshot} ({files}): "
+                                    f"{type(e).__name__}: {str(e)[:300]}. If a download was interrupted, delete "
+                                    f"{snapshot} and download it again.") from e
         for p in backbone.parameters():
             p.requires_grad_(False)
         return backbone.eval().to(device)

@@ -5,18 +5,21 @@
   prefix token (CLS, registers) removed by count from the spec, never by guessing from the sequence length;
 - ``cls``: (B, D) the CLS token of the same block (final norm applied);
 - ``attn``: (B, heads, h, w) attention of the CLS query over the patch keys in block `layer` (softmax over all tokens);
+- ``attn_logits``: (B, heads, h, w) the same attention before the softmax: q_cls · k_j times the attention's scale
+  (MaskDistill's released code thresholds these raw logits; any positive scale leaves its mask unchanged);
 - ``keys`` / ``queries``: (B, h, w, D) that block's keys / queries, heads concatenated, prefix tokens removed.
 """
 from __future__ import annotations
 
 import torch
 
+from ..errors import SegbenchError
 from ..registry import BackboneSpec
 
-FACETS = ("tokens", "cls", "attn", "keys", "queries")
+FACETS = ("tokens", "cls", "attn", "attn_logits", "keys", "queries")
 
 
-class BackboneError(Exception):
+class BackboneError(SegbenchError):
     """A backbone cannot be loaded or cannot give what was asked; the message says why and what to do."""
 
 
@@ -37,8 +40,9 @@ class Backbone(torch.nn.Module):
         unknown = set(facets) - set(FACETS)
         if unknown:
             raise BackboneError(f"unknown facet(s) {sorted(unknown)}; available: {FACETS}")
-        if {"cls", "attn"} & set(facets) and self.spec.num_prefix_tokens == 0:
-            raise BackboneError(f"backbone '{self.spec.id}' has no CLS token, so it has no 'cls' or 'attn' facet")
+        if {"cls", "attn", "attn_logits"} & set(facets) and self.spec.num_prefix_tokens == 0:
+            raise BackboneError(f"backbone '{self.spec.id}' has no CLS token, so it has no 'cls', 'attn' or "
+                                "'attn_logits' facet")
 
     def layer_index(self, layer: int) -> int:
         n = self.num_layers
@@ -64,7 +68,7 @@ def _grid(v: torch.Tensor, h: int, w: int, n_prefix: int, facet: str) -> torch.T
     """Sequence (B, n_prefix + h·w, ...) → the facet's documented shape."""
     if facet == "cls":
         return v
-    if facet == "attn":  # (B, heads, N) CLS row
+    if facet in ("attn", "attn_logits"):  # (B, heads, N) CLS row
         if v.shape[-1] != n_prefix + h * w:
             raise BackboneError(f"attention has {v.shape[-1]} keys, expected {n_prefix} prefix + {h * w} patches")
         return v[..., n_prefix:].reshape(v.shape[0], v.shape[1], h, w)
@@ -74,11 +78,14 @@ def _grid(v: torch.Tensor, h: int, w: int, n_prefix: int, facet: str) -> torch.T
     return v[:, n_prefix:].reshape(v.shape[0], h, w, v.shape[-1])
 
 
-def cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
-    """(B, N, D) queries and keys → (B, heads, N) softmax attention of token 0 (CLS) over all tokens."""
+def cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float | None,
+                  facets) -> dict[str, torch.Tensor]:
+    """(B, N, D) queries and keys → the requested of 'attn' ((B, heads, N) softmax attention of token 0, the CLS, over
+    all tokens) and 'attn_logits' (the same before the softmax)."""
     b, n, d = q.shape
     hd = d // num_heads
     q0 = q[:, :1].reshape(b, 1, num_heads, hd).transpose(1, 2)  # (B, H, 1, hd)
     kk = k.reshape(b, n, num_heads, hd).transpose(1, 2)  # (B, H, N, hd)
-    logits = (q0 @ kk.transpose(-1, -2)).squeeze(2) * (scale if scale is not None else hd ** -0.5)
-    return logits.float().softmax(-1)
+    logits = ((q0 @ kk.transpose(-1, -2)).squeeze(2) * (scale if scale is not None else hd ** -0.5)).float()
+    out = {"attn": logits.softmax(-1), "attn_logits": logits}
+    return {f: out[f] for f in ("attn", "attn_logits") if f in facets}

@@ -70,7 +70,7 @@ class HFBackbone(Backbone):
     def _forward(self, images, layer, facets):
         captured = {}
         hooks = []
-        if {"attn", "keys", "queries"} & set(facets):
+        if {"attn", "attn_logits", "keys", "queries"} & set(facets):
             att = _first_attr(self.layers[layer], ("attention", "self_attn"))
             for facet, proj in (("queries", att.q_proj), ("keys", att.k_proj)):
                 hooks.append(proj.register_forward_hook(lambda _m, _i, o, f=facet: captured.__setitem__(f, o)))
@@ -85,8 +85,8 @@ class HFBackbone(Backbone):
             res["tokens"] = seq
         if "cls" in facets:
             res["cls"] = seq[:, 0]
-        if "attn" in facets:
-            res["attn"] = cls_attention(captured["queries"], captured["keys"], self.num_heads)
+        if {"attn", "attn_logits"} & set(facets):
+            res.update(cls_attention(captured["queries"], captured["keys"], self.num_heads, None, facets))
         for f in ("keys", "queries"):
             if f in facets:
                 res[f] = captured[f]

@@ -26,10 +26,10 @@ class TimmBackbone(Backbone):
         attn_mod = self.model.blocks[layer].attn
         captured = {}
         hook = None
-        if {"attn", "keys", "queries"} & set(facets):
+        if {"attn", "attn_logits", "keys", "queries"} & set(facets):
             if not hasattr(attn_mod, "qkv"):
                 raise BackboneError(f"'{self.spec.id}': attention module {type(attn_mod).__name__} has no fused qkv; "
-                                    "attn/keys/queries are not available for it")
+                                    "attn/attn_logits/keys/queries are not available for it")
 
             def grab(_mod, _inp, out):
                 b, n, _ = out.shape
@@ -52,8 +52,8 @@ class TimmBackbone(Backbone):
             out["tokens"] = torch.cat([prefix, spatial], dim=1)
         if "cls" in facets:
             out["cls"] = prefix[:, 0]
-        if "attn" in facets:
-            out["attn"] = cls_attention(captured["queries"], captured["keys"], attn_mod.num_heads, attn_mod.scale)
+        if {"attn", "attn_logits"} & set(facets):
+            out.update(cls_attention(captured["queries"], captured["keys"], attn_mod.num_heads, attn_mod.scale, facets))
         for f in ("keys", "queries"):
             if f in facets:
                 out[f] = captured[f]
