@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from . import __version__
 from .progress import console, out
@@ -325,21 +326,15 @@ def _cmd_check(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .backbones import BackboneError
-    from .compare import CompareError
-    from .data import DatasetError
-    from .protocols import ProtocolError
-    from .registry import RegistryError
-    from .regression import BaselineError
+    from .errors import SegbenchError
 
     args = build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check": _cmd_check,
                "compare": _cmd_compare, "show": _cmd_show, "datasets": lambda a: a.func(a)}[args.command]
     try:
         return handler(args)
-    except (BackboneError, BaselineError, CompareError, DatasetError, ProtocolError, RegistryError, ValueError,
-            RuntimeError, FileNotFoundError) as e:
-        console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+    except (SegbenchError, ValueError, RuntimeError, FileNotFoundError) as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: nothing half-written is kept; rerun to resume from the cache")

@@ -67,16 +67,18 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spherical: 
     return km.centroids.copy()
 
 
-def centroid_scores(centroids: np.ndarray, spherical: bool):
-    """Scoring function (h, w, D) → (k, h, w): cosine similarity for spherical k-means, else −squared distance up to a
-    per-pixel constant (2x·c − |c|²), so argmax is the nearest centroid either way and the scores can be upsampled."""
+def centroid_scores(centroids: np.ndarray, spherical: bool, scale: float = 1.0):
+    """Scoring function (h, w, D) → (k, h, w): the inner product x·c for spherical k-means (the cosine for unit
+    vectors), else (x·c − ½|c|²) / scale, which is −½‖x − c‖² / scale up to a per-pixel constant. argmax is the nearest
+    centroid either way, the scores can be upsampled, and `scale` (a positive number) only sets their sharpness for a
+    softmax."""
     c = torch.from_numpy(centroids)
-    bias = torch.zeros(len(c)) if spherical else -(c * c).sum(1)
-    scale = 1.0 if spherical else 2.0
+    bias = torch.zeros(len(c)) if spherical else -0.5 * (c * c).sum(1)
+    factor = 1.0 if spherical else 1.0 / scale
 
     def score(x: np.ndarray) -> torch.Tensor:
         h, w, d = x.shape
-        s = scale * (torch.from_numpy(np.ascontiguousarray(x.reshape(-1, d))) @ c.T) + bias
+        s = factor * ((torch.from_numpy(np.ascontiguousarray(x.reshape(-1, d))) @ c.T) + bias)
         return s.T.reshape(len(c), h, w)
 
     return score

@@ -3,9 +3,11 @@ CSV / JSON for other tools.
 
 A column is one exact combination of protocol, version, parameters, transform, layer and seeds, so numbers produced
 under different settings never share a column; its header carries the axes that change numbers. Rows are backbones
-(id @ resolved revision), ranked by mIoU within each column. Where `published.yaml` holds a paper's number for the same
-dataset, backbone and protocol settings, it is shown beside ours with the difference. Output is sorted and uses fixed
-float formats, so the same records always give the same bytes.
+(id @ resolved revision), ranked by mIoU within each column. A published number (`published.yaml`) is shown beside ours,
+with the difference, only where the entry is `compare: exact` and its column identity (protocol, version, full
+parameters, layer) equals the column's; every other published number is listed under "Reported numbers" as context,
+never as a difference. Output is sorted and uses fixed float formats, so the same records always give the same bytes.
+Records of the legacy schema v1 are marked in their row.
 """
 from __future__ import annotations
 
@@ -16,10 +18,13 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from . import yamlload
+from .atomic import write_text_atomic
+from .errors import SegbenchError
 from .figures import figure_path
-from .records import METRICS, RecordError, iter_records, write_text_atomic
+from .paths import inside, safe_component
+from .records import METRICS, RecordError, data_digest, iter_records
 
 PUBLISHED = Path(__file__).with_name("published.yaml")
 _DEMO_DATASETS = {"synthetic": "Synthetic demo data (generated shapes and textures): this checks the pipeline end to "
@@ -37,7 +42,7 @@ def column_id(rec: dict) -> str:
 
 def row_label(rec: dict) -> str:
     rev = rec["backbone"]["revision_resolved"]
-    return f"{rec['backbone']['id']} @ {rev[:12] if rev else 'builtin'}"
+    return f"{rec['backbone']['id']} @ {rev[:12] if rev else 'builtin'}" + (" ⚠ v1 record" if rec.get("legacy") else "")
 
 
 def column_label(rec: dict) -> str:
@@ -71,22 +76,80 @@ def collect(results_dir: Path) -> tuple[list[dict], list[str]]:
     return records, problems
 
 
+class PublishedError(SegbenchError):
+    """published.yaml is malformed; the message names the entry and the key."""
+
+
+_PUBLISHED_KEYS = {"dataset", "split", "method", "backbone", "metric", "value", "measured_on", "compare", "why",
+                   "source", "protocol"}
+_PROTOCOL_KEYS = {"name", "version", "preset", "overrides", "layer"}
+
+
 def load_published(path: Path = PUBLISHED) -> list[dict]:
-    return yaml.safe_load(path.read_text())["published"] if path.is_file() else []
+    """The validated entries of published.yaml (module docstring of this file's YAML for the fields)."""
+    if not path.is_file():
+        return []
+    doc = yamlload.load(path.read_text(), str(path))
+    if not isinstance(doc, dict) or not isinstance(doc.get("published"), list):
+        raise PublishedError(f"{path}: expected a top-level list 'published'")
+    for n, e in enumerate(doc["published"], 1):
+        at = f"{path} entry #{n}"
+        if not isinstance(e, dict):
+            raise PublishedError(f"{at}: must be a mapping")
+        unknown, missing = set(e) - _PUBLISHED_KEYS, {"dataset", "split", "method", "metric", "value", "measured_on",
+                                                      "compare", "source"} - set(e)
+        if unknown or missing:
+            raise PublishedError(f"{at}: unknown key(s) {sorted(unknown)}, missing key(s) {sorted(missing)}")
+        if e["metric"] not in METRICS or not isinstance(e["value"], float) or not 0 <= e["value"] <= 1:
+            raise PublishedError(f"{at}: metric must be one of {METRICS} and value a fraction in [0, 1]")
+        if e["compare"] == "reported-only":
+            if not e.get("why") or "protocol" in e:
+                raise PublishedError(f"{at}: a reported-only entry says `why` it is not comparable and names no "
+                                     "protocol")
+        elif e["compare"] == "exact":
+            proto = e.get("protocol")
+            if not isinstance(proto, dict) or set(proto) - _PROTOCOL_KEYS or not {"name", "version"} <= set(proto) \
+                    or not e.get("backbone"):
+                raise PublishedError(f"{at}: an exact entry names its backbone and its column: protocol with "
+                                     f"{sorted(_PROTOCOL_KEYS)} (name and version required)")
+        else:
+            raise PublishedError(f"{at}: compare must be 'exact' or 'reported-only', got {e['compare']!r}")
+    return doc["published"]
+
+
+def published_identity(entry: dict) -> dict:
+    """The column identity an exact entry claims: the protocol's full parameters (preset + overrides, as a run
+    records them), version and layer. Raises ProtocolError when the claim names parameters the protocol lacks."""
+    from .protocols import get_protocol
+
+    proto = entry["protocol"]
+    spec = proto["name"] + (f":{proto['preset']}" if proto.get("preset") else "")
+    made = get_protocol(spec, **(proto.get("overrides") or {}))
+    return {"protocol": made.name, "version": str(proto["version"]), "params": made.params,
+            "layer": proto.get("layer", -1)}
 
 
 def published_for(rec: dict, published: list[dict]) -> dict | None:
-    """The paper's number for exactly this dataset, split, backbone, protocol (+ preset) and parameter subset."""
+    """The exact entry for this record's dataset, split, backbone and column identity (protocol, version, every
+    parameter, layer), or None."""
     ident = rec["identity"]
     for entry in published:
-        if (entry["dataset"], entry["split"], entry["backbone"], entry["protocol"]) != \
-                (ident["dataset"], ident["split"], ident["backbone"], ident["protocol"]):
+        if entry["compare"] != "exact" or (entry["dataset"], entry["split"], entry["backbone"]) != \
+                (ident["dataset"], ident["split"], ident["backbone"]):
             continue
-        if entry.get("preset") != rec["protocol"]["preset"]:
+        claimed = published_identity(entry)
+        if claimed["version"] != str(ident["version"]):
             continue
-        if all(ident["params"].get(k) == v for k, v in (entry.get("params") or {}).items()):
+        if (claimed["protocol"], claimed["params"], claimed["layer"]) == (ident["protocol"], ident["params"],
+                                                                          ident["layer"]):
             return entry
     return None
+
+
+def reported_for(dataset: str, split: str, published: list[dict]) -> list[dict]:
+    """Reported-only entries of a dataset split: context for its page."""
+    return sorted((e for e in published if e["compare"] == "reported-only" and (e["dataset"], e["split"]) ==
+                   (dataset, split)), key=lambda e: (e["method"], e.get("backbone") or "", e["metric"], e["value"]))
 
 
 def _fmt(metric: dict | None) -> str:
@@ -116,7 +179,8 @@ def render(records: list[dict], published: list[dict] | None = None, out_dir: Pa
     by_dataset: dict[str, list[dict]] = {}
     for rec in records:
         by_dataset.setdefault(rec["identity"]["dataset"], []).append(rec)
-    files = {f"{ds}.md": _render_dataset(ds, recs, published, out_dir) for ds, recs in sorted(by_dataset.items())}
+    files = {f"{safe_component(ds)}.md": _render_dataset(ds, recs, published, out_dir)
+             for ds, recs in sorted(by_dataset.items())}
     if files:
         files["README.md"] = _render_summary(by_dataset)
     return files
@@ -131,9 +195,9 @@ def _render_dataset(dataset: str, recs: list[dict], published: list[dict], out_d
     for rec in recs:
         by_split.setdefault(rec["identity"]["split"], []).append(rec)
     for split, srecs in sorted(by_split.items()):
-        files = sorted({(r["dataset"]["n_images"], r["identity"]["files_sha256"][:12]) for r in srecs})
+        files = sorted({(r["dataset"]["n_images"], data_digest(r)[:12]) for r in srecs})
         lines += [f"## split `{split}`", "",
-                  "Images: " + "; ".join(f"{n} (file list sha256 {h})" for n, h in files) + ". "
+                  "Images: " + "; ".join(f"{n} (content sha256 {h})" for n, h in files) + ". "
                   "Cells: mean ± std over seeds, in %; [95% bootstrap interval over images] where the record has "
                   "per-image statistics.", ""]
         columns = _columns(srecs)
@@ -152,9 +216,9 @@ def _render_dataset(dataset: str, recs: list[dict], published: list[dict], out_d
             table = pd.DataFrame(
                 [[rank, row_label(r), _fmt(r["metrics"]["miou"]), _fmt(r["metrics"]["pixel_acc"]),
                   _published_cell(r, pub[row_label(r)])] for rank, r in enumerate(col, 1)],
-                columns=["#", "backbone @ revision", "mIoU", "pixel accuracy", "published mIoU (ours − published)"])
+                columns=["#", "backbone @ revision", "mIoU", "pixel accuracy", "published (ours − published)"])
             if not any(pub.values()):
-                table = table.drop(columns=["published mIoU (ours − published)"])
+                table = table.drop(columns=["published (ours − published)"])
             lines += [f"### {label}", "", table.to_markdown(index=False, stralign="right"), ""]
             sources = sorted({p["source"] for p in pub.values() if p})
             lines += [f"Published: {s}" for s in sources] + ([""] if sources else [])
@@ -166,13 +230,24 @@ def _render_dataset(dataset: str, recs: list[dict], published: list[dict], out_d
                     if fig.is_file():
                         figures.append(f"[{r['backbone']['id']}]({fig.relative_to(out_dir).as_posix()})")
                 lines += ["Predictions (`ssl-segbench show`): " + ", ".join(figures), ""] if figures else []
+        reported = reported_for(dataset, split, published)
+        if reported:
+            table = pd.DataFrame([[e["method"], e.get("backbone") or "–", e["metric"], f"{100 * e['value']:.1f}",
+                                   e["measured_on"], e["why"], e["source"]] for e in reported],
+                                 columns=["method", "backbone", "metric", "reported", "measured on",
+                                          "why it is not beside a column", "source"])
+            lines += ["### Reported numbers (context only)", "",
+                      "Published numbers measured under other protocols or on trained networks: shown for orientation, "
+                      "never compared with the columns above.", "", table.to_markdown(index=False), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _published_cell(rec: dict, entry: dict | None) -> str:
     if not entry:
         return "–"
-    return f"{100 * entry['value']:.1f} ({100 * (rec['metrics']['miou']['mean'] - entry['value']):+.1f})"
+    ours = rec["metrics"][entry["metric"]]["mean"]
+    what = "" if entry["metric"] == "miou" else f" {entry['metric']}"
+    return f"{100 * entry['value']:.1f}{what} ({100 * (ours - entry['value']):+.1f})"
 
 
 def _render_summary(by_dataset: dict[str, list[dict]]) -> str:
@@ -247,6 +322,6 @@ def write(results_dir: Path, out_dir: Path, fmt: str = "md") -> tuple[list[Path]
         raise ValueError(f"unknown leaderboard format {fmt!r}: use md, csv or json")
     written = []
     for name, text in files.items():
-        write_text_atomic(out_dir / name, text)
+        write_text_atomic(inside(out_dir, name), text)
         written.append(out_dir / name)
     return written, problems

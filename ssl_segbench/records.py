@@ -1,18 +1,21 @@
 """Result records: one JSON file per (backbone, revision, dataset, split, protocol@version, parameters).
 
 The path is the key: `<results>/<dataset>/<split>/<backbone>/<revision>/<protocol>@<version>/<digest>.json`, where the
-digest covers everything that can change the number (file-list hash, transform, layer, parameters, seeds). Records are
-written to a temporary file and renamed, so a crash never leaves a truncated record.
+digest covers everything that can change the number (the dataset's content digest, transform, layer, parameters,
+seeds, and the train split's content for protocols that train). Every path component is made safe (no separators, no
+'..') and the path is checked to stay inside the results directory. Records are written to a temporary file and
+renamed, so a crash never leaves a truncated record, and a record whose metrics are not finite numbers is refused.
+
+Schema v2 identifies the data by content; v1 records (identified by file names only) still load, marked `legacy`.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
-import os
+import math
 import platform
 import subprocess
-import tempfile
 import warnings
 import zlib
 from importlib import metadata
@@ -20,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA = "ssl-segbench/record/v1"
+from .errors import SegbenchError
+from .paths import inside, safe_component
+
+SCHEMA = "ssl-segbench/record/v2"
+LEGACY_SCHEMAS = {"ssl-segbench/record/v1": "schema v1: its dataset was identified by file names only, so it may "
+                                             "come from stale cached features; rerun to replace it"}
 _PACKAGES = ("ssl-segbench", "torch", "torchvision", "timm", "transformers", "huggingface-hub", "faiss-cpu",
              "faiss-gpu", "numpy", "scipy", "scikit-learn", "pillow")
 METRICS = ("miou", "pixel_acc", "mf1")
@@ -32,8 +40,28 @@ def record_key(identity: dict) -> str:
 
 def record_path(results_dir: Path, identity: dict) -> Path:
     rev = (identity["revision"] or "none").replace("/", "_").replace(":", "-")
-    return (Path(results_dir) / identity["dataset"] / identity["split"] / identity["backbone"] / rev
-            / f"{identity['protocol']}@{identity['version']}" / f"{record_key(identity)}.json")
+    parts = [identity["dataset"], identity["split"], identity["backbone"], rev,
+             f"{identity['protocol']}@{identity['version']}"]
+    return inside(results_dir, Path(*(safe_component(p) for p in parts), f"{record_key(identity)}.json"))
+
+
+def data_digest(rec: dict) -> str:
+    """The evaluation data's digest in a record: its content (v2) or, for legacy records, its file list."""
+    ident = rec["identity"]
+    return ident.get("content_sha256") or ident.get("files_sha256") or ""
+
+
+def check_finite(metrics: dict, what: str) -> None:
+    """Refuse metrics that are not finite numbers (mean, std, per seed, interval): such a record would put NaN in a
+    leaderboard and pass a regression gate."""
+    for m, v in metrics.items():
+        if m == "per_class_iou":
+            continue
+        values = [v.get("mean"), v.get("std"), *v.get("per_seed", []), *v.get("ci95", [])]
+        bad = [x for x in values if not (isinstance(x, (int, float)) and math.isfinite(x))]
+        if bad:
+            raise RecordError(f"{what}: metric '{m}' is {bad[0]!r} (not a finite number); no record was written. "
+                              "This comes from empty ground truth (no labelled pixels) or from broken scores.")
 
 
 def package_versions() -> dict:
@@ -91,29 +119,7 @@ def decode_array(d: dict) -> np.ndarray:
     return np.frombuffer(zlib.decompress(base64.b64decode(d["data"])), dtype="<i8").reshape(d["shape"])
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory and rename: readers see the old or the new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-class RecordError(Exception):
+class RecordError(SegbenchError):
     """A record file that is not valid JSON or not an ssl-segbench record."""
 
 
@@ -122,8 +128,10 @@ def read_record(path: Path) -> dict:
         rec = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RecordError(f"{path}: unreadable record ({e}); delete it and re-run to regenerate") from e
-    if not isinstance(rec, dict) or rec.get("schema") != SCHEMA:
+    if not isinstance(rec, dict) or (rec.get("schema") != SCHEMA and rec.get("schema") not in LEGACY_SCHEMAS):
         raise RecordError(f"{path}: not an {SCHEMA} record")
+    if rec["schema"] in LEGACY_SCHEMAS:
+        rec["legacy"] = LEGACY_SCHEMAS[rec["schema"]]
     return rec
 
 

@@ -1,4 +1,9 @@
-"""One benchmark run: backbone × dataset × protocols → records. The only place the pipeline's stages meet."""
+"""One benchmark run: backbone × dataset × protocols → records. The only place the pipeline's stages meet.
+
+The whole run is checked before any work starts: every protocol spec, preset and `--param` is resolved and validated
+(a parameter for a protocol that is not in the run, an unknown key or a bad value is an error listing what is
+allowed), then the dataset is opened, then the backbone is resolved. Only then does the first protocol run.
+"""
 from __future__ import annotations
 
 import time
@@ -8,13 +13,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .atomic import write_json_atomic
 from .backbones import BackboneRef
-from .data import get_dataset
-from .features import extract
+from .data import DatasetError, SegmentationDataset, get_dataset
+from .features import compute_precision, extract
 from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
-from .protocols import Context, get_protocol
-from .records import SCHEMA, encode_array, environment, record_key, record_path, summarize, write_json_atomic
+from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol
+from .records import SCHEMA, check_finite, encode_array, environment, record_key, record_path, summarize
 from .transforms import Transform
 
 OVERWRITE = ("skip", "always")
@@ -51,35 +57,85 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol]:
+    """Every protocol of the run, configured and validated, before any work: `params` may only name protocols of the
+    run, and each protocol checks its keys and values."""
+    params = params or {}
+    names = list(dict.fromkeys(spec.partition(":")[0] for spec in specs))
+    if not specs:
+        raise ProtocolError(f"no protocol given; known: {', '.join(sorted(PROTOCOLS))}")
+    for name in names:
+        if name not in PROTOCOLS:
+            raise ProtocolError(f"unknown protocol '{name}'. Known: {', '.join(sorted(PROTOCOLS))}")
+    for name in params:
+        if name not in names:
+            known = "" if name in PROTOCOLS else f" and is not a protocol (known: {', '.join(sorted(PROTOCOLS))})"
+            raise ProtocolError(f"--param {name}.{next(iter(params[name]), 'KEY')}=...: '{name}' is not among this "
+                                f"run's protocols ({', '.join(names)}){known}; write --param PROTOCOL.KEY=VALUE with "
+                                "one of them")
+    return [get_protocol(spec, **params.get(spec.partition(":")[0], {})) for spec in dict.fromkeys(specs)]
+
+
+class _Splits:
+    """The run's datasets by split name, each opened once with the run's loader options."""
+
+    def __init__(self, opts: RunOptions, eval_set: SegmentationDataset):
+        self.opts, self.eval_set = opts, eval_set
+        self.opened: dict[str, SegmentationDataset] = {eval_set.split: eval_set}
+
+    def train_for(self, proto: Protocol) -> tuple[SegmentationDataset | None, str | None]:
+        """(the train split the protocol asked for, or None to use the evaluation images; a note on the choice)."""
+        wanted = proto.train_split_wanted()
+        if wanted is None:
+            return None, None
+        ev = self.eval_set
+        available = ev.available_splits()
+        for n, cand in enumerate(wanted):
+            name = ev.train_split if cand == "default" else cand
+            if name is None or name == ev.split or name not in available:
+                continue
+            if name not in self.opened:
+                self.opened[name] = get_dataset(self.opts.dataset, self.opts.data_root, name,
+                                                **(self.opts.dataset_options or {}))
+            note = None if n == 0 else f"first available of {wanted} under this root"
+            return self.opened[name], note
+        if len(wanted) == 1 and wanted[0] != "default":
+            raise DatasetError(f"{proto.name}: train_split '{wanted[0]}' is not available for '{ev.id}' under "
+                               f"{ev.root} (available: {', '.join(available) or 'none'}, evaluation split "
+                               f"'{ev.split}')")
+        return None, ("no train split under this root" if wanted == ["default"]
+                      else f"none of {wanted} under this root")
+
+
 def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[tuple[str, Path, dict | None]]:
     """Run every protocol; returns (status, path, record) with status 'written', 'skipped' (record exists) or
     'computed' (write_records=False)."""
     if opts.overwrite not in OVERWRITE:
         raise ValueError(f"overwrite must be one of {OVERWRITE}")
+    protocols = plan_protocols(opts.protocols, opts.params)
     device = resolve_device(opts.device)
-    ref = BackboneRef(opts.backbone, opts.registry)
     options = opts.dataset_options or {}
     eval_set = get_dataset(opts.dataset, opts.data_root, opts.split, **options)
-    train_set = None
-    tsplit = eval_set.train_split
-    if tsplit and tsplit != eval_set.split and tsplit in eval_set.available_splits():
-        train_set = get_dataset(opts.dataset, opts.data_root, tsplit, **options)
+    ref = BackboneRef(opts.backbone, opts.registry)
+    splits = _Splits(opts, eval_set)
     batch_size = opts.batch_size or (64 if device.startswith("cuda") else 16)
     workers = opts.workers if opts.workers is not None else (4 if device.startswith("cuda") else 0)
     results = Path(opts.results_dir or default_results_dir())
     out = []
-    for spec in opts.protocols:
-        name = spec.partition(":")[0]
-        proto = get_protocol(spec, **((opts.params or {}).get(name, {})))
+    for proto in protocols:
         params = dict(proto.params)
         params["resize"] = params["resize"] or opts.resize
         params["size"] = params["size"] or opts.size
         transform = Transform(params["resize"], params["size"], ref.spec.patch_size)
         seeds = list(opts.seeds) if opts.seeds is not None else list(range(proto.default_seeds))
+        train_set, train_note = splits.train_for(proto)
         identity = {"backbone": ref.spec.id, "source": ref.source, "revision": ref.revision,
-                    "dataset": eval_set.id, "split": eval_set.split, "files_sha256": eval_set.file_list_sha256(),
+                    "dataset": eval_set.id, "split": eval_set.split, "content_sha256": eval_set.content_sha256(),
                     "protocol": proto.name, "version": proto.version, "params": params, "layer": opts.layer,
                     "seeds": seeds}
+        if proto.train_split_wanted() is not None:
+            identity["train"] = {"split": train_set.split if train_set else None,
+                                 "content_sha256": train_set.content_sha256() if train_set else None}
         path = record_path(results, identity)
         if opts.write_records and path.exists() and opts.overwrite == "skip":
             out.append(("skipped", path, None))
@@ -90,7 +146,8 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
             return extract(ref, ds, transform, opts.layer, facets, device, batch_size, workers)
 
         ctx = Context(eval_set=eval_set, train_set=train_set, features=features, seeds=seeds, device=device,
-                      backbone_ref=ref, transform=transform,
+                      backbone_ref=ref, transform=transform, batch_size=batch_size, layer=opts.layer,
+                      train_note=train_note,
                       save_masks=Path(opts.save_masks) / proto.name if opts.save_masks else None)
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         t0 = time.perf_counter()
@@ -100,11 +157,13 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
         if stats is not None:  # 95% interval of the seed mean, resampling images
             for m, ci in bootstrap_ci(stats).items():
                 metrics[m]["ci95"] = ci
+        check_finite(metrics, f"{proto.name} on {eval_set.id}/{eval_set.split} with {ref.spec.id}")
+        resized = sorted(ctx.resized_masks.get(eval_set.split, ()))
         record = {
             "schema": SCHEMA, "key": record_key(identity), "identity": identity,
             "backbone": {**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision,
                          "layer": opts.layer},
-            "dataset": eval_set.describe(),
+            "dataset": {**eval_set.describe(), "n_resized_masks": len(resized), "resized_masks": resized},
             "protocol": {"name": proto.name, "version": proto.version, "preset": proto.preset, "params": params},
             "transform": transform.to_dict(), "seeds": seeds,
             "metrics": metrics, "per_seed": result["per_seed"],
@@ -114,10 +173,14 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
                 **encode_array(stats)},
             "provenance": {**environment(), "ssl_segbench": __version__, "device": device,
                            "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
-                           "batch_size": batch_size, "started": started,
-                           "wall_seconds": round(time.perf_counter() - t0, 3),
-                           "cache_hit": all(ctx.cache_hits), "feature_entries": len(ctx.cache_hits)},
+                           "compute_precision": compute_precision(device), "batch_size": batch_size,
+                           "started": started, "wall_seconds": round(time.perf_counter() - t0, 3),
+                           "passes": ctx.passes, "cache_hit": not any(p["computed"] for p in ctx.passes)},
         }
+        if train_set is not None:
+            train_resized = sorted(ctx.resized_masks.get(train_set.split, ()))
+            if train_resized:
+                record["info"]["train_resized_masks"] = train_resized
         status = "written" if opts.write_records else "computed"
         if opts.write_records:
             write_json_atomic(path, record)

@@ -76,3 +76,53 @@ class Transform:
         if out.shape != (oh, ow):
             out = np.pad(out, ((0, oh - out.shape[0]), (0, ow - out.shape[1])), constant_values=ignore_index)
         return out
+
+
+@dataclass(frozen=True)
+class RandomResizedCropFlip:
+    """Training augmentation of Leopart's linear probe: torchvision's RandomResizedCrop(size, scale, ratio) (area
+    fraction from U(scale), log aspect ratio from U(log ratio), 10 tries, else the centre crop at the clamped ratio),
+    then a horizontal flip with probability `flip`; the image is resized bilinearly, its labels nearest. Draws come
+    from the numpy generator passed in, so a caller that seeds one generator per (seed, epoch, image) gets crops that
+    do not depend on batching."""
+
+    size: int
+    scale: tuple[float, float] = (0.8, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+
+    def sample(self, rng: np.random.Generator, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
+        """((left, top, crop width, crop height), flipped) for an image of width × height."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        box = None
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                box = (int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h)
+                break
+        if box is None:
+            in_ratio = width / height
+            if in_ratio < self.ratio[0]:
+                w, h = width, round(width / self.ratio[0])
+            elif in_ratio > self.ratio[1]:
+                h, w = height, round(height * self.ratio[1])
+            else:
+                w, h = width, height
+            box = ((width - w) // 2, (height - h) // 2, w, h)
+        return box, bool(rng.random() < self.flip)
+
+    def apply(self, img: Image.Image, mask: np.ndarray, box, flipped: bool, mean, std) -> tuple[torch.Tensor,
+                                                                                                 np.ndarray]:
+        """(normalised (3, size, size) image, (size, size) int64 labels) of one sampled crop."""
+        left, top, w, h = box
+        region = (left, top, left + w, top + h)
+        im = img.crop(region).resize((self.size, self.size), Image.BILINEAR)
+        lab = Image.fromarray(mask.astype(np.int32)).crop(region).resize((self.size, self.size), Image.NEAREST)
+        if flipped:
+            im, lab = im.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT)
+        x = (np.asarray(im, dtype=np.float32) / 255.0 - np.asarray(mean, dtype=np.float32)) / np.asarray(
+            std, dtype=np.float32)
+        return torch.from_numpy(x.transpose(2, 0, 1).copy()), np.asarray(lab, dtype=np.int64)

@@ -26,7 +26,7 @@ class PlantedDataset(SegmentationDataset):
     def __len__(self):
         return self._n
 
-    def file_list_sha256(self):
+    def content_sha256(self):
         return f"planted-{self.split}"
 
     def load_image(self, i):
@@ -44,4 +44,4 @@ def store(path: Path, arrays: list[np.ndarray], dtype=np.float16) -> ArrayStore:
 
 def feature_set(path: Path, tokens: list[np.ndarray], labels: list[np.ndarray]) -> FeatureSet:
     return FeatureSet({"tokens": store(path / "tokens", tokens)}, store(path / "labels", labels, np.uint8),
-                      cache_hit=True, keys={})
+                      keys={})

@@ -9,8 +9,10 @@ from ssl_segbench.records import iter_records
 
 
 def _run(tmp_path, data, *extra):
+    protocols = extra[extra.index("--protocol") + 1] if "--protocol" in extra else "kmeans,linear"
+    quick = ["--param", "linear.epochs=3"] if "linear" in protocols else []
     return main(["run", "--backbone", "pixels", "--dataset", "synthetic", "--data-root", str(data),
-                 "--size", "64", "--results-dir", str(tmp_path / "res"), "--param", "linear.epochs=3", *extra])
+                 "--size", "64", "--results-dir", str(tmp_path / "res"), *quick, *extra])
 
 
 def test_run_writes_records_then_skips_and_leaderboard_renders(small_synthetic, tmp_path, capsys):
@@ -19,7 +21,7 @@ def test_run_writes_records_then_skips_and_leaderboard_renders(small_synthetic, 
     assert sorted(r["protocol"]["name"] for r in recs) == ["kmeans", "linear"]
     km = next(r for r in recs if r["protocol"]["name"] == "kmeans")
     assert len(km["metrics"]["miou"]["per_seed"]) == 5 and km["seeds"] == [0, 1, 2, 3, 4]
-    assert km["dataset"]["n_images"] == 8 and len(km["dataset"]["file_list_sha256"]) == 64
+    assert km["dataset"]["n_images"] == 8 and len(km["dataset"]["content_sha256"]) == 64
     assert km["transform"] == {"policy": "shorter", "size": 64, "patch_size": 16}
     prov = km["provenance"]
     assert {"packages", "git_sha", "device", "wall_seconds", "cache_hit", "started"} <= set(prov)
@@ -93,7 +95,7 @@ def test_crf_flag_sets_the_parameter_or_names_protocols_without_crf(small_synthe
     from ssl_segbench.protocols import PROTOCOLS
 
     # no registered protocol is left without a CRF step (datus and leopart-cd were the last; see the last test)
-    assert [name for name, cls in PROTOCOLS.items() if "crf" not in cls.defaults] == []
+    assert [name for name, cls in PROTOCOLS.items() if "crf" not in cls.all_defaults()] == []
     pytest.importorskip("pydensecrf.densecrf")
     assert _run(tmp_path, small_synthetic, "--protocol", "kmeans", "--seeds", "1", "--crf") == 0
     (_, rec), = iter_records(tmp_path / "res")

@@ -157,7 +157,7 @@ def _planted_ctx(tmp_path, n=6, noise_patches=False, save=None):
         labels.append(np.kron(g, np.ones((4, 4), dtype=np.int64)))
         images.append(np.kron(_COLOURS[g], np.ones((4, 4, 1), dtype=np.uint8)))
     fs = FeatureSet({"keys": store(tmp_path / "keys", keys)}, store(tmp_path / "labels", labels, np.uint8),
-                    cache_hit=True, keys={})
+                    keys={})
     return Context(eval_set=PlantedDataset("abc", images=images), train_set=None, features=lambda ds, facets: fs,
                    seeds=[0, 1], transform=Transform("square", 32, 4), save_masks=save, _backbone=_MeanColour())
 
@@ -204,7 +204,7 @@ def test_protocol_returns_per_image_stats_that_reproduce_each_seed(tmp_path):
 def _keyed_labels(path, fs, ds, transform):
     """The planted labels again, under a cache key naming the dataset (so the CRF finds the images)."""
     labels = [np.asarray(fs.labels.labels(i)) for i in range(len(ds))]
-    key = {"dataset": ds.id, "split": ds.split, "files_sha256": ds.file_list_sha256(),
+    key = {"dataset": ds.id, "split": ds.split, "content_sha256": ds.content_sha256(),
            "transform": transform.to_dict()}
     w = _Writer(path, key, [a.shape for a in labels], 1, np.uint8, False)
     for i, a in enumerate(labels):
@@ -217,7 +217,7 @@ def test_protocol_with_crf_refines_the_pseudo_masks(tmp_path):
     ctx = _planted_ctx(tmp_path, noise_patches=True, save=tmp_path / "masks")
     fs = ctx.features(None, ())
     keyed = FeatureSet({"keys": fs["keys"]}, _keyed_labels(tmp_path / "keyed", fs, ctx.eval_set, ctx.transform),
-                       cache_hit=True, keys={})
+                       keys={})
     ctx.features = lambda ds, facets: keyed
     res = get_protocol("datus", key_centering="none", crf=True).run(ctx)
     assert res["info"]["crf"]["images_refined"] == 12  # 6 images × 2 seeds
@@ -238,7 +238,7 @@ def test_protocol_errors_name_the_fix(tmp_path):
     fs = ctx.features(None, ())
     shifted = FeatureSet({"keys": store(tmp_path / "shifted",
                                         [np.asarray(fs["keys"].image(i), np.float32) + 5 for i in range(6)])},
-                         fs.labels, cache_hit=True, keys={})
+                         fs.labels, keys={})
     ctx.features = lambda ds, facets: shifted
     with pytest.raises(ProtocolError, match="key_centering=image-mean"):
         get_protocol("datus", key_centering="none").run(ctx)  # the paper's setting (preset `datus`)

@@ -120,7 +120,7 @@ def _planted(tmp_path, n=12, grid=8, patch=4, dim=16):
         attn.append(np.where(g > 0, 1.0, 0.02)[..., None].repeat(3, -1).astype(np.float32))
         labels.append(np.kron(g, np.ones((patch, patch), dtype=np.int64)))
     fs = FeatureSet({"tokens": store(tmp_path / "tokens", tokens), "attn": store(tmp_path / "attn", attn)},
-                    store(tmp_path / "labels", labels, np.uint8), cache_hit=True, keys={})
+                    store(tmp_path / "labels", labels, np.uint8), keys={})
     return fs
 
 
@@ -188,12 +188,12 @@ def test_protocol_with_crf_completes_and_records_it(tmp_path):
     fs = _planted(tmp_path)
     labels = [np.asarray(fs.labels.labels(i)) for i in range(12)]
     ds = _PlantedImages(labels)
-    key = {"dataset": ds.id, "split": ds.split, "files_sha256": ds.file_list_sha256(),
+    key = {"dataset": ds.id, "split": ds.split, "content_sha256": ds.content_sha256(),
            "transform": Transform("square", 32, 4).to_dict()}
     w = _Writer(tmp_path / "keyed", key, [a.shape for a in labels], 1, np.uint8, False)
     for i, a in enumerate(labels):
         w.write(i, a.reshape(-1, 1))
-    keyed = FeatureSet({"tokens": fs["tokens"], "attn": fs["attn"]}, w.commit({}), cache_hit=True, keys={})
+    keyed = FeatureSet({"tokens": fs["tokens"], "attn": fs["attn"]}, w.commit({}), keys={})
     ctx = Context(eval_set=ds, train_set=None, features=lambda d, facets: keyed, seeds=[0, 1])
     res = get_protocol("leopart-cd", k=3, markov_time=1.0, weight_threshold=2.0, cbfe_k=8, pca_dim=8,
                        eval_size=16, crf=True).run(ctx)

@@ -14,7 +14,7 @@ from ssl_segbench.features import FeatureSet
 from ssl_segbench.metrics import remap, scores
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
 from ssl_segbench.protocols.base import accumulate_confusion
-from ssl_segbench.protocols.linear import _scorer, train_head
+from ssl_segbench.protocols.linear import _scorer, cached_steps, train_head
 from ssl_segbench.protocols.maskdistill import (
     _head,
     box_to_original,
@@ -141,8 +141,8 @@ def test_distilled_head_beats_chance_on_noisy_pseudo_labels(tmp_path, kind):
     ev = feature_set(tmp_path / "eval", ev_tok, ev_truth)
     p = dict(get_protocol("maskdistill").params, epochs=40, lr=0.1, lr_step=30, batch_size=8, train_size=24,
              conv_hidden=32)
-    head = train_head(train["tokens"], train.labels.labels, lambda d: _head(kind, d, 4, p["conv_hidden"]), -1, p, 0,
-                      "cpu", lambda n=1: None)
+    head = train_head(lambda d: _head(kind, d, 4, p["conv_hidden"]), train["tokens"].data.shape[1],
+                      cached_steps(train["tokens"], train.labels.labels, p), -1, p, 0, "cpu", lambda n=1: None)
     (conf,) = accumulate_confusion(ev["tokens"], ev.labels, [_scorer(head)], 4, 4, 255, "bilinear", None)
     noisy_acc = np.mean([(a == b).mean() for a, b in zip(tr_noisy, tr_truth)])
     sc = scores(remap(conf, match_labels(conf, "hungarian", None), 4))
@@ -174,7 +174,7 @@ class _Scenes(SegmentationDataset):
     def __len__(self):
         return self._n
 
-    def file_list_sha256(self):
+    def content_sha256(self):
         return self.split
 
     def image_size(self, i):
@@ -208,7 +208,7 @@ def _scene_features(tmp_path, ds: _Scenes) -> FeatureSet:
     root = tmp_path / ds.split
     return FeatureSet({"attn": store(root / "attn", attn), "keys": store(root / "keys", keys),
                        "tokens": store(root / "tokens", tokens)}, store(root / "labels", labels, np.uint8),
-                      cache_hit=True, keys={})
+                      keys={})
 
 
 class _MeanColour(torch.nn.Module):

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from ssl_segbench.atomic import write_json_atomic
 from ssl_segbench.cli import main
-from ssl_segbench.records import iter_records, write_json_atomic
+from ssl_segbench.records import iter_records
 from ssl_segbench.regression import TOLERANCE_FLOOR, default_tolerance
 
 

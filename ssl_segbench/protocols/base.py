@@ -22,21 +22,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import write_bytes_atomic
 from ..backbones import Backbone, BackboneRef
 from ..crf import CRFError, CRFParams, pool_map, refine_scores, require_crf
 from ..data import SegmentationDataset
+from ..errors import SegbenchError
 from ..features import ArrayStore, FeatureSet
 from ..metrics import confusion, image_stats, match_and_score, sparse
-from ..transforms import Transform
+from ..paths import inside, safe_component
+from ..transforms import POLICIES, Transform
 
 
-class ProtocolError(Exception):
+class ProtocolError(SegbenchError):
     """Bad protocol parameters or inputs; the message names the parameter and the allowed values."""
 
 
 @dataclass
 class Context:
-    """What a protocol may use: the datasets, a way to get (cached) features of a split, seeds and the device."""
+    """What a protocol may use: the datasets, a way to get (cached) features of a split, seeds and the device.
+
+    Every backbone pass a protocol causes is listed in `passes` (what it computed, and whether it came from the cache),
+    so a record says exactly which work ran; `ctx.get` records feature passes itself, protocols with a second pass
+    (crop embeddings, augmented training) call `record_pass`."""
 
     eval_set: SegmentationDataset
     train_set: SegmentationDataset | None
@@ -44,10 +51,14 @@ class Context:
     seeds: list[int]
     device: str = "cpu"
     info: dict = field(default_factory=dict)  # facts the protocol adds to the record (e.g. which split it trained on)
-    cache_hits: list[bool] = field(default_factory=list)
+    passes: list[dict] = field(default_factory=list)
     backbone_ref: BackboneRef | None = None  # for protocols that need a second pass (e.g. CLS of segment crops)
     transform: Transform | None = None  # the geometry the cached features and labels were made with
     save_masks: Path | None = None  # where protocols that make pseudo masks write them (PNG, dataset palette)
+    batch_size: int = 16  # images per backbone call in second passes (does not change the numbers)
+    layer: int = -1
+    train_note: str | None = None  # how the train split was chosen, when the protocol asked for one
+    resized_masks: dict = field(default_factory=dict)  # split → names of samples whose mask was resized (labels)
     _backbone: Backbone | None = None
 
     def backbone(self) -> Backbone:
@@ -60,16 +71,59 @@ class Context:
 
     def get(self, dataset: SegmentationDataset, facets: tuple[str, ...]) -> FeatureSet:
         fs = self.features(dataset, facets)
-        self.cache_hits.append(fs.cache_hit)
+        self.record_pass("features", not fs.cache_hit, split=dataset.split, facets=list(facets),
+                         computed_here=list(fs.computed))
+        self.resized_masks.setdefault(dataset.split, set()).update(fs.labels.meta.get("resized_masks", ()))
         return fs
+
+    def record_pass(self, kind: str, computed: bool, **facts) -> None:
+        """Note one piece of backbone work: `computed` when this run did it, False when it came from the cache."""
+        self.passes.append({"kind": kind, "computed": bool(computed), **facts})
+
+
+SHARED_DEFAULTS = {"resize": None, "size": None, "eval_size": None, "crf": False, "crf_temperature": 1.0}
+# allowed types of a parameter: a tuple of types, None meaning the value may be None; float accepts int, bool is never
+# an int; parameters without an entry here or in the protocol's `types` take the type of their default
+_SHARED_TYPES = {"size": (int, None), "eval_size": (int, None), "crf": (bool, dict)}
+_SHARED_CHOICES = {"resize": (None, *POLICIES)}
+
+
+def _type_ok(value, allowed: tuple) -> bool:
+    for t in allowed:
+        if t is None and value is None:
+            return True
+        if t is bool and isinstance(value, bool):
+            return True
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t not in (None, bool, int, float) and isinstance(value, t):
+            return True
+    return False
+
+
+def _is_choice(value, allowed: tuple) -> bool:
+    return any(value is c or (type(value) is type(c) and value == c) for c in allowed)
+
+
+def _type_name(allowed: tuple) -> str:
+    return " or ".join("null" if t is None else t.__name__ for t in allowed)
 
 
 class Protocol:
+    """A named, versioned protocol. Parameters are the shared ones (`SHARED_DEFAULTS`) plus the protocol's `defaults`;
+    `choices` enumerates allowed values, `types` the allowed types where the default does not show them (a default of
+    None, or several types), and `check` adds the protocol's own range rules. All of it is checked when the protocol
+    is made, so a bad value stops a run before any work."""
+
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     description: ClassVar[str] = ""
     defaults: ClassVar[dict] = {}
     presets: ClassVar[dict[str, dict]] = {}
+    choices: ClassVar[dict[str, tuple]] = {}
+    types: ClassVar[dict[str, tuple]] = {}
     default_seeds: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs):
@@ -77,12 +131,20 @@ class Protocol:
         if "run" in cls.__dict__:  # every protocol's run gets the scoring scope (CRF) of its own parameters
             cls.run = _scoped(cls.__dict__["run"])
 
+    @classmethod
+    def all_defaults(cls) -> dict:
+        return {**SHARED_DEFAULTS, **cls.defaults}
+
     def __init__(self, preset: str | None = None, **overrides):
-        params = copy.deepcopy(self.defaults)
+        params = copy.deepcopy(self.all_defaults())
         if preset is not None:
             if preset not in self.presets:
                 raise ProtocolError(f"protocol '{self.name}' has no preset '{preset}'; presets: "
                                     f"{', '.join(self.presets) or 'none'}")
+            stray = set(self.presets[preset]) - set(params)
+            if stray:
+                raise ProtocolError(f"protocol '{self.name}': preset '{preset}' sets {sorted(stray)}, which are not "
+                                    f"parameters; parameters: {sorted(params)}")
             params.update(copy.deepcopy(self.presets[preset]))
         unknown = set(overrides) - set(params)
         if unknown:
@@ -91,11 +153,59 @@ class Protocol:
         params.update(overrides)
         self.preset = preset
         self.params = params
+        self.validate()
 
-    def require_choice(self, key: str, allowed) -> None:
-        """Stop with an error naming the protocol, the parameter and its allowed values unless params[key] is one."""
-        if self.params[key] not in allowed:
-            raise ProtocolError(f"{self.name}: {key} must be one of {tuple(allowed)}, got {self.params[key]!r}")
+    def allowed(self, key: str) -> tuple[str, tuple]:
+        """('choices' | 'types', the allowed values or types) of a parameter."""
+        for kind, table in (("choices", {**_SHARED_CHOICES, **self.choices}),
+                            ("types", {**_SHARED_TYPES, **self.types})):
+            if key in table:
+                return kind, table[key]
+        default = self.all_defaults()[key]
+        if default is None:
+            raise TypeError(f"protocol '{self.name}': parameter '{key}' defaults to None; declare its type in `types`")
+        return "types", (type(default),)
+
+    def validate(self) -> None:
+        """Every parameter's type or choice, the shared ranges, then the protocol's own `check`."""
+        for key, value in self.params.items():
+            kind, allowed = self.allowed(key)
+            if kind == "choices" and not _is_choice(value, allowed):
+                raise ProtocolError(f"{self.name}: {key} must be one of {allowed}, got {value!r}")
+            if kind == "types" and not _type_ok(value, allowed):
+                raise ProtocolError(f"{self.name}: {key} must be {_type_name(allowed)}, got {value!r}")
+        p = self.params
+        for key in ("size", "eval_size"):
+            if p[key] is not None and p[key] < 1:
+                raise ProtocolError(f"{self.name}: {key} must be a positive integer, got {p[key]!r}")
+        if not p["crf_temperature"] > 0:
+            raise ProtocolError(f"{self.name}: crf_temperature must be > 0, got {p['crf_temperature']!r}")
+        try:
+            CRFParams.from_param(p["crf"])
+        except (ValueError, TypeError) as e:
+            raise ProtocolError(f"protocol '{self.name}': {e}") from None
+        self.check()
+
+    def check(self) -> None:
+        """The protocol's own rules on its parameters (ranges, combinations); raise ProtocolError."""
+
+    def positive(self, *keys: str, allow_none: bool = False) -> None:
+        """Each of `keys` must be > 0 (or None when `allow_none`)."""
+        for key in keys:
+            v = self.params[key]
+            if (v is None and not allow_none) or (v is not None and not v > 0):
+                raise ProtocolError(f"{self.name}: {key} must be > 0, got {v!r}")
+
+    def fraction(self, key: str, low: float = 0.0, high: float = 1.0) -> None:
+        """params[key] must lie in (low, high)."""
+        v = self.params[key]
+        if not low < v < high:
+            raise ProtocolError(f"{self.name}: {key} must be in ({low:g}, {high:g}), got {v!r}")
+
+    def train_split_wanted(self) -> list[str] | None:
+        """Train splits this run reads, in order of preference ('default' = the dataset's own train split); None when
+        it reads the evaluation split only. The runner opens the first available one into `ctx.train_set`."""
+        return None
 
     def run(self, ctx: Context) -> dict:
         """Return {"per_seed": [scores dict per seed], "info": {...}}; scores as metrics.scores() gives them."""
@@ -104,25 +214,24 @@ class Protocol:
 
 @dataclass
 class _Scoring:
-    """What the shared scoring path needs to know about the protocol run it serves: its CRF setting and its context
-    (for the images the CRF compares labels against)."""
+    """What the shared scoring path needs to know about the protocol run it serves: its CRF setting, the temperature
+    that turns its scores into unaries, and its context (for the images the CRF compares labels against)."""
 
     crf: CRFParams | None
+    temperature: float
     ctx: Context
     refined: int = 0
     seconds: float = 0.0
-    _hashes: dict = field(default_factory=dict)
+    score_types: set = field(default_factory=set)
 
     def images_for(self, labels: ArrayStore, eval_size: int | None) -> Callable[[int], np.ndarray]:
         """The RGB images, at label resolution, of the split whose cached labels these are (found by the label entry's
-        key: dataset id, split and file-list hash; drawn with the transform the labels were made with)."""
+        key: dataset id, split and content digest; drawn with the transform the labels were made with)."""
         key = labels.meta.get("key", {})
         for ds in (self.ctx.eval_set, self.ctx.train_set):
             if ds is None or key.get("dataset") != ds.id or key.get("split") != ds.split:
                 continue
-            if id(ds) not in self._hashes:
-                self._hashes[id(ds)] = ds.file_list_sha256()
-            if key.get("files_sha256") == self._hashes[id(ds)] and "transform" in key:
+            if key.get("content_sha256") == ds.content_sha256() and "transform" in key:
                 transform = Transform(**key["transform"])
                 return functools.partial(label_image, ds, transform, eval_size=eval_size)
         raise ProtocolError("crf: cannot tell which images these labels belong to (their cache key names no dataset "
@@ -148,7 +257,7 @@ def _scoped(run):
                 require_crf()
             except CRFError as e:
                 raise ProtocolError(f"protocol '{self.name}' with crf=true: {e}") from None
-        scope = _Scoring(crf, ctx)
+        scope = _Scoring(crf, float(self.params["crf_temperature"]), ctx)
         token = _SCORING.set(scope)
         try:
             result = run(self, ctx)
@@ -159,6 +268,9 @@ def _scoped(run):
                 raise ProtocolError(f"protocol '{self.name}' was run with crf=true but scored nothing through the "
                                     "shared CRF path (accumulate_confusion)")
             result.setdefault("info", {})["crf"] = {**crf.to_dict(), "package": "pydensecrf2",
+                                                    "unaries": "softmax(scores / crf_temperature), upsampled",
+                                                    "crf_temperature": scope.temperature,
+                                                    "score_types": sorted(scope.score_types),
                                                     "images_refined": scope.refined,
                                                     "seconds": round(scope.seconds, 3)}
         return result
@@ -181,7 +293,7 @@ def label_image(dataset: SegmentationDataset, transform: Transform, i: int, eval
 def save_label_map(path: Path, labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> None:
     """Write an (H, W) label map as a palette PNG in the dataset's colours (pixel values = labels; `ignore_index` and
     any label beyond the palette are drawn black), atomically."""
-    import os
+    import io
 
     from PIL import Image
 
@@ -193,21 +305,16 @@ def save_label_map(path: Path, labels: np.ndarray, palette: np.ndarray, ignore_i
         pal[ignore_index] = 0
     img = Image.fromarray(labels.astype(np.uint8), mode="P")
     img.putpalette(pal.ravel().tolist())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def sample_name(ds, i: int) -> str:
-    """The file stem a saved mask of image i gets (the sample's name; an index for nameless test datasets)."""
+    """The file stem a saved mask of image i gets: the sample's name as one safe path component (a name such as
+    '../x' from a dataset's name column can never leave the masks folder), an index for nameless test datasets."""
     samples = getattr(ds, "samples", None)
-    return samples[i].name if samples else f"{i:06d}"
+    return safe_component(samples[i].name) if samples else f"{i:06d}"
 
 
 class MaskSaver:
@@ -234,8 +341,8 @@ class MaskSaver:
             if mapping is not None:
                 lut = np.where(np.asarray(mapping) < 0, ds.ignore_index, mapping)
                 for f in sorted(self.tmp.glob("*.npy"), key=lambda q: int(q.stem)):
-                    save_label_map(self.dir / f"{sample_name(ds, int(f.stem))}.png", lut[np.load(f)], ds.palette,
-                                   ds.ignore_index)
+                    save_label_map(inside(self.dir, f"{sample_name(ds, int(f.stem))}.png"), lut[np.load(f)],
+                                   ds.palette, ds.ignore_index)
                     self.written += 1
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -321,21 +428,33 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
                          crf: CRFParams | bool | dict | None = None,
                          images: Callable[[int], np.ndarray] | None = None,
                          on_labels: Callable[[int, int, np.ndarray], None] | None = None,
-                         per_image: list | None = None) -> list[np.ndarray]:
+                         per_image: list | None = None, score_type: str = "scores",
+                         temperature: float | None = None) -> list[np.ndarray]:
     """For each scoring function (one per seed): dataset-level (C, K) confusion of its upsampled argmax predictions.
-    `prepare` maps an image's (h, w, D) tokens once before all scoring functions see them.
+    `prepare` maps an image's (h, w, D) tokens once before all scoring functions see them. A score that is NaN or
+    infinite stops the run (ProtocolError): an argmax over it would be a number without meaning.
 
     CRF: `crf=None` takes the running protocol's `crf` parameter, False turns it off, True / CRFParams / a dict turn
-    it on. Then each prediction is the dense CRF of the softmax of the upsampled scores against the RGB image at label
-    resolution (`images(i)`, by default read from the split the labels belong to), computed in a bounded process pool
-    (crf.pool_map; $SSL_SEGBENCH_CRF_WORKERS, $SSL_SEGBENCH_CRF_TIMEOUT). `on_labels(i, j, labels)` sees every final
-    label map (image i, scoring function j), e.g. to save it. A `per_image` list receives, per scoring function, each
-    image's confusion in `metrics.sparse` form (for bootstrap intervals over images)."""
+    it on. Then each prediction is the dense CRF of softmax(upsampled scores / temperature) (`temperature=None`: the
+    protocol's `crf_temperature`; `score_type` names what the scores are, for the record) against the RGB image at
+    label resolution (`images(i)`, by default read from the split the labels belong to), computed in a bounded process
+    pool (crf.pool_map; $SSL_SEGBENCH_CRF_WORKERS, $SSL_SEGBENCH_CRF_TIMEOUT). `on_labels(i, j, labels)` sees every
+    final label map (image i, scoring function j), e.g. to save it. A `per_image` list receives, per scoring function,
+    each image's confusion in `metrics.sparse` form (for bootstrap intervals over images)."""
     scope = _SCORING.get()
     if crf is None:
         params = scope.crf if scope is not None else None
     else:
         params = crf if isinstance(crf, CRFParams) else CRFParams.from_param(crf)
+    if temperature is None:
+        temperature = scope.temperature if scope is not None else 1.0
+
+    def scored(fn, x: np.ndarray, i: int) -> torch.Tensor:
+        sc = fn(x)
+        if not bool(torch.isfinite(sc).all()):
+            raise ProtocolError(f"scores of image {i} contain NaN or infinite values (a diverged head or broken "
+                                "features); refusing to turn them into labels")
+        return sc
     confs = [np.zeros((num_classes, num_preds), dtype=np.int64) for _ in score_fns]
     if per_image is not None:
         per_image[:] = [[] for _ in score_fns]
@@ -353,7 +472,7 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
             if prepare is not None:
                 x = prepare(x)
             for j, fn in enumerate(score_fns):
-                pred = scores_to_labels(fn(x), gt.shape, upsample)
+                pred = scores_to_labels(scored(fn, x, i), gt.shape, upsample)
                 add(j, gt, pred)
                 if on_labels is not None:
                     on_labels(i, j, pred)
@@ -383,7 +502,7 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
                 x = prepare(x)
             for j, fn in enumerate(score_fns):
                 pending.append((i, j, gt))
-                yield img, fn(x).float().numpy(), upsample, params
+                yield img, scored(fn, x, i).float().numpy() / temperature, upsample, params
 
     t0 = time.perf_counter()
     for pred in pool_map(refine_scores, tasks()):
@@ -396,4 +515,5 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
     if scope is not None:
         scope.refined += len(tokens) * len(score_fns)
         scope.seconds += time.perf_counter() - t0
+        scope.score_types.add(score_type)
     return confs

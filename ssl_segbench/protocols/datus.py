@@ -61,7 +61,7 @@ import torch
 from PIL import Image
 
 from ..metrics import image_stats, match, remap, scores
-from ..paths import cache_dir
+from ..paths import cache_dir, inside, safe_component
 from ..progress import progress_bar
 from ..transforms import Transform
 from . import register_protocol
@@ -78,23 +78,27 @@ class DatUSProtocol(Protocol):
     description = "DatUS² pseudo masks: key-affinity Louvain segments, CLS of segment crops, k-means, matching"
     default_seeds = 5
     defaults = {
-        "resize": None, "size": None, "eval_size": None,
         "k": None,  # None: number of classes
         "key_centering": "image-mean", "tau": 5, "louvain_resolution": 1.0, "louvain_seed": 0,
         "crop_resize": 256, "crop_size": 224,
         "pca_dim": None, "n_init": 10,
         "matching": "auto",
-        "crf": False, "mask_confidence": 0.7,  # CRF: the hard pseudo labels as unaries, mask_confidence on the label
+        "mask_confidence": 0.7,  # CRF: the hard pseudo labels as unaries, mask_confidence on the label
     }
     presets = {"datus": {"resize": "square", "size": 224, "key_centering": "none"}}  # the paper's settings
-    matchings = ("auto", "hungarian-pixels", "hungarian-iou", "many-to-one")
+    choices = {"matching": ("auto", "hungarian-pixels", "hungarian-iou", "many-to-one"),
+               "key_centering": ("none", "image-mean")}
+    types = {"k": (int, None), "pca_dim": (int, None)}
+
+    def check(self) -> None:
+        self.positive("k", "pca_dim", allow_none=True)
+        self.positive("crop_resize", "crop_size", "n_init", "louvain_resolution")
+        if self.params["tau"] < 0:
+            raise ProtocolError(f"datus: tau must be >= 0, got {self.params['tau']!r}")
+        self.fraction("mask_confidence")
 
     def run(self, ctx: Context) -> dict:
         p = self.params
-        self.require_choice("matching", self.matchings)
-        self.require_choice("key_centering", ("none", "image-mean"))
-        if not 0 < p["mask_confidence"] < 1:
-            raise ProtocolError(f"datus: mask_confidence must be in (0, 1), got {p['mask_confidence']!r}")
         if ctx.transform is None:
             raise ProtocolError("datus: the run's transform is needed to map segments back to the original images")
         ds = ctx.eval_set
@@ -154,7 +158,8 @@ class DatUSProtocol(Protocol):
         saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
             confs = accumulate_confusion(grids, fs.labels, fns, ds.num_classes, k + 1, ds.ignore_index, "nearest",
-                                         p["eval_size"], advance, on_labels=saver, per_image=per_image)
+                                         p["eval_size"], advance, on_labels=saver, per_image=per_image,
+                                         score_type="hard pseudo labels (mask_confidence)")
         per_seed, stats = [], []
         for j, conf in enumerate(confs):
             sc, mapping, excluded = score_with_noise(conf, matching)
@@ -208,13 +213,16 @@ class DatUSProtocol(Protocol):
                    "transform": ctx.transform.to_dict(),
                    "autocast": "bfloat16" if str(ctx.device).startswith("cuda") else "none"}
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-            path = cache_dir() / "datus" / ref.spec.id / ds.id / f"{ds.split}-{digest}"
+            path = inside(cache_dir(), Path("datus", safe_component(ref.spec.id), safe_component(ds.id),
+                                            f"{safe_component(ds.split)}-{digest}"))
             if (path / "meta.json").is_file():
                 emb = np.load(path / "embeddings.npy").astype(np.float32)
                 if len(emb) == sum(len(v) for v in valid):
+                    ctx.record_pass("datus segment-crop embeddings", False, split=ds.split, crops=int(len(emb)))
                     return emb, {"cache": "hit", "path": str(path), "crops": int(len(emb))}
         t0 = time.perf_counter()
         emb = embed_segments(ctx, segs, valid, p["crop_resize"], p["crop_size"])
+        ctx.record_pass("datus segment-crop embeddings", True, split=ds.split, crops=int(len(emb)))
         info = {"cache": "computed", "crops": int(len(emb)), "seconds": round(time.perf_counter() - t0, 3),
                 "device": str(ctx.device)}
         if path is not None:
@@ -316,6 +324,9 @@ def embed_segments(ctx: Context, segs: list[np.ndarray], valid: list[np.ndarray]
             return
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             cls = backbone(torch.stack(batch).to(device), -1, ("cls",))["cls"].float()
+        if not bool(torch.isfinite(cls).all()):
+            raise ProtocolError(f"datus: backbone '{spec.id}' gave non-finite CLS embeddings of segment crops of "
+                                f"{ds.id}/{ds.split}; nothing was cached")
         out.append(torch.nn.functional.normalize(cls, dim=1).cpu().numpy().astype(np.float32))
         batch.clear()
 

@@ -7,8 +7,17 @@ Hungarian on pixel counts.
 Presets: `leopart` (StandardScaler + PCA-50, Euclidean k-means niter 100 / nredo 5 with faiss's 256-points-per-centroid
 subsampling, 448 square input, nearest upsampling to 100×100, Hungarian on 1 − IoU) and `stego` (cosine clusters,
 Hungarian on pixel counts, shorter side 320 centre crop).
+
+CRF unaries (`crf=true`): softmax(scores / crf_temperature). Spherical k-means scores are cosine similarities, and the
+default temperature 0.5 gives STEGO's log_softmax(2·cos) exactly. Euclidean k-means scores are −½‖x − c‖² (up to a
+per-pixel constant, which the softmax ignores) on features rescaled to unit mean squared norm, where −½‖x − c‖² equals
+the cosine up to a constant for unit vectors; so the same temperature means the same sharpness for both, instead of
+raw squared distances in PCA units that make every unary one-hot and the CRF a no-op. The rescaling divides every
+score by one positive number (`info.score_scale`), so it never changes the argmax: only the CRF sees it.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from ..cluster import Preprocess, centroid_scores, kmeans, sample_rows
 from ..progress import progress_bar
@@ -24,11 +33,13 @@ class KMeansProtocol(Protocol):
     default_seeds = 5
     defaults = {
         "k": None,  # None: number of classes
-        "resize": None, "size": None,  # None: the run's transform
         "standardize": False, "pca_dim": None, "l2_normalize": True, "spherical": True,
         "niter": 100, "nredo": 5, "max_points_per_centroid": None, "max_fit_points": 2_000_000,
-        "upsample": "bilinear", "eval_size": None, "matching": "hungarian-pixels", "crf": False,
+        "upsample": "bilinear", "matching": "hungarian-pixels", "crf_temperature": 0.5,
     }
+    types = {"k": (int, None), "pca_dim": (int, None), "max_points_per_centroid": (int, None),
+             "max_fit_points": (int, None)}
+    choices = {"upsample": ("bilinear", "nearest"), "matching": ("hungarian-pixels", "hungarian-iou")}
     presets = {
         "leopart": {"resize": "square", "size": 448, "standardize": True, "pca_dim": 50, "l2_normalize": False,
                     "spherical": False, "niter": 100, "nredo": 5, "max_points_per_centroid": 256,
@@ -36,11 +47,12 @@ class KMeansProtocol(Protocol):
         "stego": {"resize": "shorter", "size": 320, "l2_normalize": True, "spherical": True,
                   "upsample": "bilinear", "eval_size": None, "matching": "hungarian-pixels"},
     }
-    matchings = ("hungarian-pixels", "hungarian-iou")
+    def check(self) -> None:
+        self.positive("k", "pca_dim", "max_points_per_centroid", "max_fit_points", allow_none=True)
+        self.positive("niter", "nredo")
 
     def run(self, ctx: Context) -> dict:
         p = self.params
-        self.require_choice("matching", self.matchings)
         ds = ctx.eval_set
         k = p["k"] or ds.num_classes
         fs = ctx.get(ds, ("tokens",))
@@ -54,18 +66,27 @@ def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> dict:
     pre = Preprocess.fit(fit, p["standardize"], p["pca_dim"], p["l2_normalize"])
     x = pre(fit)
     del fit
+    # Euclidean scores are measured on features of unit mean squared norm (module docstring); cosine needs nothing
+    scale = 1.0 if p["spherical"] else max(float(np.mean(np.einsum("nd,nd->n", x, x))), 1e-12)
     score_fns = []
     with progress_bar(len(ctx.seeds), f"k-means K={k} on {len(x)} tokens") as advance:
         for seed in ctx.seeds:
             c = kmeans(x, k, seed, p["niter"], p["nredo"], p["spherical"], p["max_points_per_centroid"])
-            score_fns.append(centroid_scores(c, p["spherical"]))
+            score_fns.append(centroid_scores(c, p["spherical"], scale))
             advance()
     per_image, saver = [], MaskSaver(ctx)
     with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
         confs = accumulate_confusion(fs["tokens"], fs.labels, score_fns, ds.num_classes, k, ds.ignore_index,
                                      p["upsample"], p["eval_size"], advance,
                                      prepare=lambda t: pre(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:2], -1),
-                                     on_labels=saver, per_image=per_image)
+                                     on_labels=saver, per_image=per_image, score_type=score_type(p))
     per_seed, stats = match_seeds(confs, per_image, matching, saver)
-    return {"per_seed": per_seed, "info": {"k": k, "fit_points": int(len(x)), "feature_dim": int(x.shape[1])},
-            "confusions": [c.tolist() for c in confs], "image_stats": stats}
+    info = {"k": k, "fit_points": int(len(x)), "feature_dim": int(x.shape[1]), "score_scale": round(scale, 6)}
+    return {"per_seed": per_seed, "info": info, "confusions": [c.tolist() for c in confs], "image_stats": stats}
+
+
+def score_type(p: dict) -> str:
+    """What the centroid scores are, for the record of the CRF's unaries."""
+    if p["spherical"]:
+        return "cosine similarity to centroids" if p["l2_normalize"] else "inner product with centroids"
+    return "-0.5 squared distance to centroids, features at unit mean squared norm"

@@ -44,8 +44,10 @@ Deliberate departures from Leopart's code:
   vertical offset counted twice);
 - row i is divided by the number of images CONTAINING cluster i (PROTOCOLS.md §4); Leopart counts only images in
   which the cluster has a neighbour of another cluster (the two differ only when a cluster fills an image);
-- clusters without any edge keep their own label each; Leopart leaves them at 0 in a zero-initialised map, so all
-  isolated clusters silently merge into one label;
+- clusters without any edge keep their own label each (`isolated_clusters: own-label`); Leopart leaves them at 0 in
+  a zero-initialised map, so all isolated clusters silently merge into one label (`shared-label`, preset `leopart`);
+- merged labels that Hungarian leaves unmatched count as wrong (`unmatched: wrong`); Leopart's `PredsmIoU` merges them
+  into the background class (`unmatched: background`, with `background_class`, preset `leopart`);
 - foreground k-means runs on each foreground token once; Leopart clusters the embeddings nearest-upsampled to
   100×100, which weights tokens by their 3–4 px upsampled footprint;
 - infomap ≥ 2.16 rejects seed 0: run seed s uses infomap seed s + 1 (Leopart used s with an older infomap);
@@ -58,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cluster import Preprocess, kmeans, sample_rows
-from ..metrics import image_stats, match_and_score
+from ..metrics import image_stats, match, remap, scores
 from ..progress import progress_bar
 from . import register_protocol
 from .base import Context, LabelGrids, MaskSaver, Protocol, ProtocolError, accumulate_confusion, onehot_scorer
@@ -79,7 +81,7 @@ class LeopartCDProtocol(Protocol):
     description = "Leopart CBFE + cluster co-occurrence community detection (infomap), Hungarian matching"
     default_seeds = 10
     defaults = {
-        "resize": None, "size": None, "eval_size": 100,
+        "eval_size": 100,
         "fit_splits": "eval+train",
         "standardize": True, "pca_dim": 50, "max_fit_points": 2_000_000,
         "niter": 100, "nredo": 5, "max_points_per_centroid": None, "cluster_seed": 0,
@@ -88,22 +90,43 @@ class LeopartCDProtocol(Protocol):
         "k": None, "markov_time": None, "weight_threshold": None, "preferred_modules": None,
         "distances": [1, 2],
         "matching": "hungarian-iou",
-        "crf": False, "mask_confidence": 0.7,  # CRF: the hard merged labels as unaries, mask_confidence on the label
+        "isolated_clusters": "own-label", "unmatched": "wrong", "background_class": 0,
+        "mask_confidence": 0.7,  # CRF: the hard merged labels as unaries, mask_confidence on the label
     }
     presets = {
-        "leopart": {"resize": "square", "size": 448, "eval_size": 100, "max_points_per_centroid": 256},
+        "leopart": {"resize": "square", "size": 448, "eval_size": 100, "max_points_per_centroid": 256,
+                    "isolated_clusters": "shared-label", "unmatched": "background"},
         "vits16": dict(CD_HPARAMS["vits16"]),
         "vitb8": dict(CD_HPARAMS["vitb8"]),
     }
-    matchings = ("hungarian-iou", "hungarian-pixels")
+    choices = {"matching": ("hungarian-iou", "hungarian-pixels"), "fit_splits": ("eval", "eval+train"),
+               "isolated_clusters": ("own-label", "shared-label"), "unmatched": ("wrong", "background")}
+    types = {"pca_dim": (int, None), "max_fit_points": (int, None), "max_points_per_centroid": (int, None),
+             "cbfe_threshold": (float, str), "k": (int, None), "markov_time": (float, None),
+             "weight_threshold": (float, None), "preferred_modules": (int, None)}
+
+    def check(self) -> None:
+        p = self.params
+        self.fraction("mask_confidence", 0.5, 1.0)
+        self.positive("pca_dim", "max_fit_points", "max_points_per_centroid", "k", "markov_time",
+                      "preferred_modules", allow_none=True)
+        self.positive("niter", "nredo", "cbfe_k", "attn_mass")
+        _check_cbfe_threshold(p["cbfe_threshold"])
+        if not p["distances"] or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                         for d in p["distances"]):
+            raise ProtocolError(f"leopart-cd: distances must be a list of positive integers, got {p['distances']!r}")
+        if p["background_class"] < 0:
+            raise ProtocolError(f"leopart-cd: background_class must be a class index, got {p['background_class']!r}")
+
+    def train_split_wanted(self) -> list[str] | None:
+        return ["default"] if self.params["fit_splits"] == "eval+train" else None
 
     def run(self, ctx: Context) -> dict:
         p = self.params
-        self.require_choice("matching", self.matchings)
-        self.require_choice("fit_splits", ("eval", "eval+train"))
-        if not 0.5 < p["mask_confidence"] < 1:
-            raise ProtocolError(f"leopart-cd: mask_confidence must be in (0.5, 1), got {p['mask_confidence']!r}")
         ds = ctx.eval_set
+        if p["unmatched"] == "background" and not p["background_class"] < ds.num_classes:
+            raise ProtocolError(f"leopart-cd: background_class {p['background_class']} is not a class of '{ds.id}' "
+                                f"(0..{ds.num_classes - 1})")
         hp, info = self._cd_hparams(ctx)
         k = hp["k"]
         preferred = p["preferred_modules"] or max(ds.num_classes - 1, 1)
@@ -112,7 +135,7 @@ class LeopartCDProtocol(Protocol):
         splits = [("eval", ds)]
         if p["fit_splits"] == "eval+train":
             if ctx.train_set is None:
-                info["fit_splits"] = f"eval only ({ds.split}): no train split under this root"
+                info["fit_splits"] = f"eval only ({ds.split}): {ctx.train_note or 'no train split under this root'}"
             else:
                 splits.append(("train", ctx.train_set))
         info.setdefault("fit_splits", " + ".join(s.split for _, s in splits))
@@ -186,7 +209,8 @@ class LeopartCDProtocol(Protocol):
             ev = [n for n, (si, _) in enumerate(images) if si == 0]
             merged = []
             for seed in ctx.seeds:
-                merged.append(communities(edges, k + 1, hp["markov_time"], preferred, seed + 1))
+                merged.append(communities(edges, k + 1, hp["markov_time"], preferred, seed + 1,
+                                          shared_isolated=p["isolated_clusters"] == "shared-label"))
                 advance()
         n_labels = [int(m.max()) + 1 for m in merged]
         # the merged label maps are at the working resolution, which is the ground truth's (eval_size or label
@@ -197,10 +221,14 @@ class LeopartCDProtocol(Protocol):
         saver = MaskSaver(ctx)
         with progress_bar(len(ev), f"scoring merged labels on {ds.id}/{ds.split}") as advance:
             confs = accumulate_confusion(grids, feats[0].labels, fns, ds.num_classes, max(n_labels), ds.ignore_index,
-                                         "nearest", p["eval_size"], advance, on_labels=saver, per_image=per_image)
+                                         "nearest", p["eval_size"], advance, on_labels=saver, per_image=per_image,
+                                         score_type="hard merged labels (mask_confidence)")
         per_seed, stats = [], []
         for j, conf in enumerate(confs):
-            sc, mapping = match_and_score(conf[:, : n_labels[j]], p["matching"])
+            mapping = match(conf[:, : n_labels[j]], p["matching"])
+            if p["unmatched"] == "background":  # Leopart's PredsmIoU: unmatched predictions become background
+                mapping[mapping < 0] = p["background_class"]
+            sc = scores(remap(conf[:, : n_labels[j]], mapping, ds.num_classes))
             sc["cluster_to_class"] = mapping.tolist()
             sc["merged_labels"] = n_labels[j]
             sc["merged_label_of_cluster"] = merged[j].tolist()
@@ -212,8 +240,9 @@ class LeopartCDProtocol(Protocol):
         confs = [conf[:, : n_labels[j]].tolist() for j, conf in enumerate(confs)]
         if ctx.save_masks is not None:
             res = f"{p['eval_size']}x{p['eval_size']}" if p["eval_size"] else "label resolution"
+            unmatched = "background class" if p["unmatched"] == "background" else "ignore index"
             info["saved_masks"] = (f"{ctx.save_masks}: seed {ctx.seeds[0]}, class space after matching, {res}, "
-                                   "unmatched labels = ignore index")
+                                   f"unmatched labels = {unmatched}")
         return {"per_seed": per_seed, "info": info, "confusions": confs, "image_stats": np.stack(stats)}
 
     def _cd_hparams(self, ctx: Context) -> tuple[dict, dict]:
@@ -320,18 +349,23 @@ def cluster_precisions(cluster_maps: list[np.ndarray], fg_maps: list[np.ndarray]
         return np.where(n > 0, sums / n, np.nan)
 
 
-def cbfe_threshold(precisions: np.ndarray, how) -> float:
-    """The precision at or above which a cluster is foreground: a fixed number, or 'otsu' (Otsu point of the
-    histogram of the clusters' precisions). Neither uses labels."""
+def _check_cbfe_threshold(how) -> None:
     if isinstance(how, str):
         if how != "otsu":
             raise ProtocolError(f"leopart-cd: cbfe_threshold must be a number in [0, 1] or 'otsu', got {how!r}")
+    elif isinstance(how, bool) or not isinstance(how, (int, float)) or not 0 <= how <= 1:
+        raise ProtocolError(f"leopart-cd: cbfe_threshold must be a number in [0, 1] or 'otsu', got {how!r}")
+
+
+def cbfe_threshold(precisions: np.ndarray, how) -> float:
+    """The precision at or above which a cluster is foreground: a fixed number, or 'otsu' (Otsu point of the
+    histogram of the clusters' precisions). Neither uses labels."""
+    _check_cbfe_threshold(how)
+    if isinstance(how, str):
         from skimage.filters import threshold_otsu
 
         vals = precisions[np.isfinite(precisions)]
         return float(vals.min()) if len(np.unique(vals)) < 2 else float(threshold_otsu(vals))
-    if isinstance(how, bool) or not isinstance(how, (int, float)) or not 0 <= how <= 1:
-        raise ProtocolError(f"leopart-cd: cbfe_threshold must be a number in [0, 1] or 'otsu', got {how!r}")
     return float(how)
 
 
@@ -361,9 +395,10 @@ def graph_edges(a: np.ndarray, weight_threshold: float) -> list[tuple[int, int, 
 
 
 def communities(edges: list[tuple[int, int, float]], n_nodes: int, markov_time: float, preferred_modules: int,
-                seed: int) -> np.ndarray:
-    """Merged label (0..M-1) of every node: infomap's two-level modules; a node without edges is its own label.
-    Labels are numbered by the smallest node id they contain, so they do not depend on infomap's module ids."""
+                seed: int, shared_isolated: bool = False) -> np.ndarray:
+    """Merged label (0..M-1) of every node: infomap's two-level modules; a node without edges is its own label, or,
+    with `shared_isolated`, all such nodes share one label (Leopart's zero-initialised map). Labels are numbered by
+    the smallest node id they contain, so they do not depend on infomap's module ids."""
     import infomap
 
     module = np.full(n_nodes, -1, dtype=np.int64)
@@ -378,6 +413,9 @@ def communities(edges: list[tuple[int, int, float]], n_nodes: int, markov_time: 
     out = np.empty(n_nodes, dtype=np.int64)
     ids: dict[tuple, int] = {}
     for node in range(n_nodes):
-        key = ("module", int(module[node])) if module[node] >= 0 else ("node", node)
+        if module[node] >= 0:
+            key = ("module", int(module[node]))
+        else:
+            key = ("isolated",) if shared_isolated else ("node", node)
         out[node] = ids.setdefault(key, len(ids))
     return out

@@ -1,24 +1,37 @@
-"""`linear`: a linear probe (1×1 convolution) on frozen patch tokens, trained on the train split and scored on the
+"""`linear`: a linear probe (1×1 convolution) on frozen patch tokens, trained on a train split and scored on the
 evaluation split (PROTOCOLS.md §3).
 
 Logits are computed at token resolution and upsampled bilinearly; a 1×1 convolution commutes with bilinear upsampling,
-so this equals Leopart's "upsample the tokens, then classify" exactly, at a fraction of the cost. This is the fast
-variant: it trains on cached features without augmentation (recorded as `variant: cached-features`). Optimiser and
-schedule are Leopart's: SGD lr 0.01, momentum 0.9, weight decay 1e-4, 25 epochs, lr × 0.1 at epoch 20, batch 60, loss
-against labels at 100×100. When the dataset root has no train split the probe trains on the evaluation images
-themselves, and the record says so.
+so this equals Leopart's "upsample the tokens, then classify" exactly, at a fraction of the cost (tested). Optimiser
+and schedule are Leopart's: SGD lr 0.01, momentum 0.9, weight decay 1e-4, 25 epochs, lr × 0.1 at epoch 20, batch 60,
+loss against labels at 100×100.
+
+Variants (`variant`):
+- `cached-features` (default, fast): trains on the cached tokens of the run's transform, no augmentation;
+- `augmented` (Leopart's training): every epoch, every train image goes through RandomResizedCrop(size, scale
+  0.8–1) + horizontal flip (p 0.5) and through the backbone again (batched, bf16 autocast on CUDA); crops are drawn
+  from a generator seeded by (seed, epoch, image), so they do not depend on batch sizes. Evaluation still reads the
+  cached tokens of the evaluation split.
+Train split (`train_split`): 'default' (the dataset's own train split), a split name, or a list of candidates of which
+the first available under the root is used; preset `leopart` asks for VOC's `trainaug` (10,582 images) and falls back
+to the default train split elsewhere. The record's info says which split trained the probe and why; when the root has
+no train split at all the probe trains on the evaluation images themselves, and the record says so.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..progress import progress_bar
+from ..transforms import RandomResizedCropFlip
 from . import register_protocol
-from .base import Context, MaskSaver, Protocol, accumulate_confusion, eval_labels, match_seeds
+from .base import Context, MaskSaver, Protocol, ProtocolError, accumulate_confusion, eval_labels, match_seeds
+
+# per SGD step: groups of (tokens (B, D, h, w), labels (B, S, S)) that together make one batch
+Steps = Callable[[int, np.random.Generator], Iterator[list[tuple[torch.Tensor, torch.Tensor]]]]
 
 
 @register_protocol
@@ -27,36 +40,88 @@ class LinearProtocol(Protocol):
     version = "1"
     description = "linear probe on frozen patch tokens (train split → eval split)"
     default_seeds = 1
-    defaults = {"resize": None, "size": None, "variant": "cached-features", "epochs": 25, "lr": 0.01, "momentum": 0.9,
+    defaults = {"variant": "cached-features", "train_split": "default", "epochs": 25, "lr": 0.01, "momentum": 0.9,
                 "weight_decay": 1e-4, "lr_step": 20, "batch_size": 60, "train_size": 100, "upsample": "bilinear",
-                "eval_size": None, "crf": False}
-    presets = {"leopart": {"resize": "square", "size": 448, "eval_size": 100}}
+                "aug_scale": [0.8, 1.0], "aug_ratio": [0.75, 4 / 3], "aug_flip": 0.5}
+    presets = {"leopart": {"resize": "square", "size": 448, "eval_size": 100, "train_split": ["trainaug", "default"]},
+               "leopart-augmented": {"resize": "square", "size": 448, "eval_size": 100,
+                                     "train_split": ["trainaug", "default"], "variant": "augmented"}}
+    choices = {"variant": ("cached-features", "augmented"), "upsample": ("bilinear", "nearest")}
+    types = {"train_split": (str, list)}
+
+    def check(self) -> None:
+        p = self.params
+        self.positive("epochs", "lr", "lr_step", "batch_size", "train_size")
+        check_train_split(self.name, p["train_split"])
+        for key in ("aug_scale", "aug_ratio"):
+            v = p[key]
+            if not (len(v) == 2 and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in v)
+                    and 0 < v[0] <= v[1]):
+                raise ProtocolError(f"linear: {key} must be [low, high] with 0 < low <= high, got {v!r}")
+        if not 0 <= p["aug_flip"] <= 1:
+            raise ProtocolError(f"linear: aug_flip must be a probability in [0, 1], got {p['aug_flip']!r}")
+
+    def train_split_wanted(self) -> list[str]:
+        v = self.params["train_split"]
+        return [v] if isinstance(v, str) else list(v)
 
     def run(self, ctx: Context) -> dict:
         p = self.params
         ds = ctx.eval_set
-        train_set = ctx.train_set
-        info = {}
-        if train_set is None:
-            train_set = ds
-            info["train_split"] = f"{ds.split} (same images as evaluation: no train split under this root)"
-        else:
-            info["train_split"] = train_set.split
-            info["train_files_sha256"] = train_set.file_list_sha256()
-        train = ctx.get(train_set, ("tokens",))
+        if p["variant"] == "augmented" and ctx.transform is None:
+            raise ProtocolError("linear: variant=augmented crops train images at the run's input size, but the run "
+                                "gave no transform")
+        train_set, info = train_split_info(ctx)
         evalfs = ctx.get(ds, ("tokens",))
         heads = []
-        with progress_bar(len(ctx.seeds) * p["epochs"], f"linear probe on {train_set.id}/{train_set.split}") as adv:
-            for seed in ctx.seeds:
-                heads.append(_train(train, ds.num_classes, ds.ignore_index, p, seed, ctx.device, adv))
-        score_fns = [_scorer(h) for h in heads]
+        with progress_bar(len(ctx.seeds) * p["epochs"], f"linear probe ({p['variant']}) on "
+                                                         f"{train_set.id}/{train_set.split}") as adv:
+            if p["variant"] == "cached-features":
+                train = ctx.get(train_set, ("tokens",))
+                steps = cached_steps(train["tokens"], train.labels.labels, p)
+                for seed in ctx.seeds:
+                    heads.append(train_head(_linear_head(ds.num_classes), train["tokens"].data.shape[1], steps,
+                                            ds.ignore_index, p, seed, ctx.device, adv))
+            else:
+                dim = evalfs["tokens"].data.shape[1]
+                for seed in ctx.seeds:
+                    steps = augmented_steps(ctx, train_set, p, seed)
+                    heads.append(train_head(_linear_head(ds.num_classes), dim, steps, ds.ignore_index, p, seed,
+                                            ctx.device, adv))
+                ctx.record_pass("augmented training", True, split=train_set.split, facets=["tokens"],
+                                images=len(train_set) * p["epochs"] * len(ctx.seeds),
+                                augmentation=f"RandomResizedCrop({ctx.transform.size}, scale {p['aug_scale']}, "
+                                             f"ratio {p['aug_ratio']}) + flip p {p['aug_flip']}")
         per_image, saver = [], MaskSaver(ctx)
         with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
-            confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, score_fns, ds.num_classes, ds.num_classes,
-                                         ds.ignore_index, p["upsample"], p["eval_size"], advance,
-                                         on_labels=saver, per_image=per_image)
+            confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [_scorer(h) for h in heads], ds.num_classes,
+                                         ds.num_classes, ds.ignore_index, p["upsample"], p["eval_size"], advance,
+                                         on_labels=saver, per_image=per_image, score_type="linear-head logits")
         per_seed, stats = match_seeds(confs, per_image, "identity", saver)
         return {"per_seed": per_seed, "info": info, "confusions": [c.tolist() for c in confs], "image_stats": stats}
+
+
+def check_train_split(protocol: str, value) -> None:
+    """`train_split`: 'default', a split name, or a non-empty list of them."""
+    names = [value] if isinstance(value, str) else value
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ProtocolError(f"{protocol}: train_split must be 'default', a split name, or a list of them, "
+                            f"got {value!r}")
+
+
+def train_split_info(ctx: Context):
+    """(the dataset a protocol trains on, record info saying which split it is and why)."""
+    ds = ctx.eval_set
+    if ctx.train_set is None:
+        return ds, {"train_split": f"{ds.split} (same images as evaluation: "
+                                   f"{ctx.train_note or 'no train split under this root'})"}
+    info = {"train_split": ctx.train_set.split + (f" ({ctx.train_note})" if ctx.train_note else ""),
+            "train_content_sha256": ctx.train_set.content_sha256()}
+    return ctx.train_set, info
+
+
+def _linear_head(num_classes: int) -> Callable[[int], torch.nn.Module]:
+    return lambda dim: torch.nn.Conv2d(dim, num_classes, kernel_size=1)
 
 
 def _batch(store, label_of, idx, train_size: int):
@@ -66,34 +131,70 @@ def _batch(store, label_of, idx, train_size: int):
     return x, y
 
 
-def _train(fs, num_classes: int, ignore_index: int, p: dict, seed: int, device: str, advance) -> torch.nn.Conv2d:
-    return train_head(fs["tokens"], fs.labels.labels, lambda dim: torch.nn.Conv2d(dim, num_classes, kernel_size=1),
-                      ignore_index, p, seed, device, advance)
-
-
-def train_head(tokens, label_of: Callable[[int], np.ndarray], make_head: Callable[[int], torch.nn.Module],
-               ignore_index: int, p: dict, seed: int, device: str, advance) -> torch.nn.Module:
-    """Train `make_head(D)` on cached (h, w, D) tokens against `label_of(i)` ((H, W) labels of image i, resized nearest
-    to p["train_size"]²), with CE on bilinearly upsampled logits, SGD (p: lr, momentum, weight_decay, epochs, lr_step,
-    batch_size); images of one grid size share a forward pass. Returns the head on the CPU in eval mode."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    head = make_head(tokens.data.shape[1]).to(device)
-    opt = torch.optim.SGD(head.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=p["lr_step"], gamma=0.1)
+def cached_steps(tokens, label_of: Callable[[int], np.ndarray], p: dict) -> Steps:
+    """Batches of p["batch_size"] images in a random order per epoch, from cached (h, w, D) tokens and `label_of(i)`
+    ((H, W) labels, resized nearest to p["train_size"]²); images of one grid size share a forward pass."""
     grids = [tuple(g) for g in tokens.index[:, 1:].tolist()]
-    head.train()
-    for _epoch in range(p["epochs"]):
+
+    def steps(epoch: int, rng: np.random.Generator):
         order = rng.permutation(len(tokens))
         for start in range(0, len(order), p["batch_size"]):
-            chunk = order[start: start + p["batch_size"]]
             by_grid: dict[tuple, list[int]] = {}
-            for i in chunk:
+            for i in order[start: start + p["batch_size"]]:
                 by_grid.setdefault(grids[i], []).append(int(i))
+            yield [_batch(tokens, label_of, idx, p["train_size"]) for idx in by_grid.values()]
+
+    return steps
+
+
+def augmented_steps(ctx: Context, ds, p: dict, seed: int) -> Steps:
+    """Batches of p["batch_size"] freshly augmented train images (module docstring) through the backbone: tokens of
+    the run's layer and labels at p["train_size"]²."""
+    aug = RandomResizedCropFlip(ctx.transform.size, tuple(p["aug_scale"]), tuple(p["aug_ratio"]), p["aug_flip"])
+    backbone = ctx.backbone()
+    spec = backbone.spec
+    use_amp = str(ctx.device).startswith("cuda")
+
+    def steps(epoch: int, rng: np.random.Generator):
+        order = rng.permutation(len(ds))
+        for start in range(0, len(order), p["batch_size"]):
+            xs, ys = [], []
+            for i in order[start: start + p["batch_size"]]:
+                img = ds.load_image(int(i))
+                box, flipped = aug.sample(np.random.default_rng([seed, epoch, int(i)]), *img.size)
+                x, y = aug.apply(img, ds.load_mask(int(i)), box, flipped, spec.mean, spec.std)
+                xs.append(x)
+                ys.append(eval_labels(y, p["train_size"]))
+            tokens = []
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                for b in range(0, len(xs), ctx.batch_size):
+                    chunk = torch.stack(xs[b: b + ctx.batch_size]).to(ctx.device)
+                    tokens.append(backbone(chunk, ctx.layer, ("tokens",))["tokens"].float().cpu())
+            t = torch.cat(tokens)
+            if not bool(torch.isfinite(t).all()):
+                raise ProtocolError(f"linear: backbone '{spec.id}' gave non-finite tokens on augmented images of "
+                                    f"{ds.id}/{ds.split} (epoch {epoch}); refusing to train on them")
+            yield [(t.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(ys)))]
+
+    return steps
+
+
+def train_head(make_head: Callable[[int], torch.nn.Module], dim: int, steps: Steps, ignore_index: int, p: dict,
+               seed: int, device: str, advance) -> torch.nn.Module:
+    """Train `make_head(dim)` on the batches `steps(epoch, rng)` yields, with CE on bilinearly upsampled logits and
+    SGD (p: lr, momentum, weight_decay, epochs, lr_step); seeded by `seed` (weights and batch order). Returns the head
+    on the CPU in eval mode."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    head = make_head(dim).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=p["lr_step"], gamma=0.1)
+    head.train()
+    for epoch in range(p["epochs"]):
+        for groups in steps(epoch, rng):
             opt.zero_grad()
             loss_sum, n_valid = 0.0, 0
-            for idx in by_grid.values():
-                x, y = _batch(tokens, label_of, idx, p["train_size"])
+            for x, y in groups:
                 x, y = x.to(device), y.to(device)
                 logits = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
                 valid = int((y != ignore_index).sum())

@@ -77,18 +77,20 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..features import compute_precision
 from ..metrics import hungarian, image_stats, remap, scores
-from ..paths import cache_dir
+from ..paths import cache_dir, inside, safe_component
 from ..progress import progress_bar
 from . import register_protocol
 from .base import Context, LabelGrids, MaskSaver, Protocol, ProtocolError, accumulate_confusion, onehot_scorer
-from .linear import _scorer, train_head
+from .linear import _scorer, cached_steps, train_head, train_split_info
 
 STAGES = ("pseudo", "distill-linear", "distill-conv")
 MATCHINGS = ("auto", "hungarian", "many-to-one")
 WHITENING = ("std", "pca", None)
 CACHE_VERSION = 1
 PSEUDO_IGNORE = -1  # label of padding in the pseudo labels a head trains on
+_CLS_FACET = {"softmax": "attn", "raw-logits": "attn_logits"}  # where the CLS map is read from
 
 
 # --- 1. object mask discovery ------------------------------------------------------------------------------------
@@ -242,41 +244,50 @@ class MaskDistillProtocol(Protocol):
     default_seeds = 1
     defaults = {
         "stage": "pseudo",  # 'pseudo' | 'distill-linear' | 'distill-conv'
-        "resize": None, "size": None,  # None: the run's transform; preset 'original': pad 640
-        "heads": 5, "mass": 0.5, "topk": 0.4, "proposals": "topk", "connectivity": 4, "center_keys": True,
+        "cls_map": "softmax", "heads": 5, "mass": 0.5, "topk": 0.4, "proposals": "topk", "connectivity": 4,
+        "center_keys": True,
         "embed_backbone": None, "crop_size": None, "embed_batch_size": 32,
         "fit_set": "all", "whiten": "std", "k": None, "overcluster": 1, "kmeans_batch_size": 1000,
         "kmeans_n_init": 3,
-        "background_class": 0, "matching": "auto", "upsample": "auto", "eval_size": None,
+        "background_class": 0, "matching": "auto", "upsample": "auto",
         "epochs": 25, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lr_step": 20, "batch_size": 60,
         "train_size": 100, "conv_hidden": 256,
-        "mask_confidence": 0.7, "crf": False,
+        "mask_confidence": 0.7,
     }
+    _original = {"resize": "pad", "size": 640, "center_keys": False, "cls_map": "raw-logits"}  # the released code
     presets = {
-        "original": {"resize": "pad", "size": 640, "center_keys": False},
+        "original": dict(_original),
         "distill-linear": {"stage": "distill-linear"},
         "distill-conv": {"stage": "distill-conv"},
-        "original-distill-linear": {"resize": "pad", "size": 640, "center_keys": False, "stage": "distill-linear"},
-        "original-distill-conv": {"resize": "pad", "size": 640, "center_keys": False, "stage": "distill-conv"},
+        "original-distill-linear": {**_original, "stage": "distill-linear"},
+        "original-distill-conv": {**_original, "stage": "distill-conv"},
     }
+    choices = {"stage": STAGES, "matching": MATCHINGS, "whiten": WHITENING, "fit_set": ("all", "eval"),
+               "connectivity": (4, 8), "proposals": ("topk", "topk-in-mass"), "cls_map": ("softmax", "raw-logits"),
+               "upsample": ("auto", "nearest", "bilinear")}
+    types = {"embed_backbone": (str, None), "crop_size": (int, None), "k": (int, None),
+             "background_class": (int, None)}
 
-    def _check(self) -> dict:
-        p = dict(self.params)
-        for key, allowed in (("stage", STAGES), ("matching", MATCHINGS), ("whiten", WHITENING),
-                             ("fit_set", ("all", "eval")), ("connectivity", (4, 8))):
-            self.require_choice(key, allowed)
+    def check(self) -> None:
+        p = self.params
         if not 0 < p["topk"] <= 1 or not 0 < p["mass"] <= 1:
             raise ProtocolError("maskdistill: topk and mass are fractions in (0, 1]")
-        if not isinstance(p["overcluster"], int) or p["overcluster"] < 1:
-            raise ProtocolError(f"maskdistill: overcluster must be a positive integer, got {p['overcluster']!r}")
-        if p["upsample"] == "auto":
-            p["upsample"] = "nearest" if p["stage"] == "pseudo" else "bilinear"
-        if p["upsample"] not in ("nearest", "bilinear"):
-            raise ProtocolError(f"maskdistill: upsample must be 'auto', 'nearest' or 'bilinear', got {p['upsample']!r}")
-        return p
+        self.positive("heads", "overcluster", "embed_batch_size", "kmeans_batch_size", "kmeans_n_init", "epochs",
+                      "lr", "lr_step", "batch_size", "train_size", "conv_hidden")
+        self.positive("k", "crop_size", allow_none=True)
+        self.fraction("mask_confidence")
+        if p["background_class"] is not None and p["background_class"] < 0:
+            raise ProtocolError(f"maskdistill: background_class must be a class index or null, got "
+                                f"{p['background_class']!r}")
+
+    def train_split_wanted(self) -> list[str] | None:
+        p = self.params
+        return ["default"] if p["stage"] != "pseudo" or p["fit_set"] == "all" else None
 
     def run(self, ctx: Context) -> dict:
-        p = self._check()
+        p = dict(self.params)
+        if p["upsample"] == "auto":
+            p["upsample"] = "nearest" if p["stage"] == "pseudo" else "bilinear"
         ds = ctx.eval_set
         if ctx.transform is None:
             raise ProtocolError("maskdistill maps mask boxes back to the original images and needs the run's transform")
@@ -289,13 +300,10 @@ class MaskDistillProtocol(Protocol):
         info: dict = {"stage": p["stage"], "upsample": p["upsample"]}
         train_set = ctx.train_set
         if distill:
-            if train_set is None:
-                info["train_split"] = f"{ds.split} (same images as evaluation: no train split under this root)"
-            else:
-                info["train_split"] = train_set.split
-                info["train_files_sha256"] = train_set.file_list_sha256()
+            info.update(train_split_info(ctx)[1])
         use_train = train_set is not None and (distill or p["fit_set"] == "all")
-        facets = ("attn", "keys", "tokens")  # tokens too in the pseudo stage: one backbone pass serves every stage
+        # tokens too in the pseudo stage: one backbone pass serves every stage
+        facets = (_CLS_FACET[p["cls_map"]], "keys", "tokens")
         splits = {"eval": (ds, ctx.get(ds, facets))}
         if use_train:
             splits["train"] = (train_set, ctx.get(train_set, facets))
@@ -345,7 +353,8 @@ class MaskDistillProtocol(Protocol):
             fns = [onehot_scorer(j, n_labels, p["mask_confidence"]) for j in range(len(ctx.seeds))]
             with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
                 confs = accumulate_confusion(grids, evalfs.labels, fns, c, n_labels, ds.ignore_index, p["upsample"],
-                                             p["eval_size"], advance, on_labels=saver, per_image=per_image)
+                                             p["eval_size"], advance, on_labels=saver, per_image=per_image,
+                                             score_type="hard pseudo labels (mask_confidence)")
         else:
             tname = "train" if "train" in splits else "eval"
             tds, tfs = splits[tname]
@@ -353,13 +362,13 @@ class MaskDistillProtocol(Protocol):
             with progress_bar(len(ctx.seeds) * p["epochs"], f"{p['stage']} on {tds.id}/{tds.split}") as adv:
                 for s, seed in enumerate(ctx.seeds):
                     label_of = _PseudoLabels(tds, tfs, ctx.transform, lambda i, s=s, n=tname: grid(n, i, s))
-                    heads.append(train_head(tfs["tokens"], label_of,
-                                            lambda dim: _head(p["stage"], dim, n_labels, p["conv_hidden"]),
+                    heads.append(train_head(lambda dim: _head(p["stage"], dim, n_labels, p["conv_hidden"]),
+                                            tfs["tokens"].data.shape[1], cached_steps(tfs["tokens"], label_of, p),
                                             PSEUDO_IGNORE, p, seed, ctx.device, adv))
             with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
                 confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [_scorer(h) for h in heads], c,
                                              n_labels, ds.ignore_index, p["upsample"], p["eval_size"], advance,
-                                             on_labels=saver, per_image=per_image)
+                                             on_labels=saver, per_image=per_image, score_type="distilled-head logits")
         info["scoring_seconds"] = round(time.perf_counter() - t0, 3)
         per_seed, mappings = [], []
         for conf in confs:
@@ -378,15 +387,20 @@ class MaskDistillProtocol(Protocol):
     # --- masks + embeddings of one split, cached --------------------------------------------------------------
     def _entry(self, ctx: Context, ds, fs, p: dict) -> dict:
         embed_key, load = _embedder(ctx, p)
+        cls_facet = _CLS_FACET[p["cls_map"]]
         key = {"kind": "maskdistill-pseudo", "version": CACHE_VERSION, "dataset": ds.id, "split": ds.split,
-               "attn": fs["attn"].meta.get("key"), "keys": fs["keys"].meta.get("key"),
+               "cls_map": fs[cls_facet].meta.get("key"), "keys": fs["keys"].meta.get("key"),
                "transform": ctx.transform.to_dict(),
-               "mask": {f: p[f] for f in ("heads", "mass", "topk", "proposals", "connectivity", "center_keys")},
+               "mask": {f: p[f] for f in ("cls_map", "heads", "mass", "topk", "proposals", "connectivity",
+                                          "center_keys")},
                "embed": embed_key, "crop_size": p["crop_size"]}
-        path = cache_dir() / "pseudo" / "maskdistill" / str(ds.id) / f"{ds.split}-{_digest(key)}"
+        path = inside(cache_dir(), Path("pseudo", "maskdistill", safe_component(ds.id),
+                                        f"{safe_component(ds.split)}-{_digest(key)}"))
         hit = (path / "meta.json").is_file()
         if not hit:
             _compute_entry(path, key, ctx, ds, fs, p, load)
+        ctx.record_pass("maskdistill object masks + crop embeddings", not hit, split=ds.split,
+                        embed_backbone=embed_key["id"], entry=path.name)
         index = np.load(path / "index.npy")
         flat = np.load(path / "masks.npy")
         masks = [flat[o: o + h * w].reshape(h, w).astype(bool) for o, h, w in index.tolist()]
@@ -412,7 +426,7 @@ def _embedder(ctx: Context, p: dict):
         raise ProtocolError("maskdistill embeds mask crops with a backbone, but the run gave none")
     s = ref.spec
     key = {"id": s.id, "source": ref.source, "revision": ref.revision, "mean": list(s.mean), "std": list(s.std),
-           "patch_size": s.patch_size}
+           "patch_size": s.patch_size, "precision": compute_precision(ctx.device)}
     return key, load
 
 
@@ -422,7 +436,7 @@ def _compute_entry(path: Path, key: dict, ctx: Context, ds, fs, p: dict, load) -
     masks, boxes = [], []
     with progress_bar(n, f"object masks {ds.id}/{ds.split}") as advance:
         for i in range(n):
-            m = object_mask(np.asarray(fs["attn"].image(i), dtype=np.float32),
+            m = object_mask(np.asarray(fs[_CLS_FACET[p["cls_map"]]].image(i), dtype=np.float32),
                             np.asarray(fs["keys"].image(i), dtype=np.float32),
                             p["heads"], p["mass"], p["topk"], p["proposals"], p["connectivity"], p["center_keys"])
             masks.append(m)
@@ -436,7 +450,7 @@ def _compute_entry(path: Path, key: dict, ctx: Context, ds, fs, p: dict, load) -
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
     try:
         np.save(tmp / "masks.npy", np.concatenate([m.ravel() for m in masks]).astype(np.uint8))
-        np.save(tmp / "index.npy", np.asarray(fs["attn"].index, dtype=np.int64))
+        np.save(tmp / "index.npy", np.asarray(fs["keys"].index, dtype=np.int64))
         np.save(tmp / "boxes.npy", np.asarray(boxes, dtype=np.int64).reshape(-1, 4))
         np.save(tmp / "embeddings.npy", emb.astype(np.float32))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -481,14 +495,19 @@ def _embed_crops(ds, boxes: list[tuple[int, int, int, int]], load, p: dict, devi
     for i, b in enumerate(boxes):
         groups.setdefault(shape_of(b), []).append(i)
     out = np.zeros((len(boxes), spec.embed_dim), dtype=np.float32)
+    use_amp = str(device).startswith("cuda")  # as the main pass: the key's precision says so
     with progress_bar(len(boxes), f"crop CLS embeddings ({spec.id}) {ds.id}/{ds.split}") as advance, \
-            torch.inference_mode():
+            torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
         for idx in groups.values():
             for start in range(0, len(idx), p["embed_batch_size"]):
                 chunk = idx[start: start + p["embed_batch_size"]]
                 x = torch.stack([crop(i) for i in chunk]).to(device)
                 out[chunk] = backbone(x, -1, ("cls",))["cls"].float().cpu().numpy()
                 advance(len(chunk))
+    if not np.isfinite(out).all():
+        bad = int(np.flatnonzero(~np.isfinite(out).all(1))[0])
+        raise ProtocolError(f"maskdistill: backbone '{spec.id}' gave a non-finite CLS embedding for the mask crop of "
+                            f"image '{ds.samples[bad].name}' of {ds.id}/{ds.split}; nothing was cached")
     return out
 
 

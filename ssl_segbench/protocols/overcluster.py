@@ -35,15 +35,13 @@ class OverclusterProtocol(Protocol):
     default_seeds = 5
     defaults = {**KMeansProtocol.defaults, "k": 500, "matching": "many-to-one"}
     presets = {"leopart": {**KMeansProtocol.presets["leopart"], "matching": "many-to-one"}}
+    types = {**KMeansProtocol.types, "k": (int,)}
+    choices = {**KMeansProtocol.choices, "matching": ("many-to-one",)}  # Hungarian matching is the kmeans protocol
+    check = KMeansProtocol.check
 
     def run(self, ctx: Context) -> dict:
         p = self.params
-        if p["matching"] != "many-to-one":
-            raise ProtocolError(f"overcluster: matching is many-to-one by definition, got {p['matching']!r}; "
-                                "use the kmeans protocol for Hungarian matching")
         k = p["k"]
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ProtocolError(f"overcluster: k must be a positive integer (Leopart: 100, 300, 500), got {k!r}")
         ds = ctx.eval_set
         fs = ctx.get(ds, ("tokens",))
         n_tokens = int(fs["tokens"].data.shape[0])

@@ -1,0 +1,89 @@
+"""Published numbers appear beside a column only where the entry's claimed column identity equals the column's;
+everything else is context ("Reported numbers"), never a difference. Every shipped entry is checked against the
+identity it claims."""
+from __future__ import annotations
+
+import pytest
+
+from ssl_segbench.data import DATASETS
+from ssl_segbench.leaderboard import PublishedError, load_published, published_identity, render
+from ssl_segbench.protocols import PROTOCOLS, get_protocol
+from ssl_segbench.records import SCHEMA
+from ssl_segbench.registry import load_registry
+
+
+def _rec(backbone: str, miou: float, spec: str, dataset: str = "voc", **overrides) -> dict:
+    """A record as a run of `spec` (with `overrides`) writes it, with the resolved resize/size."""
+    proto = get_protocol(spec, **overrides)
+    params = dict(proto.params, resize=proto.params["resize"] or "shorter", size=proto.params["size"] or 224)
+    ident = {"backbone": backbone, "source": backbone, "revision": "a" * 40, "dataset": dataset, "split": "val",
+             "content_sha256": "f" * 64, "protocol": proto.name, "version": proto.version, "params": params,
+             "layer": -1, "seeds": [0]}
+    m = {"mean": miou, "std": 0.0, "per_seed": [miou]}
+    return {"schema": SCHEMA, "key": f"{backbone}-{spec}-{miou}", "identity": ident,
+            "backbone": {"id": backbone, "revision_resolved": "a" * 40, "layer": -1}, "dataset": {"n_images": 10},
+            "protocol": {"name": proto.name, "version": proto.version, "preset": proto.preset, "params": params},
+            "seeds": [0], "info": {}, "metrics": {"miou": m, "pixel_acc": m, "mf1": m}}
+
+
+def _exact(value=0.45, version="1", overrides=None):
+    return {"dataset": "voc", "split": "val", "method": "Paper X", "backbone": "dino_vits16", "metric": "miou",
+            "value": value, "measured_on": "frozen features", "compare": "exact", "source": "Paper X, Table 1",
+            "protocol": {"name": "kmeans", "version": version, "preset": "stego", "overrides": overrides or {},
+                         "layer": -1}}
+
+
+def test_exact_entry_is_shown_only_in_the_column_with_its_identity():
+    entry = _exact()
+    same = _rec("dino_vits16", 0.5, "kmeans:stego")
+    other_temperature = _rec("dino_vits16", 0.6, "kmeans:stego", crf_temperature=1.0)  # one parameter differs
+    other_backbone = _rec("dino_vitb16", 0.7, "kmeans:stego")
+    page = render([same, other_temperature, other_backbone], published=[entry])["voc.md"]
+    sections = page.split("### kmeans")[1:]
+    with_pub = [s for s in sections if "45.0 (+5.0)" in s]
+    assert len(with_pub) == 1 and "dino_vits16" in with_pub[0] and "Published: Paper X, Table 1" in with_pub[0]
+    assert "45.0 (+15.0)" not in page and "45.0 (+25.0)" not in page
+    # a version bump of the protocol takes the claim out of every column
+    assert "45.0" not in render([same], published=[_exact(version="0")])["voc.md"]
+
+
+def test_reported_only_numbers_are_context_never_a_difference():
+    entries = load_published()
+    md = [e for e in entries if e["method"] == "MaskDistill" and e["dataset"] == "voc"]
+    assert md and all(e["compare"] == "reported-only" for e in md)  # measured on a trained DeepLab, not on masks
+    rec = _rec("dino_vits16", 0.40, "maskdistill:original", embed_backbone="dino_vits8")
+    page = render([rec], published=entries)["voc.md"]
+    column, reported = page.split("### Reported numbers (context only)")
+    assert "published" not in column.split("### maskdistill")[1] and "45.8" not in column
+    assert "45.8" in reported and "DeepLab-v3 trained on the object-mask pseudo labels" in reported
+
+
+def test_every_shipped_entry_is_checked_against_the_identity_it_claims():
+    entries = load_published()
+    registry = load_registry()
+    assert entries
+    for e in entries:
+        assert e["dataset"] in DATASETS, e
+        assert e.get("backbone") is None or e["backbone"] in registry, e
+        if e["compare"] == "exact":
+            claimed = published_identity(e)  # the preset + overrides make a valid protocol
+            assert claimed["version"] == PROTOCOLS[claimed["protocol"]].version, e
+        else:
+            assert e["why"] and "protocol" not in e
+
+
+@pytest.mark.parametrize("text, match", [
+    ("published:\n  - {dataset: voc, dataset: voc}\n", "duplicate key"),
+    ("published:\n  - {dataset: voc, split: val, method: X, metric: miou, value: 0.4, measured_on: y, "
+     "compare: exact, source: z}\n", "exact entry names its backbone"),
+    ("published:\n  - {dataset: voc, split: val, method: X, metric: miou, value: 0.4, measured_on: y, "
+     "compare: reported-only, source: z}\n", "says `why`"),
+    ("published:\n  - {dataset: voc, split: val, method: X, metric: miou, value: 45.8, measured_on: y, "
+     "compare: reported-only, why: w, source: z}\n", "fraction"),
+])
+def test_malformed_published_files_are_refused(tmp_path, text, match):
+    path = tmp_path / "published.yaml"
+    path.write_text(text)
+    with pytest.raises(Exception, match=match) as e:
+        load_published(path)
+    assert isinstance(e.value, (PublishedError,)) or "YAML" in type(e.value).__name__
