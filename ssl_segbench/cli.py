@@ -308,7 +308,8 @@ def _cmd_check(args) -> int:
     table = Table(title=f"{args.baseline} vs {results}")
     for col in ("status", "result", "metric", "baseline", "current", "delta", "tolerance"):
         table.add_column(col)
-    colour = {"ok": "green", "improved": "cyan", "new": "blue", "regressed": "bold red", "missing": "bold red"}
+    colour = {"ok": "green", "improved": "cyan", "new": "blue", "regressed": "bold red", "missing": "bold red",
+              "invalid": "bold red"}
 
     def pct(v):
         return "–" if v is None else f"{100 * v:.2f}"
@@ -320,8 +321,8 @@ def _cmd_check(args) -> int:
     for p in problems:
         console.print(f"[yellow]warning:[/] {p}")
     failed = gate_failed(rows)
-    console.print("[bold red]check failed[/]: a metric regressed beyond its tolerance or a baseline result is missing"
-                  if failed else "[green]check passed[/]")
+    console.print("[bold red]check failed[/]: a metric regressed beyond its tolerance, or a baseline result is "
+                  "missing or not a finite number" if failed else "[green]check passed[/]")
     return 1 if failed else 0
 
 

@@ -53,7 +53,8 @@ class CacheError(SegbenchError):
 def _space_error(path: Path, needed: int | None, e: OSError | None = None) -> CacheError:
     """The error for an entry the disk cannot hold: what was needed (when known), what is free, where, and the fix."""
     free = shutil.disk_usage(path.parent).free
-    need = f"needs {needed / 2**20:,.1f} MiB for" if needed else "could not write"
+    spare = "" if e is not None else f" (plus {SPACE_MARGIN >> 20} MiB kept free)"
+    need = f"needs {needed / 2**20:,.1f} MiB{spare} for" if needed else "could not write"
     cause = f" ({e.strerror or e})" if e is not None else ""
     return CacheError(f"the feature cache {need} {path.name}{cause}; {free / 2**20:,.1f} MiB are free under "
                       f"{path.parent}. Free space there, or point SSL_SEGBENCH_CACHE at a larger disk. The partial "
@@ -107,14 +108,14 @@ class _Writer:
             shutil.rmtree(self.partial, ignore_errors=True)
             needed = shape[0] * shape[1] * np.dtype(dtype).itemsize + (1 << 16)
             if shutil.disk_usage(final.parent).free < needed + SPACE_MARGIN:
-                raise _space_error(self.partial, needed)
+                raise _space_error(self.final, needed)
             self.partial.mkdir()
             try:
                 self.data = np.lib.format.open_memmap(self.partial / "data.npy", mode="w+", dtype=dtype, shape=shape)
                 _reserve(self.partial / "data.npy")
             except OSError as e:
                 self.discard()
-                raise _space_error(self.partial, needed, e) from None
+                raise _space_error(self.final, needed, e) from None
         self.resumed_from = self.done
 
     def _resumable(self, shape, dtype) -> int:
@@ -320,17 +321,17 @@ def _compute(ref, dataset, transform, layer, facets, targets, label_target, devi
     writers: dict[str, _Writer] = {}
     t0 = time.perf_counter()
     backbone = None
+    widths = dict.fromkeys(("tokens", "cls", "keys", "queries"), ref.spec.embed_dim)
+    if facets:  # before any entry exists: a checkpoint that cannot be loaded leaves nothing behind
+        backbone = ref.load(device)
+        for f in {"attn", "attn_logits"} & set(facets):  # heads are read from a forward pass, not the registry
+            with torch.inference_mode():
+                widths[f] = backbone(torch.zeros(1, 3, p, p, device=device), layer, (f,))[f].shape[1]
     try:
         if label_target is not None:
             writers["labels"] = _Writer(label_target[0], label_target[1], shapes, 1, _label_dtype(dataset), False)
-        if facets:
-            backbone = ref.load(device)
-            widths = dict.fromkeys(("tokens", "cls", "keys", "queries"), ref.spec.embed_dim)
-            for f in {"attn", "attn_logits"} & set(facets):  # heads are read from a forward pass, not the registry
-                with torch.inference_mode():
-                    widths[f] = backbone(torch.zeros(1, 3, p, p, device=device), layer, (f,))[f].shape[1]
-            for f in facets:
-                writers[f] = _Writer(targets[f][0], targets[f][1], grids, widths[f], np.float16, f == "cls")
+        for f in facets:
+            writers[f] = _Writer(targets[f][0], targets[f][1], grids, widths[f], np.float16, f == "cls")
     except CacheError:
         for w in writers.values():
             w.discard()
@@ -376,8 +377,8 @@ def _compute(ref, dataset, transform, layer, facets, targets, label_target, devi
         extra = {"extract_seconds": round(time.perf_counter() - t0, 3), "device": str(device)}
         for name, w in writers.items():
             w.commit({**extra, **({"resized_masks": sorted(resized)} if name == "labels" else {})})
-    except BackboneError:  # non-finite features: resuming would only meet them again
-        for w in writers.values():
+    except SegbenchError:  # non-finite features, a bad file: resuming would only meet them again (and a fixed file
+        for w in writers.values():  # changes the content digest, so this partial entry could never be resumed)
             w.discard()
         raise
     except OSError as e:
@@ -385,7 +386,7 @@ def _compute(ref, dataset, transform, layer, facets, targets, label_target, devi
             raise
         for w in writers.values():
             w.discard()
-        raise _space_error(next(iter(writers.values())).partial, None, e) from None
+        raise _space_error(next(iter(writers.values())).final, None, e) from None
 
 
 def _refuse_non_finite(ref, dataset, layer: int, facet: str, i: int, overflow: bool):

@@ -58,7 +58,7 @@ def column_label(rec: dict) -> str:
     parts.append(f"{p['resize']} {p['size']}")
     parts.append(f"eval {p['eval_size']}²" if p.get("eval_size") else "eval at input res")
     if p.get("crf"):
-        parts.append("CRF")
+        parts.append(f"CRF T={p['crf_temperature']:g}" if "crf_temperature" in p else "CRF")
     if rec["backbone"].get("layer", -1) != -1:
         parts.append(f"layer {rec['backbone']['layer']}")
     parts.append(f"{len(rec['seeds'])} seed" + ("s" if len(rec["seeds"]) != 1 else ""))

@@ -30,11 +30,12 @@ def results_dir() -> Path:
 def safe_component(name: str) -> str:
     """`name` as one path component: unchanged when it is already plain (letters, digits and ._:@+=-, not starting with
     a dot); otherwise every other character becomes '_', leading dots are dropped and a short hash of the original is
-    appended, so 'a/b' and 'a_b' never share a file and '..' or 'x/../y' never climb out of a directory."""
+    appended, so 'a/b' and 'a_b' never share a file and '..' or 'x/../y' never climb out of a directory (runs of dots
+    become '_' too)."""
     name = str(name)
-    if name and not _UNSAFE.search(name) and not name.startswith("."):
+    if name and not _UNSAFE.search(name) and not name.startswith(".") and ".." not in name:
         return name
-    plain = _UNSAFE.sub("_", name).lstrip(".")[:80] or "_"
+    plain = re.sub(r"\.{2,}", "_", _UNSAFE.sub("_", name)).lstrip(".")[:80] or "_"
     return f"{plain}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 

@@ -95,3 +95,25 @@ def test_saved_label_map_keeps_labels_and_palette(tmp_path):
     assert im.mode == "P" and np.asarray(im).tolist() == lab.tolist()
     assert np.asarray(im.convert("RGB")).tolist() == [[[1, 2, 3], [4, 5, 6]], [[7, 8, 9], [0, 0, 0]]]
     assert [p.name for p in tmp_path.iterdir()] == ["m.png"]
+
+
+def test_every_shipped_preset_is_valid_and_a_stray_preset_key_is_refused(monkeypatch):
+    from ssl_segbench.protocols import PROTOCOLS
+
+    for name, cls in PROTOCOLS.items():
+        for preset in (None, *cls.presets):
+            proto = get_protocol(name if preset is None else f"{name}:{preset}")  # validates every value
+            assert set(proto.params) == set(cls.all_defaults())
+    monkeypatch.setitem(PROTOCOLS["kmeans"].presets, "typo", {"nredo": 3, "nred0": 3})
+    with pytest.raises(ProtocolError, match=r"preset 'typo' sets \['nred0'\], which are not parameters"):
+        get_protocol("kmeans:typo")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"k": 0}, "k must be > 0"), ({"k": 2.5}, "k must be int or null"), ({"niter": True}, "niter must be int"),
+    ({"crf": "yes"}, "crf must be bool or dict"), ({"crf": {"iterations": 5, "sxy": 1}}, "unknown field"),
+    ({"crf_temperature": 0}, "crf_temperature must be > 0"), ({"resize": "crop"}, "resize must be one of"),
+])
+def test_bad_values_are_refused_when_the_protocol_is_made(overrides, message):
+    with pytest.raises(ProtocolError, match=message):
+        get_protocol("kmeans", **overrides)

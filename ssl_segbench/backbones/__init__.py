@@ -36,7 +36,7 @@ def _offline_hint(repo_id: str, revision: str | None, err: Exception) -> Backbon
         + f"\n({type(err).__name__}: {err})")
 
 
-def verify_checkpoint_files(directory: Path) -> None:
+def verify_checkpoint_files(directory: Path, fix: str = "replace it with a complete copy") -> None:
     """Check every safetensors file of a checkpoint directory against its own header (JSON length, then the byte
     range of every tensor): a truncated or damaged download is named here, before a library fails deep inside."""
     for f in sorted(Path(directory).glob("*.safetensors")):
@@ -57,8 +57,14 @@ def verify_checkpoint_files(directory: Path) -> None:
                     if size < 8 + n + end:
                         problem = f"it has {size} bytes but its header declares {8 + n + end} (truncated)"
         if problem:
-            raise BackboneError(f"checkpoint file {f} is damaged: {problem}. Delete it and download the checkpoint "
-                                "again (`hf download <repo> --revision <sha>` for a Hub checkpoint).")
+            raise BackboneError(f"checkpoint file {f} is damaged: {problem}. To fix it, {fix}.")
+
+
+def _repair_hint(spec: BackboneSpec) -> str:
+    if Path(spec.repo_id.removeprefix("local-dir:")).is_dir():
+        return "replace it with a complete copy of the checkpoint"
+    rev = f" --revision {spec.revision}" if spec.revision else ""
+    return f"delete it and download the checkpoint again: `hf download {spec.repo_id}{rev}`"
 
 
 def _snapshot_dir(spec: BackboneSpec) -> Path | None:
@@ -219,7 +225,7 @@ class BackboneRef:
             if spec.loader == "timm":
                 snapshot = _snapshot_dir(spec)
                 if snapshot is not None:
-                    verify_checkpoint_files(snapshot)
+                    verify_checkpoint_files(snapshot, _repair_hint(spec))
                 self._model = _timm_model(spec)
                 spec = _fill_spec(spec, self._model)
             else:
@@ -251,7 +257,7 @@ class BackboneRef:
         else:
             snapshot = _snapshot_dir(spec)
             if snapshot is not None:
-                verify_checkpoint_files(snapshot)
+                verify_checkpoint_files(snapshot, _repair_hint(spec))
             try:
                 if spec.loader == "transformers":
                     backbone = HFBackbone(_transformers_model(spec), spec, self.source, self.revision)
