@@ -70,18 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resize policy (a protocol preset may fix its own)")
     run.add_argument("--size", type=int, default=224, help="input size (shorter side / square side)")
     run.add_argument("--param", type=_param, action="append", default=[], metavar="PROTO.NAME=VALUE",
-                     help="override a protocol parameter, e.g. kmeans.k=20 (repeatable)")
+                     help="override a parameter of a protocol of this run, e.g. kmeans.k=20 (repeatable); names, "
+                          "keys and values are checked before any work")
     run.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
     run.add_argument("--overwrite", choices=("skip", "always"), default="skip",
                      help="what to do when a record with the same key exists")
     run.add_argument("--registry", help="backbones.yaml to use (default: the repository's)")
     run.add_argument("--crf", action="store_true",
-                     help="dense-CRF post-processing of every protocol's label maps (pip install '.[crf]'); "
-                          "recorded as a parameter, so CRF and non-CRF results never share a column")
+                     help="dense-CRF post-processing of every protocol's label maps (pip install '.[crf]'); unaries "
+                          "softmax(scores / PROTO.crf_temperature); recorded as parameters, so CRF and non-CRF results "
+                          "never share a column")
     run.add_argument("--save-masks", type=Path, metavar="DIR",
                      help="keep the pseudo masks of protocols that make them (PNG per image, dataset palette)")
     run.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
-                     help="dataset option, repeatable (e.g. curated_list=PATH; see `datasets list`)")
+                     help="dataset option, repeatable (e.g. curated_list=PATH, resize_masks=true; see `datasets list`)")
     run.add_argument("--skip-bad", action="store_true",
                      help="leave unreadable or malformed samples out (the record counts them) instead of failing")
 

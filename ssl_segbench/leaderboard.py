@@ -80,8 +80,10 @@ class PublishedError(SegbenchError):
     """published.yaml is malformed; the message names the entry and the key."""
 
 
-_PUBLISHED_KEYS = {"dataset", "split", "method", "backbone", "metric", "value", "measured_on", "compare", "why",
-                   "source", "protocol"}
+_PUBLISHED_KEYS = {"dataset", "split", "method", "backbone", "metric", "value", "stage", "measured_on", "compare",
+                   "why", "source", "protocol"}
+STAGES = ("frozen backbone", "frozen backbone, other protocol", "trained head", "fine-tuned backbone",
+          "distilled network")
 _PROTOCOL_KEYS = {"name", "version", "preset", "overrides", "layer"}
 
 
@@ -96,12 +98,14 @@ def load_published(path: Path = PUBLISHED) -> list[dict]:
         at = f"{path} entry #{n}"
         if not isinstance(e, dict):
             raise PublishedError(f"{at}: must be a mapping")
-        unknown, missing = set(e) - _PUBLISHED_KEYS, {"dataset", "split", "method", "metric", "value", "measured_on",
-                                                      "compare", "source"} - set(e)
+        unknown, missing = set(e) - _PUBLISHED_KEYS, {"dataset", "split", "method", "metric", "value", "stage",
+                                                      "measured_on", "compare", "source"} - set(e)
         if unknown or missing:
             raise PublishedError(f"{at}: unknown key(s) {sorted(unknown)}, missing key(s) {sorted(missing)}")
         if e["metric"] not in METRICS or not isinstance(e["value"], float) or not 0 <= e["value"] <= 1:
             raise PublishedError(f"{at}: metric must be one of {METRICS} and value a fraction in [0, 1]")
+        if e["stage"] not in STAGES:
+            raise PublishedError(f"{at}: stage must be one of {STAGES}, got {e['stage']!r}")
         if e["compare"] == "reported-only":
             if not e.get("why") or "protocol" in e:
                 raise PublishedError(f"{at}: a reported-only entry says `why` it is not comparable and names no "
@@ -109,9 +113,10 @@ def load_published(path: Path = PUBLISHED) -> list[dict]:
         elif e["compare"] == "exact":
             proto = e.get("protocol")
             if not isinstance(proto, dict) or set(proto) - _PROTOCOL_KEYS or not {"name", "version"} <= set(proto) \
-                    or not e.get("backbone"):
-                raise PublishedError(f"{at}: an exact entry names its backbone and its column: protocol with "
-                                     f"{sorted(_PROTOCOL_KEYS)} (name and version required)")
+                    or not e.get("backbone") or e["stage"] != "frozen backbone":
+                raise PublishedError(f"{at}: an exact entry is measured on a frozen backbone (stage) and names its "
+                                     f"backbone and its column: protocol with {sorted(_PROTOCOL_KEYS)} (name and "
+                                     "version required)")
         else:
             raise PublishedError(f"{at}: compare must be 'exact' or 'reported-only', got {e['compare']!r}")
     return doc["published"]
@@ -233,8 +238,8 @@ def _render_dataset(dataset: str, recs: list[dict], published: list[dict], out_d
         reported = reported_for(dataset, split, published)
         if reported:
             table = pd.DataFrame([[e["method"], e.get("backbone") or "–", e["metric"], f"{100 * e['value']:.1f}",
-                                   e["measured_on"], e["why"], e["source"]] for e in reported],
-                                 columns=["method", "backbone", "metric", "reported", "measured on",
+                                   e["stage"], e["measured_on"], e["why"], e["source"]] for e in reported],
+                                 columns=["method", "backbone", "metric", "reported", "stage", "measured on",
                                           "why it is not beside a column", "source"])
             lines += ["### Reported numbers (context only)", "",
                       "Published numbers measured under other protocols or on trained networks: shown for orientation, "

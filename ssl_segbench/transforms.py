@@ -5,7 +5,8 @@ Policies (PROTOCOLS.md §0, the first axis that changes numbers):
 - ``square``: resize to size×size, aspect ratio lost (Leopart at 448);
 - ``pad``: resize the shorter side to `size` keeping the aspect ratio, then zero-pad right/bottom to a multiple of the
   patch size (MaskDistill at 640); padded label pixels are ignore.
-Labels are evaluated at the transformed image's resolution.
+Labels are evaluated at the transformed image's resolution. `RandomResizedCropFlip` is the training augmentation of the
+linear probe's `augmented` variant (Leopart's RandomResizedCrop + flip), drawn from a caller-seeded generator.
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def _rec(backbone: str, miou: float, spec: str, dataset: str = "voc", **override
 
 def _exact(value=0.45, version="1", overrides=None):
     return {"dataset": "voc", "split": "val", "method": "Paper X", "backbone": "dino_vits16", "metric": "miou",
-            "value": value, "measured_on": "frozen features", "compare": "exact", "source": "Paper X, Table 1",
+            "value": value, "stage": "frozen backbone", "measured_on": "frozen features", "compare": "exact",
+            "source": "Paper X, Table 1",
             "protocol": {"name": "kmeans", "version": version, "preset": "stego", "overrides": overrides or {},
                          "layer": -1}}
 
@@ -50,7 +51,7 @@ def test_exact_entry_is_shown_only_in_the_column_with_its_identity():
 def test_reported_only_numbers_are_context_never_a_difference():
     entries = load_published()
     md = [e for e in entries if e["method"] == "MaskDistill" and e["dataset"] == "voc"]
-    assert md and all(e["compare"] == "reported-only" for e in md)  # measured on a trained DeepLab, not on masks
+    assert md and all(e["compare"] == "reported-only" and e["stage"] == "distilled network" for e in md)
     rec = _rec("dino_vits16", 0.40, "maskdistill:original", embed_backbone="dino_vits8")
     page = render([rec], published=entries)["voc.md"]
     column, reported = page.split("### Reported numbers (context only)")
@@ -74,12 +75,12 @@ def test_every_shipped_entry_is_checked_against_the_identity_it_claims():
 
 @pytest.mark.parametrize("text, match", [
     ("published:\n  - {dataset: voc, dataset: voc}\n", "duplicate key"),
-    ("published:\n  - {dataset: voc, split: val, method: X, metric: miou, value: 0.4, measured_on: y, "
-     "compare: exact, source: z}\n", "exact entry names its backbone"),
-    ("published:\n  - {dataset: voc, split: val, method: X, metric: miou, value: 0.4, measured_on: y, "
-     "compare: reported-only, source: z}\n", "says `why`"),
-    ("published:\n  - {dataset: voc, split: val, method: X, metric: miou, value: 45.8, measured_on: y, "
-     "compare: reported-only, why: w, source: z}\n", "fraction"),
+    ("published:\n  - {dataset: voc, split: val, method: X, metric: miou, value: 0.4, stage: frozen backbone, "
+     "measured_on: y, compare: exact, source: z}\n", "names its backbone and its column"),
+    ("published:\n  - {dataset: voc, split: val, method: X, metric: miou, value: 0.4, stage: trained head, "
+     "measured_on: y, compare: reported-only, source: z}\n", "says `why`"),
+    ("published:\n  - {dataset: voc, split: val, method: X, metric: miou, value: 45.8, stage: trained head, "
+     "measured_on: y, compare: reported-only, why: w, source: z}\n", "fraction"),
 ])
 def test_malformed_published_files_are_refused(tmp_path, text, match):
     path = tmp_path / "published.yaml"

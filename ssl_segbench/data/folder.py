@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 
+from .. import yamlload
 from . import register_dataset
 from .base import DatasetError, Sample, SegmentationDataset
 from .labels import decode_colours
@@ -30,8 +30,8 @@ def find_classes_file(root: Path) -> Path | None:
 def read_classes_file(path: Path) -> tuple[tuple[str, ...], int, np.ndarray | None]:
     """(class names, ignore index, palette or None) from a YAML / JSON classes file."""
     try:
-        spec = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-    except (OSError, json.JSONDecodeError, yaml.YAMLError) as e:
+        spec = json.loads(path.read_text()) if path.suffix == ".json" else yamlload.load(path.read_text(), str(path))
+    except (OSError, json.JSONDecodeError, yamlload.YAMLError) as e:
         raise DatasetError(f"cannot read classes file {path}: {e}") from e
     if not isinstance(spec, dict) or not isinstance(spec.get("names"), list) or not spec["names"]:
         raise DatasetError(f"{path}: needs a non-empty list 'names' of class names")

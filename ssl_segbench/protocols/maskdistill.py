@@ -6,9 +6,11 @@ masks of the first stage on disk.
 
 1. One class-agnostic object mask per image, on the patch grid of the run's transform (the original's geometry, shorter
    side 640 zero-padded to a multiple of the patch size, is preset `original`), in this order:
-   a. CLS attention: the cached `attn` facet (last block, CLS query over the patches), averaged over the first `heads`
-      (5) heads. Departure: the original averages the raw logits q_cls·k_j (no scale, no softmax); the cache holds the
-      softmax per head, which is DINO's own attention map. Ranks within one head are the same; the head average is not.
+   a. CLS map, averaged over the first `heads` (5) heads: `cls_map='softmax'` (default) reads the cached `attn` facet
+      (last block, softmax attention of the CLS query over the patches, DINO's own attention map); `'raw-logits'`
+      (presets `original*`, as the released code) reads `attn_logits`, the q_cls·k_j logits before the softmax (times
+      the attention's scale, a positive factor that changes neither step b nor c). Ranks within one head are the same;
+      the head average is not.
    b. Threshold to keep `mass` (50 %) of its mass, DINO's rule: sort ascending, normalise to sum 1, keep the patches
       whose cumulative sum exceeds 1 − mass. Patches outside are set to 0, as in the original.
    c. Proposals: the ⌊topk·n⌋ (40 %) highest patches of the thresholded map; the source is the first. The original
