@@ -67,22 +67,20 @@ def test_nan_weights_are_refused_with_backbone_layer_facet_and_image(small_synth
     _nothing_written(tmp_path)
 
 
+def _pixels_registry(path, id_, std="0.5", replace=None):
+    """A registry holding one raw-pixels baseline; `replace` = (key, line) swaps that key's line (None: appends)."""
+    lines = ["backbones:", f"  - id: {id_}", "    loader: builtin", "    repo_id: pixels", "    revision: null",
+             "    patch_size: 16", "    embed_dim: 768", "    num_prefix_tokens: 0", "    mean: [0.5, 0.5, 0.5]",
+             f"    std: [{std}, {std}, {std}]", "    method: baseline", "    paper: null", "    license: none"]
+    if replace is not None:
+        key, line = replace
+        lines = [ln for ln in lines if key is None or not ln.strip().startswith(f"{key}:")] + [line]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def test_values_beyond_float16_are_refused_not_stored_as_inf(small_synthetic, tmp_path):
-    registry = tmp_path / "registry.yaml"
-    registry.write_text("""backbones:
-  - id: loud_pixels
-    loader: builtin
-    repo_id: pixels
-    revision: null
-    patch_size: 16
-    embed_dim: 768
-    num_prefix_tokens: 0
-    mean: [0.5, 0.5, 0.5]
-    std: [0.000001, 0.000001, 0.000001]
-    method: baseline
-    paper: null
-    license: none
-""")
+    registry = _pixels_registry(tmp_path / "registry.yaml", "loud_pixels", std="0.000001")
     rc, err = _cli(tmp_path, *_run_args(tmp_path, small_synthetic, "loud_pixels"), "--registry", str(registry))
     assert rc == 2 and "beyond float16's range" in err and "loud_pixels" in err
     _nothing_written(tmp_path)
@@ -152,23 +150,8 @@ def test_typos_stop_the_run_before_any_record(small_synthetic, tmp_path, extra, 
     ("    patch_size: 16", "duplicate key 'patch_size'"),
 ])
 def test_registry_values_are_type_checked_strictly(tmp_path, line, expected, capsys):
-    entry = """backbones:
-  - id: mini
-    loader: builtin
-    repo_id: pixels
-    revision: null
-    patch_size: 16
-    embed_dim: 768
-    num_prefix_tokens: 0
-    mean: [0.5, 0.5, 0.5]
-    std: [0.5, 0.5, 0.5]
-    method: baseline
-    paper: null
-    license: none
-"""
     key = line.split(":")[0].strip()
-    lines = [ln for ln in entry.splitlines() if not (ln.strip().startswith(f"{key}:") and key != "patch_size")]
-    (tmp_path / "r.yaml").write_text("\n".join(lines + [line]) + "\n")
+    _pixels_registry(tmp_path / "r.yaml", "mini", replace=(None if key == "patch_size" else key, line))
     assert main(["list", "backbones", "--registry", str(tmp_path / "r.yaml")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert expected in err and "r.yaml" in err, err
