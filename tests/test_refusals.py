@@ -185,6 +185,7 @@ def test_truncated_safetensors_in_the_hub_cache_says_how_to_download_again(small
 def test_a_mistyped_local_directory_is_no_such_directory_not_a_hub_download(small_synthetic, tmp_path, name):
     rc, err = _cli(tmp_path, *_run_args(tmp_path, small_synthetic, name))
     assert rc == 2 and "no such directory" in err and "hf download" not in err
+    _nothing_written(tmp_path)
 
 
 def test_a_full_disk_is_an_error_with_the_size_and_no_partial_entry(small_synthetic, tmp_path):
@@ -235,6 +236,7 @@ def test_bad_file_messages_name_the_flag_that_exists(small_synthetic, tmp_path):
     (data / "TEST" / "masks" / "syn_test_00001.bmp").unlink()
     rc, err = _cli(tmp_path, *_run_args(tmp_path, data))
     assert rc == 2 and "--skip-bad" in err and "skip_bad=True" not in err
+    _nothing_written(tmp_path)
 
 
 # --- case 9: writes stay inside their roots ------------------------------------------------------------------------
