@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import torch
 
-from .features import ArrayStore
+from .cache import ArrayStore
 
 
 def sample_rows(store: ArrayStore, max_rows: int | None, seed: int) -> np.ndarray:

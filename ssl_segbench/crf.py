@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import multiprocessing
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator
@@ -27,6 +26,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import SegbenchError
+from .paths import crf_timeout, crf_workers
 
 INSTALL_HINT = "pip install 'ssl-segbench[crf]'  (or: pip install pydensecrf2==1.1; it builds with a C++ compiler)"
 DEFAULT_TIMEOUT = 600.0  # seconds per task; $SSL_SEGBENCH_CRF_TIMEOUT overrides
@@ -148,15 +148,11 @@ def refine_scores(image: np.ndarray, scores: np.ndarray, mode: str, params: CRFP
 
 def default_workers() -> int:
     """$SSL_SEGBENCH_CRF_WORKERS, else min(8, CPU count); 0 means run in this process (no time limit)."""
-    env = os.environ.get("SSL_SEGBENCH_CRF_WORKERS")
-    if env:
-        return max(0, int(env))
-    return min(8, os.cpu_count() or 1)
+    return crf_workers()
 
 
 def default_timeout() -> float:
-    env = os.environ.get("SSL_SEGBENCH_CRF_TIMEOUT")
-    return float(env) if env else DEFAULT_TIMEOUT
+    return crf_timeout(DEFAULT_TIMEOUT)
 
 
 def _kill(executor: cf.ProcessPoolExecutor) -> None:

@@ -1,6 +1,18 @@
-"""Where ssl-segbench keeps generated data, cached features and records (overridable by environment variables), and
-the two rules every write path follows: names taken from data become single safe path components, and a path is
-checked to resolve inside its root before anything is written there."""
+"""Every environment variable ssl-segbench reads, and where it keeps datasets, cached features and records; plus the
+two rules every write path follows: names taken from data become single safe path components, and a path is checked
+to resolve inside its root before anything is written there.
+
+| variable | default | what |
+| --- | --- | --- |
+| SSL_SEGBENCH_DATA | ./data | datasets found as <data>/<dataset id> when --data-root is not given |
+| SSL_SEGBENCH_CACHE | ~/.cache/ssl_segbench | feature cache, manifests, generated synthetic data |
+| SSL_SEGBENCH_RESULTS | ./results | records |
+| SSL_SEGBENCH_REGISTRY | the packaged backbones.yaml | backbone registry |
+| SSL_SEGBENCH_CHECKPOINT_SECONDS | 20 | seconds between checkpoints of a cache entry being filled |
+| SSL_SEGBENCH_CRF_WORKERS | min(8, CPUs) | CRF worker processes (0: in this process) |
+| SSL_SEGBENCH_CRF_TIMEOUT | 600 | seconds one CRF task may take |
+| HF_HUB_OFFLINE | unset | read only to word the offline error (the Hub libraries read it themselves) |
+"""
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +37,36 @@ def cache_dir() -> Path:
 def results_dir() -> Path:
     """Root of the JSON records: $SSL_SEGBENCH_RESULTS, else ./results."""
     return Path(os.environ.get("SSL_SEGBENCH_RESULTS", "results")).expanduser()
+
+
+def data_dir() -> Path:
+    """Where datasets live when no --data-root is given: $SSL_SEGBENCH_DATA, else ./data (one folder per dataset id)."""
+    return Path(os.environ.get("SSL_SEGBENCH_DATA", "data")).expanduser()
+
+
+def registry_override() -> Path | None:
+    """$SSL_SEGBENCH_REGISTRY, when set."""
+    env = os.environ.get("SSL_SEGBENCH_REGISTRY")
+    return Path(env).expanduser() if env else None
+
+
+def checkpoint_seconds() -> float:
+    return float(os.environ.get("SSL_SEGBENCH_CHECKPOINT_SECONDS", "20"))
+
+
+def crf_workers() -> int:
+    """$SSL_SEGBENCH_CRF_WORKERS, else min(8, CPU count); 0 means in this process."""
+    env = os.environ.get("SSL_SEGBENCH_CRF_WORKERS")
+    return max(0, int(env)) if env else min(8, os.cpu_count() or 1)
+
+
+def crf_timeout(default: float) -> float:
+    env = os.environ.get("SSL_SEGBENCH_CRF_TIMEOUT")
+    return float(env) if env else default
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def safe_component(name: str) -> str:

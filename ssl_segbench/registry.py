@@ -6,13 +6,13 @@ on load: an unknown key, a missing field or a bad value is an error naming the e
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import yamlload
 from .errors import SegbenchError
+from .paths import registry_override
 
 LOADERS = ("timm", "transformers", "builtin")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -56,8 +56,7 @@ _ALL = {f.name for f in dataclasses.fields(BackboneSpec)}
 
 def default_registry_path() -> Path:
     """$SSL_SEGBENCH_REGISTRY, else the backbones.yaml at the repository root next to the package."""
-    env = os.environ.get("SSL_SEGBENCH_REGISTRY")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "backbones.yaml"
+    return registry_override() or Path(__file__).resolve().parent.parent / "backbones.yaml"
 
 
 def _is_int(v) -> bool:

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
+from ssl_segbench.cache import ArrayStore, RowWriter
 from ssl_segbench.data.base import SegmentationDataset
-from ssl_segbench.features import ArrayStore, FeatureSet, _Writer
+from ssl_segbench.features import FeatureSet
 
 
 class PlantedDataset(SegmentationDataset):
@@ -36,7 +37,7 @@ class PlantedDataset(SegmentationDataset):
 def store(path: Path, arrays: list[np.ndarray], dtype=np.float16) -> ArrayStore:
     """(h, w, D) arrays (or (H, W) label maps) → a committed entry."""
     arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
-    w = _Writer(path, {"test": str(path)}, [a.shape[:2] for a in arrays], arrays[0].shape[-1], dtype, False)
+    w = RowWriter(path, {"test": str(path)}, [a.shape[:2] for a in arrays], arrays[0].shape[-1], dtype, False)
     for i, a in enumerate(arrays):
         w.write(i, a.reshape(-1, a.shape[-1]))
     return w.commit({})

@@ -15,7 +15,8 @@ from stores import PlantedDataset, store
 import ssl_segbench.cluster as cluster
 import ssl_segbench.crf as crf
 import ssl_segbench.protocols.base as base
-from ssl_segbench.features import FeatureSet, _Writer
+from ssl_segbench.cache import RowWriter
+from ssl_segbench.features import FeatureSet
 from ssl_segbench.leaderboard import column_label
 from ssl_segbench.protocols import Context, get_protocol
 from ssl_segbench.transforms import Transform
@@ -70,7 +71,7 @@ def _ctx(tmp_path, scale=1.0, n=4, grid=4, patch=4, dim=8):
     fs = FeatureSet({"tokens": store(tmp_path / "planted" / "tokens", tokens)}, None, keys={})
     key = {"dataset": "planted", "split": "val", "content_sha256": "planted-val",  # the images the CRF compares with
            "transform": Transform("square", grid * patch, patch).to_dict()}
-    w = _Writer(tmp_path / "planted" / "keyed-labels", key, [lab.shape for lab in labels], 1, np.uint8, False)
+    w = RowWriter(tmp_path / "planted" / "keyed-labels", key, [lab.shape for lab in labels], 1, np.uint8, False)
     for i, lab in enumerate(labels):
         w.write(i, lab.reshape(-1, 1))
     fs = FeatureSet(fs.facets, w.commit({}), keys={})

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 from stores import PlantedDataset, store
 
+from ssl_segbench.cache import RowWriter
 from ssl_segbench.cli import main
-from ssl_segbench.features import FeatureSet, _Writer
+from ssl_segbench.features import FeatureSet
 from ssl_segbench.metrics import scores_from_stats
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
 from ssl_segbench.protocols.datus import (
@@ -206,7 +207,7 @@ def _keyed_labels(path, fs, ds, transform):
     labels = [np.asarray(fs.labels.labels(i)) for i in range(len(ds))]
     key = {"dataset": ds.id, "split": ds.split, "content_sha256": ds.content_sha256(),
            "transform": transform.to_dict()}
-    w = _Writer(path, key, [a.shape for a in labels], 1, np.uint8, False)
+    w = RowWriter(path, key, [a.shape for a in labels], 1, np.uint8, False)
     for i, a in enumerate(labels):
         w.write(i, a.reshape(-1, 1))
     return w.commit({})

@@ -52,12 +52,11 @@ def test_key_changes_with_transform_and_layer(small_synthetic, tmp_path):
 def test_crash_mid_extraction_leaves_no_valid_looking_entry_and_resumes(small_synthetic, tmp_path, monkeypatch):
     import json
 
-    import ssl_segbench.features as features
 
     ds = get_dataset("synthetic", small_synthetic, "test")
     t = Transform("shorter", 32, 16)
     reference = extract(BackboneRef("random_vits16"), ds, t, root=tmp_path / "clean", batch_size=2)
-    monkeypatch.setattr(features, "CHECKPOINT_SECONDS", 0.0)  # checkpoint after every batch
+    monkeypatch.setenv("SSL_SEGBENCH_CHECKPOINT_SECONDS", "0")  # checkpoint after every batch
     original = type(ds).load_image
 
     def flaky(self, i):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from stores import PlantedDataset, store
 
+from ssl_segbench.cache import RowWriter
 from ssl_segbench.cli import main
-from ssl_segbench.features import FeatureSet, _Writer
+from ssl_segbench.features import FeatureSet
 from ssl_segbench.metrics import scores_from_stats
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
 from ssl_segbench.protocols.leopart_cd import (
@@ -190,7 +191,7 @@ def test_protocol_with_crf_completes_and_records_it(tmp_path):
     ds = _PlantedImages(labels)
     key = {"dataset": ds.id, "split": ds.split, "content_sha256": ds.content_sha256(),
            "transform": Transform("square", 32, 4).to_dict()}
-    w = _Writer(tmp_path / "keyed", key, [a.shape for a in labels], 1, np.uint8, False)
+    w = RowWriter(tmp_path / "keyed", key, [a.shape for a in labels], 1, np.uint8, False)
     for i, a in enumerate(labels):
         w.write(i, a.reshape(-1, 1))
     keyed = FeatureSet({"tokens": fs["tokens"], "attn": fs["attn"]}, w.commit({}), keys={})

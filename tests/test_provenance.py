@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-import ssl_segbench.features as features
+import ssl_segbench.cache as cache
 from ssl_segbench.backbones import BackboneRef
 from ssl_segbench.cli import main
 from ssl_segbench.data import get_dataset
@@ -61,7 +61,7 @@ def test_a_cached_feature_pass_with_a_fresh_crop_pass_is_not_a_cache_hit(small_s
 def test_maskdistill_record_lists_its_mask_and_crop_pass(small_synthetic, tmp_path):
     assert _run(tmp_path, small_synthetic, "maskdistill") == 0
     prov = _passes(tmp_path, "maskdistill")
-    masks = [p for p in prov["passes"] if p["kind"] == "maskdistill object masks + crop embeddings"]
+    masks = [p for p in prov["passes"] if p["kind"] == "maskdistill crop embeddings"]
     assert {p["split"] for p in masks} == {"test", "train"} and all(p["computed"] for p in masks)
     assert _run(tmp_path, small_synthetic, "maskdistill", "--overwrite", "always") == 0
     prov = _passes(tmp_path, "maskdistill")
@@ -73,18 +73,18 @@ def test_waiting_for_another_process_that_extracted_is_not_computing(small_synth
     the lock. This process then computed nothing and must say so (it used to report cache_hit False)."""
     ds = get_dataset("synthetic", small_synthetic)
     t = Transform("shorter", 32, 16)
-    real = features._locked
+    real = cache.locked
     raced = []
 
     @contextlib.contextmanager
-    def racing(paths):
+    def racing(entries):
         if not raced:
             raced.append(True)
             extract(BackboneRef("pixels"), ds, t, root=tmp_path)  # "the other process", holding the lock itself
-        with real(paths):
+        with real(entries):
             yield
 
-    monkeypatch.setattr(features, "_locked", racing)
+    monkeypatch.setattr(cache, "locked", racing)
     fs = extract(BackboneRef("pixels"), ds, t, root=tmp_path)
     assert raced and fs.computed == () and fs.cache_hit
 

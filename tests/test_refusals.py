@@ -202,14 +202,15 @@ def test_a_full_disk_is_an_error_with_the_size_and_no_partial_entry(small_synthe
 
 
 def test_too_little_free_space_is_found_before_allocating(small_synthetic, tmp_path, monkeypatch):
+    import ssl_segbench.cache as cache
     import ssl_segbench.features as features
     from ssl_segbench.backbones import BackboneRef
     from ssl_segbench.data import get_dataset
     from ssl_segbench.transforms import Transform
 
     real = shutil.disk_usage
-    monkeypatch.setattr(features.shutil, "disk_usage", lambda p: real(p)._replace(free=10 << 20))
-    with pytest.raises(features.CacheError, match=r"needs 0\.\d MiB \(plus 64 MiB kept free\).*10\.0 MiB are free"):
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: real(p)._replace(free=10 << 20))
+    with pytest.raises(cache.CacheError, match=r"needs 0\.\d MiB \(plus 64 MiB kept free\).*10\.0 MiB are free"):
         features.extract(BackboneRef("pixels"), get_dataset("synthetic", small_synthetic),
                          Transform("shorter", 64, 16), root=tmp_path / "cache")
     _nothing_written(tmp_path)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from ..paths import hub_offline
 from ..registry import BackboneSpec, load_registry
 from .base import FACETS, Backbone, BackboneError
 from .builtin import PixelsBackbone, random_init_model
@@ -27,7 +27,7 @@ def _offline_hint(repo_id: str, revision: str | None, err: Exception) -> Backbon
     from huggingface_hub import constants
 
     where = f"{repo_id}@{revision}" if revision else repo_id
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     return BackboneError(
         f"checkpoint {where} could not be loaded: it is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
         + (" and HF_HUB_OFFLINE is set" if offline else " and the Hub could not be reached")

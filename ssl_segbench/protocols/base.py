@@ -24,10 +24,11 @@ import torch.nn.functional as F
 
 from ..atomic import write_bytes_atomic
 from ..backbones import Backbone, BackboneRef
+from ..cache import ArrayStore
 from ..crf import CRFError, CRFParams, pool_map, refine_scores, require_crf
 from ..data import SegmentationDataset
 from ..errors import SegbenchError
-from ..features import ArrayStore, FeatureSet
+from ..features import FeatureSet
 from ..metrics import confusion, image_stats, match_and_score, sparse
 from ..paths import inside, safe_component
 from ..transforms import POLICIES, Transform

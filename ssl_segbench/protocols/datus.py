@@ -19,8 +19,9 @@
    scaled by the transform's resize factor per axis and shifted by the centre-crop offset ('shorter'); pixels the
    transform cropped away belong to no patch. The crop is the bounding box of the segment's pixels, so it is the
    union of the segment's patch footprints in the original image. All crops go through the backbone in one batched
-   pass, computed once per run (seeds only change the clustering) and cached on disk next to the feature cache,
-   keyed by the keys entry, the backbone, the segment maps' hash and the crop settings.
+   pass, computed once per run (seeds only change the clustering) and kept as a cache entry (locked, checkpointed:
+   a run killed mid-way resumes), keyed by the keys entry, the backbone, the segment maps' hash and the crop
+   settings.
 4. segment clustering: optional IncrementalPCA to `pca_dim` dimensions (default None: no PCA; the released code's
    IncrementalPCA keeps every component, a rotation that leaves k-means unchanged), then k-means with k-means++
    initialisation (sklearn, `n_init` restarts, random_state = seed) into K clusters (default: the number of classes;
@@ -49,26 +50,21 @@ clusters dropped) is not ported.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..cache import Entry, ensure, filling
 from ..metrics import image_stats, match, remap, scores
-from ..paths import cache_dir, inside, safe_component
+from ..paths import cache_dir
 from ..progress import progress_bar
 from ..transforms import Transform
 from . import register_protocol
 from .base import Context, LabelGrids, MaskSaver, Protocol, ProtocolError, accumulate_confusion, onehot_scorer
 
 SEGMENT_CACHE_VERSION = 1
-CROP_BATCH = 64  # crops per backbone call; does not change the numbers
 
 
 @register_protocol
@@ -194,41 +190,58 @@ class DatUSProtocol(Protocol):
         return {"per_seed": per_seed, "info": info, "confusions": confs, "image_stats": np.stack(stats)}
 
     def _embeddings(self, ctx: Context, fs, segs: list[np.ndarray], valid: list[np.ndarray]) -> tuple[np.ndarray, dict]:
-        """(N, D) L2-normalised CLS embeddings of the valid segments, in image order: from the segment cache when the
-        same key was computed before, else one batched backbone pass."""
+        """(N, D) L2-normalised CLS embeddings of the valid segments, in image order: a cache entry (locked,
+        checkpointed and resumable), computed in one batched backbone pass when missing. Without a backbone
+        reference or a keyed `keys` entry (planted tests) they are computed in memory."""
         p = self.params
         ds = ctx.eval_set
         h = hashlib.sha256()
         for s, v in zip(segs, valid):
             h.update(np.ascontiguousarray(s, dtype=np.int64).tobytes() + b"|" + v.astype(np.int64).tobytes() + b"\n")
-        path = None
-        entry = fs.keys.get("keys") if isinstance(fs.keys, dict) else None
-        if ctx.backbone_ref is not None and entry:
-            ref = ctx.backbone_ref
-            key = {"kind": "datus-segment-cls", "version": SEGMENT_CACHE_VERSION, "keys_entry": entry,
-                   "backbone": ref.spec.id, "source": ref.source, "revision": ref.revision, "layer": -1,
-                   "segments_sha256": h.hexdigest(), "tau": p["tau"], "key_centering": p["key_centering"],
-                   "louvain_resolution": p["louvain_resolution"],
-                   "louvain_seed": p["louvain_seed"], "crop_resize": p["crop_resize"], "crop_size": p["crop_size"],
-                   "transform": ctx.transform.to_dict(),
-                   "autocast": "bfloat16" if str(ctx.device).startswith("cuda") else "none"}
-            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-            path = inside(cache_dir(), Path("datus", safe_component(ref.spec.id), safe_component(ds.id),
-                                            f"{safe_component(ds.split)}-{digest}"))
-            if (path / "meta.json").is_file():
-                emb = np.load(path / "embeddings.npy").astype(np.float32)
-                if len(emb) == sum(len(v) for v in valid):
-                    ctx.record_pass("datus segment-crop embeddings", False, split=ds.split, crops=int(len(emb)))
-                    return emb, {"cache": "hit", "path": str(path), "crops": int(len(emb))}
-        t0 = time.perf_counter()
-        emb = embed_segments(ctx, segs, valid, p["crop_resize"], p["crop_size"])
-        ctx.record_pass("datus segment-crop embeddings", True, split=ds.split, crops=int(len(emb)))
-        info = {"cache": "computed", "crops": int(len(emb)), "seconds": round(time.perf_counter() - t0, 3),
-                "device": str(ctx.device)}
-        if path is not None:
-            _write_entry(path, emb, {"key": key, **info})
-            info["path"] = str(path)
-        return emb, info
+        entry_name = fs.keys.get("keys") if isinstance(fs.keys, dict) else None
+        n = int(sum(len(v) for v in valid))
+        if ctx.backbone_ref is None or not entry_name:
+            t0 = time.perf_counter()
+            emb = np.zeros((n, ctx.backbone().spec.embed_dim), dtype=np.float32)
+            embed_segments(ctx, segs, valid, p["crop_resize"], p["crop_size"], _Rows(emb))
+            ctx.record_pass("datus segment-crop embeddings", True, split=ds.split, crops=n)
+            return emb, {"cache": "computed", "crops": n, "seconds": round(time.perf_counter() - t0, 3)}
+        ref = ctx.backbone_ref
+        key = {"kind": "datus-segment-cls", "version": SEGMENT_CACHE_VERSION, "keys_entry": entry_name,
+               "backbone": ref.spec.id, "source": ref.source, "revision": ref.revision, "layer": -1,
+               "segments_sha256": h.hexdigest(), "tau": p["tau"], "key_centering": p["key_centering"],
+               "louvain_resolution": p["louvain_resolution"],
+               "louvain_seed": p["louvain_seed"], "crop_resize": p["crop_resize"], "crop_size": p["crop_size"],
+               "transform": ctx.transform.to_dict(),
+               "autocast": "bfloat16" if str(ctx.device).startswith("cuda") else "none"}
+        entry = Entry.at(cache_dir(), "datus", ref.spec.id, ds.id, ds.split, key)
+
+        def compute(_todo):
+            t0 = time.perf_counter()
+            writer = entry.writer([(1, 1)] * n, ref.spec.embed_dim, np.float32, per_item=True)
+            with filling([writer]):
+                embed_segments(ctx, segs, valid, p["crop_resize"], p["crop_size"], writer)
+                writer.commit({"seconds": round(time.perf_counter() - t0, 3), "device": str(ctx.device)})
+
+        computed = bool(ensure([entry], compute))
+        store = entry.open()
+        ctx.record_pass("datus segment-crop embeddings", computed, split=ds.split, crops=n)
+        info = {"cache": "computed" if computed else "hit", "path": str(entry.path), "crops": n,
+                "seconds": store.meta["seconds"]}
+        return np.asarray(store.data, dtype=np.float32), info
+
+
+class _Rows:
+    """An in-memory stand-in for a cache writer (embed_segments writes rows and checkpoints)."""
+
+    def __init__(self, out: np.ndarray):
+        self.out, self.done = out, 0
+
+    def write(self, i: int, rows: np.ndarray) -> None:
+        self.out[i: i + len(rows)] = rows
+
+    def maybe_checkpoint(self, done: int) -> None:
+        pass
 
 
 def discover_segments(keys: np.ndarray, resolution: float = 1.0, seed: int = 0,
@@ -302,22 +315,27 @@ def segment_crop(image: Image.Image, segment: np.ndarray, rows: np.ndarray, cols
     return Image.fromarray(arr.astype(np.uint8))
 
 
-def embed_segments(ctx: Context, segs: list[np.ndarray], valid: list[np.ndarray], resize: int, size: int) -> np.ndarray:
-    """CLS embeddings (L2-normalised, float32) of every valid segment's crop, in one batched pass."""
+def embed_segments(ctx: Context, segs: list[np.ndarray], valid: list[np.ndarray], resize: int, size: int,
+                   writer) -> None:
+    """CLS embeddings (L2-normalised, float32) of every valid segment's crop, written row by row into `writer` in
+    one batched pass; crops before `writer.done` (embedded before an interruption) are skipped, and the writer is
+    checkpointed between batches."""
     import torchvision.transforms as T
 
     ds = ctx.eval_set
     n = int(sum(len(v) for v in valid))
-    backbone = ctx.backbone()
-    spec = backbone.spec
+    spec = ctx.backbone_ref.spec if ctx.backbone_ref is not None else ctx.backbone().spec
     if size % spec.patch_size:
         raise ProtocolError(f"datus: crop_size {size} is not a multiple of the patch size {spec.patch_size}")
+    if writer.done >= n:
+        return
+    backbone = ctx.backbone()
     prep = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
                       T.Normalize(spec.mean, spec.std)])
     device = ctx.device
     use_amp = str(device).startswith("cuda")
-    out: list[np.ndarray] = []
     batch: list[torch.Tensor] = []
+    first = [writer.done]  # row of the first crop in `batch`
 
     def flush():
         if not batch:
@@ -327,24 +345,31 @@ def embed_segments(ctx: Context, segs: list[np.ndarray], valid: list[np.ndarray]
         if not bool(torch.isfinite(cls).all()):
             raise ProtocolError(f"datus: backbone '{spec.id}' gave non-finite CLS embeddings of segment crops of "
                                 f"{ds.id}/{ds.split}; nothing was cached")
-        out.append(torch.nn.functional.normalize(cls, dim=1).cpu().numpy().astype(np.float32))
+        writer.write(first[0], torch.nn.functional.normalize(cls, dim=1).cpu().numpy().astype(np.float32))
+        first[0] += len(batch)
         batch.clear()
+        writer.maybe_checkpoint(first[0])
 
-    with progress_bar(n, f"DatUS² CLS of {n} segment crops") as advance:
+    what = f"DatUS² CLS of {n} segment crops" + (f" (resuming at crop {writer.done})" if writer.done else "")
+    row = 0
+    with progress_bar(n, what) as advance:
+        advance(writer.done)
         for i, (s, v) in enumerate(zip(segs, valid)):
-            if not len(v):
+            if not len(v) or row + len(v) <= writer.done:
+                row += len(v)
                 continue
             img = ds.load_image(i)
             rows, cols = pixel_patches(ctx.transform, img.size[0], img.size[1], s.shape)
             for j in v:
-                batch.append(prep(segment_crop(img, s == j, rows, cols)))
-                if len(batch) == CROP_BATCH:
-                    flush()
-                    advance(CROP_BATCH)
+                if row >= writer.done:
+                    batch.append(prep(segment_crop(img, s == j, rows, cols)))
+                    if len(batch) == ctx.batch_size:  # batched like the main pass (--batch-size)
+                        flush()
+                        advance(ctx.batch_size)
+                row += 1
         left = len(batch)
         flush()
         advance(left)
-    return np.concatenate(out) if out else np.zeros((0, spec.embed_dim), dtype=np.float32)
 
 
 def reduce_dims(x: np.ndarray, pca_dim: int | None) -> np.ndarray:
@@ -379,19 +404,3 @@ def score_with_noise(conf: np.ndarray, matching: str) -> tuple[dict, np.ndarray,
     main = scores(remap(conf, np.append(mapping, -1), c))
     excluded = scores(remap(clusters, mapping, c))
     return main, mapping, excluded
-
-
-def _write_entry(path: Path, emb: np.ndarray, meta: dict) -> None:
-    """embeddings.npy + meta.json written in a temporary directory and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    try:
-        np.save(tmp / "embeddings.npy", emb)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another run committed the same entry first; theirs is equally valid
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -59,29 +59,26 @@ masks of the first stage on disk.
 7. `crf=True`: the shared dense CRF (ssl_segbench.crf, the original's parameters). For the pseudo stage the hard
    labels become probabilities (`mask_confidence` to the mask's label, the rest spread evenly).
 
-Cache: masks, boxes and embeddings of a split live in `<cache>/pseudo/maskdistill/<dataset>/<split>-<digest>/`, keyed by
-the cache keys of the `attn` and `keys` entries (backbone, revision, dataset files, transform, layer), the mask and
-embedding parameters and the embedding backbone's identity; written to a temporary directory and renamed into place.
-Clustering (seconds) is recomputed from them for every run; it is deterministic for a seed.
+Cache (`cache.py` entries: locked, checkpointed, resumable, committed atomically): the masks and boxes of a split in
+`<cache>/pseudo/maskdistill-masks/...`, keyed by the cache keys of the CLS-map and `keys` entries (backbone, revision,
+dataset content, transform, layer, precision) and the mask parameters; their crop embeddings in
+`<cache>/pseudo/maskdistill-embeddings/...`, keyed by the masks' key, the embedding backbone's identity and precision,
+and the crop size. A run killed while embedding crops resumes from its last checkpoint. Clustering (seconds) is
+recomputed from them for every run; it is deterministic for a seed.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from ..cache import Entry, ensure, filling, json_digest
 from ..features import compute_precision
 from ..metrics import hungarian, image_stats, remap, scores
-from ..paths import cache_dir, inside, safe_component
+from ..paths import cache_dir
 from ..progress import progress_bar
 from . import register_protocol
 from .base import Context, LabelGrids, MaskSaver, Protocol, ProtocolError, accumulate_confusion, onehot_scorer
@@ -90,7 +87,7 @@ from .linear import _scorer, cached_steps, train_head, train_split_info
 STAGES = ("pseudo", "distill-linear", "distill-conv")
 MATCHINGS = ("auto", "hungarian", "many-to-one")
 WHITENING = ("std", "pca", None)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: masks and crop embeddings are separate, resumable cache entries
 PSEUDO_IGNORE = -1  # label of padding in the pseudo labels a head trains on
 _CLS_FACET = {"softmax": "attn", "raw-logits": "attn_logits"}  # where the CLS map is read from
 
@@ -233,10 +230,6 @@ def _head(kind: str, dim: int, n_out: int, hidden: int) -> torch.nn.Module:
                                torch.nn.ReLU(inplace=True), torch.nn.Conv2d(hidden, n_out, kernel_size=1))
 
 
-def _digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
 @register_protocol
 class MaskDistillProtocol(Protocol):
     name = "maskdistill"
@@ -248,7 +241,7 @@ class MaskDistillProtocol(Protocol):
         "stage": "pseudo",  # 'pseudo' | 'distill-linear' | 'distill-conv'
         "cls_map": "softmax", "heads": 5, "mass": 0.5, "topk": 0.4, "proposals": "topk", "connectivity": 4,
         "center_keys": True,
-        "embed_backbone": None, "crop_size": None, "embed_batch_size": 32,
+        "embed_backbone": None, "crop_size": None,
         "fit_set": "all", "whiten": "std", "k": None, "overcluster": 1, "kmeans_batch_size": 1000,
         "kmeans_n_init": 3,
         "background_class": 0, "matching": "auto", "upsample": "auto",
@@ -274,7 +267,7 @@ class MaskDistillProtocol(Protocol):
         p = self.params
         if not 0 < p["topk"] <= 1 or not 0 < p["mass"] <= 1:
             raise ProtocolError("maskdistill: topk and mass are fractions in (0, 1]")
-        self.positive("heads", "overcluster", "embed_batch_size", "kmeans_batch_size", "kmeans_n_init", "epochs",
+        self.positive("heads", "overcluster", "kmeans_batch_size", "kmeans_n_init", "epochs",
                       "lr", "lr_step", "batch_size", "train_size", "conv_hidden")
         self.positive("k", "crop_size", allow_none=True)
         self.fraction("mask_confidence")
@@ -388,32 +381,36 @@ class MaskDistillProtocol(Protocol):
 
     # --- masks + embeddings of one split, cached --------------------------------------------------------------
     def _entry(self, ctx: Context, ds, fs, p: dict) -> dict:
-        embed_key, load = _embedder(ctx, p)
+        """Object masks (from cached features) and their crop embeddings (a backbone pass) of one split, each a cache
+        entry of its own: locked, checkpointed, resumable."""
+        embed_ref, load = _embedder(ctx, p)
+        embed_key = _embed_identity(embed_ref, ctx.device)
         cls_facet = _CLS_FACET[p["cls_map"]]
-        key = {"kind": "maskdistill-pseudo", "version": CACHE_VERSION, "dataset": ds.id, "split": ds.split,
-               "cls_map": fs[cls_facet].meta.get("key"), "keys": fs["keys"].meta.get("key"),
-               "transform": ctx.transform.to_dict(),
-               "mask": {f: p[f] for f in ("cls_map", "heads", "mass", "topk", "proposals", "connectivity",
-                                          "center_keys")},
-               "embed": embed_key, "crop_size": p["crop_size"]}
-        path = inside(cache_dir(), Path("pseudo", "maskdistill", safe_component(ds.id),
-                                        f"{safe_component(ds.split)}-{_digest(key)}"))
-        hit = (path / "meta.json").is_file()
-        if not hit:
-            _compute_entry(path, key, ctx, ds, fs, p, load)
-        ctx.record_pass("maskdistill object masks + crop embeddings", not hit, split=ds.split,
-                        embed_backbone=embed_key["id"], entry=path.name)
-        index = np.load(path / "index.npy")
-        flat = np.load(path / "masks.npy")
-        masks = [flat[o: o + h * w].reshape(h, w).astype(bool) for o, h, w in index.tolist()]
-        meta = json.loads((path / "meta.json").read_text())
-        return {"masks": masks, "boxes": np.load(path / "boxes.npy"), "embeddings": np.load(path / "embeddings.npy"),
-                "cache_hit": hit, "embed_key": embed_key, "path": str(path),
-                "seconds": {"masks": meta["mask_seconds"], "embed": meta["embed_seconds"]}}
+        mask_key = {"kind": "maskdistill-masks", "version": CACHE_VERSION, "dataset": ds.id, "split": ds.split,
+                    "cls_map": fs[cls_facet].meta.get("key"), "keys": fs["keys"].meta.get("key"),
+                    "transform": ctx.transform.to_dict(),
+                    "mask": {f: p[f] for f in ("cls_map", "heads", "mass", "topk", "proposals", "connectivity",
+                                               "center_keys")}}
+        masks_entry = Entry.at(cache_dir(), "pseudo", "maskdistill-masks", ds.id, ds.split, mask_key)
+        emb_key = {"kind": "maskdistill-embeddings", "version": CACHE_VERSION, "masks": json_digest(mask_key),
+                   "embed": embed_key, "crop_size": p["crop_size"]}
+        emb_entry = Entry.at(cache_dir(), "pseudo", "maskdistill-embeddings", ds.id, ds.split, emb_key)
+        masks_done = ensure([masks_entry], lambda _: _compute_masks(masks_entry, ctx, ds, fs, p))
+        mstore = masks_entry.open()
+        boxes = mstore.array("boxes")
+        emb_done = ensure([emb_entry], lambda _: _embed_crops(emb_entry, ds, boxes, load, embed_ref.spec, p,
+                                                             ctx.device, ctx.batch_size))
+        estore = emb_entry.open()
+        ctx.record_pass("maskdistill crop embeddings", bool(emb_done), split=ds.split, crops=len(boxes),
+                        embed_backbone=embed_key["id"], masks_computed=bool(masks_done))
+        return {"masks": [mstore.image(i)[..., 0].astype(bool) for i in range(len(mstore))], "boxes": boxes,
+                "embeddings": np.asarray(estore.data, dtype=np.float32), "cache_hit": not (masks_done or emb_done),
+                "embed_key": embed_key,
+                "seconds": {"masks": mstore.meta["mask_seconds"], "embed": estore.meta["embed_seconds"]}}
 
 
 def _embedder(ctx: Context, p: dict):
-    """(identity of the embedding backbone for the cache key, a loader) without loading any weights."""
+    """(the reference of the backbone that embeds the crops, a loader), without loading any weights."""
     if p["embed_backbone"]:
         from ..backbones import BackboneRef
 
@@ -426,50 +423,40 @@ def _embedder(ctx: Context, p: dict):
         load = ctx.backbone
     if ref is None:
         raise ProtocolError("maskdistill embeds mask crops with a backbone, but the run gave none")
+    return ref, load
+
+
+def _embed_identity(ref, device) -> dict:
+    """What of the embedding backbone goes into the embeddings' cache key."""
     s = ref.spec
-    key = {"id": s.id, "source": ref.source, "revision": ref.revision, "mean": list(s.mean), "std": list(s.std),
-           "patch_size": s.patch_size, "precision": compute_precision(ctx.device)}
-    return key, load
+    return {"id": s.id, "source": ref.source, "revision": ref.revision, "mean": list(s.mean), "std": list(s.std),
+            "patch_size": s.patch_size, "precision": compute_precision(device)}
 
 
-def _compute_entry(path: Path, key: dict, ctx: Context, ds, fs, p: dict, load) -> None:
+def _compute_masks(entry: Entry, ctx: Context, ds, fs, p: dict) -> None:
+    """One object mask per image (module docstring, step 1) and its box in the original image."""
     t0 = time.perf_counter()
     n = len(ds)
-    masks, boxes = [], []
-    with progress_bar(n, f"object masks {ds.id}/{ds.split}") as advance:
+    writer = entry.writer([tuple(g) for g in fs["keys"].index[:, 1:].tolist()], 1, np.uint8)
+    boxes = []
+    with filling([writer]), progress_bar(n, f"object masks {ds.id}/{ds.split}") as advance:
         for i in range(n):
             m = object_mask(np.asarray(fs[_CLS_FACET[p["cls_map"]]].image(i), dtype=np.float32),
                             np.asarray(fs["keys"].image(i), dtype=np.float32),
                             p["heads"], p["mass"], p["topk"], p["proposals"], p["connectivity"], p["center_keys"])
-            masks.append(m)
+            writer.write(i, m.reshape(-1, 1).astype(np.uint8))
             boxes.append(box_to_original(patch_box(m), ctx.transform, *ds.image_size(i)))
             advance()
-    t_masks = time.perf_counter() - t0
-    emb = _embed_crops(ds, boxes, load, p, ctx.device)
-    meta = {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mask_seconds": round(t_masks, 3),
-            "embed_seconds": round(time.perf_counter() - t0 - t_masks, 3)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    try:
-        np.save(tmp / "masks.npy", np.concatenate([m.ravel() for m in masks]).astype(np.uint8))
-        np.save(tmp / "index.npy", np.asarray(fs["keys"].index, dtype=np.int64))
-        np.save(tmp / "boxes.npy", np.asarray(boxes, dtype=np.int64).reshape(-1, 4))
-        np.save(tmp / "embeddings.npy", emb.astype(np.float32))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another run committed the same entry first; it is equally valid
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.commit({"mask_seconds": round(time.perf_counter() - t0, 3)},
+                      arrays={"boxes": np.asarray(boxes, dtype=np.int64).reshape(-1, 4)})
 
 
-def _embed_crops(ds, boxes: list[tuple[int, int, int, int]], load, p: dict, device: str) -> np.ndarray:
-    """CLS token of each box's crop of the original image, crops of one padded shape batched together."""
+def _embed_crops(entry: Entry, ds, boxes: np.ndarray, load, spec, p: dict, device: str, batch_size: int) -> None:
+    """CLS token of each box's crop of the original image into `entry`, one row per image; crops of one padded shape
+    are batched together (`batch_size`, the run's), in a fixed order (by shape, then image), so a checkpoint after any
+    batch can be resumed."""
     from PIL import Image
 
-    backbone = load()
-    spec = backbone.spec
     if spec.num_prefix_tokens == 0:
         raise ProtocolError(f"maskdistill embeds crops by their CLS token, but '{spec.id}' has none; name another "
                             "backbone with --param maskdistill.embed_backbone=ID")
@@ -485,7 +472,7 @@ def _embed_crops(ds, boxes: list[tuple[int, int, int, int]], load, p: dict, devi
         return math.ceil(h / ps) * ps, math.ceil(w / ps) * ps
 
     def crop(i: int) -> torch.Tensor:
-        im = ds.load_image(i).crop(boxes[i])
+        im = ds.load_image(i).crop(tuple(int(v) for v in boxes[i]))
         if cs:
             im = im.resize((cs, cs), Image.BICUBIC)
         x = (np.asarray(im, dtype=np.float32) / 255.0 - mean) / std
@@ -496,21 +483,35 @@ def _embed_crops(ds, boxes: list[tuple[int, int, int, int]], load, p: dict, devi
     groups: dict[tuple, list[int]] = {}
     for i, b in enumerate(boxes):
         groups.setdefault(shape_of(b), []).append(i)
-    out = np.zeros((len(boxes), spec.embed_dim), dtype=np.float32)
+    batches = [idx[s: s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+    t0 = time.perf_counter()
+    writer = entry.writer([(1, 1)] * len(boxes), spec.embed_dim, np.float32, per_item=True)
     use_amp = str(device).startswith("cuda")  # as the main pass: the key's precision says so
-    with progress_bar(len(boxes), f"crop CLS embeddings ({spec.id}) {ds.id}/{ds.split}") as advance, \
-            torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-        for idx in groups.values():
-            for start in range(0, len(idx), p["embed_batch_size"]):
-                chunk = idx[start: start + p["embed_batch_size"]]
+    with filling([writer]):
+        backbone = load() if writer.done < len(boxes) else None
+        done = 0
+        what = f"crop CLS embeddings ({spec.id}) {ds.id}/{ds.split}" + \
+            (f" (resuming at crop {writer.done})" if writer.done else "")
+        with progress_bar(len(boxes), what) as advance, torch.inference_mode(), \
+                torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            advance(writer.done)
+            for chunk in batches:
+                if done < writer.done:  # embedded before an interruption
+                    done += len(chunk)
+                    continue
                 x = torch.stack([crop(i) for i in chunk]).to(device)
-                out[chunk] = backbone(x, -1, ("cls",))["cls"].float().cpu().numpy()
+                cls = backbone(x, -1, ("cls",))["cls"].float().cpu().numpy()
+                if not np.isfinite(cls).all():
+                    bad = chunk[int(np.flatnonzero(~np.isfinite(cls).all(1))[0])]
+                    raise ProtocolError(f"maskdistill: backbone '{spec.id}' gave a non-finite CLS embedding for the "
+                                        f"mask crop of image '{ds.samples[bad].name}' of {ds.id}/{ds.split}; nothing "
+                                        "was cached")
+                for j, i in enumerate(chunk):
+                    writer.write(i, cls[j: j + 1])
+                done += len(chunk)
                 advance(len(chunk))
-    if not np.isfinite(out).all():
-        bad = int(np.flatnonzero(~np.isfinite(out).all(1))[0])
-        raise ProtocolError(f"maskdistill: backbone '{spec.id}' gave a non-finite CLS embedding for the mask crop of "
-                            f"image '{ds.samples[bad].name}' of {ds.id}/{ds.split}; nothing was cached")
-    return out
+                writer.maybe_checkpoint(done)
+        writer.commit({"embed_seconds": round(time.perf_counter() - t0, 3), "device": str(device)})
 
 
 class _PseudoLabels:
