@@ -185,13 +185,12 @@ def _cmd_run(args) -> int:
         if rec is None:
             table.add_row(path.parent.name, "(skipped: record exists)", "", "", "", "")
             continue
-        m = rec["metrics"]
-        preset = rec["protocol"]["preset"]
-        table.add_row(rec["protocol"]["name"] + (f":{preset}" if preset else ""),
+        m = rec.metrics
+        table.add_row(rec.protocol_spec,
                       f"{100 * m['miou']['mean']:.2f} ± {100 * m['miou']['std']:.2f}",
                       f"{100 * m['pixel_acc']['mean']:.2f} ± {100 * m['pixel_acc']['std']:.2f}",
-                      str(len(rec["seeds"])), str(rec["provenance"]["cache_hit"]),
-                      f"{rec['provenance']['wall_seconds']:.1f}")
+                      str(len(rec.seeds)), str(rec.provenance["cache_hit"]),
+                      f"{rec.provenance['wall_seconds']:.1f}")
     out.print(table)
     return 0
 
@@ -281,15 +280,15 @@ def _cmd_show(args) -> int:
         from .data import get_dataset
         from .transforms import Transform
 
-        ds = get_dataset(args.dataset, args.data_root, rec["dataset"]["split"])
-        transform = Transform(**rec["transform"])
-        out_path = args.out or figure_path(Path("leaderboards"), rec["identity"]["dataset"], rec["backbone"]["id"],
+        ds = get_dataset(args.dataset, args.data_root, rec.dataset["split"])
+        transform = Transform(**rec.transform)
+        out_path = args.out or figure_path(Path("leaderboards"), rec.identity["dataset"], rec.backbone["id"],
                                            args.protocol)
-        title = (f"{rec['backbone']['id']} · {ds.id}/{ds.split} · {args.protocol}: mIoU "
-                 f"{100 * rec['metrics']['miou']['mean']:.1f} (seed 0)")
+        title = (f"{rec.backbone['id']} · {ds.id}/{ds.split} · {args.protocol}: mIoU "
+                 f"{100 * rec.metrics['miou']['mean']:.1f} (seed 0)")
         masks = Path(tmp) / name
-        if args.protocol.partition(":")[0] == "maskdistill" and rec["protocol"]["params"].get("stage") != "pseudo":
-            masks = masks / rec["protocol"]["params"]["stage"]
+        if args.protocol.partition(":")[0] == "maskdistill" and rec.protocol["params"].get("stage") != "pseudo":
+            masks = masks / rec.protocol["params"]["stage"]
         prediction_grid(ds, transform, masks, out_path, args.images, title)
     console.print(f"wrote {out_path}")
     return 0

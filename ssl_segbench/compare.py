@@ -11,33 +11,32 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SegbenchError
-from .leaderboard import collect, column_label
 from .metrics import paired_bootstrap, scores_from_stats
-from .records import data_digest, decode_array
+from .records import Record, decode_array, iter_records
 
 
 class CompareError(SegbenchError):
     """Nothing to compare; the message says what the records hold."""
 
 
-def _setting(rec: dict) -> tuple:
-    ident = rec["identity"]
-    return (ident["dataset"], ident["split"], data_digest(rec), ident["protocol"], ident["version"],
+def _setting(rec: Record) -> tuple:
+    ident = rec.identity
+    return (ident["dataset"], ident["split"], rec.data_digest(), ident["protocol"], ident["version"],
             repr(sorted(ident["params"].items())), ident["layer"], tuple(ident["seeds"]),
             repr(ident.get("train")))
 
 
-def pairs(results_dir: Path, a: str, b: str, dataset: str | None = None) -> list[tuple[dict, dict]]:
+def pairs(results_dir: Path, a: str, b: str, dataset: str | None = None) -> list[tuple[Record, Record]]:
     """(record of a, record of b) for every setting both backbones share, in a stable order."""
-    records, _ = collect(results_dir)
+    records = [r for _, r in iter_records(results_dir) if isinstance(r, Record)]
     by = {a: {}, b: {}}
     for r in records:
-        bid = r["backbone"]["id"]
-        if bid in by and (dataset is None or r["identity"]["dataset"] == dataset):
+        bid = r.backbone["id"]
+        if bid in by and (dataset is None or r.identity["dataset"] == dataset):
             by[bid][_setting(r)] = r
     for name in (a, b):
         if not by[name]:
-            known = sorted({r["backbone"]["id"] for r in records})
+            known = sorted({r.backbone["id"] for r in records})
             raise CompareError(f"no records of backbone '{name}'" + (f" on '{dataset}'" if dataset else "")
                                + f" under {results_dir}; backbones with records: {', '.join(known) or 'none'}")
     shared = sorted(set(by[a]) & set(by[b]))
@@ -47,12 +46,12 @@ def pairs(results_dir: Path, a: str, b: str, dataset: str | None = None) -> list
     return [(by[a][k], by[b][k]) for k in shared]
 
 
-def compare_pair(ra: dict, rb: dict, n_boot: int = 2000, seed: int = 0) -> dict:
+def compare_pair(ra: Record, rb: Record, n_boot: int = 2000, seed: int = 0) -> dict:
     """Scores of both and the paired-bootstrap test of each difference; per-class rows carry the class names."""
-    if ra.get("image_stats") is None or rb.get("image_stats") is None:
-        raise CompareError(f"{column_label(ra)}: a record has no per-image statistics (protocol without them, or an "
+    if ra.image_stats is None or rb.image_stats is None:
+        raise CompareError(f"{ra.column_label()}: a record has no per-image statistics (protocol without them, or an "
                            "older record): significance cannot be tested")
-    sa, sb = decode_array(ra["image_stats"]), decode_array(rb["image_stats"])
+    sa, sb = decode_array(ra.image_stats), decode_array(rb.image_stats)
     test = paired_bootstrap(sa, sb, n_boot=n_boot, seed=seed)
     fa, fb = scores_from_stats(sa.sum(1)), scores_from_stats(sb.sum(1))
     with np.errstate(invalid="ignore"):
@@ -61,9 +60,9 @@ def compare_pair(ra: dict, rb: dict, n_boot: int = 2000, seed: int = 0) -> dict:
              "ci": [float(test[m]["ci"][0]), float(test[m]["ci"][1])], "p": float(test[m]["p"])}
             for m in ("miou", "pixel_acc")]
     pc = test["per_class_iou"]
-    for c, name in enumerate(ra["dataset"]["class_names"]):
+    for c, name in enumerate(ra.dataset["class_names"]):
         rows.append({"what": f"IoU {name}", "a": float(class_a[c]), "b": float(class_b[c]),
                      "delta": float(pc["delta"][c]), "ci": [float(pc["ci"][0][c]), float(pc["ci"][1][c])],
                      "p": float(pc["p"][c])})
-    return {"setting": f"{ra['identity']['dataset']}/{ra['identity']['split']} · {column_label(ra)}",
-            "n_images": ra["dataset"]["n_images"], "rows": rows}
+    return {"setting": f"{ra.identity['dataset']}/{ra.identity['split']} · {ra.column_label()}",
+            "n_images": ra.dataset["n_images"], "rows": rows}

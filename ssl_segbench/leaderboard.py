@@ -12,7 +12,6 @@ Records of the legacy schema v1 are marked in their row.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -24,48 +23,14 @@ from .atomic import write_text_atomic
 from .errors import SegbenchError
 from .figures import figure_path
 from .paths import inside, safe_component
-from .records import METRICS, RecordError, data_digest, iter_records
+from .records import METRICS, Record, RecordError, iter_records
 
 PUBLISHED = Path(__file__).with_name("published.yaml")
 _DEMO_DATASETS = {"synthetic": "Synthetic demo data (generated shapes and textures): this checks the pipeline end to "
                                "end and says nothing about real images."}
 
 
-def column_identity(rec: dict) -> dict:
-    ident = rec["identity"]
-    return {k: ident[k] for k in ("protocol", "version", "params", "layer", "seeds")}
-
-
-def column_id(rec: dict) -> str:
-    return hashlib.sha256(json.dumps(column_identity(rec), sort_keys=True).encode()).hexdigest()[:8]
-
-
-def row_label(rec: dict) -> str:
-    rev = rec["backbone"]["revision_resolved"]
-    return f"{rec['backbone']['id']} @ {rev[:12] if rev else 'builtin'}" + (" ⚠ v1 record" if rec.get("legacy") else "")
-
-
-def column_label(rec: dict) -> str:
-    """Header text: protocol, preset and the axes that change numbers."""
-    p = rec["protocol"]["params"]
-    proto = rec["protocol"]["name"] + (f":{rec['protocol']['preset']}" if rec["protocol"]["preset"] else "")
-    parts = [f"{proto} v{rec['protocol']['version']}"]
-    k = rec.get("info", {}).get("k")
-    if k is not None:
-        parts.append(f"K={k}")
-    if "matching" in p:
-        parts.append(p["matching"])
-    parts.append(f"{p['resize']} {p['size']}")
-    parts.append(f"eval {p['eval_size']}²" if p.get("eval_size") else "eval at input res")
-    if p.get("crf"):
-        parts.append(f"CRF T={p['crf_temperature']:g}" if "crf_temperature" in p else "CRF")
-    if rec["backbone"].get("layer", -1) != -1:
-        parts.append(f"layer {rec['backbone']['layer']}")
-    parts.append(f"{len(rec['seeds'])} seed" + ("s" if len(rec["seeds"]) != 1 else ""))
-    return " · ".join(parts)
-
-
-def collect(results_dir: Path) -> tuple[list[dict], list[str]]:
+def collect(results_dir: Path) -> tuple[list[Record], list[str]]:
     """Valid records and a list of problems (unreadable or foreign files), both in path order."""
     records, problems = [], []
     for _path, rec in iter_records(results_dir):
@@ -134,10 +99,10 @@ def published_identity(entry: dict) -> dict:
             "layer": proto.get("layer", -1)}
 
 
-def published_for(rec: dict, published: list[dict]) -> dict | None:
+def published_for(rec: Record, published: list[dict]) -> dict | None:
     """The exact entry for this record's dataset, split, backbone and column identity (protocol, version, every
     parameter, layer), or None."""
-    ident = rec["identity"]
+    ident = rec.identity
     for entry in published:
         if entry["compare"] != "exact" or (entry["dataset"], entry["split"], entry["backbone"]) != \
                 (ident["dataset"], ident["split"], ident["backbone"]):
@@ -165,11 +130,11 @@ def _fmt(metric: dict | None) -> str:
     return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
-def _columns(records: list[dict]) -> dict[str, str]:
+def _columns(records: list[Record]) -> dict[str, str]:
     """column id → header, with the id appended where two different columns would read the same."""
     labels: dict[str, str] = {}
     for r in records:
-        labels.setdefault(column_id(r), column_label(r))
+        labels.setdefault(r.column_id(), r.column_label())
     out = {}
     for cid, label in sorted(labels.items(), key=lambda kv: (kv[1], kv[0])):
         clash = sum(1 for other in labels.values() if other == label) > 1
@@ -177,13 +142,13 @@ def _columns(records: list[dict]) -> dict[str, str]:
     return out
 
 
-def render(records: list[dict], published: list[dict] | None = None, out_dir: Path | None = None) -> dict[str, str]:
+def render(records: list[Record], published: list[dict] | None = None, out_dir: Path | None = None) -> dict[str, str]:
     """{file name: markdown}: one file per dataset and a README.md summary across datasets. Prediction grids that
     `ssl-segbench show` left under `out_dir/figures/` are linked beside their numbers."""
     published = load_published() if published is None else published
-    by_dataset: dict[str, list[dict]] = {}
+    by_dataset: dict[str, list[Record]] = {}
     for rec in records:
-        by_dataset.setdefault(rec["identity"]["dataset"], []).append(rec)
+        by_dataset.setdefault(rec.identity["dataset"], []).append(rec)
     files = {f"{safe_component(ds)}.md": _render_dataset(ds, recs, published, out_dir)
              for ds, recs in sorted(by_dataset.items())}
     if files:
@@ -191,16 +156,16 @@ def render(records: list[dict], published: list[dict] | None = None, out_dir: Pa
     return files
 
 
-def _render_dataset(dataset: str, recs: list[dict], published: list[dict], out_dir: Path | None) -> str:
+def _render_dataset(dataset: str, recs: list[Record], published: list[dict], out_dir: Path | None) -> str:
     lines = [f"# Leaderboard: {dataset}", "",
              "_Generated by `ssl-segbench leaderboard` from result records; do not edit by hand._", ""]
     if dataset in _DEMO_DATASETS:
         lines += [f"> {_DEMO_DATASETS[dataset]}", ""]
-    by_split: dict[str, list[dict]] = {}
+    by_split: dict[str, list[Record]] = {}
     for rec in recs:
-        by_split.setdefault(rec["identity"]["split"], []).append(rec)
+        by_split.setdefault(rec.identity["split"], []).append(rec)
     for split, srecs in sorted(by_split.items()):
-        files = sorted({(r["dataset"]["n_images"], data_digest(r)[:12]) for r in srecs})
+        files = sorted({(r.dataset["n_images"], r.data_digest()[:12]) for r in srecs})
         lines += [f"## split `{split}`", "",
                   "Images: " + "; ".join(f"{n} (content sha256 {h})" for n, h in files) + ". "
                   "Cells: mean ± std over seeds, in %; [95% bootstrap interval over images] where the record has "
@@ -208,19 +173,19 @@ def _render_dataset(dataset: str, recs: list[dict], published: list[dict], out_d
         columns = _columns(srecs)
         overview: dict[str, dict[str, str]] = {}
         for r in srecs:
-            overview.setdefault(row_label(r), {})[column_id(r)] = f"{100 * r['metrics']['miou']['mean']:.1f}"
+            overview.setdefault(r.row_label(), {})[r.column_id()] = f"{100 * r.metrics['miou']['mean']:.1f}"
         first = next(iter(columns))
         order = sorted(overview, key=lambda row: (-float(overview[row].get(first, "-1")), row))
         wide = pd.DataFrame([[row] + [overview[row].get(c, "–") for c in columns] for row in order],
                             columns=["backbone @ revision"] + list(columns.values()))
         lines += ["### Overview: mIoU (%)", "", wide.to_markdown(index=False, stralign="right"), ""]
         for cid, label in columns.items():
-            col = [r for r in srecs if column_id(r) == cid]
-            col.sort(key=lambda r: (-r["metrics"]["miou"]["mean"], row_label(r)))
-            pub = {row_label(r): published_for(r, published) for r in col}
+            col = [r for r in srecs if r.column_id() == cid]
+            col.sort(key=lambda r: (-r.metrics["miou"]["mean"], r.row_label()))
+            pub = {r.row_label(): published_for(r, published) for r in col}
             table = pd.DataFrame(
-                [[rank, row_label(r), _fmt(r["metrics"]["miou"]), _fmt(r["metrics"]["pixel_acc"]),
-                  _published_cell(r, pub[row_label(r)])] for rank, r in enumerate(col, 1)],
+                [[rank, r.row_label(), _fmt(r.metrics["miou"]), _fmt(r.metrics["pixel_acc"]),
+                  _published_cell(r, pub[r.row_label()])] for rank, r in enumerate(col, 1)],
                 columns=["#", "backbone @ revision", "mIoU", "pixel accuracy", "published (ours − published)"])
             if not any(pub.values()):
                 table = table.drop(columns=["published (ours − published)"])
@@ -230,10 +195,9 @@ def _render_dataset(dataset: str, recs: list[dict], published: list[dict], out_d
             if out_dir is not None:
                 figures = []
                 for r in col:
-                    proto = r["protocol"]["name"] + (f":{r['protocol']['preset']}" if r["protocol"]["preset"] else "")
-                    fig = figure_path(out_dir, dataset, r["backbone"]["id"], proto)
+                    fig = figure_path(out_dir, dataset, r.backbone["id"], r.protocol_spec)
                     if fig.is_file():
-                        figures.append(f"[{r['backbone']['id']}]({fig.relative_to(out_dir).as_posix()})")
+                        figures.append(f"[{r.backbone['id']}]({fig.relative_to(out_dir).as_posix()})")
                 lines += ["Predictions (`ssl-segbench show`): " + ", ".join(figures), ""] if figures else []
         reported = reported_for(dataset, split, published)
         if reported:
@@ -247,32 +211,32 @@ def _render_dataset(dataset: str, recs: list[dict], published: list[dict], out_d
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _published_cell(rec: dict, entry: dict | None) -> str:
+def _published_cell(rec: Record, entry: dict | None) -> str:
     if not entry:
         return "–"
-    ours = rec["metrics"][entry["metric"]]["mean"]
+    ours = rec.metrics[entry["metric"]]["mean"]
     what = "" if entry["metric"] == "miou" else f" {entry['metric']}"
     return f"{100 * entry['value']:.1f}{what} ({100 * (ours - entry['value']):+.1f})"
 
 
-def _render_summary(by_dataset: dict[str, list[dict]]) -> str:
+def _render_summary(by_dataset: dict[str, list[Record]]) -> str:
     """Rows = backbones, columns = (dataset, protocol[:preset]) with the column holding the most backbones."""
     chosen: dict[tuple[str, str], str] = {}
     for ds, recs in by_dataset.items():
         counts: dict[tuple[str, str], dict[str, set]] = {}
         for r in recs:
-            name = r["protocol"]["name"] + (f":{r['protocol']['preset']}" if r["protocol"]["preset"] else "")
-            counts.setdefault((f"{ds}/{r['identity']['split']}", name), {}).setdefault(column_id(r), set()).add(
-                row_label(r))
+            name = r.protocol_spec
+            counts.setdefault((f"{ds}/{r.identity['split']}", name), {}).setdefault(r.column_id(), set()).add(
+                r.row_label())
         for key, cols in counts.items():
             chosen[key] = max(sorted(cols), key=lambda c: len(cols[c]))
     cells: dict[str, dict[tuple[str, str], str]] = {}
     for recs in by_dataset.values():
         for r in recs:
-            name = r["protocol"]["name"] + (f":{r['protocol']['preset']}" if r["protocol"]["preset"] else "")
-            key = (f"{r['identity']['dataset']}/{r['identity']['split']}", name)
-            if chosen.get(key) == column_id(r):
-                cells.setdefault(row_label(r), {})[key] = f"{100 * r['metrics']['miou']['mean']:.1f}"
+            name = r.protocol_spec
+            key = (f"{r.identity['dataset']}/{r.identity['split']}", name)
+            if chosen.get(key) == r.column_id():
+                cells.setdefault(r.row_label(), {})[key] = f"{100 * r.metrics['miou']['mean']:.1f}"
     keys = sorted(chosen)
     table = pd.DataFrame([[row] + [cells[row].get(k, "–") for k in keys] for row in sorted(cells)],
                          columns=["backbone @ revision"] + [f"{d} {p}" for d, p in keys])
@@ -288,17 +252,17 @@ def _render_summary(by_dataset: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def flat_rows(records: list[dict]) -> list[dict]:
+def flat_rows(records: list[Record]) -> list[dict]:
     """One row per record with the columns other tools need, sorted."""
     rows = []
     for r in records:
-        row = {"dataset": r["identity"]["dataset"], "split": r["identity"]["split"], "backbone": r["backbone"]["id"],
-               "revision": r["backbone"]["revision_resolved"] or "", "protocol": r["protocol"]["name"],
-               "preset": r["protocol"]["preset"] or "", "version": r["protocol"]["version"],
-               "column": column_label(r), "column_id": column_id(r), "n_seeds": len(r["seeds"]),
-               "n_images": r["dataset"]["n_images"], "record_key": r["key"]}
+        row = {"dataset": r.identity["dataset"], "split": r.identity["split"], "backbone": r.backbone["id"],
+               "revision": r.backbone["revision_resolved"] or "", "protocol": r.protocol["name"],
+               "preset": r.protocol["preset"] or "", "version": r.protocol["version"],
+               "column": r.column_label(), "column_id": r.column_id(), "n_seeds": len(r.seeds),
+               "n_images": r.dataset["n_images"], "record_key": r.key}
         for m in METRICS:
-            met = r["metrics"].get(m, {})
+            met = r.metrics.get(m, {})
             row[f"{m}_mean"] = round(met["mean"], 6) if met else None
             row[f"{m}_std"] = round(met["std"], 6) if met else None
             ci = met.get("ci95") if met else None
@@ -324,7 +288,7 @@ def write(results_dir: Path, out_dir: Path, fmt: str = "md") -> tuple[list[Path]
     elif fmt == "json":
         files = {"leaderboard.json": json.dumps(flat_rows(records), indent=1, sort_keys=True) + "\n"}
     else:
-        raise ValueError(f"unknown leaderboard format {fmt!r}: use md, csv or json")
+        raise SegbenchError(f"unknown leaderboard format {fmt!r}: use md, csv or json")
     written = []
     for name, text in files.items():
         write_text_atomic(inside(out_dir, name), text)

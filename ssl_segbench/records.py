@@ -11,18 +11,19 @@ Schema v2 identifies the data by content; v1 records (identified by file names o
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import platform
 import subprocess
 import warnings
 import zlib
+from dataclasses import MISSING, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from .cache import json_digest
 from .errors import SegbenchError
 from .paths import inside, safe_component
 
@@ -35,7 +36,7 @@ METRICS = ("miou", "pixel_acc", "mf1")
 
 
 def record_key(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(identity, 16)
 
 
 def record_path(results_dir: Path, identity: dict) -> Path:
@@ -43,12 +44,6 @@ def record_path(results_dir: Path, identity: dict) -> Path:
     parts = [identity["dataset"], identity["split"], identity["backbone"], rev,
              f"{identity['protocol']}@{identity['version']}"]
     return inside(results_dir, Path(*(safe_component(p) for p in parts), f"{record_key(identity)}.json"))
-
-
-def data_digest(rec: dict) -> str:
-    """The evaluation data's digest in a record: its content (v2) or, for legacy records, its file list."""
-    ident = rec["identity"]
-    return ident.get("content_sha256") or ident.get("files_sha256") or ""
 
 
 def check_finite(metrics: dict, what: str) -> None:
@@ -120,23 +115,129 @@ def decode_array(d: dict) -> np.ndarray:
 
 
 class RecordError(SegbenchError):
-    """A record file that is not valid JSON or not an ssl-segbench record."""
+    """A record file that is not valid JSON or not an ssl-segbench record; the message names the file and the key."""
 
 
-def read_record(path: Path) -> dict:
+_IDENTITY_KEYS = ("backbone", "source", "revision", "dataset", "split", "protocol", "version", "params", "layer",
+                  "seeds")
+
+
+@dataclass
+class Record:
+    """One result as written to `<results>/.../<key>.json`: identity (the key's contents), what produced it, its
+    metrics and provenance. `from_json` validates on load; v1 records (`LEGACY_SCHEMAS`) load with `legacy` set.
+    The identity of the leaderboard column a record belongs to lives here, so every reader (leaderboards, the
+    regression gate, `compare`) groups records the same way."""
+
+    schema: str
+    key: str
+    identity: dict
+    backbone: dict
+    dataset: dict
+    protocol: dict
+    seeds: list
+    metrics: dict
+    info: dict = field(default_factory=dict)
+    transform: dict = field(default_factory=dict)
+    per_seed: list = field(default_factory=list)
+    confusions: list | None = None
+    image_stats: dict | None = None
+    provenance: dict = field(default_factory=dict)
+    legacy: str | None = None
+
+    @classmethod
+    def from_json(cls, obj, source: str = "<record>") -> "Record":
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise RecordError(f"{source}: {what}; delete it and re-run to regenerate")
+
+        need(isinstance(obj, dict), "not a JSON object")
+        schema = obj.get("schema")
+        need(schema == SCHEMA or schema in LEGACY_SCHEMAS, f"not an {SCHEMA} record (schema {schema!r})")
+        names = {f.name for f in fields(cls)} - {"legacy"}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(obj))
+        need(not missing, f"missing key(s) {missing}")
+        ident = obj["identity"]
+        need(isinstance(ident, dict) and all(k in ident for k in _IDENTITY_KEYS) and isinstance(ident["params"], dict),
+             f"'identity' needs {list(_IDENTITY_KEYS)}")
+        for key in ("backbone", "dataset", "protocol", "metrics", "info"):
+            need(isinstance(obj[key], dict), f"'{key}' is not a mapping")
+        need(all(k in obj["protocol"] for k in ("name", "version", "preset", "params")),
+             "'protocol' needs name, version, preset and params")
+        need("id" in obj["backbone"] and "revision_resolved" in obj["backbone"], "'backbone' needs id and "
+             "revision_resolved")
+        for m, v in obj["metrics"].items():
+            if m == "per_class_iou":
+                continue
+            need(isinstance(v, dict) and all(isinstance(v.get(f), (int, float)) and not isinstance(v.get(f), bool)
+                                             for f in ("mean", "std")), f"metric '{m}' needs numbers mean and std")
+        need("miou" in obj["metrics"], "no 'miou' metric")
+        rec = cls(**{k: v for k, v in obj.items() if k in names})
+        rec.legacy = LEGACY_SCHEMAS.get(schema)
+        return rec
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "legacy"}
+
+    # --- the column this record belongs to ----------------------------------------------------------------------
+    def column_identity(self) -> dict:
+        """What makes two records comparable in one column: protocol, version, parameters (the transform's policy
+        and size included), layer and seeds."""
+        return {k: self.identity[k] for k in ("protocol", "version", "params", "layer", "seeds")}
+
+    def column_id(self) -> str:
+        return json_digest(self.column_identity(), 8)
+
+    def column_label(self) -> str:
+        """Header text: protocol, preset and the axes that change numbers."""
+        p = self.protocol["params"]
+        parts = [f"{self.protocol_spec} v{self.protocol['version']}"]
+        k = self.info.get("k")
+        if k is not None:
+            parts.append(f"K={k}")
+        if "matching" in p:
+            parts.append(p["matching"])
+        parts.append(f"{p['resize']} {p['size']}")
+        parts.append(f"eval {p['eval_size']}²" if p.get("eval_size") else "eval at input res")
+        if p.get("crf"):
+            parts.append(f"CRF T={p['crf_temperature']:g}" if "crf_temperature" in p else "CRF")
+        if self.backbone.get("layer", -1) != -1:
+            parts.append(f"layer {self.backbone['layer']}")
+        parts.append(f"{len(self.seeds)} seed" + ("s" if len(self.seeds) != 1 else ""))
+        return " · ".join(parts)
+
+    @property
+    def protocol_spec(self) -> str:
+        """'name' or 'name:preset', as given to --protocol."""
+        preset = self.protocol["preset"]
+        return self.protocol["name"] + (f":{preset}" if preset else "")
+
+    def row_label(self) -> str:
+        rev = self.backbone["revision_resolved"]
+        return f"{self.backbone['id']} @ {rev[:12] if rev else 'builtin'}" + (" ⚠ v1 record" if self.legacy else "")
+
+    def data_digest(self) -> str:
+        """The evaluation data's digest: its content (v2) or, for legacy records, its file list."""
+        return self.identity.get("content_sha256") or self.identity.get("files_sha256") or ""
+
+    def label(self) -> str:
+        """One line naming the record's dataset, backbone and column (regression gate rows)."""
+        rev = self.identity["revision"] or "builtin"
+        return (f"{self.identity['dataset']}/{self.identity['split']} · {self.identity['backbone']}@{rev[:12]} · "
+                f"{self.column_label()}")
+
+
+def read_record(path: Path) -> Record:
     try:
-        rec = json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RecordError(f"{path}: unreadable record ({e}); delete it and re-run to regenerate") from e
-    if not isinstance(rec, dict) or (rec.get("schema") != SCHEMA and rec.get("schema") not in LEGACY_SCHEMAS):
-        raise RecordError(f"{path}: not an {SCHEMA} record")
-    if rec["schema"] in LEGACY_SCHEMAS:
-        rec["legacy"] = LEGACY_SCHEMAS[rec["schema"]]
-    return rec
+    return Record.from_json(obj, str(path))
 
 
 def iter_records(results_dir: Path):
-    """(path, record or RecordError) for every *.json under results_dir, in sorted path order."""
+    """(path, Record or RecordError) for every *.json under results_dir, in sorted path order."""
     for path in sorted(Path(results_dir).rglob("*.json")):
         try:
             yield path, read_record(path)

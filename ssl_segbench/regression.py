@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .atomic import write_text_atomic
 from .errors import SegbenchError
-from .leaderboard import column_label
 from .records import METRICS, RecordError, iter_records
 
 SCHEMA = "ssl-segbench/baseline/v1"
@@ -29,21 +28,15 @@ class BaselineError(SegbenchError):
     """The baseline file is missing or malformed; the message names it and how to create one."""
 
 
-def _label(rec: dict) -> str:
-    ident = rec["identity"]
-    rev = ident["revision"] or "builtin"
-    return f"{ident['dataset']}/{ident['split']} · {ident['backbone']}@{rev[:12]} · {column_label(rec)}"
-
-
 def baseline_from_records(results_dir: Path) -> dict:
     entries = {}
     for path, rec in iter_records(results_dir):
         if isinstance(rec, RecordError):
             raise BaselineError(f"cannot build a baseline: {rec}")
-        entries[rec["key"]] = {
-            "label": _label(rec), "path": str(path.relative_to(results_dir)),
-            "metrics": {m: {"mean": rec["metrics"][m]["mean"], "std": rec["metrics"][m]["std"],
-                            "n_seeds": len(rec["metrics"][m]["per_seed"])} for m in METRICS if m in rec["metrics"]},
+        entries[rec.key] = {
+            "label": rec.label(), "path": str(path.relative_to(results_dir)),
+            "metrics": {m: {"mean": rec.metrics[m]["mean"], "std": rec.metrics[m]["std"],
+                            "n_seeds": len(rec.metrics[m]["per_seed"])} for m in METRICS if m in rec.metrics},
         }
     return {"schema": SCHEMA, "entries": dict(sorted(entries.items()))}
 
@@ -105,16 +98,16 @@ def compare(baseline: dict, results_dir: Path,
         if isinstance(rec, RecordError):
             problems.append(str(rec))
         else:
-            current[rec["key"]] = rec
+            current[rec.key] = rec
     rows = []
     for key, entry in baseline["entries"].items():
         rec = current.get(key)
         for metric, base in sorted(entry["metrics"].items()):
             tol = (tolerances or {}).get(metric, default_tolerance(base))
-            if rec is None or metric not in rec["metrics"]:
+            if rec is None or metric not in rec.metrics:
                 rows.append(Row(entry["label"], metric, base["mean"], None, tol, "missing"))
                 continue
-            cur = rec["metrics"][metric].get("mean")
+            cur = rec.metrics[metric].get("mean")
             if not isinstance(cur, (int, float)) or isinstance(cur, bool) or not math.isfinite(cur):
                 rows.append(Row(entry["label"], metric, base["mean"], None, tol, "invalid"))
                 continue
@@ -122,7 +115,7 @@ def compare(baseline: dict, results_dir: Path,
             rows.append(Row(entry["label"], metric, base["mean"], cur, tol, status))
     for key, rec in sorted(current.items()):
         if key not in baseline["entries"]:
-            rows.append(Row(_label(rec), "miou", None, rec["metrics"]["miou"]["mean"], None, "new"))
+            rows.append(Row(rec.label(), "miou", None, rec.metrics["miou"]["mean"], None, "new"))
     return rows, problems
 
 

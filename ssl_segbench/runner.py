@@ -20,7 +20,7 @@ from .features import compute_precision, extract
 from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
 from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol
-from .records import SCHEMA, check_finite, encode_array, environment, record_key, record_path, summarize
+from .records import SCHEMA, Record, check_finite, encode_array, environment, record_key, record_path, summarize
 from .transforms import Transform
 
 OVERWRITE = ("skip", "always")
@@ -107,7 +107,7 @@ class _Splits:
                       else f"none of {wanted} under this root")
 
 
-def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[tuple[str, Path, dict | None]]:
+def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[tuple[str, Path, Record | None]]:
     """Run every protocol; returns (status, path, record) with status 'written', 'skipped' (record exists) or
     'computed' (write_records=False)."""
     if opts.overwrite not in OVERWRITE:
@@ -152,38 +152,35 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         t0 = time.perf_counter()
         result = proto.run(ctx)
-        metrics = summarize(result["per_seed"])
-        stats = result.get("image_stats")
+        metrics = summarize(result.per_seed)
+        stats = result.image_stats
         if stats is not None:  # 95% interval of the seed mean, resampling images
             for m, ci in bootstrap_ci(stats).items():
                 metrics[m]["ci95"] = ci
         check_finite(metrics, f"{proto.name} on {eval_set.id}/{eval_set.split} with {ref.spec.id}")
         resized = sorted(ctx.resized_masks.get(eval_set.split, ()))
-        record = {
-            "schema": SCHEMA, "key": record_key(identity), "identity": identity,
-            "backbone": {**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision,
-                         "layer": opts.layer},
-            "dataset": {**eval_set.describe(), "n_resized_masks": len(resized), "resized_masks": resized},
-            "protocol": {"name": proto.name, "version": proto.version, "preset": proto.preset, "params": params},
-            "transform": transform.to_dict(), "seeds": seeds,
-            "metrics": metrics, "per_seed": result["per_seed"],
-            "info": {**result.get("info", {}), **ctx.info}, "confusions": result.get("confusions"),
-            "image_stats": None if stats is None else {
+        info = {**result.info, **ctx.info}
+        if train_set is not None and ctx.resized_masks.get(train_set.split):
+            info["train_resized_masks"] = sorted(ctx.resized_masks[train_set.split])
+        record = Record(
+            schema=SCHEMA, key=record_key(identity), identity=identity,
+            backbone={**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision,
+                      "layer": opts.layer},
+            dataset={**eval_set.describe(), "n_resized_masks": len(resized), "resized_masks": resized},
+            protocol={"name": proto.name, "version": proto.version, "preset": proto.preset, "params": params},
+            transform=transform.to_dict(), seeds=seeds, metrics=metrics, per_seed=result.per_seed, info=info,
+            confusions=result.confusions,
+            image_stats=None if stats is None else {
                 "what": "per seed, per image (dataset order), per class: [tp, fp, fn] after matching",
                 **encode_array(stats)},
-            "provenance": {**environment(), "ssl_segbench": __version__, "device": device,
-                           "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
-                           "compute_precision": compute_precision(device), "batch_size": batch_size,
-                           "started": started, "wall_seconds": round(time.perf_counter() - t0, 3),
-                           "passes": ctx.passes, "cache_hit": not any(p["computed"] for p in ctx.passes)},
-        }
-        if train_set is not None:
-            train_resized = sorted(ctx.resized_masks.get(train_set.split, ()))
-            if train_resized:
-                record["info"]["train_resized_masks"] = train_resized
+            provenance={**environment(), "ssl_segbench": __version__, "device": device,
+                        "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+                        "compute_precision": compute_precision(device), "batch_size": batch_size,
+                        "started": started, "wall_seconds": round(time.perf_counter() - t0, 3),
+                        "passes": ctx.passes, "cache_hit": not any(p["computed"] for p in ctx.passes)})
         status = "written" if opts.write_records else "computed"
         if opts.write_records:
-            write_json_atomic(path, record)
+            write_json_atomic(path, record.to_json())
         out.append((status, path, record))
         on_record(status, path, record)
     return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 
 from ssl_segbench.cli import main
-from ssl_segbench.leaderboard import column_label
 from ssl_segbench.records import iter_records
 
 
@@ -18,16 +17,16 @@ def _run(tmp_path, data, *extra):
 def test_run_writes_records_then_skips_and_leaderboard_renders(small_synthetic, tmp_path, capsys):
     assert _run(tmp_path, small_synthetic) == 0
     recs = [r for _, r in iter_records(tmp_path / "res")]
-    assert sorted(r["protocol"]["name"] for r in recs) == ["kmeans", "linear"]
-    km = next(r for r in recs if r["protocol"]["name"] == "kmeans")
-    assert len(km["metrics"]["miou"]["per_seed"]) == 5 and km["seeds"] == [0, 1, 2, 3, 4]
-    assert km["dataset"]["n_images"] == 8 and len(km["dataset"]["content_sha256"]) == 64
-    assert km["transform"] == {"policy": "shorter", "size": 64, "patch_size": 16}
-    prov = km["provenance"]
+    assert sorted(r.protocol["name"] for r in recs) == ["kmeans", "linear"]
+    km = next(r for r in recs if r.protocol["name"] == "kmeans")
+    assert len(km.metrics["miou"]["per_seed"]) == 5 and km.seeds == [0, 1, 2, 3, 4]
+    assert km.dataset["n_images"] == 8 and len(km.dataset["content_sha256"]) == 64
+    assert km.transform == {"policy": "shorter", "size": 64, "patch_size": 16}
+    prov = km.provenance
     assert {"packages", "git_sha", "device", "wall_seconds", "cache_hit", "started"} <= set(prov)
     assert prov["packages"]["torch"] and prov["device"] == "cpu"
-    lin = next(r for r in recs if r["protocol"]["name"] == "linear")
-    assert lin["info"]["train_split"] == "train" and lin["provenance"]["cache_hit"] is False
+    lin = next(r for r in recs if r.protocol["name"] == "linear")
+    assert lin.info["train_split"] == "train" and lin.provenance["cache_hit"] is False
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "res").rglob("*.json")}
     capsys.readouterr()
     assert _run(tmp_path, small_synthetic) == 0
@@ -45,8 +44,8 @@ def test_run_writes_records_then_skips_and_leaderboard_renders(small_synthetic, 
 def test_same_seed_gives_identical_records(small_synthetic, tmp_path):
     assert _run(tmp_path / "a", small_synthetic, "--backbone", "random_vits16", "--seeds", "2") == 0
     assert _run(tmp_path / "b", small_synthetic, "--backbone", "random_vits16", "--seeds", "2") == 0
-    a = {r["protocol"]["name"]: r["per_seed"] for _, r in iter_records(tmp_path / "a" / "res")}
-    b = {r["protocol"]["name"]: r["per_seed"] for _, r in iter_records(tmp_path / "b" / "res")}
+    a = {r.protocol["name"]: r.per_seed for _, r in iter_records(tmp_path / "a" / "res")}
+    b = {r.protocol["name"]: r.per_seed for _, r in iter_records(tmp_path / "b" / "res")}
     assert a == b and set(a) == {"kmeans", "linear"}
 
 
@@ -99,8 +98,8 @@ def test_crf_flag_sets_the_parameter_or_names_protocols_without_crf(small_synthe
     pytest.importorskip("pydensecrf.densecrf")
     assert _run(tmp_path, small_synthetic, "--protocol", "kmeans", "--seeds", "1", "--crf") == 0
     (_, rec), = iter_records(tmp_path / "res")
-    assert rec["protocol"]["params"]["crf"] is True and rec["info"]["crf"]["images_refined"] == 8
-    assert "CRF" in column_label(rec)
+    assert rec.protocol["params"]["crf"] is True and rec.info["crf"]["images_refined"] == 8
+    assert "CRF" in rec.column_label()
 
 
 def test_records_carry_per_image_stats_that_reproduce_the_scores(small_synthetic, tmp_path):
@@ -109,13 +108,13 @@ def test_records_carry_per_image_stats_that_reproduce_the_scores(small_synthetic
 
     assert _run(tmp_path, small_synthetic, "--seeds", "3") == 0
     for _, rec in iter_records(tmp_path / "res"):
-        stats = decode_array(rec["image_stats"])
+        stats = decode_array(rec.image_stats)
         assert stats.shape == (3, 8, 8, 3)
-        for seed, s in enumerate(rec["per_seed"]):
+        for seed, s in enumerate(rec.per_seed):
             again = scores_from_stats(stats[seed].sum(0))
             assert again["miou"] == pytest.approx(s["miou"]) and again["pixel_acc"] == pytest.approx(s["pixel_acc"])
-        lo, hi = rec["metrics"]["miou"]["ci95"]
-        assert lo <= rec["metrics"]["miou"]["mean"] <= hi
+        lo, hi = rec.metrics["miou"]["ci95"]
+        assert lo <= rec.metrics["miou"]["mean"] <= hi
 
 
 def test_crf_flag_runs_datus_and_records_it(small_synthetic, tmp_path):
@@ -124,5 +123,5 @@ def test_crf_flag_runs_datus_and_records_it(small_synthetic, tmp_path):
                  "--size", "64", "--protocol", "datus", "--param", "datus.k=4", "--seeds", "1", "--crf",
                  "--results-dir", str(tmp_path / "res")]) == 0
     (_, rec), = iter_records(tmp_path / "res")
-    assert rec["protocol"]["params"]["crf"] is True and rec["info"]["crf"]["images_refined"] == 8
-    assert "ci95" in rec["metrics"]["miou"]  # per-image stats reached the record
+    assert rec.protocol["params"]["crf"] is True and rec.info["crf"]["images_refined"] == 8
+    assert "ci95" in rec.metrics["miou"]  # per-image stats reached the record

@@ -20,9 +20,9 @@ def two_backbones(small_synthetic, tmp_path_factory):
 
 def test_compare_pairs_every_shared_setting_and_a_backbone_with_itself_is_no_difference(two_backbones, capsys):
     got = pairs(two_backbones, "pixels", "random_vits16")
-    assert sorted(a["protocol"]["name"] for a, _ in got) == ["kmeans", "linear"]
+    assert sorted(a.protocol["name"] for a, _ in got) == ["kmeans", "linear"]
     for a, b in got:
-        assert a["identity"]["params"] == b["identity"]["params"] and a["backbone"]["id"] != b["backbone"]["id"]
+        assert a.identity["params"] == b.identity["params"] and a.backbone["id"] != b.backbone["id"]
         res = compare_pair(a, b, n_boot=200)
         mi = res["rows"][0]
         assert mi["what"] == "miou" and mi["delta"] == pytest.approx(mi["a"] - mi["b"])

@@ -142,7 +142,7 @@ def test_crf_flag_reaches_kmeans_through_the_shared_path(small_synthetic, tmp_pa
     assert run() == 0
     assert run("--param", "kmeans.crf=true") == 0
     recs = [r for _, r in iter_records(tmp_path / "res")]
-    assert sorted(bool(r["protocol"]["params"]["crf"]) for r in recs) == [False, True]  # two rows, never mixed
-    crf_rec = next(r for r in recs if r["protocol"]["params"]["crf"])
-    assert crf_rec["info"]["crf"]["images_refined"] == 8 and crf_rec["info"]["crf"]["iterations"] == 10
-    json.dumps(crf_rec)
+    assert sorted(bool(r.protocol["params"]["crf"]) for r in recs) == [False, True]  # two rows, never mixed
+    crf_rec = next(r for r in recs if r.protocol["params"]["crf"])
+    assert crf_rec.info["crf"]["images_refined"] == 8 and crf_rec.info["crf"]["iterations"] == 10
+    json.dumps(crf_rec.to_json())

@@ -17,8 +17,8 @@ import ssl_segbench.crf as crf
 import ssl_segbench.protocols.base as base
 from ssl_segbench.cache import RowWriter
 from ssl_segbench.features import FeatureSet
-from ssl_segbench.leaderboard import column_label
 from ssl_segbench.protocols import Context, get_protocol
+from ssl_segbench.records import SCHEMA, Record
 from ssl_segbench.transforms import Transform
 
 
@@ -90,7 +90,7 @@ def test_cosine_unaries_are_stego_softmax_of_twice_the_cosine(tmp_path, recorder
     for probs, s in zip(recorder, raw_scores):
         np.testing.assert_allclose(probs, _softmax_of_upsampled(s, probs.shape[1:], 0.5), rtol=1e-5, atol=1e-6)
     assert raw_scores[0].abs().max() <= 1.0 + 1e-5  # the scores are cosines
-    info = res["info"]["crf"]
+    info = res.info["crf"]
     assert info["crf_temperature"] == 0.5 and info["score_types"] == ["cosine similarity to centroids"]
     # another temperature is another unary: proportionally sharper
     recorder.clear()
@@ -112,8 +112,8 @@ def test_euclidean_unaries_are_as_soft_as_cosine_ones_whatever_the_feature_scale
         raw_scores.clear()
         res = get_protocol("kmeans", **kw).run(_ctx(tmp_path / f"euclid-{scale}", scale=scale, dim=64))
         sharpness[scale] = np.stack(recorder).max(1).mean()
-        s = res["info"]["score_scale"]
-        assert s > 0 and "unit mean squared norm" in res["info"]["crf"]["score_types"][0]
+        s = res.info["score_scale"]
+        assert s > 0 and "unit mean squared norm" in res.info["crf"]["score_types"][0]
         old = torch.softmax(torch.stack([2 * s * r for r in raw_scores]), 1).numpy()  # 2x·c − |c|², temperature 1
         assert old.max(1).mean() > 0.9999  # one-hot: the CRF had nothing to smooth
     recorder.clear()
@@ -127,12 +127,12 @@ def test_the_temperature_is_part_of_the_column():
     def rec(**params):
         p = get_protocol("kmeans", crf=True, **params).params
         p.update(resize="shorter", size=224)
-        ident = {"protocol": "kmeans", "version": "1", "params": p, "layer": -1, "seeds": [0]}
-        return {"identity": ident, "protocol": {"name": "kmeans", "version": "1", "preset": None, "params": p},
-                "info": {}, "backbone": {"layer": -1}, "seeds": [0]}
+        ident = {"backbone": "b", "source": "b", "revision": None, "dataset": "d", "split": "val", "protocol": "kmeans",
+                 "version": "1", "params": p, "layer": -1, "seeds": [0]}
+        m = {"mean": 0.5, "std": 0.0, "per_seed": [0.5]}
+        return Record(SCHEMA, "k", ident, {"id": "b", "revision_resolved": None}, {"n_images": 1},
+                      {"name": "kmeans", "version": "1", "preset": None, "params": p}, [0], {"miou": m})
 
     a, b = rec(), rec(crf_temperature=1.0)
-    assert "CRF T=0.5" in column_label(a) and "CRF T=1" in column_label(b)
-    from ssl_segbench.leaderboard import column_id
-
-    assert column_id(a) != column_id(b)
+    assert "CRF T=0.5" in a.column_label() and "CRF T=1" in b.column_label()
+    assert a.column_id() != b.column_id()

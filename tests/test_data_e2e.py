@@ -130,6 +130,6 @@ def test_run_end_to_end(dataset_id, tmp_path):
                  "--results-dir", str(tmp_path / "res"), *options])
     assert code == 0
     recs = [r for _, r in iter_records(tmp_path / "res")]
-    assert sorted(r["protocol"]["name"] for r in recs) == ["kmeans", "linear"]
+    assert sorted(r.protocol["name"] for r in recs) == ["kmeans", "linear"]
     for r in recs:
-        assert r["dataset"]["n_images"] >= 1 and 0.0 <= r["metrics"]["pixel_acc"]["mean"] <= 1.0
+        assert r.dataset["n_images"] >= 1 and 0.0 <= r.metrics["pixel_acc"]["mean"] <= 1.0

@@ -24,7 +24,7 @@ def _cli(data, results, cache, *extra):
            str(data), "--size", "64", "--protocol", "kmeans", "--seeds", "2", "--results-dir", str(results), *extra]
     proc = subprocess.run(cmd, env={**os.environ, "SSL_SEGBENCH_CACHE": str(cache)}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return {rec["key"]: rec for _, rec in iter_records(results)}
+    return {rec.key: rec for _, rec in iter_records(results)}
 
 
 def _repaint(mask_path, seed):
@@ -40,23 +40,23 @@ def test_repainted_masks_change_the_key_miss_the_cache_and_score_like_a_fresh_ca
     data = shutil.copytree(small_synthetic, tmp_path / "suim")
     first = _cli(data, tmp_path / "res", tmp_path / "cache")
     (key1, rec1), = first.items()
-    assert rec1["provenance"]["passes"][0]["computed"] and not rec1["provenance"]["cache_hit"]
+    assert rec1.provenance["passes"][0]["computed"] and not rec1.provenance["cache_hit"]
 
     masks = sorted((data / "TEST" / "masks").iterdir())
     _repaint(masks[0], seed=1)  # one mask, same name
     second = _cli(data, tmp_path / "res", tmp_path / "cache")
     (key2,) = set(second) - {key1}
     rec2 = second[key2]
-    assert rec2["identity"]["content_sha256"] != rec1["identity"]["content_sha256"]
-    assert not rec2["provenance"]["cache_hit"] and rec2["provenance"]["passes"][0]["computed_here"]
+    assert rec2.identity["content_sha256"] != rec1.identity["content_sha256"]
+    assert not rec2.provenance["cache_hit"] and rec2.provenance["passes"][0]["computed_here"]
 
     for i, m in enumerate(masks):  # now every mask, then recompute the old key's record in place
         _repaint(m, seed=10 + i)
     third = _cli(data, tmp_path / "res", tmp_path / "cache", "--overwrite", "always")
     (key3,) = set(third) - {key1, key2}
     fresh = _cli(data, tmp_path / "fresh-res", tmp_path / "fresh-cache")
-    assert list(fresh) == [key3] and fresh[key3]["metrics"] == third[key3]["metrics"]  # no stale features or labels
-    assert third[key3]["metrics"]["miou"]["mean"] != rec1["metrics"]["miou"]["mean"]
+    assert list(fresh) == [key3] and fresh[key3].metrics == third[key3].metrics  # no stale features or labels
+    assert third[key3].metrics["miou"]["mean"] != rec1.metrics["miou"]["mean"]
 
 
 def test_another_copy_with_the_same_names_is_the_same_data_only_when_the_bytes_are(small_synthetic, tmp_path):
@@ -94,4 +94,4 @@ def test_a_thousand_unchanged_images_are_hashed_once_then_never_again(tmp_path, 
     changed = get_dataset("suim", root).content_sha256()
     assert list(reads) == [os.path.abspath(mask)] and reads[os.path.abspath(mask)] == 1
     (_, rec), = iter_records(tmp_path / "res")
-    assert changed != rec["identity"]["content_sha256"]
+    assert changed != rec.identity["content_sha256"]

@@ -12,12 +12,13 @@ from stores import PlantedDataset, store
 from ssl_segbench.cache import RowWriter
 from ssl_segbench.cli import main
 from ssl_segbench.features import FeatureSet
-from ssl_segbench.metrics import scores_from_stats
+from ssl_segbench.metrics import remap, scores, scores_from_stats
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
 from ssl_segbench.protocols.datus import (
     discover_segments,
+    noise_excluded,
+    noise_mapping,
     pixel_patches,
-    score_with_noise,
     segment_crop,
     split_components,
 )
@@ -106,8 +107,9 @@ def test_noise_counts_as_wrong_by_hand():
     # 2 classes, 2 clusters, last column = noise
     conf = np.array([[6, 1, 3],
                      [0, 5, 1]])
-    main_sc, mapping, excl = score_with_noise(conf, "hungarian-pixels")
-    assert mapping.tolist() == [0, 1]
+    mapping = noise_mapping(conf, "hungarian-pixels")
+    main_sc, excl = scores(remap(conf, mapping, 2)), noise_excluded(conf, mapping)
+    assert mapping.tolist() == [0, 1, -1]
     # noise pixels (3 + 1) are never correct: accuracy 11 / 16
     assert main_sc["pixel_acc"] == pytest.approx(11 / 16)
     # IoU = tp / (true + predicted − tp): class 0: 6 / (10 + 6 − 6), class 1: 5 / (6 + 6 − 5)
@@ -122,8 +124,9 @@ def test_noise_counts_as_wrong_by_hand():
 def test_many_to_one_when_more_clusters_than_classes_by_hand():
     conf = np.array([[4, 3, 0, 2],
                      [0, 1, 5, 0]])  # 3 clusters + noise
-    main_sc, mapping, excl = score_with_noise(conf, "many-to-one")
-    assert mapping.tolist() == [0, 0, 1]
+    mapping = noise_mapping(conf, "many-to-one")
+    main_sc, excl = scores(remap(conf, mapping, 2)), noise_excluded(conf, mapping)
+    assert mapping.tolist() == [0, 0, 1, -1]
     assert main_sc["pixel_acc"] == pytest.approx(12 / 15) and excl["pixel_acc"] == pytest.approx(12 / 13)
     # class 0: tp 7, true 9, predicted 8; class 1: tp 5, true 6, predicted 5
     assert main_sc["per_class_iou"] == pytest.approx([7 / 10, 5 / 6])
@@ -165,11 +168,11 @@ def _planted_ctx(tmp_path, n=6, noise_patches=False, save=None):
 
 def test_protocol_recovers_planted_segments_exactly(tmp_path):
     res = get_protocol("datus").run(_planted_ctx(tmp_path))
-    info = res["info"]
+    info = res.info
     assert info["k"] == 3 and info["matching"] == "hungarian-pixels"
     assert info["valid_segments"] == info["segments"] == 18 and info["noise_pixel_fraction"] == 0
     assert info["segment_embeddings"]["cache"] == "computed" and info["segment_embeddings"]["crops"] == 18
-    for s in res["per_seed"]:
+    for s in res.per_seed:
         assert s["miou"] == 1.0 and s["pixel_acc"] == 1.0 and s["mf1"] == 1.0
         assert s["noise_excluded"]["miou"] == 1.0
 
@@ -179,11 +182,11 @@ def test_protocol_counts_noise_pixels_wrong_and_saves_masks(tmp_path):
     # image, so centring the keys would move that half's keys towards zero and blur the planted noise square
     res = get_protocol("datus", key_centering="none").run(
         _planted_ctx(tmp_path, noise_patches=True, save=tmp_path / "masks"))
-    info = res["info"]
+    info = res.info
     assert info["noise_segments"] == 6 and info["valid_segments"] == 18
     # per image 4 noise patches of 16 px out of 1024 px, all inside class 0 (512 px)
     assert info["noise_pixel_fraction"] == pytest.approx(64 / 1024)
-    for s in res["per_seed"]:
+    for s in res.per_seed:
         assert s["pixel_acc"] == pytest.approx(1 - 64 / 1024)
         assert s["per_class_iou"] == pytest.approx([448 / 512, 1.0, 1.0])
         assert s["noise_excluded"]["pixel_acc"] == 1.0 and s["noise_excluded"]["miou"] == 1.0
@@ -195,9 +198,9 @@ def test_protocol_counts_noise_pixels_wrong_and_saves_masks(tmp_path):
 
 def test_protocol_returns_per_image_stats_that_reproduce_each_seed(tmp_path):
     res = get_protocol("datus", key_centering="none").run(_planted_ctx(tmp_path, noise_patches=True))
-    stats = res["image_stats"]
+    stats = res.image_stats
     assert stats.shape == (2, 6, 3, 3)  # seeds, images, classes, [tp, fp, fn]
-    for j, s in enumerate(res["per_seed"]):
+    for j, s in enumerate(res.per_seed):
         sc = scores_from_stats(stats[j].sum(0))
         assert sc["miou"] == pytest.approx(s["miou"]) and sc["pixel_acc"] == pytest.approx(s["pixel_acc"])
 
@@ -221,13 +224,13 @@ def test_protocol_with_crf_refines_the_pseudo_masks(tmp_path):
                        keys={})
     ctx.features = lambda ds, facets: keyed
     res = get_protocol("datus", key_centering="none", crf=True).run(ctx)
-    assert res["info"]["crf"]["images_refined"] == 12  # 6 images × 2 seeds
-    assert res["image_stats"].shape == (2, 6, 3, 3)
+    assert res.info["crf"]["images_refined"] == 12  # 6 images × 2 seeds
+    assert res.image_stats.shape == (2, 6, 3, 3)
     # the noise square lies inside one flat colour region of class 0: the CRF gives its pixels to class 0
-    assert res["info"]["noise_pixel_fraction"] < 64 / 1024
-    for j, s in enumerate(res["per_seed"]):
+    assert res.info["noise_pixel_fraction"] < 64 / 1024
+    for j, s in enumerate(res.per_seed):
         assert s["pixel_acc"] > 1 - 64 / 1024
-        assert scores_from_stats(res["image_stats"][j].sum(0))["miou"] == pytest.approx(s["miou"])
+        assert scores_from_stats(res.image_stats[j].sum(0))["miou"] == pytest.approx(s["miou"])
     assert len(list((tmp_path / "masks").glob("*.png"))) == 6
 
 def test_protocol_errors_name_the_fix(tmp_path):
@@ -243,7 +246,7 @@ def test_protocol_errors_name_the_fix(tmp_path):
     ctx.features = lambda ds, facets: shifted
     with pytest.raises(ProtocolError, match="key_centering=image-mean"):
         get_protocol("datus", key_centering="none").run(ctx)  # the paper's setting (preset `datus`)
-    assert get_protocol("datus").run(ctx)["per_seed"][0]["miou"] == 1.0  # our default centres the keys
+    assert get_protocol("datus").run(ctx).per_seed[0]["miou"] == 1.0  # our default centres the keys
 
 
 def _cli(tmp_path, data, *extra):
@@ -257,10 +260,10 @@ def test_cli_writes_record_masks_reuses_embeddings_and_is_deterministic(small_sy
     assert _cli(tmp_path / "b", small_synthetic) == 0
     (_, a), = iter_records(tmp_path / "a")
     (_, b), = iter_records(tmp_path / "b")
-    assert a["protocol"]["name"] == "datus" and a["info"]["k"] == 4
-    assert b["info"]["segment_embeddings"]["cache"] == "hit"  # the segment crops' CLS are cached with the features
-    assert a["per_seed"] == b["per_seed"]
-    assert all("noise_excluded" in s for s in a["per_seed"])
+    assert a.protocol["name"] == "datus" and a.info["k"] == 4
+    assert b.info["segment_embeddings"]["cache"] == "hit"  # the segment crops' CLS are cached with the features
+    assert a.per_seed == b.per_seed
+    assert all("noise_excluded" in s for s in a.per_seed)
     pngs = sorted((tmp_path / "masks" / "datus").glob("*.png"))
     assert [p.stem for p in pngs] == [f"syn_test_{i:05d}" for i in range(8)]
 
@@ -276,11 +279,11 @@ def test_real_backbone_on_suim_sample_all_three(shared, tmp_path):
             "--protocol", "overcluster,leopart-cd,datus", "--param", "overcluster.k=100",
             "--param", "leopart-cd.cbfe_k=50", "--param", "leopart-cd.k=20", "--save-masks", str(masks)]
     assert main(args) == 0
-    recs = {r["protocol"]["name"]: r for _, r in iter_records(tmp_path / "res")}
+    recs = {r.protocol["name"]: r for _, r in iter_records(tmp_path / "res")}
     assert set(recs) == {"overcluster", "leopart-cd", "datus"}
-    assert all(r["dataset"]["n_images"] == 8 for r in recs.values())
+    assert all(r.dataset["n_images"] == 8 for r in recs.values())
     for name in ("leopart-cd", "datus"):
         assert len(list((masks / name).glob("*.png"))) == 8
     # real features: overclustering with K = 100 beats chance by far
-    assert recs["overcluster"]["metrics"]["pixel_acc"]["mean"] > 0.6
-    assert recs["datus"]["info"]["valid_segments"] >= 8
+    assert recs["overcluster"].metrics["pixel_acc"]["mean"] > 0.6
+    assert recs["datus"].info["valid_segments"] >= 8

@@ -7,7 +7,7 @@ import json
 
 from ssl_segbench.atomic import write_json_atomic
 from ssl_segbench.leaderboard import flat_rows, render, write
-from ssl_segbench.records import SCHEMA
+from ssl_segbench.records import SCHEMA, Record
 
 
 def _rec(backbone, miou, k=8, size=224, preset=None, rev="a" * 40, dataset="voc", seeds=(0, 1)):
@@ -17,11 +17,11 @@ def _rec(backbone, miou, k=8, size=224, preset=None, rev="a" * 40, dataset="voc"
              "content_sha256": "f" * 64, "protocol": "kmeans", "version": "1", "params": params, "layer": -1,
              "seeds": list(seeds)}
     m = {"mean": miou, "std": 0.01, "per_seed": [miou - 0.01, miou + 0.01]}
-    return {"schema": SCHEMA, "key": f"{backbone}-{miou}-{k}-{size}-{preset}", "identity": ident,
-            "backbone": {"id": backbone, "revision_resolved": rev, "layer": -1},
-            "dataset": {"n_images": 10}, "protocol": {"name": "kmeans", "version": "1", "preset": preset,
-                                                       "params": params},
-            "seeds": list(seeds), "info": {"k": k}, "metrics": {"miou": m, "pixel_acc": m, "mf1": m}}
+    return Record.from_json({"schema": SCHEMA, "key": f"{backbone}-{miou}-{k}-{size}-{preset}", "identity": ident,
+                             "backbone": {"id": backbone, "revision_resolved": rev, "layer": -1},
+                             "dataset": {"n_images": 10}, "protocol": {"name": "kmeans", "version": "1",
+                                                                       "preset": preset, "params": params},
+                             "seeds": list(seeds), "info": {"k": k}, "metrics": {"miou": m, "pixel_acc": m, "mf1": m}})
 
 
 def test_settings_that_change_numbers_never_share_a_column():
@@ -43,7 +43,7 @@ def test_identical_labels_with_different_settings_get_distinct_ids():
 
 def test_summary_csv_json_and_byte_stability(tmp_path):
     for r in (_rec("a", 0.5), _rec("b", 0.6), _rec("a", 0.3, dataset="suim")):
-        write_json_atomic(tmp_path / "res" / f"{r['key']}.json", r)
+        write_json_atomic(tmp_path / "res" / f"{r.key}.json", r.to_json())
     written, problems = write(tmp_path / "res", tmp_path / "lb")
     assert not problems and sorted(p.name for p in written) == ["README.md", "suim.md", "voc.md"]
     summary = (tmp_path / "lb" / "README.md").read_text()

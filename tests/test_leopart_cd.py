@@ -136,11 +136,11 @@ def test_protocol_recovers_planted_objects_without_merging(tmp_path):
     proto = get_protocol("leopart-cd", k=3, markov_time=1.0, weight_threshold=2.0, cbfe_k=8, pca_dim=8,
                          eval_size=None)
     res = proto.run(_ctx(fs, [0, 1], save=tmp_path / "masks"))
-    info = res["info"]
+    info = res.info
     assert info["cbfe"]["eval"]["threshold"] == 0.5 and info["graph"]["edges"] == 0
     assert "eval only" in info["fit_splits"] and "with labels" in info["cd_hparams"]["found_with_labels"]
     assert info["preferred_modules"] == 3 and info["infomap_seeds"] == [1, 2]
-    for s in res["per_seed"]:
+    for s in res.per_seed:
         assert s["merged_labels"] == 4 and s["miou"] == 1.0 and s["pixel_acc"] == 1.0
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(f"img{i}.png" for i in range(12))
 
@@ -149,7 +149,7 @@ def test_fewer_merged_labels_than_classes_count_as_wrong(tmp_path):
     fs = _planted(tmp_path)
     res = get_protocol("leopart-cd", k=2, markov_time=1.0, weight_threshold=2.0, cbfe_k=8, pca_dim=8,
                        eval_size=None).run(_ctx(fs, [0]))
-    s = res["per_seed"][0]
+    s = res.per_seed[0]
     # 2 foreground clusters + background = 3 labels for 4 classes: one class is never predicted
     assert s["merged_labels"] == 3 and 0.0 in s["per_class_iou"] and s["miou"] < 1.0
 
@@ -160,9 +160,9 @@ def test_protocol_returns_per_image_stats_that_reproduce_each_seed(tmp_path):
     for eval_size in (None, 16):
         res = get_protocol("leopart-cd", k=2, markov_time=1.0, weight_threshold=2.0, cbfe_k=8, pca_dim=8,
                            eval_size=eval_size).run(_ctx(fs, [0, 1]))
-        stats = res["image_stats"]
+        stats = res.image_stats
         assert stats.shape == (2, 12, 4, 3)  # seeds, images, classes, [tp, fp, fn]
-        for j, s in enumerate(res["per_seed"]):
+        for j, s in enumerate(res.per_seed):
             sc = scores_from_stats(stats[j].sum(0))
             assert sc["miou"] == pytest.approx(s["miou"]) and sc["pixel_acc"] == pytest.approx(s["pixel_acc"])
 
@@ -198,11 +198,11 @@ def test_protocol_with_crf_completes_and_records_it(tmp_path):
     ctx = Context(eval_set=ds, train_set=None, features=lambda d, facets: keyed, seeds=[0, 1])
     res = get_protocol("leopart-cd", k=3, markov_time=1.0, weight_threshold=2.0, cbfe_k=8, pca_dim=8,
                        eval_size=16, crf=True).run(ctx)
-    assert res["info"]["crf"]["images_refined"] == 24  # 12 images × 2 seeds
-    assert res["image_stats"].shape == (2, 12, 4, 3)
-    for j, s in enumerate(res["per_seed"]):
+    assert res.info["crf"]["images_refined"] == 24  # 12 images × 2 seeds
+    assert res.image_stats.shape == (2, 12, 4, 3)
+    for j, s in enumerate(res.per_seed):
         assert s["miou"] > 0.9  # flat colour regions that agree with the planted labels: the CRF keeps them
-        assert scores_from_stats(res["image_stats"][j].sum(0))["miou"] == pytest.approx(s["miou"])
+        assert scores_from_stats(res.image_stats[j].sum(0))["miou"] == pytest.approx(s["miou"])
 
 def test_hyperparameters_follow_the_backbone_and_say_they_used_labels():
     def hp(dim, patch, **params):
@@ -235,8 +235,8 @@ def test_cli_writes_record_masks_and_is_deterministic(small_synthetic, tmp_path)
     assert _cli(tmp_path / "b", small_synthetic) == 0
     (_, a), = iter_records(tmp_path / "a")
     (_, b), = iter_records(tmp_path / "b")
-    assert a["protocol"]["name"] == "leopart-cd" and len(a["per_seed"]) == 3
-    assert a["info"]["fit_splits"] == "test + train" and a["info"]["cd_hparams"]["k"] == 10
-    assert a["per_seed"] == b["per_seed"]
+    assert a.protocol["name"] == "leopart-cd" and len(a.per_seed) == 3
+    assert a.info["fit_splits"] == "test + train" and a.info["cd_hparams"]["k"] == 10
+    assert a.per_seed == b.per_seed
     pngs = sorted((tmp_path / "masks" / "leopart-cd").glob("*.png"))
-    assert len(pngs) == a["dataset"]["n_images"] == 8
+    assert len(pngs) == a.dataset["n_images"] == 8

@@ -46,20 +46,20 @@ def _records(tmp_path):
 def test_leopart_preset_trains_on_trainaug_when_present(voc, tmp_path):
     assert _linear(tmp_path, "voc", voc, "linear:leopart") == 0
     assert _linear(tmp_path, "voc", voc, "linear") == 0
-    by_preset = {r["protocol"]["preset"]: r for r in _records(tmp_path)}
+    by_preset = {r.protocol["preset"]: r for r in _records(tmp_path)}
     aug, default = by_preset["leopart"], by_preset[None]
     trainaug = get_dataset("voc", voc, "trainaug")
-    assert aug["info"]["train_split"] == "trainaug" and len(trainaug) == 4
-    assert aug["identity"]["train"] == {"split": "trainaug", "content_sha256": trainaug.content_sha256()}
-    assert default["info"]["train_split"] == "train" and default["identity"]["train"]["split"] == "train"
-    assert aug["key"] != default["key"]
+    assert aug.info["train_split"] == "trainaug" and len(trainaug) == 4
+    assert aug.identity["train"] == {"split": "trainaug", "content_sha256": trainaug.content_sha256()}
+    assert default.info["train_split"] == "train" and default.identity["train"]["split"] == "train"
+    assert aug.key != default.key
 
 
 def test_leopart_preset_elsewhere_says_what_it_trained_on(small_synthetic, tmp_path):
     assert _linear(tmp_path, "synthetic", small_synthetic, "linear:leopart") == 0
     (rec,) = _records(tmp_path)
-    assert rec["info"]["train_split"] == "train (first available of ['trainaug', 'default'] under this root)"
-    assert rec["identity"]["train"]["split"] == "train"
+    assert rec.info["train_split"] == "train (first available of ['trainaug', 'default'] under this root)"
+    assert rec.identity["train"]["split"] == "train"
 
 
 def test_an_explicit_split_that_is_not_there_is_an_error(small_synthetic, tmp_path, capsys):
@@ -83,12 +83,12 @@ def test_augmented_variant_runs_the_backbone_on_augmented_crops_deterministicall
     (cached,) = [r for _, r in iter_records(tmp_path / "cached")]
     (aug,) = [r for _, r in iter_records(tmp_path / "aug")]
     (again,) = [r for _, r in iter_records(tmp_path / "aug-again")]
-    passes = [p for p in aug["provenance"]["passes"] if p["kind"] == "augmented training"]
+    passes = [p for p in aug.provenance["passes"] if p["kind"] == "augmented training"]
     assert len(passes) == 1 and passes[0]["computed"] and passes[0]["images"] == 16 * 2  # 16 images × 2 epochs
-    assert not aug["provenance"]["cache_hit"]
-    assert aug["protocol"]["params"]["variant"] == "augmented"
-    assert aug["per_seed"] != cached["per_seed"]  # it trained on something else than the cached tokens
-    assert again["per_seed"] == aug["per_seed"]  # same seed, other extraction batch size: same numbers
+    assert not aug.provenance["cache_hit"]
+    assert aug.protocol["params"]["variant"] == "augmented"
+    assert aug.per_seed != cached.per_seed  # it trained on something else than the cached tokens
+    assert again.per_seed == aug.per_seed  # same seed, other extraction batch size: same numbers
 
 
 def test_random_resized_crop_follows_torchvisions_rule():

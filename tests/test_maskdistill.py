@@ -1,8 +1,6 @@
 """MaskDistill recovers planted objects, classes and labels; caches its masks between stages; runs end to end."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -23,6 +21,7 @@ from ssl_segbench.protocols.maskdistill import (
     match_labels,
     object_mask,
 )
+from ssl_segbench.records import iter_records
 from ssl_segbench.registry import BackboneSpec
 from ssl_segbench.transforms import Transform
 
@@ -249,10 +248,10 @@ def test_pseudo_masks_recover_planted_scenes_exactly(tmp_path, monkeypatch):
     scene_sets = _scene_sets(tmp_path / "f")
     ctx = _scene_ctx(scene_sets, save_masks=tmp_path / "masks")
     res = get_protocol("maskdistill").run(ctx)
-    for s in res["per_seed"]:
+    for s in res.per_seed:
         assert s["miou"] == 1.0 and s["pixel_acc"] == 1.0
         assert s["cluster_to_class"][0] == 0 and sorted(s["cluster_to_class"]) == [0, 1, 2, 3]
-    info = res["info"]
+    info = res.info
     assert info["k"] == 3 and info["fit_set"] == "train+val" and info["n_masks"] == {"eval": 12, "train": 24}
     assert info["pseudo_cache_hit"] == {"eval": False, "train": False}
     saved = sorted((tmp_path / "masks").glob("*.png"))
@@ -262,17 +261,17 @@ def test_pseudo_masks_recover_planted_scenes_exactly(tmp_path, monkeypatch):
     # a distillation stage reuses the cached masks and embeddings: no backbone pass at all
     ctx2 = _scene_ctx(scene_sets)
     res2 = get_protocol("maskdistill:distill-linear", epochs=15, lr=0.2, batch_size=8, train_size=32).run(ctx2)
-    assert res2["info"]["pseudo_cache_hit"] == {"eval": True, "train": True}
+    assert res2.info["pseudo_cache_hit"] == {"eval": True, "train": True}
     assert ctx2.backbone_ref.loads == 0
-    assert res2["info"]["train_split"] == "train"
-    assert all(s["miou"] > 0.9 for s in res2["per_seed"])
+    assert res2.info["train_split"] == "train"
+    assert all(s["miou"] > 0.9 for s in res2.per_seed)
 
 
 def test_without_a_train_split_the_head_trains_on_eval_images_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "cache"))
     ctx = _scene_ctx(_scene_sets(tmp_path), with_train=False)
     res = get_protocol("maskdistill:distill-conv", epochs=2, conv_hidden=8).run(ctx)
-    assert "same images" in res["info"]["train_split"] and res["info"]["fit_set"] == "val"
+    assert "same images" in res.info["train_split"] and res.info["fit_set"] == "val"
 
 
 def test_bad_parameters_are_named():
@@ -286,7 +285,7 @@ def test_bad_parameters_are_named():
 
 
 def _records(root):
-    return {p: json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))}
+    return dict(iter_records(root))
 
 
 def test_end_to_end_on_synthetic_writes_records_and_masks(small_synthetic, tmp_path, monkeypatch):
@@ -299,20 +298,20 @@ def test_end_to_end_on_synthetic_writes_records_and_masks(small_synthetic, tmp_p
     assert run(tmp_path / "a", "--protocol", "maskdistill,maskdistill:distill-linear", "--param",
                "maskdistill.epochs=3", "--save-masks", str(tmp_path / "masks")) == 0
     recs = list(_records(tmp_path / "a").values())
-    assert sorted(r["protocol"]["params"]["stage"] for r in recs) == ["distill-linear", "pseudo"]
-    distilled = next(r for r in recs if r["protocol"]["params"]["stage"] == "distill-linear")
-    assert set(distilled["info"]["pseudo_cache_hit"].values()) == {True}  # the first stage's masks were reused
+    assert sorted(r.protocol["params"]["stage"] for r in recs) == ["distill-linear", "pseudo"]
+    distilled = next(r for r in recs if r.protocol["params"]["stage"] == "distill-linear")
+    assert set(distilled.info["pseudo_cache_hit"].values()) == {True}  # the first stage's masks were reused
     pngs = sorted((tmp_path / "masks" / "maskdistill").glob("*.png"))
     assert [p.stem for p in pngs] == [f"syn_test_{i:05d}" for i in range(8)]
     assert len(list((tmp_path / "masks" / "maskdistill" / "distill-linear").glob("*.png"))) == 8
-    pseudo = next(r for r in recs if r["protocol"]["params"]["stage"] == "pseudo")
-    assert 0 < pseudo["metrics"]["miou"]["mean"] <= 1
+    pseudo = next(r for r in recs if r.protocol["params"]["stage"] == "pseudo")
+    assert 0 < pseudo.metrics["miou"]["mean"] <= 1
 
     monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "fresh-cache"))  # recompute everything: deterministic
     assert run(tmp_path / "b", "--protocol", "maskdistill", "--param", "maskdistill.epochs=3") == 0
     (again,) = _records(tmp_path / "b").values()
-    assert set(again["info"]["pseudo_cache_hit"].values()) == {False}
-    assert again["per_seed"] == pseudo["per_seed"]
+    assert set(again.info["pseudo_cache_hit"].values()) == {False}
+    assert again.per_seed == pseudo.per_seed
 
 
 def test_real_backbone_on_the_voc_sample(shared, tmp_path):
@@ -324,6 +323,6 @@ def test_real_backbone_on_the_voc_sample(shared, tmp_path):
                  "--protocol", "maskdistill", "--param", "maskdistill.crop_size=112", "--param",
                  "maskdistill.center_keys=true", "--results-dir", str(res)]) == 0
     (rec,) = _records(res).values()
-    assert rec["info"]["n_masks"] == {"eval": 14} and rec["info"]["k_effective"] == 14
-    assert 0 < rec["info"]["mask_area"]["eval"] < 0.9  # an object, not the whole image
-    assert rec["metrics"]["pixel_acc"]["mean"] > 0.5  # background outside the masks is mostly right
+    assert rec.info["n_masks"] == {"eval": 14} and rec.info["k_effective"] == 14
+    assert 0 < rec.info["mask_area"]["eval"] < 0.9  # an object, not the whole image
+    assert rec.metrics["pixel_acc"]["mean"] > 0.5  # background outside the masks is mostly right

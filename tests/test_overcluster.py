@@ -31,12 +31,12 @@ def _ctx(tmp_path, seeds, n=10, grid=8, patch=4, dim=16):
 
 def test_overclustering_planted_classes_is_exact(tmp_path):
     res = get_protocol("overcluster", k=12).run(_ctx(tmp_path, [0, 1, 2]))
-    assert res["info"]["k"] == 12 and res["info"]["points_per_cluster"] == round(640 / 12, 2)
-    for s in res["per_seed"]:
+    assert res.info["k"] == 12 and res.info["points_per_cluster"] == round(640 / 12, 2)
+    for s in res.per_seed:
         # 12 clusters over 4 well-separated classes: every cluster is pure, so majority voting is exact
         assert s["miou"] == 1.0 and s["pixel_acc"] == 1.0 and s["mf1"] == 1.0
         assert len(s["cluster_to_class"]) == 12 and s["classes_hit"] == 4
-    assert np.asarray(res["confusions"]).shape == (3, 4, 12)
+    assert np.asarray(res.confusions).shape == (3, 4, 12)
 
 
 def test_many_to_one_mapping_by_hand():
@@ -81,9 +81,9 @@ def test_cli_writes_record_and_is_deterministic(small_synthetic, tmp_path):
     assert _cli(tmp_path / "b", small_synthetic) == 0
     (_, a), = iter_records(tmp_path / "a")
     (_, b), = iter_records(tmp_path / "b")
-    assert a["protocol"]["name"] == "overcluster" and a["protocol"]["params"]["k"] == 20
-    assert a["info"]["k"] == 20 and a["dataset"]["n_images"] == 8
-    assert a["per_seed"] == b["per_seed"]
+    assert a.protocol["name"] == "overcluster" and a.protocol["params"]["k"] == 20
+    assert a.info["k"] == 20 and a.dataset["n_images"] == 8
+    assert a.per_seed == b.per_seed
     # --save-masks keeps the first seed's maps in class space: one palette PNG per image, class ids only
     from PIL import Image
 

@@ -60,15 +60,15 @@ def test_unmatched_labels_to_background_versus_wrong(tmp_path):
     common = dict(k=5, markov_time=1.0, weight_threshold=2.0, cbfe_k=8, pca_dim=8, eval_size=None)
     wrong = get_protocol("leopart-cd", **common).run(_ctx(fs, [0]))
     background = get_protocol("leopart-cd", unmatched="background", **common).run(_ctx(fs, [0]))
-    conf = np.asarray(wrong["confusions"][0])
-    assert conf.shape == (4, 6) and np.array_equal(conf, np.asarray(background["confusions"][0]))
+    conf = np.asarray(wrong.confusions[0])
+    assert conf.shape == (4, 6) and np.array_equal(conf, np.asarray(background.confusions[0]))
     for res, to in ((wrong, None), (background, 0)):
         miou, acc = _brute_force(conf, to)
-        assert res["per_seed"][0]["miou"] == pytest.approx(miou) and res["per_seed"][0]["pixel_acc"] == \
+        assert res.per_seed[0]["miou"] == pytest.approx(miou) and res.per_seed[0]["pixel_acc"] == \
             pytest.approx(acc)
     # the unmatched labels hold object pixels: as background they also become background's false positives
-    assert background["per_seed"][0]["miou"] < wrong["per_seed"][0]["miou"] - 0.01
-    assert -1 in wrong["per_seed"][0]["cluster_to_class"] and -1 not in background["per_seed"][0]["cluster_to_class"]
+    assert background.per_seed[0]["miou"] < wrong.per_seed[0]["miou"] - 0.01
+    assert -1 in wrong.per_seed[0]["cluster_to_class"] and -1 not in background.per_seed[0]["cluster_to_class"]
 
 
 def test_isolated_clusters_share_one_label_under_leopart_rule(tmp_path):
@@ -76,11 +76,11 @@ def test_isolated_clusters_share_one_label_under_leopart_rule(tmp_path):
     common = dict(k=3, markov_time=1.0, weight_threshold=2.0, cbfe_k=8, pca_dim=8, eval_size=None)
     own = get_protocol("leopart-cd", **common).run(_ctx(fs, [0]))
     shared = get_protocol("leopart-cd", isolated_clusters="shared-label", **common).run(_ctx(fs, [0]))
-    assert own["info"]["graph"]["edges"] == 0
-    assert own["per_seed"][0]["merged_labels"] == 4 and own["per_seed"][0]["miou"] == 1.0
-    assert shared["per_seed"][0]["merged_labels"] == 1  # every cluster isolated: one label for the whole image
-    assert shared["per_seed"][0]["merged_label_of_cluster"] == [0, 0, 0, 0]
-    assert shared["per_seed"][0]["miou"] < 0.5
+    assert own.info["graph"]["edges"] == 0
+    assert own.per_seed[0]["merged_labels"] == 4 and own.per_seed[0]["miou"] == 1.0
+    assert shared.per_seed[0]["merged_labels"] == 1  # every cluster isolated: one label for the whole image
+    assert shared.per_seed[0]["merged_label_of_cluster"] == [0, 0, 0, 0]
+    assert shared.per_seed[0]["miou"] < 0.5
 
 
 # --- MaskDistill: raw CLS logits ------------------------------------------------------------------------------------

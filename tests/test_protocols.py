@@ -34,7 +34,7 @@ def _ctx(tmp_path, seeds, with_train=True):
 
 def test_kmeans_recovers_planted_clusters_exactly(tmp_path):
     res = get_protocol("kmeans").run(_ctx(tmp_path, [0, 1, 2]))
-    for s in res["per_seed"]:
+    for s in res.per_seed:
         assert s["miou"] == 1.0 and s["pixel_acc"] == 1.0
         assert sorted(s["cluster_to_class"]) == [0, 1, 2, 3]
 
@@ -43,7 +43,7 @@ def test_kmeans_leopart_preset_recovers_planted_clusters(tmp_path):
     proto = get_protocol("kmeans:leopart", pca_dim=8)
     assert proto.params["matching"] == "hungarian-iou" and proto.params["standardize"]
     res = proto.run(_ctx(tmp_path, [0]))
-    assert res["per_seed"][0]["miou"] > 0.95
+    assert res.per_seed[0]["miou"] > 0.95
 
 
 def test_kmeans_on_noise_is_near_chance(tmp_path):
@@ -52,25 +52,25 @@ def test_kmeans_on_noise_is_near_chance(tmp_path):
     labels = [np.kron(rng.integers(0, 4, size=(8, 8)), np.ones((4, 4), dtype=np.int64)) for _ in range(10)]
     fs = feature_set(tmp_path / "noise", tokens, labels)
     ctx = Context(eval_set=PlantedDataset("abcd", 10), train_set=None, features=lambda ds, f: fs, seeds=[0])
-    assert get_protocol("kmeans").run(ctx)["per_seed"][0]["miou"] < 0.3
+    assert get_protocol("kmeans").run(ctx).per_seed[0]["miou"] < 0.3
 
 
 def test_linear_probe_learns_planted_classes(tmp_path):
     # 20 images are one SGD step per epoch: give the probe enough steps
     res = get_protocol("linear", epochs=60, lr=0.1, lr_step=50).run(_ctx(tmp_path, [0]))
-    assert res["per_seed"][0]["miou"] > 0.95
-    assert res["info"]["train_split"] == "train"
+    assert res.per_seed[0]["miou"] > 0.95
+    assert res.info["train_split"] == "train"
 
 
 def test_linear_probe_without_train_split_says_so(tmp_path):
     res = get_protocol("linear", epochs=2).run(_ctx(tmp_path, [0], with_train=False))
-    assert "same images" in res["info"]["train_split"]
+    assert "same images" in res.info["train_split"]
 
 
 def test_same_seed_same_numbers(tmp_path):
     a = get_protocol("kmeans", k=6).run(_ctx(tmp_path / "a", [3]))
     b = get_protocol("kmeans", k=6).run(_ctx(tmp_path / "b", [3]))
-    assert a["per_seed"] == b["per_seed"]
+    assert a.per_seed == b.per_seed
 
 
 def test_bad_parameters_are_named():

@@ -29,8 +29,8 @@ def _run(tmp_path, data, protocol, *extra):
 
 
 def _passes(tmp_path, protocol):
-    (rec,) = [r for _, r in iter_records(tmp_path / "res") if r["protocol"]["name"] == protocol]
-    return rec["provenance"]
+    (rec,) = [r for _, r in iter_records(tmp_path / "res") if r.protocol["name"] == protocol]
+    return rec.provenance
 
 
 def test_datus_record_lists_its_crop_pass_and_only_claims_a_cache_hit_when_nothing_ran(small_synthetic, tmp_path):
@@ -52,10 +52,10 @@ def test_a_cached_feature_pass_with_a_fresh_crop_pass_is_not_a_cache_hit(small_s
     assert _run(tmp_path, small_synthetic, "datus", "--param", "datus.k=4", "--param", "datus.crop_size=32",
                 "--param", "datus.crop_resize=48") == 0
     recs = [r for _, r in iter_records(tmp_path / "res")]
-    second = next(r for r in recs if r["protocol"]["params"]["crop_size"] == 32)
-    computed = {p["kind"]: p["computed"] for p in second["provenance"]["passes"]}
+    second = next(r for r in recs if r.protocol["params"]["crop_size"] == 32)
+    computed = {p["kind"]: p["computed"] for p in second.provenance["passes"]}
     assert computed == {"features": False, "datus segment-crop embeddings": True}
-    assert second["provenance"]["cache_hit"] is False
+    assert second.provenance["cache_hit"] is False
 
 
 def test_maskdistill_record_lists_its_mask_and_crop_pass(small_synthetic, tmp_path):

@@ -8,11 +8,11 @@ import pytest
 from ssl_segbench.data import DATASETS
 from ssl_segbench.leaderboard import PublishedError, load_published, published_identity, render
 from ssl_segbench.protocols import PROTOCOLS, get_protocol
-from ssl_segbench.records import SCHEMA
+from ssl_segbench.records import SCHEMA, Record
 from ssl_segbench.registry import load_registry
 
 
-def _rec(backbone: str, miou: float, spec: str, dataset: str = "voc", **overrides) -> dict:
+def _rec(backbone: str, miou: float, spec: str, dataset: str = "voc", **overrides) -> Record:
     """A record as a run of `spec` (with `overrides`) writes it, with the resolved resize/size."""
     proto = get_protocol(spec, **overrides)
     params = dict(proto.params, resize=proto.params["resize"] or "shorter", size=proto.params["size"] or 224)
@@ -20,10 +20,11 @@ def _rec(backbone: str, miou: float, spec: str, dataset: str = "voc", **override
              "content_sha256": "f" * 64, "protocol": proto.name, "version": proto.version, "params": params,
              "layer": -1, "seeds": [0]}
     m = {"mean": miou, "std": 0.0, "per_seed": [miou]}
-    return {"schema": SCHEMA, "key": f"{backbone}-{spec}-{miou}", "identity": ident,
-            "backbone": {"id": backbone, "revision_resolved": "a" * 40, "layer": -1}, "dataset": {"n_images": 10},
-            "protocol": {"name": proto.name, "version": proto.version, "preset": proto.preset, "params": params},
-            "seeds": [0], "info": {}, "metrics": {"miou": m, "pixel_acc": m, "mf1": m}}
+    return Record.from_json({
+        "schema": SCHEMA, "key": f"{backbone}-{spec}-{miou}", "identity": ident,
+        "backbone": {"id": backbone, "revision_resolved": "a" * 40, "layer": -1}, "dataset": {"n_images": 10},
+        "protocol": {"name": proto.name, "version": proto.version, "preset": proto.preset, "params": params},
+        "seeds": [0], "info": {}, "metrics": {"miou": m, "pixel_acc": m, "mf1": m}})
 
 
 def _exact(value=0.45, version="1", overrides=None):

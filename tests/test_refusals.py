@@ -107,12 +107,12 @@ def test_check_fails_on_nan_or_missing_metrics_and_refuses_a_malformed_baseline(
     baseline = tmp_path / "baseline.json"
     assert main(["check", "--baseline", str(baseline), "--results-dir", str(res), "--update-baseline"]) == 0
     (path, rec), = iter_records(res)
-    rec["metrics"]["miou"]["mean"] = float("nan")
-    path.write_text(json.dumps(rec))  # json writes NaN: a record a buggy tool could leave
+    rec.metrics["miou"]["mean"] = float("nan")
+    path.write_text(json.dumps(rec.to_json()))  # json writes NaN: a record a buggy tool could leave
     rc, err = _cli(tmp_path, "check", "--baseline", str(baseline), "--results-dir", str(res))
     assert rc == 1 and "check failed" in err
-    del rec["metrics"]["pixel_acc"]
-    path.write_text(json.dumps(rec))
+    del rec.metrics["pixel_acc"]
+    path.write_text(json.dumps(rec.to_json()))
     assert main(["check", "--baseline", str(baseline), "--results-dir", str(res)]) == 1
     for bad in ('{"schema": "ssl-segbench/baseline/v1", "entries": {"k": {"label": "x", "metrics": {"miou": '
                 '{"mean": "high", "std": 0}}}}}', '{"schema": "ssl-segbench/baseline/v1", "entries": {"k": 3}}',
@@ -228,8 +228,8 @@ def test_a_mask_smaller_than_its_image_is_an_error_unless_resizing_is_asked_and_
     rc, err = _cli(tmp_path, *_run_args(tmp_path, data, "pixels", "kmeans", "-o", "resize_masks=true"))
     assert rc == 0, err
     (_, rec), = iter_records(tmp_path / "res")
-    assert rec["dataset"]["n_resized_masks"] == 1 and rec["dataset"]["resized_masks"] == [mask.stem]
-    assert rec["dataset"]["resize_masks"] is True
+    assert rec.dataset["n_resized_masks"] == 1 and rec.dataset["resized_masks"] == [mask.stem]
+    assert rec.dataset["resize_masks"] is True
 
 
 def test_bad_file_messages_name_the_flag_that_exists(small_synthetic, tmp_path):
@@ -269,7 +269,7 @@ def test_hostile_dataset_ids_and_sample_names_cannot_write_outside_the_roots(tmp
     pngs = sorted(p.name for p in (roots[2] / "kmeans").glob("*.png"))
     assert len(pngs) == 3 and "plain.png" in pngs and all(".." not in p and "/" not in p for p in pngs)
     (rec_path, rec), = iter_records(roots[0])
-    assert rec["identity"]["dataset"] == "hf:../../../../evil" and rec_path.is_relative_to(roots[0])
+    assert rec.identity["dataset"] == "hf:../../../../evil" and rec_path.is_relative_to(roots[0])
 
 
 def test_safe_component_and_inside():

@@ -21,8 +21,8 @@ def results(small_synthetic, tmp_path_factory):
 
 def _shift(results, metric, delta):
     (path, rec), = iter_records(results)
-    rec["metrics"][metric]["mean"] += delta
-    write_json_atomic(path, rec)
+    rec.metrics[metric]["mean"] += delta
+    write_json_atomic(path, rec.to_json())
     return rec
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ssl_segbench.records import iter_records
+from ssl_segbench.records import Record, iter_records
 
 
 def _cmd(data, results, *extra):
@@ -49,7 +49,7 @@ def test_killed_mid_extraction_resumes_with_identical_numbers(small_synthetic, t
                    capture_output=True)
     (_, ref), = iter_records(tmp_path / "ref-res")
     (_, rec), = iter_records(tmp_path / "res")
-    assert rec["per_seed"] == ref["per_seed"] and rec["metrics"] == ref["metrics"]
+    assert rec.per_seed == ref.per_seed and rec.metrics == ref.metrics
     metas = [json.loads(m.read_text()) for m in (tmp_path / "cache").rglob("features/**/meta.json")]
     assert any(m["resumed_from"] > 0 for m in metas), "the rerun should have resumed, not started over"
 
@@ -68,7 +68,7 @@ def test_concurrent_runs_and_leaderboards_leave_valid_files(small_synthetic, tmp
     for p in boards:
         p.wait(timeout=120)
     recs = list(iter_records(tmp_path / "res"))
-    assert len(recs) == 1 and isinstance(recs[0][1], dict)
+    assert len(recs) == 1 and isinstance(recs[0][1], Record)
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".partial")]
     assert len(list((tmp_path / "cache").rglob("features/**/meta.json"))) == 1  # extracted once, not twice
     last = subprocess.run([sys.executable, "-m", "ssl_segbench", "leaderboard", "--results-dir", str(tmp_path / "res"),
@@ -85,7 +85,7 @@ def _crop_cmd(data, results, protocol):
 
 def _crop_passes(results):
     (_, rec), = iter_records(results)
-    return [p for p in rec["provenance"]["passes"] if p["kind"] != "features"], rec
+    return [p for p in rec.provenance["passes"] if p["kind"] != "features"], rec
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_a_run_killed_while_embedding_crops_resumes_from_its_entry(crop_data, tm
                    capture_output=True)
     (_, ref), = iter_records(tmp_path / "ref-res")
     passes, rec = _crop_passes(tmp_path / "res")
-    assert rec["per_seed"] == ref["per_seed"] and all(p["computed"] for p in passes)
+    assert rec.per_seed == ref.per_seed and all(p["computed"] for p in passes)
     metas = [json.loads(m.read_text()) for m in (tmp_path / "cache").glob(f"{entries}/**/meta.json")]
     assert any(m["resumed_from"] > 0 for m in metas), "the rerun should have resumed the crop entry"
 
@@ -132,4 +132,4 @@ def test_two_concurrent_runs_embed_each_crop_entry_once(crop_data, tmp_path, pro
     computed = [p["computed"] for k in range(2) for p in _crop_passes(tmp_path / f"res{k}")[0]
                 if "embeddings" in p["kind"]]
     assert computed and computed.count(True) == computed.count(False)  # per entry: one run computed, one waited
-    assert _crop_passes(tmp_path / "res0")[1]["per_seed"] == _crop_passes(tmp_path / "res1")[1]["per_seed"]
+    assert _crop_passes(tmp_path / "res0")[1].per_seed == _crop_passes(tmp_path / "res1")[1].per_seed

@@ -29,7 +29,7 @@ from ..crf import CRFError, CRFParams, pool_map, refine_scores, require_crf
 from ..data import SegmentationDataset
 from ..errors import SegbenchError
 from ..features import FeatureSet
-from ..metrics import confusion, image_stats, match_and_score, sparse
+from ..metrics import confusion, image_stats, remap, scores, sparse
 from ..paths import inside, safe_component
 from ..transforms import POLICIES, Transform
 
@@ -110,6 +110,17 @@ def _is_choice(value, allowed: tuple) -> bool:
 
 def _type_name(allowed: tuple) -> str:
     return " or ".join("null" if t is None else t.__name__ for t in allowed)
+
+
+@dataclass
+class ProtocolResult:
+    """What a protocol's run returns: per-seed scores (`metrics.scores` plus protocol facts), facts for the record's
+    info, the confusion matrices, and the (S, N, C, 3) per-image [tp, fp, fn] for bootstrap intervals over images."""
+
+    per_seed: list[dict]
+    info: dict = field(default_factory=dict)
+    confusions: list | None = None
+    image_stats: np.ndarray | None = None
 
 
 class Protocol:
@@ -208,8 +219,7 @@ class Protocol:
         it reads the evaluation split only. The runner opens the first available one into `ctx.train_set`."""
         return None
 
-    def run(self, ctx: Context) -> dict:
-        """Return {"per_seed": [scores dict per seed], "info": {...}}; scores as metrics.scores() gives them."""
+    def run(self, ctx: Context) -> ProtocolResult:
         raise NotImplementedError
 
 
@@ -248,7 +258,7 @@ def _scoped(run):
     the result's info."""
 
     @functools.wraps(run)
-    def wrapper(self, ctx: Context) -> dict:
+    def wrapper(self, ctx: Context) -> ProtocolResult:
         try:
             crf = CRFParams.from_param(self.params.get("crf"))
         except ValueError as e:
@@ -268,7 +278,7 @@ def _scoped(run):
             if not scope.refined:
                 raise ProtocolError(f"protocol '{self.name}' was run with crf=true but scored nothing through the "
                                     "shared CRF path (accumulate_confusion)")
-            result.setdefault("info", {})["crf"] = {**crf.to_dict(), "package": "pydensecrf2",
+            result.info["crf"] = {**crf.to_dict(), "package": "pydensecrf2",
                                                     "unaries": "softmax(scores / crf_temperature), upsampled",
                                                     "crf_temperature": scope.temperature,
                                                     "score_types": sorted(scope.score_types),
@@ -378,15 +388,22 @@ def onehot_scorer(j: int, n_labels: int, confidence: float) -> Callable[[np.ndar
     return score
 
 
-def match_seeds(confs: list[np.ndarray], per_image: list, matching: str,
-                saver: MaskSaver | None = None) -> tuple[list[dict], np.ndarray]:
-    """Match each seed's clusters to classes and score it; returns the per-seed scores and the (S, N, C, 3) per-image
-    [tp, fp, fn] after matching. The first seed's saved label maps are written in class space."""
+def score_seeds(confs: list[np.ndarray], per_image: list, mapping_of: Callable[[int, np.ndarray], np.ndarray],
+                saver: MaskSaver | None = None, extra: Callable[[int, np.ndarray, np.ndarray], dict] | None = None,
+                record_mapping: bool = True) -> tuple[list[dict], np.ndarray]:
+    """The scoring tail every protocol shares: for each seed j, `mapping_of(j, conf)` maps each column of its (C, K)
+    confusion to a class (-1: unmatched, always wrong); the folded confusion gives the scores (with the mapping as
+    `cluster_to_class` unless `record_mapping` is False, and `extra(j, conf, mapping)` adding or overriding
+    protocol facts), each image's [tp, fp, fn] after matching, and, for the first seed, the saved label maps in class
+    space. Returns the per-seed scores and the (S, N, C, 3) per-image statistics."""
     per_seed, stats = [], []
     for j, conf in enumerate(confs):
-        sc, mapping = match_and_score(conf, matching)
-        if matching != "identity":
+        mapping = np.asarray(mapping_of(j, conf), dtype=np.int64)
+        sc = scores(remap(conf, mapping, conf.shape[0]))
+        if record_mapping:
             sc["cluster_to_class"] = mapping.tolist()
+        if extra is not None:
+            sc.update(extra(j, conf, mapping))
         per_seed.append(sc)
         stats.append(image_stats(per_image[j], mapping, conf.shape[0]))
         if j == 0 and saver is not None:

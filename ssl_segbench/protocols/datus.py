@@ -57,12 +57,22 @@ import torch
 from PIL import Image
 
 from ..cache import Entry, ensure, filling
-from ..metrics import image_stats, match, remap, scores
+from ..metrics import match, remap, scores
 from ..paths import cache_dir
 from ..progress import progress_bar
 from ..transforms import Transform
 from . import register_protocol
-from .base import Context, LabelGrids, MaskSaver, Protocol, ProtocolError, accumulate_confusion, onehot_scorer
+from .base import (
+    Context,
+    LabelGrids,
+    MaskSaver,
+    Protocol,
+    ProtocolError,
+    ProtocolResult,
+    accumulate_confusion,
+    onehot_scorer,
+    score_seeds,
+)
 
 SEGMENT_CACHE_VERSION = 1
 
@@ -93,7 +103,7 @@ class DatUSProtocol(Protocol):
             raise ProtocolError(f"datus: tau must be >= 0, got {self.params['tau']!r}")
         self.fraction("mask_confidence")
 
-    def run(self, ctx: Context) -> dict:
+    def run(self, ctx: Context) -> ProtocolResult:
         p = self.params
         if ctx.transform is None:
             raise ProtocolError("datus: the run's transform is needed to map segments back to the original images")
@@ -156,16 +166,9 @@ class DatUSProtocol(Protocol):
             confs = accumulate_confusion(grids, fs.labels, fns, ds.num_classes, k + 1, ds.ignore_index, "nearest",
                                          p["eval_size"], advance, on_labels=saver, per_image=per_image,
                                          score_type="hard pseudo labels (mask_confidence)")
-        per_seed, stats = [], []
-        for j, conf in enumerate(confs):
-            sc, mapping, excluded = score_with_noise(conf, matching)
-            sc["cluster_to_class"] = mapping.tolist()
-            sc["noise_excluded"] = excluded
-            per_seed.append(sc)
-            full = np.append(mapping, -1)  # the noise label is never matched
-            stats.append(image_stats(per_image[j], full, ds.num_classes))
-            if j == 0:
-                saver.finish(full)
+        per_seed, stats = score_seeds(confs, per_image, lambda j, conf: noise_mapping(conf, matching), saver,
+                                      extra=lambda j, conf, m: {"cluster_to_class": m[:-1].tolist(),
+                                                                "noise_excluded": noise_excluded(conf, m)})
         confs = [conf.tolist() for conf in confs]
 
         n_seg = int(sum(int(s.max()) + 1 for s in segs))
@@ -187,7 +190,7 @@ class DatUSProtocol(Protocol):
             res = f"{p['eval_size']}x{p['eval_size']}" if p["eval_size"] else "label resolution"
             info["saved_masks"] = (f"{ctx.save_masks}: seed {ctx.seeds[0]}, class space after matching, {res}, "
                                    "noise and unmatched clusters = ignore index")
-        return {"per_seed": per_seed, "info": info, "confusions": confs, "image_stats": np.stack(stats)}
+        return ProtocolResult(per_seed, info, confs, stats)
 
     def _embeddings(self, ctx: Context, fs, segs: list[np.ndarray], valid: list[np.ndarray]) -> tuple[np.ndarray, dict]:
         """(N, D) L2-normalised CLS embeddings of the valid segments, in image order: a cache entry (locked,
@@ -392,15 +395,15 @@ def cluster_segments(z: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarra
     return KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed).fit_predict(z).astype(np.int64)
 
 
-def score_with_noise(conf: np.ndarray, matching: str) -> tuple[dict, np.ndarray, dict]:
-    """(C, K + 1) confusion whose last column is noise → (main scores with noise counted wrong, cluster → class map of
-    the K clusters, scores on the non-noise pixels only). The noise column never takes part in matching."""
-    conf = np.asarray(conf, dtype=np.int64)
-    c, k = conf.shape[0], conf.shape[1] - 1
-    clusters = conf[:, :k]
+def noise_mapping(conf: np.ndarray, matching: str) -> np.ndarray:
+    """Label → class map of a (C, K + 1) confusion whose last column is noise: the K clusters matched with `matching`,
+    the noise label never matched (-1, so its pixels count as wrong)."""
     if matching == "identity":
         raise ProtocolError("datus: matching must be hungarian-pixels, hungarian-iou or many-to-one")
-    mapping = match(clusters, matching)
-    main = scores(remap(conf, np.append(mapping, -1), c))
-    excluded = scores(remap(clusters, mapping, c))
-    return main, mapping, excluded
+    return np.append(match(np.asarray(conf)[:, :-1], matching), -1)
+
+
+def noise_excluded(conf: np.ndarray, mapping: np.ndarray) -> dict:
+    """The same mapping scored on the non-noise pixels only (closer to what DatUS²'s evalV2.py reports)."""
+    conf = np.asarray(conf)
+    return scores(remap(conf[:, :-1], np.asarray(mapping)[:-1], conf.shape[0]))

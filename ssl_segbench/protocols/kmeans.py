@@ -20,9 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..cluster import Preprocess, centroid_scores, kmeans, sample_rows
+from ..metrics import match
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, MaskSaver, Protocol, accumulate_confusion, match_seeds
+from .base import Context, MaskSaver, Protocol, ProtocolResult, accumulate_confusion, score_seeds
 
 
 @register_protocol
@@ -51,7 +52,7 @@ class KMeansProtocol(Protocol):
         self.positive("k", "pca_dim", "max_points_per_centroid", "max_fit_points", allow_none=True)
         self.positive("niter", "nredo")
 
-    def run(self, ctx: Context) -> dict:
+    def run(self, ctx: Context) -> ProtocolResult:
         p = self.params
         ds = ctx.eval_set
         k = p["k"] or ds.num_classes
@@ -59,7 +60,7 @@ class KMeansProtocol(Protocol):
         return cluster_and_score(ctx, fs, k, p, p["matching"])
 
 
-def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> dict:
+def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> ProtocolResult:
     """Fit k-means per seed on the split's tokens, predict every image, match and score (shared with overclustering)."""
     ds = ctx.eval_set
     fit = sample_rows(fs["tokens"], p["max_fit_points"], seed=0)
@@ -80,9 +81,9 @@ def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> dict:
                                      p["upsample"], p["eval_size"], advance,
                                      prepare=lambda t: pre(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:2], -1),
                                      on_labels=saver, per_image=per_image, score_type=score_type(p))
-    per_seed, stats = match_seeds(confs, per_image, matching, saver)
+    per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver)
     info = {"k": k, "fit_points": int(len(x)), "feature_dim": int(x.shape[1]), "score_scale": round(scale, 6)}
-    return {"per_seed": per_seed, "info": info, "confusions": [c.tolist() for c in confs], "image_stats": stats}
+    return ProtocolResult(per_seed, info, [c.tolist() for c in confs], stats)
 
 
 def score_type(p: dict) -> str:

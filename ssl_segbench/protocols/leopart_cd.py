@@ -60,10 +60,20 @@ import torch
 import torch.nn.functional as F
 
 from ..cluster import Preprocess, kmeans, sample_rows
-from ..metrics import image_stats, match, remap, scores
+from ..metrics import match
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, LabelGrids, MaskSaver, Protocol, ProtocolError, accumulate_confusion, onehot_scorer
+from .base import (
+    Context,
+    LabelGrids,
+    MaskSaver,
+    Protocol,
+    ProtocolError,
+    ProtocolResult,
+    accumulate_confusion,
+    onehot_scorer,
+    score_seeds,
+)
 
 # Leopart's published community-detection hyper-parameters, searched on VOC train mIoU (with labels).
 CD_HPARAMS = {"vits16": {"k": 149, "markov_time": 2.0, "weight_threshold": 0.09},
@@ -121,7 +131,7 @@ class LeopartCDProtocol(Protocol):
     def train_split_wanted(self) -> list[str] | None:
         return ["default"] if self.params["fit_splits"] == "eval+train" else None
 
-    def run(self, ctx: Context) -> dict:
+    def run(self, ctx: Context) -> ProtocolResult:
         p = self.params
         ds = ctx.eval_set
         if p["unmatched"] == "background" and not p["background_class"] < ds.num_classes:
@@ -223,27 +233,24 @@ class LeopartCDProtocol(Protocol):
             confs = accumulate_confusion(grids, feats[0].labels, fns, ds.num_classes, max(n_labels), ds.ignore_index,
                                          "nearest", p["eval_size"], advance, on_labels=saver, per_image=per_image,
                                          score_type="hard merged labels (mask_confidence)")
-        per_seed, stats = [], []
-        for j, conf in enumerate(confs):
+        def mapping_of(j: int, conf: np.ndarray) -> np.ndarray:
+            """Seed j's merged labels matched to classes; the columns beyond its labels (other seeds merged into
+            more) hold no pixels."""
             mapping = match(conf[:, : n_labels[j]], p["matching"])
             if p["unmatched"] == "background":  # Leopart's PredsmIoU: unmatched predictions become background
                 mapping[mapping < 0] = p["background_class"]
-            sc = scores(remap(conf[:, : n_labels[j]], mapping, ds.num_classes))
-            sc["cluster_to_class"] = mapping.tolist()
-            sc["merged_labels"] = n_labels[j]
-            sc["merged_label_of_cluster"] = merged[j].tolist()
-            per_seed.append(sc)
-            full = np.concatenate([mapping, np.full(max(n_labels) - n_labels[j], -1, dtype=mapping.dtype)])
-            stats.append(image_stats(per_image[j], full, ds.num_classes))
-            if j == 0:
-                saver.finish(mapping)
+            return np.concatenate([mapping, np.full(conf.shape[1] - n_labels[j], -1, dtype=mapping.dtype)])
+
+        per_seed, stats = score_seeds(confs, per_image, mapping_of, saver, extra=lambda j, conf, m: {
+            "cluster_to_class": m[: n_labels[j]].tolist(), "merged_labels": n_labels[j],
+            "merged_label_of_cluster": merged[j].tolist()})
         confs = [conf[:, : n_labels[j]].tolist() for j, conf in enumerate(confs)]
         if ctx.save_masks is not None:
             res = f"{p['eval_size']}x{p['eval_size']}" if p["eval_size"] else "label resolution"
             unmatched = "background class" if p["unmatched"] == "background" else "ignore index"
             info["saved_masks"] = (f"{ctx.save_masks}: seed {ctx.seeds[0]}, class space after matching, {res}, "
                                    f"unmatched labels = {unmatched}")
-        return {"per_seed": per_seed, "info": info, "confusions": confs, "image_stats": np.stack(stats)}
+        return ProtocolResult(per_seed, info, confs, stats)
 
     def _cd_hparams(self, ctx: Context) -> tuple[dict, dict]:
         """k, markov time and weight threshold: the parameters where given, else Leopart's values for the nearest of

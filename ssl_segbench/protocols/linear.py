@@ -25,10 +25,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..metrics import match
 from ..progress import progress_bar
 from ..transforms import RandomResizedCropFlip
 from . import register_protocol
-from .base import Context, MaskSaver, Protocol, ProtocolError, accumulate_confusion, eval_labels, match_seeds
+from .base import (
+    Context,
+    MaskSaver,
+    Protocol,
+    ProtocolError,
+    ProtocolResult,
+    accumulate_confusion,
+    eval_labels,
+    score_seeds,
+)
 
 # per SGD step: groups of (tokens (B, D, h, w), labels (B, S, S)) that together make one batch
 Steps = Callable[[int, np.random.Generator], Iterator[list[tuple[torch.Tensor, torch.Tensor]]]]
@@ -65,7 +75,7 @@ class LinearProtocol(Protocol):
         v = self.params["train_split"]
         return [v] if isinstance(v, str) else list(v)
 
-    def run(self, ctx: Context) -> dict:
+    def run(self, ctx: Context) -> ProtocolResult:
         p = self.params
         ds = ctx.eval_set
         if p["variant"] == "augmented" and ctx.transform is None:
@@ -97,8 +107,9 @@ class LinearProtocol(Protocol):
             confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [_scorer(h) for h in heads], ds.num_classes,
                                          ds.num_classes, ds.ignore_index, p["upsample"], p["eval_size"], advance,
                                          on_labels=saver, per_image=per_image, score_type="linear-head logits")
-        per_seed, stats = match_seeds(confs, per_image, "identity", saver)
-        return {"per_seed": per_seed, "info": info, "confusions": [c.tolist() for c in confs], "image_stats": stats}
+        per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, "identity"), saver,
+                                      record_mapping=False)
+        return ProtocolResult(per_seed, info, [c.tolist() for c in confs], stats)
 
 
 def check_train_split(protocol: str, value) -> None:

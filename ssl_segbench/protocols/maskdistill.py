@@ -77,11 +77,21 @@ from scipy import ndimage
 
 from ..cache import Entry, ensure, filling, json_digest
 from ..features import compute_precision
-from ..metrics import hungarian, image_stats, remap, scores
+from ..metrics import hungarian
 from ..paths import cache_dir
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, LabelGrids, MaskSaver, Protocol, ProtocolError, accumulate_confusion, onehot_scorer
+from .base import (
+    Context,
+    LabelGrids,
+    MaskSaver,
+    Protocol,
+    ProtocolError,
+    ProtocolResult,
+    accumulate_confusion,
+    onehot_scorer,
+    score_seeds,
+)
 from .linear import _scorer, cached_steps, train_head, train_split_info
 
 STAGES = ("pseudo", "distill-linear", "distill-conv")
@@ -279,7 +289,7 @@ class MaskDistillProtocol(Protocol):
         p = self.params
         return ["default"] if p["stage"] != "pseudo" or p["fit_set"] == "all" else None
 
-    def run(self, ctx: Context) -> dict:
+    def run(self, ctx: Context) -> ProtocolResult:
         p = dict(self.params)
         if p["upsample"] == "auto":
             p["upsample"] = "nearest" if p["stage"] == "pseudo" else "bilinear"
@@ -365,19 +375,10 @@ class MaskDistillProtocol(Protocol):
                                              n_labels, ds.ignore_index, p["upsample"], p["eval_size"], advance,
                                              on_labels=saver, per_image=per_image, score_type="distilled-head logits")
         info["scoring_seconds"] = round(time.perf_counter() - t0, 3)
-        per_seed, mappings = [], []
-        for conf in confs:
-            mapping = match_labels(conf, matching, bg)
-            sc = scores(remap(conf, mapping, c))
-            sc["cluster_to_class"] = mapping.tolist()
-            per_seed.append(sc)
-            mappings.append(mapping)
-        saver.finish(mappings[0] if mappings else None)
+        per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match_labels(conf, matching, bg), saver)
         if saver.written:
             info["saved_masks"] = saver.written
-        stats = np.stack([image_stats(per_image[j], m, c) for j, m in enumerate(mappings)])
-        return {"per_seed": per_seed, "info": info, "confusions": [cf.tolist() for cf in confs],
-                "image_stats": stats}
+        return ProtocolResult(per_seed, info, [cf.tolist() for cf in confs], stats)
 
     # --- masks + embeddings of one split, cached --------------------------------------------------------------
     def _entry(self, ctx: Context, ds, fs, p: dict) -> dict:

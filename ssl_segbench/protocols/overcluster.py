@@ -23,7 +23,7 @@ Deliberate departures from Leopart's code:
 from __future__ import annotations
 
 from . import register_protocol
-from .base import Context, Protocol, ProtocolError
+from .base import Context, Protocol, ProtocolError, ProtocolResult
 from .kmeans import KMeansProtocol, cluster_and_score
 
 
@@ -39,7 +39,7 @@ class OverclusterProtocol(Protocol):
     choices = {**KMeansProtocol.choices, "matching": ("many-to-one",)}  # Hungarian matching is the kmeans protocol
     check = KMeansProtocol.check
 
-    def run(self, ctx: Context) -> dict:
+    def run(self, ctx: Context) -> ProtocolResult:
         p = self.params
         k = p["k"]
         ds = ctx.eval_set
@@ -50,8 +50,8 @@ class OverclusterProtocol(Protocol):
             raise ProtocolError(f"overcluster: k={k} clusters but only {fit_points} tokens to fit them on "
                                 f"({len(ds)} images of {ds.id}/{ds.split}); lower it, e.g. --param overcluster.k=100")
         out = cluster_and_score(ctx, fs, k, p, "many-to-one")
-        out["info"]["points_per_cluster"] = round(out["info"]["fit_points"] / k, 2)
-        for s in out["per_seed"]:
+        out.info["points_per_cluster"] = round(out.info["fit_points"] / k, 2)
+        for s in out.per_seed:
             mapping = s["cluster_to_class"]
             s["classes_hit"] = len({c for c in mapping if c >= 0})
         return out
