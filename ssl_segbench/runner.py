@@ -2,10 +2,14 @@
 
 The whole run is checked before any work starts: every protocol spec, preset and `--param` is resolved and validated
 (a parameter for a protocol that is not in the run, an unknown key or a bad value is an error listing what is
-allowed), then the dataset is opened, then the backbone is resolved. Only then does the first protocol run.
+allowed), then the dataset is opened, then the backbone is resolved. Then the run is planned: each protocol declares
+the facets it reads per split (`Protocol.facets_needed`), and every missing facet of a (split, transform) is computed
+in one backbone pass before the first protocol runs, so a suite of protocols costs one pass, not one per protocol.
+Each record lists the passes behind it, with what this invocation computed.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +20,8 @@ from . import __version__
 from .atomic import write_json_atomic
 from .backbones import BackboneRef
 from .data import DatasetError, SegmentationDataset, get_dataset
-from .features import compute_precision, extract
+from .errors import SegbenchError
+from .features import FeatureSet, compute_precision, extract
 from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
 from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol
@@ -107,11 +112,51 @@ class _Splits:
                       else f"none of {wanted} under this root")
 
 
+@dataclass
+class _Job:
+    """One protocol of the run, resolved: what it reads, under which identity, and where its record goes."""
+
+    proto: Protocol
+    params: dict
+    transform: Transform
+    seeds: list[int]
+    train_set: SegmentationDataset | None
+    train_note: str | None
+    identity: dict
+    path: Path
+
+
+class _FeaturePlan:
+    """Every facet the run's protocols need, grouped by (split, transform), computed in one backbone pass per group
+    before any protocol runs; a protocol's `ctx.get` then reads the cache and reports what the shared pass computed.
+    A facet nobody declared is still extracted on demand (its own pass, reported as such)."""
+
+    def __init__(self, extract_fn):
+        self.extract = extract_fn
+        self.groups: dict[tuple, tuple[SegmentationDataset, Transform, set]] = {}
+        self.computed: dict[tuple, set] = {}
+        self.seconds = 0.0
+
+    def need(self, ds: SegmentationDataset, transform: Transform, facets) -> None:
+        self.groups.setdefault((id(ds), transform), (ds, transform, set()))[2].update(facets)
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        for key, (ds, transform, facets) in self.groups.items():
+            self.computed[key] = set(self.extract(ds, transform, tuple(sorted(facets))).computed)
+        self.seconds = round(time.perf_counter() - t0, 3)
+
+    def features(self, ds: SegmentationDataset, facets, transform: Transform) -> FeatureSet:
+        fs = self.extract(ds, transform, tuple(facets))
+        shared = self.computed.get((id(ds), transform), set()) & (set(facets) | {"labels"})
+        return dataclasses.replace(fs, computed=tuple(sorted(set(fs.computed) | shared)))
+
+
 def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[tuple[str, Path, Record | None]]:
     """Run every protocol; returns (status, path, record) with status 'written', 'skipped' (record exists) or
     'computed' (write_records=False)."""
     if opts.overwrite not in OVERWRITE:
-        raise ValueError(f"overwrite must be one of {OVERWRITE}")
+        raise SegbenchError(f"overwrite must be one of {OVERWRITE}")
     protocols = plan_protocols(opts.protocols, opts.params)
     device = resolve_device(opts.device)
     options = opts.dataset_options or {}
@@ -121,7 +166,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
     batch_size = opts.batch_size or (64 if device.startswith("cuda") else 16)
     workers = opts.workers if opts.workers is not None else (4 if device.startswith("cuda") else 0)
     results = Path(opts.results_dir or default_results_dir())
-    out = []
+    out, jobs = [], []
     for proto in protocols:
         params = dict(proto.params)
         params["resize"] = params["resize"] or opts.resize
@@ -141,46 +186,60 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
             out.append(("skipped", path, None))
             on_record("skipped", path, None)
             continue
+        jobs.append(_Job(proto, params, transform, seeds, train_set, train_note, identity, path))
 
-        def features(ds, facets, transform=transform):
-            return extract(ref, ds, transform, opts.layer, facets, device, batch_size, workers)
+    plan = _FeaturePlan(lambda ds, transform, facets: extract(ref, ds, transform, opts.layer, facets, device,
+                                                              batch_size, workers))
+    for job in jobs:
+        for role, facets in job.proto.facets_needed().items():
+            ds = eval_set if role == "eval" else job.train_set
+            if ds is not None:
+                plan.need(ds, job.transform, facets)
+    plan.run()
 
-        ctx = Context(eval_set=eval_set, train_set=train_set, features=features, seeds=seeds, device=device,
-                      backbone_ref=ref, transform=transform, batch_size=batch_size, layer=opts.layer,
-                      train_note=train_note,
-                      save_masks=Path(opts.save_masks) / proto.name if opts.save_masks else None)
-        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        t0 = time.perf_counter()
-        result = proto.run(ctx)
-        metrics = summarize(result.per_seed)
-        stats = result.image_stats
-        if stats is not None:  # 95% interval of the seed mean, resampling images
-            for m, ci in bootstrap_ci(stats).items():
-                metrics[m]["ci95"] = ci
-        check_finite(metrics, f"{proto.name} on {eval_set.id}/{eval_set.split} with {ref.spec.id}")
-        resized = sorted(ctx.resized_masks.get(eval_set.split, ()))
-        info = {**result.info, **ctx.info}
-        if train_set is not None and ctx.resized_masks.get(train_set.split):
-            info["train_resized_masks"] = sorted(ctx.resized_masks[train_set.split])
-        record = Record(
-            schema=SCHEMA, key=record_key(identity), identity=identity,
-            backbone={**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision,
-                      "layer": opts.layer},
-            dataset={**eval_set.describe(), "n_resized_masks": len(resized), "resized_masks": resized},
-            protocol={"name": proto.name, "version": proto.version, "preset": proto.preset, "params": params},
-            transform=transform.to_dict(), seeds=seeds, metrics=metrics, per_seed=result.per_seed, info=info,
-            confusions=result.confusions,
-            image_stats=None if stats is None else {
-                "what": "per seed, per image (dataset order), per class: [tp, fp, fn] after matching",
-                **encode_array(stats)},
-            provenance={**environment(), "ssl_segbench": __version__, "device": device,
-                        "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
-                        "compute_precision": compute_precision(device), "batch_size": batch_size,
-                        "started": started, "wall_seconds": round(time.perf_counter() - t0, 3),
-                        "passes": ctx.passes, "cache_hit": not any(p["computed"] for p in ctx.passes)})
+    for job in jobs:
+        record = _run_job(job, plan, opts, ref, eval_set, device, batch_size)
         status = "written" if opts.write_records else "computed"
         if opts.write_records:
-            write_json_atomic(path, record.to_json())
-        out.append((status, path, record))
-        on_record(status, path, record)
+            write_json_atomic(job.path, record.to_json())
+        out.append((status, job.path, record))
+        on_record(status, job.path, record)
     return out
+
+
+def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, eval_set, device: str,
+             batch_size: int) -> Record:
+    proto, transform, train_set = job.proto, job.transform, job.train_set
+    ctx = Context(eval_set=eval_set, train_set=train_set, seeds=job.seeds, device=device, backbone_ref=ref,
+                  features=lambda ds, facets: plan.features(ds, facets, transform), transform=transform,
+                  batch_size=batch_size, layer=opts.layer, train_note=job.train_note,
+                  save_masks=Path(opts.save_masks) / proto.name if opts.save_masks else None)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    t0 = time.perf_counter()
+    result = proto.run(ctx)
+    metrics = summarize(result.per_seed)
+    stats = result.image_stats
+    if stats is not None:  # 95% interval of the seed mean, resampling images
+        for m, ci in bootstrap_ci(stats).items():
+            metrics[m]["ci95"] = ci
+    check_finite(metrics, f"{proto.name} on {eval_set.id}/{eval_set.split} with {ref.spec.id}")
+    resized = sorted(ctx.resized_masks.get(eval_set.split, ()))
+    info = {**result.info, **ctx.info}
+    if train_set is not None and ctx.resized_masks.get(train_set.split):
+        info["train_resized_masks"] = sorted(ctx.resized_masks[train_set.split])
+    return Record(
+        schema=SCHEMA, key=record_key(job.identity), identity=job.identity,
+        backbone={**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision, "layer": opts.layer},
+        dataset={**eval_set.describe(), "n_resized_masks": len(resized), "resized_masks": resized},
+        protocol={"name": proto.name, "version": proto.version, "preset": proto.preset, "params": job.params},
+        transform=transform.to_dict(), seeds=job.seeds, metrics=metrics, per_seed=result.per_seed, info=info,
+        confusions=result.confusions,
+        image_stats=None if stats is None else {
+            "what": "per seed, per image (dataset order), per class: [tp, fp, fn] after matching",
+            **encode_array(stats)},
+        provenance={**environment(), "ssl_segbench": __version__, "device": device,
+                    "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+                    "compute_precision": compute_precision(device), "batch_size": batch_size,
+                    "started": started, "wall_seconds": round(time.perf_counter() - t0, 3),
+                    "shared_feature_pass_seconds": plan.seconds,
+                    "passes": ctx.passes, "cache_hit": not any(p["computed"] for p in ctx.passes)})

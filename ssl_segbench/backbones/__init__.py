@@ -216,6 +216,7 @@ class BackboneRef:
         registry = load_registry(registry_path)
         spec = registry.get(name)
         self._model = None
+        self._loaded: dict[str, Backbone] = {}
         if spec is None:
             if not (Path(name).expanduser().exists() or "/" in name or looks_like_path(name)):
                 raise BackboneError(f"unknown backbone '{name}'. Known: {', '.join(registry)}; or give a local "
@@ -250,7 +251,13 @@ class BackboneRef:
                 raise
 
     def load(self, device: str | torch.device = "cpu") -> Backbone:
-        """The frozen model on `device`. A damaged checkpoint file is an error naming the file and the fix."""
+        """The frozen model on `device`, loaded once per reference and device (the feature pass, crop passes and
+        augmented training of one run share it). A damaged checkpoint file is an error naming the file and the fix."""
+        if str(device) not in self._loaded:
+            self._loaded[str(device)] = self._load(device)
+        return self._loaded[str(device)]
+
+    def _load(self, device: str | torch.device) -> Backbone:
         spec = self.spec
         if spec.repo_id == "pixels" and spec.loader == "builtin":
             backbone = PixelsBackbone(spec, self.source, self.revision)

@@ -214,6 +214,11 @@ class Protocol:
         if not low < v < high:
             raise ProtocolError(f"{self.name}: {key} must be in ({low:g}, {high:g}), got {v!r}")
 
+    def facets_needed(self) -> dict[str, tuple[str, ...]]:
+        """The cached facets a run reads, by split role ('eval', 'train'), declared before any work so that the runner
+        computes every facet the requested protocols need in one backbone pass per split and transform."""
+        return {"eval": ("tokens",)}
+
     def train_split_wanted(self) -> list[str] | None:
         """Train splits this run reads, in order of preference ('default' = the dataset's own train split); None when
         it reads the evaluation split only. The runner opens the first available one into `ctx.train_set`."""

@@ -103,6 +103,9 @@ class DatUSProtocol(Protocol):
             raise ProtocolError(f"datus: tau must be >= 0, got {self.params['tau']!r}")
         self.fraction("mask_confidence")
 
+    def facets_needed(self) -> dict[str, tuple[str, ...]]:
+        return {"eval": ("keys",)}
+
     def run(self, ctx: Context) -> ProtocolResult:
         p = self.params
         if ctx.transform is None:

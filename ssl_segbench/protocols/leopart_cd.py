@@ -128,6 +128,10 @@ class LeopartCDProtocol(Protocol):
         if p["background_class"] < 0:
             raise ProtocolError(f"leopart-cd: background_class must be a class index, got {p['background_class']!r}")
 
+    def facets_needed(self) -> dict[str, tuple[str, ...]]:
+        facets = ("tokens", "attn")
+        return {"eval": facets, "train": facets} if self.params["fit_splits"] == "eval+train" else {"eval": facets}
+
     def train_split_wanted(self) -> list[str] | None:
         return ["default"] if self.params["fit_splits"] == "eval+train" else None
 

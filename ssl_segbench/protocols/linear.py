@@ -71,6 +71,11 @@ class LinearProtocol(Protocol):
         if not 0 <= p["aug_flip"] <= 1:
             raise ProtocolError(f"linear: aug_flip must be a probability in [0, 1], got {p['aug_flip']!r}")
 
+    def facets_needed(self) -> dict[str, tuple[str, ...]]:
+        if self.params["variant"] == "augmented":  # trains on fresh backbone passes (a second pass of its own)
+            return {"eval": ("tokens",)}
+        return {"eval": ("tokens",), "train": ("tokens",)}
+
     def train_split_wanted(self) -> list[str]:
         v = self.params["train_split"]
         return [v] if isinstance(v, str) else list(v)

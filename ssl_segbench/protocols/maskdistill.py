@@ -285,6 +285,11 @@ class MaskDistillProtocol(Protocol):
             raise ProtocolError(f"maskdistill: background_class must be a class index or null, got "
                                 f"{p['background_class']!r}")
 
+    def facets_needed(self) -> dict[str, tuple[str, ...]]:
+        # tokens too in the pseudo stage: the distilled stages then find everything in the cache
+        facets = (_CLS_FACET[self.params["cls_map"]], "keys", "tokens")
+        return {"eval": facets, "train": facets} if self.train_split_wanted() else {"eval": facets}
+
     def train_split_wanted(self) -> list[str] | None:
         p = self.params
         return ["default"] if p["stage"] != "pseudo" or p["fit_set"] == "all" else None
@@ -307,11 +312,10 @@ class MaskDistillProtocol(Protocol):
         if distill:
             info.update(train_split_info(ctx)[1])
         use_train = train_set is not None and (distill or p["fit_set"] == "all")
-        # tokens too in the pseudo stage: one backbone pass serves every stage
-        facets = (_CLS_FACET[p["cls_map"]], "keys", "tokens")
-        splits = {"eval": (ds, ctx.get(ds, facets))}
+        needed = self.facets_needed()
+        splits = {"eval": (ds, ctx.get(ds, needed["eval"]))}
         if use_train:
-            splits["train"] = (train_set, ctx.get(train_set, facets))
+            splits["train"] = (train_set, ctx.get(train_set, needed["train"]))
 
         entries = {name: self._entry(ctx, split_ds, fs, p) for name, (split_ds, fs) in splits.items()}
         info["pseudo_cache_hit"] = {name: e["cache_hit"] for name, e in entries.items()}
