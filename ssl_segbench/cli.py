@@ -41,51 +41,74 @@ def _param(text: str) -> tuple[str, str, object]:
     return proto, name, yaml.safe_load(value)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show a default only where it says something: not for None/False/empty defaults, and not when the help text
+    already names the default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text or action.option_strings == []:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _run_options() -> argparse.ArgumentParser:
+    """The options `run` and `show` share (argparse parent): what to run on, and how."""
+    from .paths import data_dir
+    from .transforms import POLICIES
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--backbone", required=True,
+                        help="registry id (see `list backbones`), a local checkpoint directory, "
+                             "hf-hub:org/name[@rev] (timm) or org/name[@rev] (transformers)")
+    common.add_argument("--dataset", required=True, help="dataset id (see `list datasets`)")
+    common.add_argument("--data-root",
+                        help=f"dataset root in its native layout (default: $SSL_SEGBENCH_DATA/<dataset id>, now "
+                             f"{data_dir()}/<dataset id>; synthetic: generated)")
+    common.add_argument("--split", help="evaluation split (default: the dataset's evaluation split)")
+    common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    common.add_argument("--batch-size", type=int, help="images per backbone call (default: 64 on GPU, 16 on CPU)")
+    common.add_argument("--workers", type=int, help="DataLoader workers (default: 4 on GPU, 0 on CPU)")
+    common.add_argument("--layer", type=int, default=-1, help="transformer block to read (-1 = last, final norm)")
+    common.add_argument("--resize", choices=POLICIES, default="shorter",
+                        help="resize policy (a protocol preset may fix its own)")
+    common.add_argument("--size", type=int, default=224, help="input size (shorter side / square side)")
+    common.add_argument("--param", type=_param, action="append", default=[], metavar="PROTO.NAME=VALUE",
+                        help="override a parameter of a protocol of this run, e.g. kmeans.k=20 (repeatable); names, "
+                             "keys and values are checked before any work")
+    common.add_argument("--registry", help="backbones.yaml to use (default: the packaged registry)")
+    common.add_argument("--crf", action="store_true",
+                        help="dense-CRF post-processing of every protocol's label maps (pip install '.[crf]'); "
+                             "unaries softmax(scores / PROTO.crf_temperature); recorded as parameters, so CRF and "
+                             "non-CRF results never share a column")
+    common.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                        help="dataset option, repeatable (e.g. curated_list=PATH, resize_masks=true; see "
+                             "`list datasets`)")
+    common.add_argument("--skip-bad", action="store_true",
+                        help="leave unreadable or malformed samples out (the record counts them) instead of failing")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.check import add_datasets_parser
-    from .transforms import POLICIES
 
     parser = argparse.ArgumentParser(
         prog="ssl-segbench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Benchmark frozen self-supervised ViT patch features on unsupervised semantic segmentation.")
     parser.add_argument("--version", action="version", version=f"ssl-segbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = _run_options()
 
     run = sub.add_parser("run", help="extract (cached) features and run protocols, writing one record each",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run.add_argument("--backbone", required=True,
-                     help="registry id (see `list backbones`), a local checkpoint directory, "
-                          "hf-hub:org/name[@rev] (timm) or org/name[@rev] (transformers)")
-    run.add_argument("--dataset", required=True, help="dataset id (see `list datasets`)")
+                         parents=[common], formatter_class=_HelpFormatter)
     run.add_argument("--protocol", default="kmeans,linear",
                      help="comma list of protocols, each optionally with a preset: kmeans:leopart,linear")
-    run.add_argument("--data-root", help="dataset root in its native layout (synthetic: generated when omitted)")
-    run.add_argument("--split", help="evaluation split (default: the dataset's evaluation split)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--batch-size", type=int, help="extraction batch size (default 64 on GPU, 16 on CPU)")
-    run.add_argument("--workers", type=int, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     run.add_argument("--seeds", type=_seeds, help="seed count or comma list (default: per protocol, kmeans 5)")
-    run.add_argument("--layer", type=int, default=-1, help="transformer block to read (-1 = last, final norm applied)")
-    run.add_argument("--resize", choices=POLICIES, default="shorter",
-                     help="resize policy (a protocol preset may fix its own)")
-    run.add_argument("--size", type=int, default=224, help="input size (shorter side / square side)")
-    run.add_argument("--param", type=_param, action="append", default=[], metavar="PROTO.NAME=VALUE",
-                     help="override a parameter of a protocol of this run, e.g. kmeans.k=20 (repeatable); names, "
-                          "keys and values are checked before any work")
-    run.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
+    run.add_argument("--results-dir", type=Path, help="records root (default: $SSL_SEGBENCH_RESULTS or ./results)")
     run.add_argument("--overwrite", choices=("skip", "always"), default="skip",
                      help="what to do when a record with the same key exists")
-    run.add_argument("--registry", help="backbones.yaml to use (default: the repository's)")
-    run.add_argument("--crf", action="store_true",
-                     help="dense-CRF post-processing of every protocol's label maps (pip install '.[crf]'); unaries "
-                          "softmax(scores / PROTO.crf_temperature); recorded as parameters, so CRF and non-CRF results "
-                          "never share a column")
     run.add_argument("--save-masks", type=Path, metavar="DIR",
                      help="keep the pseudo masks of protocols that make them (PNG per image, dataset palette)")
-    run.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
-                     help="dataset option, repeatable (e.g. curated_list=PATH, resize_masks=true; see `datasets list`)")
-    run.add_argument("--skip-bad", action="store_true",
-                     help="leave unreadable or malformed samples out (the record counts them) instead of failing")
 
     lst = sub.add_parser("list", help="list known backbones, datasets or protocols")
     lst.add_argument("what", choices=("backbones", "datasets", "protocols"))
@@ -94,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_datasets_parser(sub)
 
     lb = sub.add_parser("leaderboard", help="regenerate markdown leaderboards from records",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_HelpFormatter)
     lb.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
     lb.add_argument("--out", type=Path, default=Path("leaderboards"), help="output directory")
     lb.add_argument("--format", choices=("md", "csv", "json"), default="md",
                     help="md: a page per dataset + README.md summary; csv/json: one flat file for other tools")
 
     cmp_ = sub.add_parser("compare", help="two backbones side by side: per-class IoU and paired-bootstrap significance",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=_HelpFormatter)
     cmp_.add_argument("a", help="backbone id (as in the records)")
     cmp_.add_argument("b", help="backbone id (as in the records)")
     cmp_.add_argument("--dataset", help="only this dataset")
@@ -109,23 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the images")
 
     show = sub.add_parser("show", help="PNG grid of images, ground truth and predictions (linked from the leaderboard)",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    show.add_argument("--backbone", required=True)
-    show.add_argument("--dataset", required=True)
+                          parents=[common], formatter_class=_HelpFormatter)
     show.add_argument("--protocol", required=True, help="one protocol, optionally with a preset (kmeans:stego)")
-    show.add_argument("--data-root")
-    show.add_argument("--split")
-    show.add_argument("--device", default="auto")
-    show.add_argument("--resize", choices=POLICIES, default="shorter")
-    show.add_argument("--size", type=int, default=224)
-    show.add_argument("--param", type=_param, action="append", default=[], metavar="PROTO.NAME=VALUE")
     show.add_argument("-n", "--images", type=int, default=4, help="rows in the grid")
     show.add_argument("--out", type=Path, help="PNG path (default: leaderboards/figures/<dataset>/"
                                                "<backbone>__<protocol>.png, where the leaderboard links it)")
-    show.add_argument("--registry", help="backbones.yaml to use")
 
     chk = sub.add_parser("check", help="CI gate: compare records with a committed baseline; non-zero on regression",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=_HelpFormatter)
     chk.add_argument("--baseline", type=Path, required=True, help="baseline JSON file")
     chk.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
     chk.add_argument("--tolerance", type=_tolerance, default={},
@@ -151,27 +165,34 @@ def _tolerance(text: str) -> dict[str, float]:
     return out
 
 
-def _cmd_run(args) -> int:
-    from rich.table import Table
-
+def _run_options_of(args, protocols: tuple[str, ...], **more):
+    """RunOptions from the options `run` and `show` share: --param and --crf become protocol parameters, -o and
+    --skip-bad dataset options."""
     from .data.check import parse_options
-    from .runner import RunOptions, run
+    from .runner import RunOptions
 
     params: dict[str, dict] = {}
     for proto, name, value in args.param:
         params.setdefault(proto, {})[name] = value
     if args.crf:
-        for spec in args.protocol.split(","):  # every protocol has a `crf` parameter (tested)
-            params.setdefault(spec.strip().partition(":")[0], {})["crf"] = True
+        for spec in protocols:  # every protocol has a `crf` parameter (tested)
+            params.setdefault(spec.partition(":")[0], {})["crf"] = True
     dataset_options = parse_options(args.option)
     if args.skip_bad:
         dataset_options["skip_bad"] = True
-    opts = RunOptions(backbone=args.backbone, dataset=args.dataset,
-                      protocols=tuple(p.strip() for p in args.protocol.split(",") if p.strip()),
-                      data_root=args.data_root, split=args.split, device=args.device, batch_size=args.batch_size,
-                      workers=args.workers, seeds=args.seeds, layer=args.layer, resize=args.resize, size=args.size,
-                      results_dir=args.results_dir, overwrite=args.overwrite, registry=args.registry, params=params,
-                      dataset_options=dataset_options, save_masks=args.save_masks)
+    return RunOptions(backbone=args.backbone, dataset=args.dataset, protocols=protocols, data_root=args.data_root,
+                      split=args.split, device=args.device, batch_size=args.batch_size, workers=args.workers,
+                      layer=args.layer, resize=args.resize, size=args.size, registry=args.registry, params=params,
+                      dataset_options=dataset_options, **more)
+
+
+def _cmd_run(args) -> int:
+    from rich.table import Table
+
+    from .runner import run
+
+    opts = _run_options_of(args, tuple(p.strip() for p in args.protocol.split(",") if p.strip()), seeds=args.seeds,
+                           results_dir=args.results_dir, overwrite=args.overwrite, save_masks=args.save_masks)
 
     def report(status, path, record):
         console.print(f"[{'green' if status == 'written' else 'yellow'}]{status}[/] {path}"
@@ -265,31 +286,24 @@ def _cmd_show(args) -> int:
     import tempfile
 
     from .figures import figure_path, prediction_grid
-    from .runner import RunOptions, run
+    from .runner import run
 
-    params: dict[str, dict] = {}
-    for proto, name, value in args.param:
-        params.setdefault(proto, {})[name] = value
-    name = args.protocol.partition(":")[0]
     with tempfile.TemporaryDirectory(prefix="ssl-segbench-show-") as tmp:
-        opts = RunOptions(backbone=args.backbone, dataset=args.dataset, protocols=(args.protocol,),
-                          data_root=args.data_root, split=args.split, device=args.device, seeds=[0],
-                          resize=args.resize, size=args.size, registry=args.registry, params=params,
-                          save_masks=Path(tmp), write_records=False)
+        opts = _run_options_of(args, (args.protocol,), seeds=[0], save_masks=Path(tmp), write_records=False)
         (_status, _path, rec), = run(opts)
         from .data import get_dataset
+        from .protocols import PROTOCOLS
         from .transforms import Transform
 
-        ds = get_dataset(args.dataset, args.data_root, rec.dataset["split"])
+        ds = get_dataset(args.dataset, args.data_root, rec.dataset["split"], **opts.dataset_options)
         transform = Transform(**rec.transform)
         out_path = args.out or figure_path(Path("leaderboards"), rec.identity["dataset"], rec.backbone["id"],
                                            args.protocol)
         title = (f"{rec.backbone['id']} · {ds.id}/{ds.split} · {args.protocol}: mIoU "
                  f"{100 * rec.metrics['miou']['mean']:.1f} (seed 0)")
-        masks = Path(tmp) / name
-        if args.protocol.partition(":")[0] == "maskdistill" and rec.protocol["params"].get("stage") != "pseudo":
-            masks = masks / rec.protocol["params"]["stage"]
-        prediction_grid(ds, transform, masks, out_path, args.images, title)
+        masks = Path(tmp) / rec.protocol["name"]
+        subdir = PROTOCOLS[rec.protocol["name"]].masks_subdir(rec.protocol["params"])
+        prediction_grid(ds, transform, masks / subdir if subdir else masks, out_path, args.images, title)
     console.print(f"wrote {out_path}")
     return 0
 
@@ -335,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                "compare": _cmd_compare, "show": _cmd_show, "datasets": lambda a: a.func(a)}[args.command]
     try:
         return handler(args)
-    except (SegbenchError, ValueError, RuntimeError, FileNotFoundError) as e:
+    except SegbenchError as e:  # expected failures: a message and exit 2; anything else is a bug with a traceback
         console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
         return 2
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .cache import ArrayStore
+from .errors import SegbenchError
 
 
 def sample_rows(store: ArrayStore, max_rows: int | None, seed: int) -> np.ndarray:
@@ -60,7 +61,7 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spherical: 
     """faiss k-means centroids (k, D). `max_points_per_centroid=None` fits on every given point (faiss's own default
     of 256 silently subsamples; Leopart's preset keeps it)."""
     if len(x) < k:
-        raise ValueError(f"k-means with k={k} needs at least {k} points, got {len(x)}")
+        raise SegbenchError(f"k-means with k={k} needs at least {k} points, got {len(x)}: lower k")
     km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, verbose=False,
                       max_points_per_centroid=max_points_per_centroid or (len(x) // k + 1))
     km.train(np.ascontiguousarray(x, dtype=np.float32))

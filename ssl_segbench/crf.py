@@ -63,9 +63,9 @@ class CRFParams:
         if isinstance(value, dict):
             unknown = set(value) - set(cls.__dataclass_fields__)
             if unknown:
-                raise ValueError(f"crf: unknown field(s) {sorted(unknown)}; fields: {sorted(cls.__dataclass_fields__)}")
+                raise CRFError(f"crf: unknown field(s) {sorted(unknown)}; fields: {sorted(cls.__dataclass_fields__)}")
             return cls(**value)
-        raise ValueError(f"crf must be true, false or a dict of CRF parameters, got {value!r}")
+        raise CRFError(f"crf must be true, false or a dict of CRF parameters, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_bytes_atomic
+from .errors import SegbenchError
 from .paths import inside, safe_component
 
 
@@ -41,7 +42,7 @@ def prediction_grid(dataset, transform, masks_dir: Path, out: Path, n: int, titl
 
     rows = [i for i in range(len(dataset)) if (masks_dir / f"{sample_name(dataset, i)}.png").is_file()][:n]
     if not rows:
-        raise FileNotFoundError(f"no saved predictions in {masks_dir}")
+        raise SegbenchError(f"no saved predictions in {masks_dir}: the run saved no label maps")
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
     for r, i in enumerate(rows):
         gt = transform.labels(dataset.load_mask(i), dataset.ignore_index)

@@ -58,7 +58,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} requested but CUDA is not available (torch {torch.__version__})")
+        raise SegbenchError(f"--device {device} requested but CUDA is not available (torch {torch.__version__})")
     return device
 
 

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import SegbenchError
+
 POLICIES = ("shorter", "square", "pad")
+
+
+class TransformError(SegbenchError):
+    """A resize policy or size that cannot be used; the message says what can."""
 
 
 @dataclass(frozen=True)
@@ -28,9 +34,9 @@ class Transform:
 
     def __post_init__(self):
         if self.policy not in POLICIES:
-            raise ValueError(f"unknown resize policy {self.policy!r}; use one of {POLICIES}")
+            raise TransformError(f"unknown resize policy {self.policy!r}; use one of {POLICIES}")
         if self.policy != "pad" and self.size % self.patch_size:
-            raise ValueError(f"size {self.size} is not a multiple of the patch size {self.patch_size}: "
+            raise TransformError(f"size {self.size} is not a multiple of the patch size {self.patch_size}: "
                              f"use e.g. {self.size // self.patch_size * self.patch_size}")
 
     def to_dict(self) -> dict:

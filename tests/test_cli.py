@@ -125,3 +125,31 @@ def test_crf_flag_runs_datus_and_records_it(small_synthetic, tmp_path):
     (_, rec), = iter_records(tmp_path / "res")
     assert rec.protocol["params"]["crf"] is True and rec.info["crf"]["images_refined"] == 8
     assert "ci95" in rec.metrics["miou"]  # per-image stats reached the record
+
+
+def test_the_main_command_finds_data_where_a_user_puts_it(small_synthetic, tmp_path, monkeypatch, capsys):
+    """`run --backbone B --dataset suim` without --data-root reads $SSL_SEGBENCH_DATA/suim; a missing dataset is
+    reported before any backbone is resolved (an unknown backbone would otherwise be the first error)."""
+    import shutil
+
+    monkeypatch.setenv("SSL_SEGBENCH_DATA", str(tmp_path / "data"))
+    assert main(["run", "--backbone", "no_such_backbone", "--dataset", "suim"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{tmp_path / 'data' / 'suim'} does not exist" in err and "SSL_SEGBENCH_DATA" in err
+    shutil.copytree(small_synthetic, tmp_path / "data" / "suim")
+    assert main(["run", "--backbone", "pixels", "--dataset", "suim", "--size", "64", "--protocol", "kmeans",
+                 "--seeds", "1", "--results-dir", str(tmp_path / "res")]) == 0
+    (_, rec), = iter_records(tmp_path / "res")
+    assert rec.dataset["root"] == str(tmp_path / "data" / "suim")
+
+
+def test_help_texts_do_not_print_empty_defaults(capsys):
+    for command in ("run", "show", "check", "leaderboard"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "(default: None)" not in text and "(default: False)" not in text
+    with pytest.raises(SystemExit):
+        main(["show", "--help"])
+    text = capsys.readouterr().out
+    assert "--skip-bad" in text and "--option" in text and "--crf" in text  # show shares run's options

@@ -48,7 +48,7 @@ def test_crf_params_from_the_protocol_parameter():
     assert CRFParams.from_param(False) is None and CRFParams.from_param(None) is None
     assert CRFParams.from_param(True) == CRFParams(10, 1.0, 3.0, 67.0, 3.0, 4.0)
     assert CRFParams.from_param({"iterations": 5}).iterations == 5
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(CRFError, match="unknown field"):
         CRFParams.from_param({"iters": 5})
 
 

@@ -10,7 +10,7 @@ from fixtures_data import write_image, write_labels, write_rgb_mask
 from rich.console import Console
 
 from ssl_segbench.data import get_dataset
-from ssl_segbench.data.check import add_datasets_parser, check_dataset, parse_options
+from ssl_segbench.data.check import add_datasets_parser, check_dataset, parse_options, run_list
 
 LABELS = np.array([[0, 1, 2], [2, 1, 255]])  # per image: ground 1, car 2, sky 2 pixels, 1 ignored
 
@@ -117,8 +117,8 @@ def test_cli_passes_options_and_lists_datasets(folder_root, tmp_path):
     assert row(text(c), "3", "w", "0")
     assert parse_options(["skip-bad=true", "n=3", "p=a/b.txt"]) == {"skip_bad": True, "n": 3, "p": "a/b.txt"}
     c = console()
-    assert cli(["datasets", "list"], c) == 0
-    assert "cocostuff27-things12" in text(c) and "hf:<org>/<name>" in text(c)
+    assert run_list(argparse.Namespace(), c) == 0  # `ssl-segbench list datasets`
+    assert "cocostuff27-things12" in text(c) and "hf:<org>/<name>" in text(c) and "default root" in text(c)
 
 
 def test_labels_a_decoder_lets_through_outside_the_class_range_fail(folder_root):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssl_segbench.transforms import Transform
+from ssl_segbench.transforms import Transform, TransformError
 
 
 def test_shorter_side_resize_and_centre_crop_keeps_labels_aligned():
@@ -42,5 +42,5 @@ def test_pad_to_patch_multiple_marks_padding_ignore():
 
 
 def test_size_must_be_patch_multiple():
-    with pytest.raises(ValueError, match="multiple of the patch size"):
+    with pytest.raises(TransformError, match="multiple of the patch size"):
         Transform("shorter", 225, 16)

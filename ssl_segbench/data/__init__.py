@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+from ..paths import data_dir, safe_component
 from .base import DatasetError, Sample, SegmentationDataset, voc_palette
 
 DATASETS: dict[str, type[SegmentationDataset]] = {}
@@ -24,7 +25,8 @@ def dataset_options(cls: type[SegmentationDataset]) -> list[str]:
 
 
 def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = None, **options) -> SegmentationDataset:
-    """Open `dataset_id` at `root` (the synthetic set generates its own root when none is given).
+    """Open `dataset_id` at `root`; without one, at $SSL_SEGBENCH_DATA/<dataset id> (default ./data/<dataset id>;
+    the synthetic set generates its own root).
 
     `options` go to the loader: ``skip_bad=True`` for every dataset, others per dataset (see `dataset_options`).
     ``hf:<org>/<name>`` opens a Hugging Face `datasets` dataset (root: a local copy, or None for the Hub / cache).
@@ -43,9 +45,14 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
                            f"{', '.join(o for o in dataset_options(cls) if o != 'repo')}")
     if root is None and cls.__name__ != "HFDataset":  # the Hub source needs no root
         default_root = getattr(cls, "default_root", None)
-        if default_root is None:
-            raise DatasetError(f"dataset '{dataset_id}' needs --data-root. Expected layout:\n{cls.layout}")
-        root = default_root()
+        if default_root is not None:
+            root = default_root()
+        else:
+            root = data_dir() / safe_component(dataset_id)
+            if not root.is_dir():
+                raise DatasetError(f"dataset '{dataset_id}' not found: no --data-root given and {root} does not "
+                                   "exist. Pass --data-root DIR, or put the dataset there ($SSL_SEGBENCH_DATA/<dataset "
+                                   f"id>, default ./data/<dataset id>). Expected layout:\n{cls.layout}")
     return cls(root, split, **options)
 
 

@@ -1,4 +1,4 @@
-"""`ssl-segbench datasets check|list`: validate a dataset on disk before spending compute on it.
+"""`ssl-segbench datasets check` (validate a dataset on disk before spending compute on it) and `list datasets`.
 
 `check_dataset` reads every image and mask of a split once: each image must decode and have its mask, the mask must
 decode at the image's size (or be resized where `-o resize_masks=true` allows it), and every label must be a class
@@ -151,33 +151,37 @@ def run_check(args: argparse.Namespace, console: Console | None = None) -> int:
 
 
 def run_list(args: argparse.Namespace, console: Console | None = None) -> int:
-    """Handler of `datasets list`: every dataset id with its classes, splits and options."""
+    """Handler of `list datasets`: every dataset id with its classes, splits, options and the folder it is read from
+    when no --data-root is given."""
+    from ..paths import data_dir, safe_component
+
     console = console or out
-    table = Table(title="datasets")
-    for col in ("id", "classes", "splits", "options"):
+    table = Table(title=f"datasets (default root: $SSL_SEGBENCH_DATA/<id>, now {data_dir()}/<id>)")
+    for col in ("id", "classes", "splits", "options", "default root"):
         table.add_column(col)
     for name in sorted(DATASETS):
         cls = DATASETS[name]
+        where = "generated in the cache" if getattr(cls, "default_root", None) else str(data_dir() / name)
         table.add_row(name, str(len(cls.class_names)) if cls.class_names else "from classes file",
-                      ", ".join(cls.splits) or "from folders", ", ".join(dataset_options(cls)))
+                      ", ".join(cls.splits) or "from folders", ", ".join(dataset_options(cls)), escape(where))
     table.add_row(escape(f"{HF_PREFIX}<org>/<name>"), "from classes file", "from the dataset",
-                  ", ".join(o for o in dataset_options(HFDataset) if o != "repo"))
+                  ", ".join(o for o in dataset_options(HFDataset) if o != "repo"),
+                  escape(f"the Hub cache, or {data_dir() / safe_component('hf:<org>/<name>')}"))
     console.print(table)
     return EXIT_OK
 
 
 def add_datasets_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `datasets {check,list}` to a CLI; each subcommand sets ``func(args) -> exit code``."""
-    parser = subparsers.add_parser("datasets", help="list datasets, or check one on disk")
+    """Add `datasets check` to a CLI (it sets ``func(args) -> exit code``); datasets are listed by `list datasets`."""
+    parser = subparsers.add_parser("datasets", help="check a dataset on disk (list them with `list datasets`)")
     sub = parser.add_subparsers(dest="datasets_command", required=True)
     check = sub.add_parser("check", help="validate layout, masks and labels of a split; print a class histogram")
-    check.add_argument("--dataset", required=True, help="dataset id (see `datasets list`) or hf:<org>/<name>")
-    check.add_argument("--data-root", default=None, help="dataset root in its distributed layout")
+    check.add_argument("--dataset", required=True, help="dataset id (see `list datasets`) or hf:<org>/<name>")
+    check.add_argument("--data-root", default=None,
+                       help="dataset root in its distributed layout (default: $SSL_SEGBENCH_DATA/<dataset id>)")
     check.add_argument("--split", default=None, help="split to check (default: the dataset's evaluation split)")
     check.add_argument("--skip-bad", action="store_true", help="leave bad samples out instead of failing")
     check.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
                        help="dataset option, repeatable (e.g. curated_list=PATH, revision=SHA, mask_column=label)")
     check.set_defaults(func=run_check)
-    listing = sub.add_parser("list", help="dataset ids, classes, splits and options")
-    listing.set_defaults(func=run_list)
     return parser

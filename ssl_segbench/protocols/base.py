@@ -194,7 +194,7 @@ class Protocol:
             raise ProtocolError(f"{self.name}: crf_temperature must be > 0, got {p['crf_temperature']!r}")
         try:
             CRFParams.from_param(p["crf"])
-        except (ValueError, TypeError) as e:
+        except CRFError as e:
             raise ProtocolError(f"protocol '{self.name}': {e}") from None
         self.check()
 
@@ -218,6 +218,11 @@ class Protocol:
         """The cached facets a run reads, by split role ('eval', 'train'), declared before any work so that the runner
         computes every facet the requested protocols need in one backbone pass per split and transform."""
         return {"eval": ("tokens",)}
+
+    @classmethod
+    def masks_subdir(cls, params: dict) -> str | None:
+        """The folder under `--save-masks DIR/<protocol>/` this protocol's label maps go to (None: that folder)."""
+        return None
 
     def train_split_wanted(self) -> list[str] | None:
         """Train splits this run reads, in order of preference ('default' = the dataset's own train split); None when
@@ -264,10 +269,7 @@ def _scoped(run):
 
     @functools.wraps(run)
     def wrapper(self, ctx: Context) -> ProtocolResult:
-        try:
-            crf = CRFParams.from_param(self.params.get("crf"))
-        except ValueError as e:
-            raise ProtocolError(f"protocol '{self.name}': {e}") from None
+        crf = CRFParams.from_param(self.params.get("crf"))  # validated when the protocol was made
         if crf is not None:
             try:
                 require_crf()

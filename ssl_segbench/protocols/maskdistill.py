@@ -290,6 +290,10 @@ class MaskDistillProtocol(Protocol):
         facets = (_CLS_FACET[self.params["cls_map"]], "keys", "tokens")
         return {"eval": facets, "train": facets} if self.train_split_wanted() else {"eval": facets}
 
+    @classmethod
+    def masks_subdir(cls, params: dict) -> str | None:
+        return None if params["stage"] == "pseudo" else params["stage"]  # distilled heads' maps apart from the masks
+
     def train_split_wanted(self) -> list[str] | None:
         p = self.params
         return ["default"] if p["stage"] != "pseudo" or p["fit_set"] == "all" else None
@@ -353,7 +357,7 @@ class MaskDistillProtocol(Protocol):
 
         evalfs = splits["eval"][1]
         n_labels = k + 1
-        saver = MaskSaver(ctx, None if p["stage"] == "pseudo" else p["stage"])
+        saver = MaskSaver(ctx, self.masks_subdir(p))
         per_image: list = []
         t0 = time.perf_counter()
         if not distill:
