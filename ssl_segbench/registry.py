@@ -55,8 +55,9 @@ _ALL = {f.name for f in dataclasses.fields(BackboneSpec)}
 
 
 def default_registry_path() -> Path:
-    """$SSL_SEGBENCH_REGISTRY, else the backbones.yaml at the repository root next to the package."""
-    return registry_override() or Path(__file__).resolve().parent.parent / "backbones.yaml"
+    """$SSL_SEGBENCH_REGISTRY, else the registry shipped inside the package (`ssl_segbench/backbones.yaml`; the
+    repository's top-level backbones.yaml is a link to it, so both name the one file that is edited)."""
+    return registry_override() or Path(__file__).with_name("backbones.yaml")
 
 
 def _is_int(v) -> bool:
