@@ -1,6 +1,7 @@
 """`ssl-segbench show`: a PNG grid of images, ground truth and predictions in the dataset's palette: what people look
 at before they trust a number. Predictions are the first seed's label maps in class space, as `--save-masks` writes
-them; images and ground truth are drawn at the run's transform geometry."""
+them; images and ground truth are drawn at the run's transform geometry, with PIL only, so the bytes are the same on
+every machine."""
 from __future__ import annotations
 
 import io
@@ -31,32 +32,36 @@ def colourize(labels: np.ndarray, palette: np.ndarray, ignore_index: int) -> np.
 
 def prediction_grid(dataset, transform, masks_dir: Path, out: Path, n: int, title: str) -> Path:
     """Draw the first `n` images of `dataset` that have a saved prediction: image | ground truth | prediction, one row
-    each, at the geometry of `transform` (the run's)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    each, at the geometry of `transform` (the run's). Drawn with PIL and its built-in bitmap font, not matplotlib:
+    the same inputs give the same PNG bytes on every machine (no system fonts, no font cache)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     from .protocols.base import label_image, sample_name
 
     rows = [i for i in range(len(dataset)) if (masks_dir / f"{sample_name(dataset, i)}.png").is_file()][:n]
     if not rows:
         raise SegbenchError(f"no saved predictions in {masks_dir}: the run saved no label maps")
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
-    for r, i in enumerate(rows):
+    font = ImageFont.load_default_imagefont()
+    pad, caption = 8, 14
+    panels = []
+    for i in rows:
         gt = transform.labels(dataset.load_mask(i), dataset.ignore_index)
         pred = np.asarray(Image.open(masks_dir / f"{sample_name(dataset, i)}.png"), dtype=np.int64)
-        panels = (label_image(dataset, transform, i), colourize(gt, dataset.palette, dataset.ignore_index),
-                  colourize(pred, dataset.palette, dataset.ignore_index))
-        for c, (img, name) in enumerate(zip(panels, ("image", "ground truth", "prediction"))):
-            axes[r, c].imshow(img, interpolation="nearest")
-            axes[r, c].set_axis_off()
-            axes[r, c].set_title(f"{sample_name(dataset, i)}: {name}" if c == 0 else name, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        panels.append((sample_name(dataset, i), (label_image(dataset, transform, i),
+                                                 colourize(gt, dataset.palette, dataset.ignore_index),
+                                                 colourize(pred, dataset.palette, dataset.ignore_index))))
+    h = max(p.shape[0] for _, row in panels for p in row)
+    w = max(p.shape[1] for _, row in panels for p in row)
+    grid = Image.new("RGB", (3 * w + 4 * pad, 2 * pad + caption + len(panels) * (h + caption + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((pad, pad), title, fill="black", font=font)
+    for r, (name, row) in enumerate(panels):
+        top = 2 * pad + caption + r * (h + caption + pad)
+        for c, (img, what) in enumerate(zip(row, ("image", "ground truth", "prediction"))):
+            left = pad + c * (w + pad)
+            draw.text((left, top), f"{name}: {what}" if c == 0 else what, fill="black", font=font)
+            grid.paste(Image.fromarray(img), (left, top + caption))
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
+    grid.save(buf, format="PNG")
     write_bytes_atomic(out, buf.getvalue())
     return out

@@ -1,11 +1,17 @@
 """`compare` pairs records that differ only in the backbone and tests differences; `show` draws a linked grid."""
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import pytest
 from PIL import Image
 
 from ssl_segbench.cli import main
 from ssl_segbench.compare import CompareError, compare_pair, pairs
+from ssl_segbench.data import get_dataset
+from ssl_segbench.figures import colourize
+from ssl_segbench.transforms import Transform
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +53,18 @@ def test_show_draws_the_grid_where_the_leaderboard_links_it(small_synthetic, two
     png = tmp_path / "leaderboards" / "figures" / "synthetic" / "pixels__kmeans.png"
     with Image.open(png) as im:
         assert im.size[0] > 200 and im.size[1] > 150
+        grid = np.asarray(im.convert("RGB"))
+    # the panels are the data itself: row 0's ground-truth panel (8 px margins, 14 px captions, 64 px panels) is the
+    # first image's labels in the dataset's palette, pixel for pixel
+    ds = get_dataset("synthetic", small_synthetic)
+    t = Transform("shorter", 64, 16)
+    expected = colourize(t.labels(ds.load_mask(0), ds.ignore_index), ds.palette, ds.ignore_index)
+    np.testing.assert_array_equal(grid[44:108, 80:144], expected)
+    first = png.read_bytes()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # drawn without matplotlib (no fonts, no font cache)
+    assert main(["show", "--backbone", "pixels", "--dataset", "synthetic", "--data-root", str(small_synthetic),
+                 "--size", "64", "--protocol", "kmeans", "-n", "2"]) == 0
+    assert png.read_bytes() == first  # byte-stable
     assert main(["leaderboard", "--results-dir", str(two_backbones), "--out", "leaderboards"]) == 0
     page = (tmp_path / "leaderboards" / "synthetic.md").read_text()
     assert "[pixels](figures/synthetic/pixels__kmeans.png)" in page
