@@ -93,6 +93,10 @@ class ArrayStore:
     def __len__(self) -> int:
         return len(self.index)
 
+    def grid(self, i: int) -> tuple[int, int]:
+        """Item i's (h, w) grid shape, without reading its rows."""
+        return int(self.index[i, 1]), int(self.index[i, 2])
+
     def image(self, i: int) -> np.ndarray:
         """Item i's rows reshaped to (h, w, width) (or (width,) for per-item entries such as cls)."""
         off, h, w = (int(v) for v in self.index[i])

@@ -1,4 +1,5 @@
-"""Feature preprocessing and faiss k-means shared by the clustering protocols."""
+"""Feature preprocessing, k-means (faiss, or torch on a GPU without faiss-gpu) and nearest-centroid scoring shared by
+the clustering protocols."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,30 +57,134 @@ class Preprocess:
         return np.ascontiguousarray(y, dtype=np.float32)
 
 
+KMEANS_BACKENDS = ("auto", "faiss", "torch")
+_EPS = 1.0 / 1024  # relative perturbation when an empty cluster takes over half of another (faiss's value)
+
+
+def kmeans_backend(requested: str, device: str) -> str:
+    """The k-means implementation a run uses: 'auto' is faiss wherever faiss can run on `device` (always on the CPU;
+    on a GPU only with a GPU build of faiss), else torch on `device`. The two give slightly different centroids for
+    one seed, so the resolved name is a parameter of the record."""
+    if requested != "auto":
+        return requested
+    if not device.startswith("cuda"):
+        return "faiss"
+    return "faiss" if faiss.get_num_gpus() > 0 else "torch"
+
+
 def kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spherical: bool,
-           max_points_per_centroid: int | None) -> np.ndarray:
-    """faiss k-means centroids (k, D). `max_points_per_centroid=None` fits on every given point (faiss's own default
-    of 256 silently subsamples; Leopart's preset keeps it)."""
+           max_points_per_centroid: int | None, backend: str = "faiss", device: str = "cpu") -> np.ndarray:
+    """k-means centroids (k, D), the best of `nredo` restarts of `niter` Lloyd iterations. `max_points_per_centroid`
+    caps the points used at k × that many, drawn uniformly; None fits on every given point (faiss's own default of
+    256 silently subsamples; Leopart's preset keeps it). `backend` 'faiss' (on the GPU when faiss has one and
+    `device` is CUDA), 'torch' (`torch_kmeans` on `device`) or 'auto' (`kmeans_backend`)."""
     if len(x) < k:
         raise SegbenchError(f"k-means with k={k} needs at least {k} points, got {len(x)}: lower k")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    backend = kmeans_backend(backend, device)
+    if backend == "torch":
+        return torch_kmeans(x, k, seed, niter, nredo, spherical, max_points_per_centroid, device)
+    if backend != "faiss":
+        raise SegbenchError(f"kmeans_backend must be one of {KMEANS_BACKENDS}, got {backend!r}")
     km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, verbose=False,
-                      max_points_per_centroid=max_points_per_centroid or (len(x) // k + 1))
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
+                      max_points_per_centroid=max_points_per_centroid or (len(x) // k + 1),
+                      gpu=device.startswith("cuda") and faiss.get_num_gpus() > 0)
+    km.train(x)
     return km.centroids.copy()
 
 
-def centroid_scores(centroids: np.ndarray, spherical: bool, scale: float = 1.0):
-    """Scoring function (h, w, D) → (k, h, w): the inner product x·c for spherical k-means (the cosine for unit
-    vectors), else (x·c − ½|c|²) / scale, which is −½‖x − c‖² / scale up to a per-pixel constant. argmax is the nearest
-    centroid either way, the scores can be upsampled, and `scale` (a positive number) only sets their sharpness for a
-    softmax."""
-    c = torch.from_numpy(centroids)
-    bias = torch.zeros(len(c)) if spherical else -0.5 * (c * c).sum(1)
-    factor = 1.0 if spherical else 1.0 / scale
+def torch_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spherical: bool,
+                 max_points_per_centroid: int | None, device: str = "cpu") -> np.ndarray:
+    """faiss's algorithm in torch, for GPUs without a GPU build of faiss: subsample to k × max_points_per_centroid
+    points, initialise each restart with k distinct random points, `niter` Lloyd steps (an empty cluster takes over
+    half of the largest one, both perturbed by ±1/1024, as faiss does; spherical: centroids renormalised), keep the
+    restart with the best objective of its last assignment. Sums go through a one-hot matrix product, which is
+    deterministic on the GPU (atomic scatter-adds are not), so a seed gives the same centroids every time."""
+    rng = np.random.default_rng(seed)
+    if max_points_per_centroid and len(x) > k * max_points_per_centroid:
+        x = x[np.sort(rng.choice(len(x), size=k * max_points_per_centroid, replace=False))]
+    xt = torch.from_numpy(x).to(device)
+    best, best_obj = None, None
+    for _ in range(nredo):
+        c = xt[torch.from_numpy(rng.choice(len(xt), size=k, replace=False)).to(device)].clone()
+        for _ in range(niter):
+            labels, obj = nearest(xt, c, spherical)
+            c = _update(xt, labels, k, spherical)
+        labels, obj = nearest(xt, c, spherical)
+        if best is None or (obj > best_obj if spherical else obj < best_obj):
+            best, best_obj = c, obj
+    return best.cpu().numpy().astype(np.float32)
 
-    def score(x: np.ndarray) -> torch.Tensor:
-        h, w, d = x.shape
-        s = factor * ((torch.from_numpy(np.ascontiguousarray(x.reshape(-1, d))) @ c.T) + bias)
-        return s.T.reshape(len(c), h, w)
+
+def nearest(x: torch.Tensor, c: torch.Tensor, spherical: bool, chunk: int | None = None) -> tuple[torch.Tensor,
+                                                                                                   float]:
+    """Each row's centroid (largest inner product for spherical k-means, else smallest Euclidean distance) and the
+    k-means objective (sum of those inner products, or of squared distances), in chunks of rows that bound the
+    (rows × k) score matrix."""
+    chunk = chunk or max(1, (1 << 25) // max(len(c), 1))
+    bias = _bias(c, spherical)
+    labels, obj = [], 0.0
+    for start in range(0, len(x), chunk):
+        xs = x[start: start + chunk]
+        best, lab = (xs @ c.T + bias).max(1)
+        labels.append(lab)
+        obj += float(best.double().sum()) if spherical else float(((xs * xs).sum(1) - 2 * best).double().sum())
+    return torch.cat(labels), obj
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, spherical: bool, device: str = "cpu") -> np.ndarray:
+    """(n, D) rows → (n,) index of each row's nearest centroid (`nearest`), computed on `device`."""
+    def on(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+
+    return nearest(on(x), on(centroids), spherical)[0].cpu().numpy()
+
+
+def _bias(c: torch.Tensor, spherical: bool) -> torch.Tensor:
+    """Per-centroid term of the score x·c + bias whose argmax is the nearest centroid: 0 for spherical k-means (largest
+    inner product, as faiss assigns), −½|c|² otherwise (x·c − ½|c|² = −½‖x − c‖² + ½|x|²)."""
+    return torch.zeros(len(c), dtype=c.dtype, device=c.device) if spherical else -0.5 * (c * c).sum(1)
+
+
+def _update(x: torch.Tensor, labels: torch.Tensor, k: int, spherical: bool) -> torch.Tensor:
+    """Centroids as the means of their points; empty clusters split the largest (faiss's rule); spherical: unit norm."""
+    counts = torch.bincount(labels, minlength=k).to(x.dtype)
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    chunk = max(1, (1 << 25) // k)
+    for start in range(0, len(x), chunk):
+        lab = labels[start: start + chunk]
+        onehot = torch.zeros(len(lab), k, dtype=x.dtype, device=x.device)
+        onehot[torch.arange(len(lab), device=x.device), lab] = 1
+        sums += onehot.T @ x[start: start + chunk]
+    c = sums / counts.clamp(min=1)[:, None]
+    sign = torch.where(torch.arange(x.shape[1], device=x.device) % 2 == 0, 1.0, -1.0).to(x.dtype)
+    for e in torch.nonzero(counts == 0).flatten().tolist():
+        j = int(counts.argmax())
+        c[e] = c[j] * (1 + sign * _EPS)
+        c[j] = c[j] * (1 - sign * _EPS)
+        counts[e] = torch.floor(counts[j] / 2)
+        counts[j] -= counts[e]
+    if spherical:
+        c = c / c.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return c
+
+
+def centroid_scores(centroids: np.ndarray, spherical: bool, scale: float = 1.0):
+    """Scoring function (B, h, w, D) tokens → (B, k, h, w) scores, on the tokens' device: the inner product x·c for
+    spherical k-means (the cosine for unit vectors), else (x·c − ½|c|²) / scale, which is −½‖x − c‖² / scale up to a
+    per-pixel constant. argmax is the nearest centroid either way, the scores can be upsampled, and `scale` (a
+    positive number) only sets their sharpness for a softmax."""
+    c = torch.from_numpy(centroids)
+    bias = _bias(c, spherical)
+    factor = 1.0 if spherical else 1.0 / scale
+    on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        b, h, w, d = x.shape
+        if str(x.device) not in on:
+            on[str(x.device)] = (c.to(x.device), bias.to(x.device))
+        cc, bb = on[str(x.device)]
+        s = factor * (x.reshape(-1, d) @ cc.T + bb)
+        return s.reshape(b, h, w, len(cc)).permute(0, 3, 1, 2)
 
     return score

@@ -198,6 +198,8 @@ class Record:
             parts.append(f"K={k}")
         if "matching" in p:
             parts.append(p["matching"])
+        if p.get("kmeans_backend", "faiss") != "faiss":
+            parts.append(f"{p['kmeans_backend']} k-means")
         parts.append(f"{p['resize']} {p['size']}")
         parts.append(f"eval {p['eval_size']}²" if p.get("eval_size") else "eval at input res")
         if p.get("crf"):

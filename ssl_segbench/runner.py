@@ -167,7 +167,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
     workers = opts.workers if opts.workers is not None else (4 if device.startswith("cuda") else 0)
     results = Path(opts.results_dir or default_results_dir())
     out, jobs = [], []
-    for proto in protocols:
+    for proto in (p.for_device(device) for p in protocols):
         params = dict(proto.params)
         params["resize"] = params["resize"] or opts.resize
         params["size"] = params["size"] or opts.size

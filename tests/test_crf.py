@@ -117,14 +117,14 @@ def test_accumulate_confusion_crf_equals_the_serial_path(tmp_path):
     fs = feature_set(tmp_path / "fs", tokens, labels)
 
     def score(x):
-        return torch.from_numpy(x).permute(2, 0, 1)
+        return x.permute(0, 3, 1, 2)
 
     seen = {}
     confs = accumulate_confusion(fs["tokens"], fs.labels, [score], 3, 3, 255, "bilinear", None, crf=True,
                                  images=lambda i: images[i], on_labels=lambda i, j, lab: seen.__setitem__(i, lab))
     for i in range(3):
-        x = np.asarray(fs["tokens"].image(i), dtype=np.float32)
-        ref = scores_to_labels(score(x), (16, 24), "bilinear", crf=True, image=images[i])
+        x = torch.from_numpy(np.asarray(fs["tokens"].image(i), dtype=np.float32))[None]
+        ref = scores_to_labels(score(x)[0], (16, 24), "bilinear", crf=True, image=images[i])
         assert np.array_equal(seen[i], ref)
     assert confs[0].sum() == 3 * 16 * 24
 

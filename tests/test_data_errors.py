@@ -82,12 +82,13 @@ def test_mask_of_wrong_size_is_an_error_where_pairs_always_match(tmp_path):
     assert [s.name for s in get_dataset("camvid", tmp_path, skip_bad=True).samples] == ["a"]
 
 
-def test_unknown_dataset_and_option_are_named(suim_root):
+def test_unknown_dataset_and_option_are_named(suim_root, tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="unknown dataset 'nope'.*cityscapes27"):
         get_dataset("nope", suim_root)
     with pytest.raises(DatasetError, match=r"takes no option\(s\) \['curated_list'\]; it takes: skip_bad"):
         get_dataset("suim", suim_root, curated_list="x")
-    with pytest.raises(DatasetError, match="needs --data-root"):
+    monkeypatch.setenv("SSL_SEGBENCH_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetError, match=r"'voc' not found: no --data-root given and .*nowhere/voc does not exist"):
         get_dataset("voc", None)
 
 

@@ -117,3 +117,55 @@ def test_every_shipped_preset_is_valid_and_a_stray_preset_key_is_refused(monkeyp
 def test_bad_values_are_refused_when_the_protocol_is_made(overrides, message):
     with pytest.raises(ProtocolError, match=message):
         get_protocol("kmeans", **overrides)
+
+
+@pytest.mark.parametrize("upsample,eval_size", [("nearest", None), ("nearest", 10), ("bilinear", None)])
+def test_batched_prediction_equals_a_per_pixel_reference(tmp_path, upsample, eval_size):
+    """accumulate_confusion scores images in batches of equal shapes; its confusions, per-image confusions and label
+    maps must equal a brute-force per-pixel loop: nearest upsampling = the nearest centroid of the token each label
+    pixel falls in; bilinear = the argmax of the per-image upsampled scores. Grids of three sizes interleave (so
+    batches break on shape) and ignore pixels are planted."""
+    import torch
+    import torch.nn.functional as F
+
+    from ssl_segbench.cluster import centroid_scores
+    from ssl_segbench.metrics import confusion
+    from ssl_segbench.protocols.base import accumulate_confusion
+
+    rng = np.random.default_rng(5)
+    grids = [(3, 4), (3, 4), (5, 2), (3, 4), (4, 4), (4, 4)]
+    tokens = [rng.normal(size=(h, w, 6)).astype(np.float16).astype(np.float32) for h, w in grids]
+    labels = [rng.integers(0, 4, size=(4 * h, 3 * w)) for h, w in grids]
+    for lab in labels:
+        lab[rng.random(lab.shape) < 0.1] = 255
+    cents = rng.normal(size=(5, 6)).astype(np.float32)
+    fs = feature_set(tmp_path / "fs", tokens, labels)
+    seen, per_image = {}, []
+    (conf,) = accumulate_confusion(fs["tokens"], fs.labels, [centroid_scores(cents, spherical=False)], 4, 5, 255,
+                                   upsample, eval_size, on_labels=lambda i, j, lab: seen.__setitem__(i, lab),
+                                   per_image=per_image, crf=False)
+
+    expected = np.zeros((4, 5), np.int64)
+    for i, (t, lab) in enumerate(zip(tokens, labels)):
+        if eval_size:
+            r = np.arange(eval_size) * lab.shape[0] // eval_size
+            c = np.arange(eval_size) * lab.shape[1] // eval_size
+            lab = lab[r][:, c]
+        hh, ww = lab.shape
+        if upsample == "nearest":
+            dist = ((t[:, :, None, :] - cents[None, None]) ** 2).sum(-1)  # (h, w, 5)
+            near = dist.argmin(-1)
+            pred = np.empty((hh, ww), np.int64)
+            for y in range(hh):
+                for x in range(ww):
+                    pred[y, x] = near[y * t.shape[0] // hh, x * t.shape[1] // ww]
+        else:
+            s = torch.from_numpy(t @ cents.T - 0.5 * (cents ** 2).sum(1)).permute(2, 0, 1)[None]
+            pred = F.interpolate(s, size=(hh, ww), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+        np.testing.assert_array_equal(seen[i], pred)
+        one = confusion(lab, pred, 4, 5, 255)
+        idx, counts = per_image[0][i]
+        np.testing.assert_array_equal(np.bincount(idx, counts, minlength=one.size).reshape(one.shape), one)
+        expected += one
+    np.testing.assert_array_equal(conf, expected)
+

@@ -385,7 +385,7 @@ def test_linear_probe_logits_then_upsample_equals_upsample_then_classify():
     assert len(np.unique(expected)) > 1
 
     tokens_hwd = tokens[0].permute(1, 2, 0).numpy().copy()  # (h, w, D) float32, as the feature cache stores them
-    logits = _scorer(head)(tokens_hwd)
+    logits = _scorer(head)(torch.from_numpy(tokens_hwd)[None])[0]
     assert tuple(logits.shape) == (c, h, w)
     np.testing.assert_array_equal(scores_to_labels(logits, size, "bilinear"), expected)
     nearest = scores_to_labels(logits, size, "nearest")

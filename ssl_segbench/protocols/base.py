@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -136,6 +136,8 @@ class Protocol:
     presets: ClassVar[dict[str, dict]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
     types: ClassVar[dict[str, tuple]] = {}
+    # parameters whose value 'auto' depends on the machine: name → resolver(value, device) giving the concrete value
+    resolvers: ClassVar[dict[str, Callable[[object, str], object]]] = {}
     default_seeds: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs):
@@ -213,6 +215,14 @@ class Protocol:
         v = self.params[key]
         if not low < v < high:
             raise ProtocolError(f"{self.name}: {key} must be in ({low:g}, {high:g}), got {v!r}")
+
+    def for_device(self, device: str) -> "Protocol":
+        """This protocol with its machine-dependent parameters (`resolvers`) made concrete for `device`, so that the
+        record's parameters, and with them its identity, name what actually ran."""
+        new = copy.copy(self)
+        new.params = {**self.params, **{k: f(self.params[k], device) for k, f in self.resolvers.items()}}
+        new.validate()
+        return new
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         """The cached facets a run reads, by split role ('eval', 'train'), declared before any work so that the runner
@@ -376,20 +386,24 @@ class LabelGrids:
     def __len__(self) -> int:
         return len(self.grids)
 
+    def grid(self, i: int) -> tuple[int, int]:
+        return tuple(self.grids[i].shape[:2])
+
     def image(self, i: int) -> np.ndarray:
         return self.grids[i]
 
 
-def onehot_scorer(j: int, n_labels: int, confidence: float) -> Callable[[np.ndarray], torch.Tensor]:
-    """Scoring function for LabelGrids: channel j's hard labels → (n_labels, h, w) log-probabilities, `confidence` on
-    the label and the rest spread evenly (the argmax is the label; the CRF, when on, sees soft unaries)."""
+def onehot_scorer(j: int, n_labels: int, confidence: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Scoring function for LabelGrids: channel j's hard labels, (B, h, w, S) → (B, n_labels, h, w) log-probabilities,
+    `confidence` on the label and the rest spread evenly (the argmax is the label; the CRF, when on, sees soft
+    unaries)."""
     lo = math.log((1.0 - confidence) / max(n_labels - 1, 1))
     hi = math.log(confidence)
 
-    def score(x: np.ndarray) -> torch.Tensor:
-        lab = torch.from_numpy(np.ascontiguousarray(x[..., j])).long()
-        out = torch.full((n_labels, *lab.shape), lo)
-        out.scatter_(0, lab[None], hi)
+    def score(x: torch.Tensor) -> torch.Tensor:
+        lab = x[..., j].long()  # (B, h, w)
+        out = torch.full((lab.shape[0], n_labels, *lab.shape[1:]), lo, device=x.device)
+        out.scatter_(1, lab[:, None], hi)
         return out
 
     return score
@@ -436,17 +450,53 @@ def scores_to_labels(scores: torch.Tensor, size: tuple[int, int], upsample: str,
             raise ProtocolError(f"crf needs the RGB image at label resolution {tuple(size)}")
         if upsample not in ("bilinear", "nearest"):
             raise ProtocolError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-        return refine_scores(image, scores.float().numpy(), upsample, crf)
+        return refine_scores(image, scores.float().cpu().numpy(), upsample, crf)
+    return _labels_batch(scores[None], tuple(size), upsample)[0].cpu().numpy()
+
+
+def _labels_batch(scores: torch.Tensor, size: tuple[int, int], upsample: str) -> torch.Tensor:
+    """(B, K, h, w) scores → (B, H, W) argmax labels: 'bilinear' upsamples the scores first, 'nearest' the argmax."""
     if upsample == "bilinear":
-        up = F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-        return up.argmax(0).numpy()
+        return F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False).argmax(1)
     if upsample == "nearest":
-        lab = scores.argmax(0)[None, None].float()
-        return F.interpolate(lab, size=size, mode="nearest")[0, 0].long().numpy()
+        return F.interpolate(scores.argmax(1)[:, None].float(), size=size, mode="nearest")[:, 0].long()
     raise ProtocolError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
 
 
-def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list[Callable[[np.ndarray], torch.Tensor]],
+def _confusions_batch(gt: torch.Tensor, pred: torch.Tensor, num_classes: int, num_preds: int,
+                      ignore_index: int) -> np.ndarray:
+    """(B, H, W) labels → (B, C, K) int64 confusions, one bincount for the batch (ignore pixels skipped)."""
+    b = gt.shape[0]
+    keep = gt != ignore_index
+    g, p = gt[keep], pred[keep]
+    if g.numel() and (int(g.min()) < 0 or int(g.max()) >= num_classes):
+        raise ValueError(f"ground-truth labels outside 0..{num_classes - 1} (ignore {ignore_index})")
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= num_preds):
+        raise ValueError(f"predicted labels outside 0..{num_preds - 1}")
+    image = torch.arange(b, device=gt.device)[:, None, None].expand_as(gt)[keep]
+    flat = (image * num_classes + g) * num_preds + p
+    counts = torch.bincount(flat, minlength=b * num_classes * num_preds)
+    return counts.reshape(b, num_classes, num_preds).cpu().numpy().astype(np.int64)
+
+
+def _batches(tokens, labels, eval_size: int | None, budget: int) -> Iterator[list[int]]:
+    """Consecutive images whose token grids and label maps have the same shapes, at most `budget` label pixels per
+    batch (so B × K × H × W upsampled scores stay bounded)."""
+    batch, key, pixels = [], None, 0
+    for i in range(len(tokens)):
+        hh, ww = (eval_size, eval_size) if eval_size else labels.grid(i)
+        k = (*tokens.grid(i), hh, ww)
+        if batch and (k != key or pixels + hh * ww > budget):
+            yield batch
+            batch, pixels = [], 0
+        batch.append(i)
+        key, pixels = k, pixels + hh * ww
+    if batch:
+        yield batch
+
+
+def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list[Callable[[torch.Tensor],
+                                                                                          torch.Tensor]],
                          num_classes: int, num_preds: int, ignore_index: int, upsample: str,
                          eval_size: int | None, advance=lambda n=1: None,
                          prepare: Callable[[np.ndarray], np.ndarray] | None = None, *,
@@ -454,10 +504,13 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
                          images: Callable[[int], np.ndarray] | None = None,
                          on_labels: Callable[[int, int, np.ndarray], None] | None = None,
                          per_image: list | None = None, score_type: str = "scores",
-                         temperature: float | None = None) -> list[np.ndarray]:
+                         temperature: float | None = None, device: str | None = None) -> list[np.ndarray]:
     """For each scoring function (one per seed): dataset-level (C, K) confusion of its upsampled argmax predictions.
-    `prepare` maps an image's (h, w, D) tokens once before all scoring functions see them. A score that is NaN or
-    infinite stops the run (ProtocolError): an argmax over it would be a number without meaning.
+    A scoring function maps (B, h, w, D) tokens (a torch tensor) to (B, K, h, w) scores; images of equal shapes are
+    scored, upsampled, argmaxed and counted in batches on `device` (default: the running protocol's; the GPU when
+    the run has one), with no Python loop over pixels. `prepare` maps tokens (numpy, (B, h, w, D)) once before all
+    scoring functions see them. A score that is NaN or infinite stops the run (ProtocolError): an argmax over it
+    would be a number without meaning.
 
     CRF: `crf=None` takes the running protocol's `crf` parameter, False turns it off, True / CRFParams / a dict turn
     it on. Then each prediction is the dense CRF of softmax(upsampled scores / temperature) (`temperature=None`: the
@@ -473,35 +526,44 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
         params = crf if isinstance(crf, CRFParams) else CRFParams.from_param(crf)
     if temperature is None:
         temperature = scope.temperature if scope is not None else 1.0
+    if device is None:
+        device = str(scope.ctx.device) if scope is not None else "cpu"
 
-    def scored(fn, x: np.ndarray, i: int) -> torch.Tensor:
+    def scored(fn, x: torch.Tensor, first: int) -> torch.Tensor:
         sc = fn(x)
         if not bool(torch.isfinite(sc).all()):
-            raise ProtocolError(f"scores of image {i} contain NaN or infinite values (a diverged head or broken "
-                                "features); refusing to turn them into labels")
+            raise ProtocolError(f"scores of an image from image {first} on contain NaN or infinite values (a diverged "
+                                "head or broken features); refusing to turn them into labels")
         return sc
+
+    def tokens_of(idx: list[int]) -> torch.Tensor:
+        x = np.stack([np.asarray(tokens.image(i), dtype=np.float32) for i in idx])
+        if prepare is not None:
+            x = prepare(x)
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
     confs = [np.zeros((num_classes, num_preds), dtype=np.int64) for _ in score_fns]
     if per_image is not None:
         per_image[:] = [[] for _ in score_fns]
 
-    def add(j: int, gt: np.ndarray, pred: np.ndarray) -> None:
-        conf = confusion(gt, pred, num_classes, num_preds, ignore_index)
+    def add(j: int, conf: np.ndarray) -> None:
         confs[j] += conf
         if per_image is not None:
             per_image[j].append(sparse(conf))
 
     if params is None:
-        for i in range(len(tokens)):
-            gt = eval_labels(labels.labels(i), eval_size)
-            x = np.asarray(tokens.image(i), dtype=np.float32)
-            if prepare is not None:
-                x = prepare(x)
+        budget = max(1, (1 << 26) // max(num_preds, 1))  # label pixels per batch: ≤ 64 M upsampled scores
+        for idx in _batches(tokens, labels, eval_size, budget):
+            gt = torch.from_numpy(np.stack([eval_labels(labels.labels(i), eval_size) for i in idx])).to(device)
+            x = tokens_of(idx)
             for j, fn in enumerate(score_fns):
-                pred = scores_to_labels(scored(fn, x, i), gt.shape, upsample)
-                add(j, gt, pred)
+                pred = _labels_batch(scored(fn, x, idx[0]), tuple(gt.shape[1:]), upsample)
+                for conf in _confusions_batch(gt, pred, num_classes, num_preds, ignore_index):
+                    add(j, conf)
                 if on_labels is not None:
-                    on_labels(i, j, pred)
-            advance()
+                    for b, i in enumerate(idx):
+                        on_labels(i, j, pred[b].cpu().numpy())
+            advance(len(idx))
         return confs
 
     if upsample not in ("bilinear", "nearest"):
@@ -522,17 +584,15 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
             img = images(i)
             if tuple(img.shape[:2]) != tuple(gt.shape):
                 raise ProtocolError(f"crf: image {i} is {img.shape[:2]} but its labels are {gt.shape}")
-            x = np.asarray(tokens.image(i), dtype=np.float32)
-            if prepare is not None:
-                x = prepare(x)
+            x = tokens_of([i])
             for j, fn in enumerate(score_fns):
                 pending.append((i, j, gt))
-                yield img, scored(fn, x, i).float().numpy() / temperature, upsample, params
+                yield img, scored(fn, x, i)[0].float().cpu().numpy() / temperature, upsample, params
 
     t0 = time.perf_counter()
     for pred in pool_map(refine_scores, tasks()):
         i, j, gt = pending.popleft()
-        add(j, gt, pred)
+        add(j, confusion(gt, pred, num_classes, num_preds, ignore_index))
         if on_labels is not None:
             on_labels(i, j, pred)
         if j == len(score_fns) - 1:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cluster import Preprocess, centroid_scores, kmeans, sample_rows
+from ..cluster import KMEANS_BACKENDS, Preprocess, centroid_scores, kmeans, kmeans_backend, sample_rows
 from ..metrics import match
 from ..progress import progress_bar
 from . import register_protocol
@@ -36,11 +36,13 @@ class KMeansProtocol(Protocol):
         "k": None,  # None: number of classes
         "standardize": False, "pca_dim": None, "l2_normalize": True, "spherical": True,
         "niter": 100, "nredo": 5, "max_points_per_centroid": None, "max_fit_points": 2_000_000,
-        "upsample": "bilinear", "matching": "hungarian-pixels", "crf_temperature": 0.5,
+        "upsample": "bilinear", "matching": "hungarian-pixels", "crf_temperature": 0.5, "kmeans_backend": "auto",
     }
     types = {"k": (int, None), "pca_dim": (int, None), "max_points_per_centroid": (int, None),
              "max_fit_points": (int, None)}
-    choices = {"upsample": ("bilinear", "nearest"), "matching": ("hungarian-pixels", "hungarian-iou")}
+    choices = {"upsample": ("bilinear", "nearest"), "matching": ("hungarian-pixels", "hungarian-iou"),
+               "kmeans_backend": KMEANS_BACKENDS}
+    resolvers = {"kmeans_backend": kmeans_backend}
     presets = {
         "leopart": {"resize": "square", "size": 448, "standardize": True, "pca_dim": 50, "l2_normalize": False,
                     "spherical": False, "niter": 100, "nredo": 5, "max_points_per_centroid": 256,
@@ -72,14 +74,15 @@ def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> Proto
     score_fns = []
     with progress_bar(len(ctx.seeds), f"k-means K={k} on {len(x)} tokens") as advance:
         for seed in ctx.seeds:
-            c = kmeans(x, k, seed, p["niter"], p["nredo"], p["spherical"], p["max_points_per_centroid"])
+            c = kmeans(x, k, seed, p["niter"], p["nredo"], p["spherical"], p["max_points_per_centroid"],
+                       p["kmeans_backend"], ctx.device)
             score_fns.append(centroid_scores(c, p["spherical"], scale))
             advance()
     per_image, saver = [], MaskSaver(ctx)
     with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
         confs = accumulate_confusion(fs["tokens"], fs.labels, score_fns, ds.num_classes, k, ds.ignore_index,
                                      p["upsample"], p["eval_size"], advance,
-                                     prepare=lambda t: pre(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:2], -1),
+                                     prepare=lambda t: pre(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], -1),
                                      on_labels=saver, per_image=per_image, score_type=score_type(p))
     per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver)
     info = {"k": k, "fit_points": int(len(x)), "feature_dim": int(x.shape[1]), "score_scale": round(scale, 6)}

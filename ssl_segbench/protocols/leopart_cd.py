@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cluster import Preprocess, kmeans, sample_rows
+from ..cluster import KMEANS_BACKENDS, Preprocess, assign, kmeans, kmeans_backend, sample_rows
 from ..metrics import match
 from ..progress import progress_bar
 from . import register_protocol
@@ -94,7 +94,7 @@ class LeopartCDProtocol(Protocol):
         "eval_size": 100,
         "fit_splits": "eval+train",
         "standardize": True, "pca_dim": 50, "max_fit_points": 2_000_000,
-        "niter": 100, "nredo": 5, "max_points_per_centroid": None, "cluster_seed": 0,
+        "niter": 100, "nredo": 5, "max_points_per_centroid": None, "cluster_seed": 0, "kmeans_backend": "auto",
         "attn_blur_kernel": 7, "attn_blur_sigma": 0.6, "attn_mass": 0.65, "attn_drop_upto": 2,
         "cbfe_k": 200, "cbfe_threshold": 0.5,
         "k": None, "markov_time": None, "weight_threshold": None, "preferred_modules": None,
@@ -103,6 +103,7 @@ class LeopartCDProtocol(Protocol):
         "isolated_clusters": "own-label", "unmatched": "wrong", "background_class": 0,
         "mask_confidence": 0.7,  # CRF: the hard merged labels as unaries, mask_confidence on the label
     }
+    resolvers = {"kmeans_backend": kmeans_backend}
     presets = {
         "leopart": {"resize": "square", "size": 448, "eval_size": 100, "max_points_per_centroid": 256,
                     "isolated_clusters": "shared-label", "unmatched": "background"},
@@ -110,7 +111,8 @@ class LeopartCDProtocol(Protocol):
         "vitb8": dict(CD_HPARAMS["vitb8"]),
     }
     choices = {"matching": ("hungarian-iou", "hungarian-pixels"), "fit_splits": ("eval", "eval+train"),
-               "isolated_clusters": ("own-label", "shared-label"), "unmatched": ("wrong", "background")}
+               "isolated_clusters": ("own-label", "shared-label"), "unmatched": ("wrong", "background"),
+               "kmeans_backend": KMEANS_BACKENDS}
     types = {"pca_dim": (int, None), "max_fit_points": (int, None), "max_points_per_centroid": (int, None),
              "cbfe_threshold": (float, str), "k": (int, None), "markov_time": (float, None),
              "weight_threshold": (float, None), "preferred_modules": (int, None)}
@@ -179,9 +181,9 @@ class LeopartCDProtocol(Protocol):
                                 "it, e.g. --param leopart-cd.cbfe_k=50")
         with progress_bar(2 + len(ctx.seeds), f"leopart-cd on {len(images)} images") as advance:
             c_fg = kmeans(fit_x, p["cbfe_k"], p["cluster_seed"], p["niter"], p["nredo"], True,
-                          p["max_points_per_centroid"])
+                          p["max_points_per_centroid"], p["kmeans_backend"], ctx.device)
             advance()
-            cbfe_maps = [assign(xi, c_fg, True).reshape(g) for xi, g in zip(x, grids)]
+            cbfe_maps = [assign(xi, c_fg, True, ctx.device).reshape(g) for xi, g in zip(x, grids)]
             fg_tokens = [np.zeros(g, dtype=bool) for g in grids]
             info["cbfe"] = {}
             for si, (sname, sset) in enumerate(splits):
@@ -205,12 +207,12 @@ class LeopartCDProtocol(Protocol):
                 raise ProtocolError(f"leopart-cd: k={k} foreground clusters but CBFE kept only {len(fg_x)} foreground "
                                     "tokens; lower it, e.g. --param leopart-cd.k=20")
             c_k = kmeans(_subsample(fg_x, p["max_fit_points"]), k, p["cluster_seed"], p["niter"], p["nredo"], False,
-                         p["max_points_per_centroid"])
+                         p["max_points_per_centroid"], p["kmeans_backend"], ctx.device)
             advance()
             maps = []
             for n, (xi, f, g) in enumerate(zip(x, fg_tokens, grids)):
                 m = np.full(g, k, dtype=np.int64)
-                m[f] = assign(xi[f.ravel()], c_k, False)
+                m[f] = assign(xi[f.ravel()], c_k, False, ctx.device)
                 maps.append(upsample_nearest(m, work_shape(*images[n])))
 
             # 5. co-occurrence graph (all fit images)
@@ -295,15 +297,6 @@ def _subsample(x: np.ndarray, max_rows: int | None) -> np.ndarray:
     if max_rows is None or len(x) <= max_rows:
         return x
     return x[np.sort(np.random.default_rng(0).choice(len(x), size=max_rows, replace=False))]
-
-
-def assign(x: np.ndarray, centroids: np.ndarray, spherical: bool) -> np.ndarray:
-    """Nearest centroid of each row: largest inner product (spherical k-means, as faiss assigns) or smallest
-    Euclidean distance."""
-    s = x @ centroids.T
-    if not spherical:
-        s = 2 * s - (centroids * centroids).sum(1)
-    return s.argmax(1)
 
 
 def upsample_nearest(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

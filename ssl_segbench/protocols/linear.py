@@ -150,7 +150,7 @@ def _batch(store, label_of, idx, train_size: int):
 def cached_steps(tokens, label_of: Callable[[int], np.ndarray], p: dict) -> Steps:
     """Batches of p["batch_size"] images in a random order per epoch, from cached (h, w, D) tokens and `label_of(i)`
     ((H, W) labels, resized nearest to p["train_size"]²); images of one grid size share a forward pass."""
-    grids = [tuple(g) for g in tokens.index[:, 1:].tolist()]
+    grids = [tokens.grid(i) for i in range(len(tokens))]
 
     def steps(epoch: int, rng: np.random.Generator):
         order = rng.permutation(len(tokens))
@@ -226,10 +226,10 @@ def train_head(make_head: Callable[[int], torch.nn.Module], dim: int, steps: Ste
 
 
 def _scorer(head: torch.nn.Module):
-    """(h, w, D) tokens → (C, h, w) logits."""
+    """(B, h, w, D) tokens → (B, C, h, w) logits, on the tokens' device."""
 
-    def score(x: np.ndarray) -> torch.Tensor:
+    def score(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return head(torch.from_numpy(x).permute(2, 0, 1)[None])[0]
+            return head.to(x.device)(x.permute(0, 3, 1, 2))
 
     return score

@@ -532,7 +532,7 @@ class _PseudoLabels:
 
     def __call__(self, i: int) -> np.ndarray:
         g = self.grid_of(i)
-        hh, ww = self.fs.labels.image(i).shape[:2]
+        hh, ww = self.fs.labels.grid(i)
         rows = np.minimum(np.arange(hh) * g.shape[0] // hh, g.shape[0] - 1)
         cols = np.minimum(np.arange(ww) * g.shape[1] // ww, g.shape[1] - 1)
         lab = g[rows][:, cols].astype(np.int64)

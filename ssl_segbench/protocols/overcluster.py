@@ -37,6 +37,7 @@ class OverclusterProtocol(Protocol):
     presets = {"leopart": {**KMeansProtocol.presets["leopart"], "matching": "many-to-one"}}
     types = {**KMeansProtocol.types, "k": (int,)}
     choices = {**KMeansProtocol.choices, "matching": ("many-to-one",)}  # Hungarian matching is the kmeans protocol
+    resolvers = KMeansProtocol.resolvers
     check = KMeansProtocol.check
 
     def run(self, ctx: Context) -> ProtocolResult:
