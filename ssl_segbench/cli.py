@@ -68,7 +68,9 @@ def _run_options() -> argparse.ArgumentParser:
     common.add_argument("--split", help="evaluation split (default: the dataset's evaluation split)")
     common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     common.add_argument("--batch-size", type=int, help="images per backbone call (default: 64 on GPU, 16 on CPU)")
-    common.add_argument("--workers", type=int, help="DataLoader workers (default: 4 on GPU, 0 on CPU)")
+    common.add_argument("--workers", type=int,
+                        help="DataLoader workers decoding images (default: on GPU one per core but one, at most 16; "
+                             "on CPU 0 and a prefetch thread)")
     common.add_argument("--layer", type=int, default=-1, help="transformer block to read (-1 = last, final norm)")
     common.add_argument("--resize", choices=POLICIES, default="shorter",
                         help="resize policy (a protocol preset may fix its own)")

@@ -21,7 +21,7 @@ from .atomic import write_json_atomic
 from .backbones import BackboneRef
 from .data import DatasetError, SegmentationDataset, get_dataset
 from .errors import SegbenchError
-from .features import FeatureSet, compute_precision, extract
+from .features import FeatureSet, compute_precision, extract, loader_workers
 from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
 from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol
@@ -164,7 +164,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
     ref = BackboneRef(opts.backbone, opts.registry)
     splits = _Splits(opts, eval_set)
     batch_size = opts.batch_size or (64 if device.startswith("cuda") else 16)
-    workers = opts.workers if opts.workers is not None else (4 if device.startswith("cuda") else 0)
+    workers = opts.workers if opts.workers is not None else loader_workers(device)
     results = Path(opts.results_dir or default_results_dir())
     out, jobs = [], []
     for proto in (p.for_device(device) for p in protocols):

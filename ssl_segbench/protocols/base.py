@@ -465,17 +465,16 @@ def _labels_batch(scores: torch.Tensor, size: tuple[int, int], upsample: str) ->
 
 def _confusions_batch(gt: torch.Tensor, pred: torch.Tensor, num_classes: int, num_preds: int,
                       ignore_index: int) -> np.ndarray:
-    """(B, H, W) labels → (B, C, K) int64 confusions, one bincount for the batch (ignore pixels skipped)."""
+    """(B, H, W) labels → (B, C, K) int64 confusions, one bincount for the batch (ignore pixels go to a spare bin)."""
     b = gt.shape[0]
     keep = gt != ignore_index
-    g, p = gt[keep], pred[keep]
-    if g.numel() and (int(g.min()) < 0 or int(g.max()) >= num_classes):
+    if bool((keep & ((gt < 0) | (gt >= num_classes))).any()):
         raise ValueError(f"ground-truth labels outside 0..{num_classes - 1} (ignore {ignore_index})")
-    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= num_preds):
+    if bool(((pred < 0) | (pred >= num_preds)).any()):
         raise ValueError(f"predicted labels outside 0..{num_preds - 1}")
-    image = torch.arange(b, device=gt.device)[:, None, None].expand_as(gt)[keep]
-    flat = (image * num_classes + g) * num_preds + p
-    counts = torch.bincount(flat, minlength=b * num_classes * num_preds)
+    cells = b * num_classes * num_preds
+    flat = (torch.arange(b, device=gt.device)[:, None, None] * num_classes + gt) * num_preds + pred
+    counts = torch.bincount(torch.where(keep, flat, cells).reshape(-1), minlength=cells + 1)[:cells]
     return counts.reshape(b, num_classes, num_preds).cpu().numpy().astype(np.int64)
 
 
