@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_RESULTS ?= results/demo
 
-.PHONY: install demo check test bench lint clean
+.PHONY: install demo check test bench gpu-wheels gpu-check lint clean
 
 install: $(STAMP)
 
@@ -35,6 +35,17 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_extraction.py
+
+# The GPU check, for a lent GPU machine: `make gpu-wheels` here (needs PyPI), then `bash benchmarks/gpu_check.sh` there
+# with .whl carried. On a machine with a GPU and this virtualenv, `make gpu-check` runs it directly.
+WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(WHEEL_PLATFORMS) -d .whl -r benchmarks/gpu_wheels.txt
+
+gpu-check: install
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 lint: install
 	$(BIN)/ruff check ssl_segbench tests benchmarks
