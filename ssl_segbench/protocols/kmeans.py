@@ -3,7 +3,8 @@ baselines do), one-to-one Hungarian matching, mean ± std over seeds (PROTOCOLS.
 
 Default: L2-normalised last-layer patch tokens, faiss spherical k-means (best of 5 restarts per seed, as Leopart) on
 every token (a uniform subsample beyond `max_fit_points`), cosine scores bilinearly upsampled to label resolution,
-Hungarian on pixel counts.
+Hungarian on pixel counts. `kmeans_backend` 'auto' fits with faiss wherever faiss can run on the run's device, else with
+the torch port of its algorithm on the GPU (`cluster.torch_kmeans`); the resolved name is the recorded parameter.
 Presets: `leopart` (StandardScaler + PCA-50, Euclidean k-means niter 100 / nredo 5 with faiss's 256-points-per-centroid
 subsampling, 448 square input, nearest upsampling to 100×100, Hungarian on 1 − IoU) and `stego` (cosine clusters,
 Hungarian on pixel counts, shorter side 320 centre crop).
