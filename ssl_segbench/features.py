@@ -184,7 +184,7 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
             torch.utils.data.Subset(view, range(start, len(dataset))),
             batch_size=batch_size if len(set(shapes)) == 1 else 1, num_workers=num_workers, shuffle=False,
             pin_memory=on_gpu, prefetch_factor=4 if num_workers else None)
-        use_amp = amp and str(device).startswith("cuda")
+        use_amp = amp and on_gpu
         what = f"features {ref.spec.id} on {dataset.id}/{dataset.split}" if facets else f"labels {dataset.id}"
         if start:
             what += f" (resuming at image {start})"

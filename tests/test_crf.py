@@ -108,7 +108,8 @@ def test_accumulate_confusion_crf_equals_the_serial_path(tmp_path):
     _needs_crf()
     from stores import feature_set
 
-    from ssl_segbench.protocols.base import accumulate_confusion, scores_to_labels
+    from ssl_segbench.crf import CRFParams, refine_scores
+    from ssl_segbench.protocols.base import accumulate_confusion
 
     rng = np.random.default_rng(3)
     tokens = [rng.normal(size=(4, 6, 3)).astype(np.float32) for _ in range(3)]
@@ -124,7 +125,7 @@ def test_accumulate_confusion_crf_equals_the_serial_path(tmp_path):
                                  images=lambda i: images[i], on_labels=lambda i, j, lab: seen.__setitem__(i, lab))
     for i in range(3):
         x = torch.from_numpy(np.asarray(fs["tokens"].image(i), dtype=np.float32))[None]
-        ref = scores_to_labels(score(x)[0], (16, 24), "bilinear", crf=True, image=images[i])
+        ref = refine_scores(images[i], score(x)[0].numpy(), "bilinear", CRFParams.from_param(True))
         assert np.array_equal(seen[i], ref)
     assert confs[0].sum() == 3 * 16 * 24
 

@@ -19,6 +19,12 @@ from ssl_segbench.protocols.base import scores_to_labels
 from ssl_segbench.protocols.leopart_cd import ANGLES, communities, cooccurrence_matrix, graph_edges
 from ssl_segbench.protocols.linear import _scorer
 
+
+def _labels(scores, size, upsample):
+    """One image's (K, h, w) scores → (H, W) labels through the batched rule under test."""
+    return scores_to_labels(scores[None], tuple(size), upsample)[0].numpy()
+
+
 # --- independent references ----------------------------------------------------------------------------------------
 
 
@@ -204,8 +210,8 @@ def test_nearest_and_bilinear_upsampling_give_different_labels():
                         [0, 0, 1, 1],
                         [1, 1, 1, 1],
                         [1, 1, 1, 1]])
-    np.testing.assert_array_equal(scores_to_labels(s, (4, 4), "bilinear"), bilinear)
-    np.testing.assert_array_equal(scores_to_labels(s, (4, 4), "nearest"), nearest)
+    np.testing.assert_array_equal(_labels(s, (4, 4), "bilinear"), bilinear)
+    np.testing.assert_array_equal(_labels(s, (4, 4), "nearest"), nearest)
 
 
 def test_upsampling_choice_changes_the_score():
@@ -220,7 +226,7 @@ def test_upsampling_choice_changes_the_score():
                    [1, 1, 1, 255]])
     expected = {"nearest": (14 / 15, 5 / 6, [3 / 4, 11 / 12]), "bilinear": (13 / 15, 35 / 52, [1 / 2, 11 / 13])}
     for upsample, (acc, miou, per_class) in expected.items():
-        pred = scores_to_labels(s, gt.shape, upsample)
+        pred = _labels(s, gt.shape, upsample)
         sc, mapping = match_and_score(confusion(gt, pred, 2, 2, ignore_index=255), "identity")
         assert mapping.tolist() == [0, 1]
         assert sc["pixel_acc"] == pytest.approx(acc), upsample
@@ -387,6 +393,6 @@ def test_linear_probe_logits_then_upsample_equals_upsample_then_classify():
     tokens_hwd = tokens[0].permute(1, 2, 0).numpy().copy()  # (h, w, D) float32, as the feature cache stores them
     logits = _scorer(head)(torch.from_numpy(tokens_hwd)[None])[0]
     assert tuple(logits.shape) == (c, h, w)
-    np.testing.assert_array_equal(scores_to_labels(logits, size, "bilinear"), expected)
-    nearest = scores_to_labels(logits, size, "nearest")
+    np.testing.assert_array_equal(_labels(logits, size, "bilinear"), expected)
+    nearest = _labels(logits, size, "nearest")
     assert (nearest != expected).sum() > 0

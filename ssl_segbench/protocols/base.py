@@ -440,21 +440,7 @@ def eval_labels(labels: np.ndarray, eval_size: int | None) -> np.ndarray:
     return F.interpolate(t, size=(eval_size, eval_size), mode="nearest")[0, 0].long().numpy()
 
 
-def scores_to_labels(scores: torch.Tensor, size: tuple[int, int], upsample: str, *, crf: CRFParams | bool | None = None,
-                     image: np.ndarray | None = None) -> np.ndarray:
-    """(K, h, w) scores → (H, W) argmax labels; 'bilinear' upsamples the scores first, 'nearest' the argmax.
-    With `crf` (True or CRFParams) and the (H, W, 3) uint8 `image`: upsample the scores, softmax, dense CRF."""
-    crf = CRFParams.from_param(crf) if not isinstance(crf, CRFParams) else crf
-    if crf is not None:
-        if image is None or tuple(image.shape[:2]) != tuple(size):
-            raise ProtocolError(f"crf needs the RGB image at label resolution {tuple(size)}")
-        if upsample not in ("bilinear", "nearest"):
-            raise ProtocolError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-        return refine_scores(image, scores.float().cpu().numpy(), upsample, crf)
-    return _labels_batch(scores[None], tuple(size), upsample)[0].cpu().numpy()
-
-
-def _labels_batch(scores: torch.Tensor, size: tuple[int, int], upsample: str) -> torch.Tensor:
+def scores_to_labels(scores: torch.Tensor, size: tuple[int, int], upsample: str) -> torch.Tensor:
     """(B, K, h, w) scores → (B, H, W) argmax labels: 'bilinear' upsamples the scores first, 'nearest' the argmax."""
     if upsample == "bilinear":
         return F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False).argmax(1)
@@ -556,7 +542,7 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
             gt = torch.from_numpy(np.stack([eval_labels(labels.labels(i), eval_size) for i in idx])).to(device)
             x = tokens_of(idx)
             for j, fn in enumerate(score_fns):
-                pred = _labels_batch(scored(fn, x, idx[0]), tuple(gt.shape[1:]), upsample)
+                pred = scores_to_labels(scored(fn, x, idx[0]), tuple(gt.shape[1:]), upsample)
                 for conf in _confusions_batch(gt, pred, num_classes, num_preds, ignore_index):
                     add(j, conf)
                 if on_labels is not None:
