@@ -1,4 +1,5 @@
-"""The GPU check: one command for a lent GPU machine (`make gpu-check`, about 5 minutes on an H200), printing figures.
+"""The GPU check: one command for a lent GPU machine (`make gpu-check`; sized to finish within 8 minutes, not yet timed
+on a GPU), printing figures.
 
 1. the tests that exercise CUDA paths (tests/test_cuda.py and the device-agnostic protocol tests, on the GPU);
 2. extraction of a ViT-B/16 at 448² in bf16: the bare forward on pre-decoded tensors, the DataLoader alone (decode,
