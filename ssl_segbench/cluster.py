@@ -109,7 +109,7 @@ def torch_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spher
         c = xt[torch.from_numpy(rng.choice(len(xt), size=k, replace=False)).to(device)].clone()
         for _ in range(niter):
             labels, obj = nearest(xt, c, spherical)
-            c = _update(xt, labels, k, spherical)
+            c = update_centroids(xt, labels, k, spherical)
         labels, obj = nearest(xt, c, spherical)
         if best is None or (obj > best_obj if spherical else obj < best_obj):
             best, best_obj = c, obj
@@ -146,17 +146,23 @@ def _bias(c: torch.Tensor, spherical: bool) -> torch.Tensor:
     return torch.zeros(len(c), dtype=c.dtype, device=c.device) if spherical else -0.5 * (c * c).sum(1)
 
 
-def _update(x: torch.Tensor, labels: torch.Tensor, k: int, spherical: bool) -> torch.Tensor:
-    """Centroids as the means of their points; empty clusters split the largest (faiss's rule); spherical: unit norm."""
-    counts = torch.bincount(labels, minlength=k).to(x.dtype)
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
-    chunk = max(1, (1 << 25) // k)
+def segment_sums(x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """(n, d) rows summed per segment id `seg` (n,) in [0, n_seg) → (n_seg, d), through one-hot matrix products in
+    chunks of rows: deterministic on the GPU, where atomic scatter-adds are not."""
+    sums = torch.zeros(n_seg, x.shape[1], dtype=x.dtype, device=x.device)
+    chunk = max(1, (1 << 25) // max(n_seg, 1))
     for start in range(0, len(x), chunk):
-        lab = labels[start: start + chunk]
-        onehot = torch.zeros(len(lab), k, dtype=x.dtype, device=x.device)
+        lab = seg[start: start + chunk]
+        onehot = torch.zeros(len(lab), n_seg, dtype=x.dtype, device=x.device)
         onehot[torch.arange(len(lab), device=x.device), lab] = 1
         sums += onehot.T @ x[start: start + chunk]
-    c = sums / counts.clamp(min=1)[:, None]
+    return sums
+
+
+def update_centroids(x: torch.Tensor, labels: torch.Tensor, k: int, spherical: bool) -> torch.Tensor:
+    """Centroids as the means of their points; empty clusters split the largest (faiss's rule); spherical: unit norm."""
+    counts = torch.bincount(labels, minlength=k).to(x.dtype)
+    c = segment_sums(x, labels, k) / counts.clamp(min=1)[:, None]
     sign = torch.where(torch.arange(x.shape[1], device=x.device) % 2 == 0, 1.0, -1.0).to(x.dtype)
     for e in torch.nonzero(counts == 0).flatten().tolist():
         j = int(counts.argmax())

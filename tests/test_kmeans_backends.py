@@ -79,11 +79,11 @@ def test_torch_kmeans_restarts_keep_the_best_objective():
     assert eight <= one + 1e-6
     best = np.inf
     xt = torch.from_numpy(x)
-    from ssl_segbench.cluster import _update
+    from ssl_segbench.cluster import update_centroids
     for init in itertools.combinations(range(0, 240, 20), 4):  # 495 initialisations, Lloyd to convergence
         c = xt[list(init)].clone()
         for _ in range(40):
-            c = _update(xt, nearest(xt, c, False)[0], 4, False)
+            c = update_centroids(xt, nearest(xt, c, False)[0], 4, False)
         best = min(best, objective(c.numpy()))
     assert eight <= best * 1.02
 
