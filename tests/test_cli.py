@@ -55,7 +55,7 @@ def test_unknown_names_list_the_known_ones(small_synthetic, tmp_path, capsys):
     assert main(["run", "--backbone", "pixels", "--dataset", "nope"]) == 2
     assert "Known:" in capsys.readouterr().err
     assert _run(tmp_path, small_synthetic, "--protocol", "kmeanz") == 2
-    assert "Known: datus, kmeans, leopart-cd, linear" in capsys.readouterr().err
+    assert "Known: datus, fs4, kmeans, leopart-cd, linear" in capsys.readouterr().err
 
 
 def test_missing_data_root_shows_expected_layout(tmp_path, capsys):

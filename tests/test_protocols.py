@@ -80,7 +80,7 @@ def test_bad_parameters_are_named():
         get_protocol("kmeans", matching="many-to-one").run(None)  # many-to-one is the overcluster protocol
     with pytest.raises(ProtocolError, match="no preset 'nope'"):
         get_protocol("kmeans:nope")
-    with pytest.raises(ProtocolError, match="Known: datus, kmeans, leopart-cd, linear"):
+    with pytest.raises(ProtocolError, match="Known: datus, fs4, kmeans, leopart-cd, linear"):
         get_protocol("kmeanz")
 
 
