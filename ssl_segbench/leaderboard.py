@@ -48,7 +48,7 @@ class PublishedError(SegbenchError):
 _PUBLISHED_KEYS = {"dataset", "split", "method", "backbone", "metric", "value", "stage", "measured_on", "compare",
                    "why", "source", "protocol"}
 STAGES = ("frozen backbone", "frozen backbone, other protocol", "trained head", "fine-tuned backbone",
-          "distilled network")
+          "distilled network", "unstated")  # unstated: the source does not say what was measured (reported-only)
 _PROTOCOL_KEYS = {"name", "version", "preset", "overrides", "layer"}
 
 
@@ -71,6 +71,8 @@ def load_published(path: Path = PUBLISHED) -> list[dict]:
             raise PublishedError(f"{at}: metric must be one of {METRICS} and value a fraction in [0, 1]")
         if e["stage"] not in STAGES:
             raise PublishedError(f"{at}: stage must be one of {STAGES}, got {e['stage']!r}")
+        if e["stage"] == "unstated" and e["compare"] != "reported-only":
+            raise PublishedError(f"{at}: a number whose stage is unstated can only be reported-only")
         if e["compare"] == "reported-only":
             if not e.get("why") or "protocol" in e:
                 raise PublishedError(f"{at}: a reported-only entry says `why` it is not comparable and names no "

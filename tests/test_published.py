@@ -4,6 +4,7 @@ identity it claims."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from ssl_segbench.data import DATASETS
 from ssl_segbench.leaderboard import PublishedError, load_published, published_identity, render
@@ -89,3 +90,18 @@ def test_malformed_published_files_are_refused(tmp_path, text, match):
     with pytest.raises(Exception, match=match) as e:
         load_published(path)
     assert isinstance(e.value, (PublishedError,)) or "YAML" in type(e.value).__name__
+
+
+def test_fs4_numbers_are_reported_only_and_an_unstated_stage_cannot_be_exact(tmp_path):
+    fs4 = [e for e in load_published() if e["method"].startswith("FS⁴")]
+    assert {(e["dataset"], e["metric"]) for e in fs4} == {("cocostuff27", "miou"), ("cocostuff27", "pixel_acc"),
+                                                          ("cityscapes27", "miou"), ("cityscapes27", "pixel_acc")}
+    assert all(e["compare"] == "reported-only" and e["stage"] == "unstated" for e in fs4)
+    page = render([_rec("dino_vits16", 0.2, "fs4:cocostuff27", dataset="cocostuff27")])["cocostuff27.md"]
+    column, reported = page.split("### Reported numbers (context only)")
+    assert "28.3" not in column and "28.3" in reported and "48.5" in reported
+    entry = dict(_exact(), stage="unstated")
+    path = tmp_path / "published.yaml"
+    path.write_text(yaml.safe_dump({"published": [entry]}))
+    with pytest.raises(PublishedError, match="unstated can only be reported-only"):
+        load_published(path)
