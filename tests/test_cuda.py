@@ -102,3 +102,21 @@ def test_a_run_on_the_gpu_records_what_ran(small_synthetic, tmp_path):
     for name in ("kmeans", "linear"):
         a, b = recs["cpu"][name].metrics["miou"]["mean"], recs["cuda"][name].metrics["miou"]["mean"]
         assert abs(a - b) < 0.05, (name, a, b)
+
+
+def test_fs4_on_the_gpu_recovers_the_planted_scene_and_repeats_itself(tmp_path):
+    """fs4's self-training on CUDA (one-hot segment sums, no atomic adds): the planted scene of tests/test_fs4.py is
+    recovered as on the CPU, and two runs give identical records."""
+    from test_fs4 import _ctx
+
+    from ssl_segbench.protocols import get_protocol
+
+    def run(name, device):
+        ctx = _ctx(tmp_path / name, [0, 1])
+        ctx.device = device
+        return get_protocol("fs4").for_device(device).run(ctx)
+
+    cpu, gpu, again = run("cpu", "cpu"), run("gpu", "cuda"), run("again", "cuda")
+    assert gpu.per_seed == again.per_seed
+    for c, g in zip(cpu.per_seed, gpu.per_seed):
+        assert g["miou"] >= 0.99 and abs(g["miou"] - c["miou"]) < 0.01

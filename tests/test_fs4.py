@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from stores import PlantedDataset, feature_set
+from test_data_e2e import _coco
 
 from ssl_segbench.cache import RowWriter
 from ssl_segbench.cli import main
@@ -202,3 +203,17 @@ def test_real_backbone_on_suim_sample_three_presets(shared, tmp_path):
     for _, r in recs:
         assert r.dataset["n_images"] == 8
         assert r.metrics["pixel_acc"]["mean"] > 0.35  # real features beat chance (1/8 of pixels per class) by far
+
+
+def test_cocostuff27_preset_runs_at_stegos_geometry_with_fs4s_numbers_as_context(tmp_path):
+    _coco(tmp_path / "coco")
+    args = ["run", "--backbone", "random_vits16", "--dataset", "cocostuff27", "--data-root", str(tmp_path / "coco"),
+            "--protocol", "fs4:cocostuff27", "--param", "fs4.steps=5", "--seeds", "1",
+            "--results-dir", str(tmp_path / "res")]
+    assert main(args) == 0
+    (_, rec), = iter_records(tmp_path / "res")
+    assert (rec.identity["params"]["resize"], rec.identity["params"]["size"]) == ("shorter", 320)
+    assert rec.info["tokens"] == 2 * 20 * 20 and rec.info["k"] == 27  # 320 / 16 = a 20 × 20 grid per val image
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "res"), "--out", str(tmp_path / "lb")]) == 0
+    page = (tmp_path / "lb" / "cocostuff27.md").read_text()
+    assert "28.3" in page.split("### Reported numbers (context only)")[1]
