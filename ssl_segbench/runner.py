@@ -170,7 +170,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
     for proto in (p.for_device(device) for p in protocols):
         params = dict(proto.params)
         params["resize"] = params["resize"] or opts.resize
-        params["size"] = params["size"] or opts.size
+        params["size"] = proto.input_size(ref.spec.patch_size) or opts.size
         transform = Transform(params["resize"], params["size"], ref.spec.patch_size)
         seeds = list(opts.seeds) if opts.seeds is not None else list(range(proto.default_seeds))
         train_set, train_note = splits.train_for(proto)

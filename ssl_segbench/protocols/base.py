@@ -224,6 +224,10 @@ class Protocol:
         new.validate()
         return new
 
+    def input_size(self, patch_size: int) -> int | None:
+        """The input size this protocol fixes for a backbone of `patch_size` (None: the run's --size)."""
+        return self.params["size"]
+
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         """The cached facets a run reads, by split role ('eval', 'train'), declared before any work so that the runner
         computes every facet the requested protocols need in one backbone pass per split and transform."""
@@ -241,6 +245,23 @@ class Protocol:
 
     def run(self, ctx: Context) -> ProtocolResult:
         raise NotImplementedError
+
+
+def backbone_tokens(ctx: Context, images: list[torch.Tensor], what: str) -> torch.Tensor:
+    """(B, h, w, D) float32 CPU tokens of the run's layer for normalised (3, H, W) images of one size: a second pass
+    of a protocol's own (augmented crops), batched by `ctx.batch_size`, bf16 autocast on CUDA as the extraction. Non-
+    finite tokens stop the run: `what` names the images in the message."""
+    backbone = ctx.backbone()
+    use_amp = str(ctx.device).startswith("cuda")
+    out = []
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        for b in range(0, len(images), ctx.batch_size):
+            chunk = torch.stack(images[b: b + ctx.batch_size]).to(ctx.device)
+            out.append(backbone(chunk, ctx.layer, ("tokens",))["tokens"].float().cpu())
+    tokens = torch.cat(out)
+    if not bool(torch.isfinite(tokens).all()):
+        raise ProtocolError(f"backbone '{backbone.spec.id}' gave non-finite tokens on {what}; refusing to use them")
+    return tokens
 
 
 @dataclass

@@ -36,6 +36,7 @@ from .base import (
     ProtocolError,
     ProtocolResult,
     accumulate_confusion,
+    backbone_tokens,
     eval_labels,
     score_seeds,
 )
@@ -63,11 +64,7 @@ class LinearProtocol(Protocol):
         p = self.params
         self.positive("epochs", "lr", "lr_step", "batch_size", "train_size")
         check_train_split(self.name, p["train_split"])
-        for key in ("aug_scale", "aug_ratio"):
-            v = p[key]
-            if not (len(v) == 2 and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in v)
-                    and 0 < v[0] <= v[1]):
-                raise ProtocolError(f"linear: {key} must be [low, high] with 0 < low <= high, got {v!r}")
+        check_crop_ranges(self.name, p)
         if not 0 <= p["aug_flip"] <= 1:
             raise ProtocolError(f"linear: aug_flip must be a probability in [0, 1], got {p['aug_flip']!r}")
 
@@ -77,8 +74,7 @@ class LinearProtocol(Protocol):
         return {"eval": ("tokens",), "train": ("tokens",)}
 
     def train_split_wanted(self) -> list[str]:
-        v = self.params["train_split"]
-        return [v] if isinstance(v, str) else list(v)
+        return split_candidates(self.params["train_split"])
 
     def run(self, ctx: Context) -> ProtocolResult:
         p = self.params
@@ -125,6 +121,20 @@ def check_train_split(protocol: str, value) -> None:
                             f"got {value!r}")
 
 
+def split_candidates(value) -> list[str]:
+    """`train_split` as the list of split names to try, in order."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check_crop_ranges(protocol: str, p: dict) -> None:
+    """`aug_scale` and `aug_ratio` of a RandomResizedCrop: [low, high] with 0 < low <= high."""
+    for key in ("aug_scale", "aug_ratio"):
+        v = p[key]
+        if not (len(v) == 2 and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in v)
+                and 0 < v[0] <= v[1]):
+            raise ProtocolError(f"{protocol}: {key} must be [low, high] with 0 < low <= high, got {v!r}")
+
+
 def train_split_info(ctx: Context):
     """(the dataset a protocol trains on, record info saying which split it is and why)."""
     ds = ctx.eval_set
@@ -167,9 +177,7 @@ def augmented_steps(ctx: Context, ds, p: dict, seed: int) -> Steps:
     """Batches of p["batch_size"] freshly augmented train images (module docstring) through the backbone: tokens of
     the run's layer and labels at p["train_size"]²."""
     aug = RandomResizedCropFlip(ctx.transform.size, tuple(p["aug_scale"]), tuple(p["aug_ratio"]), p["aug_flip"])
-    backbone = ctx.backbone()
-    spec = backbone.spec
-    use_amp = str(ctx.device).startswith("cuda")
+    spec = ctx.backbone().spec
 
     def steps(epoch: int, rng: np.random.Generator):
         order = rng.permutation(len(ds))
@@ -181,15 +189,7 @@ def augmented_steps(ctx: Context, ds, p: dict, seed: int) -> Steps:
                 x, y = aug.apply(img, ds.load_mask(int(i)), box, flipped, spec.mean, spec.std)
                 xs.append(x)
                 ys.append(eval_labels(y, p["train_size"]))
-            tokens = []
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                for b in range(0, len(xs), ctx.batch_size):
-                    chunk = torch.stack(xs[b: b + ctx.batch_size]).to(ctx.device)
-                    tokens.append(backbone(chunk, ctx.layer, ("tokens",))["tokens"].float().cpu())
-            t = torch.cat(tokens)
-            if not bool(torch.isfinite(t).all()):
-                raise ProtocolError(f"linear: backbone '{spec.id}' gave non-finite tokens on augmented images of "
-                                    f"{ds.id}/{ds.split} (epoch {epoch}); refusing to train on them")
+            t = backbone_tokens(ctx, xs, f"augmented images of {ds.id}/{ds.split} (linear, epoch {epoch})")
             yield [(t.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(ys)))]
 
     return steps
