@@ -112,6 +112,19 @@ class ArrayStore:
         return np.load(self.path / f"{name}.npy")
 
 
+def release_pages(a: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from this process's resident set (they stay in the page cache, so
+    the next read costs no disk access): a scan over an entry larger than RAM then keeps one chunk resident, not
+    every page it touched. Arrays that are not memory maps are left alone."""
+    import mmap
+
+    while a is not None and not isinstance(a, np.memmap):
+        a = getattr(a, "base", None)
+    m = getattr(a, "_mmap", None)
+    if m is not None and hasattr(m, "madvise"):
+        m.madvise(mmap.MADV_DONTNEED)
+
+
 class RowWriter:
     """Fills one entry in `<entry>.partial/`. Checkpoints record how many items (in order) are safely on disk, so a
     killed run resumes from there (`done`); `commit` renames the directory into place atomically. The caller holds the

@@ -121,15 +121,45 @@ class RandomResizedCropFlip:
             box = ((width - w) // 2, (height - h) // 2, w, h)
         return box, bool(rng.random() < self.flip)
 
-    def apply(self, img: Image.Image, mask: np.ndarray, box, flipped: bool, mean, std) -> tuple[torch.Tensor,
-                                                                                                 np.ndarray]:
-        """(normalised (3, size, size) image, (size, size) int64 labels) of one sampled crop."""
+    def apply(self, img: Image.Image, mask: np.ndarray, box, flipped: bool, mean, std,
+              jitter: list[tuple[str, float]] = ()) -> tuple[torch.Tensor, np.ndarray]:
+        """(normalised (3, size, size) image, (size, size) int64 labels) of one sampled crop, colour-jittered after
+        the crop by `jitter` (`sample_jitter`)."""
         left, top, w, h = box
         region = (left, top, left + w, top + h)
         im = img.crop(region).resize((self.size, self.size), Image.BILINEAR)
         lab = Image.fromarray(mask.astype(np.int32)).crop(region).resize((self.size, self.size), Image.NEAREST)
         if flipped:
             im, lab = im.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT)
+        im = color_jitter(im, jitter)
         x = (np.asarray(im, dtype=np.float32) / 255.0 - np.asarray(mean, dtype=np.float32)) / np.asarray(
             std, dtype=np.float32)
         return torch.from_numpy(x.transpose(2, 0, 1).copy()), np.asarray(lab, dtype=np.int64)
+
+
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def sample_jitter(rng: np.random.Generator, strength: float, p: float) -> list[tuple[str, float]]:
+    """torchvision's RandomApply([ColorJitter(op=strength)], p) for brightness, contrast, saturation and hue in that
+    order, each applied independently: the (op, factor) pairs drawn (factor from U(1 − s, 1 + s), hue from U(−s, s)).
+    Two draws per op whether or not it applies, so the stream does not depend on the outcomes."""
+    out = []
+    for op in JITTER_OPS:
+        apply, u = rng.random() < p, rng.uniform(-strength, strength)
+        if apply and strength > 0:
+            out.append((op, float(u if op == "hue" else max(0.0, 1.0 + u))))
+    return out
+
+
+def color_jitter(img: Image.Image, ops: list[tuple[str, float]]) -> Image.Image:
+    """Apply sampled colour-jitter ops to an RGB image (torchvision's functional adjust_* on PIL images)."""
+    if not ops:
+        return img
+    import torchvision.transforms.functional as TF
+
+    adjust = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+              "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+    for op, factor in ops:
+        img = adjust[op](img, factor)
+    return img
