@@ -120,3 +120,15 @@ def test_fs4_on_the_gpu_recovers_the_planted_scene_and_repeats_itself(tmp_path):
     assert gpu.per_seed == again.per_seed
     for c, g in zip(cpu.per_seed, gpu.per_seed):
         assert g["miou"] >= 0.99 and abs(g["miou"] - c["miou"]) < 0.01
+
+
+def test_exact_retrieval_search_on_the_gpu_finds_the_cpu_neighbours():
+    from ssl_segbench.knn import exact_search
+
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(5000, 32)).astype(np.float16)
+    q = rng.normal(size=(300, 32)).astype(np.float32)
+    s_cpu, i_cpu = exact_search(q, bank, 10, "cpu", bank_rows=1024)
+    s_gpu, i_gpu = exact_search(q, torch.from_numpy(bank).cuda(), 10, "cuda", bank_rows=1024)
+    np.testing.assert_allclose(s_gpu, s_cpu, rtol=1e-4, atol=1e-4)
+    assert (i_gpu == i_cpu).mean() > 0.99  # only near-equal similarities may swap

@@ -79,8 +79,8 @@ def test_concurrent_runs_and_leaderboards_leave_valid_files(small_synthetic, tmp
 def _crop_cmd(data, results, protocol):
     return [sys.executable, "-m", "ssl_segbench", "run", "--backbone", "random_vits16", "--dataset", "synthetic",
             "--data-root", str(data), "--size", "64", "--batch-size", "1", "--protocol", protocol, "--seeds", "1",
-            "--results-dir", str(results), *(["--param", "datus.k=4", "--param", "datus.tau=0"]
-                                              if protocol == "datus" else [])]
+            "--results-dir", str(results), *{"datus": ["--param", "datus.k=4", "--param", "datus.tau=0"],
+                                             "retrieval": ["--param", "retrieval.augment=3"]}.get(protocol, [])]
 
 
 def _crop_passes(results):
@@ -95,7 +95,8 @@ def crop_data(tmp_path_factory):
     return generate_synthetic(tmp_path_factory.mktemp("crops") / "synthetic", n_train=20, n_test=30, seed=4)
 
 
-@pytest.mark.parametrize("protocol, entries", [("datus", "datus"), ("maskdistill", "pseudo/maskdistill-embeddings")])
+@pytest.mark.parametrize("protocol, entries", [("datus", "datus"), ("maskdistill", "pseudo/maskdistill-embeddings"),
+                                               ("retrieval", "retrieval")])
 def test_a_run_killed_while_embedding_crops_resumes_from_its_entry(crop_data, tmp_path, protocol, entries):
     subprocess.run(_crop_cmd(crop_data, tmp_path / "ref-res", protocol), env=_env(tmp_path / "ref-cache"), check=True,
                    capture_output=True)

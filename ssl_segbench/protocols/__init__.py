@@ -21,6 +21,6 @@ def get_protocol(spec: str, **overrides) -> Protocol:
     return PROTOCOLS[name](preset or None, **overrides)
 
 
-from . import datus, fs4, kmeans, leopart_cd, linear, maskdistill, overcluster  # noqa: E402,F401
+from . import datus, fs4, kmeans, leopart_cd, linear, maskdistill, overcluster, retrieval  # noqa: E402,F401
 
 __all__ = ["PROTOCOLS", "Context", "Protocol", "ProtocolError", "get_protocol", "register_protocol"]
