@@ -198,6 +198,8 @@ class Record:
             parts.append(f"K={k}")
         if "matching" in p:
             parts.append(p["matching"])
+        if "memory_size" in p:  # retrieval: the memory bank's size and where it comes from
+            parts.append(f"memory {p['memory_size'] or 'all'}" + (f" ({p['augment']} aug)" if p.get("augment") else ""))
         if p.get("kmeans_backend", "faiss") != "faiss":
             parts.append(f"{p['kmeans_backend']} k-means")
         parts.append(f"{p['resize']} {p['size']}")

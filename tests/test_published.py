@@ -105,3 +105,20 @@ def test_fs4_numbers_are_reported_only_and_an_unstated_stage_cannot_be_exact(tmp
     path.write_text(yaml.safe_dump({"published": [entry]}))
     with pytest.raises(PublishedError, match="unstated can only be reported-only"):
         load_published(path)
+
+
+def test_hummingbird_numbers_stand_beside_exactly_the_preset_columns():
+    entries = load_published()
+    hb = [e for e in entries if e["method"].startswith("Hummingbird")]
+    assert len(hb) == 18 and all(e["compare"] == "exact" for e in hb)
+    assert {e["protocol"]["preset"] for e in hb} == {"hummingbird-100", "hummingbird-1000", "hummingbird-10000"}
+    # a DINOv2 /14 run of the preset records size 504, as the entry claims; a /16 run records 512
+    proto = get_protocol("retrieval:hummingbird-100")
+    rec14 = _rec("dinov2_vits14", 0.71, "retrieval:hummingbird-100", size=proto.input_size(14))
+    rec16 = _rec("dino_vits16", 0.40, "retrieval:hummingbird-100")
+    fixed = _rec("dinov2_vits14", 0.72, "retrieval:hummingbird-100", size=504, ignore="drop")
+    page = render([rec14, rec16, fixed], published=entries)["voc.md"]
+    assert "70.2 (+0.8)" in page and "37.2 (+2.8)" in page and "memory 102400 (2 aug)" in page
+    assert "70.2 (+1.8)" not in page  # the fixed-scoring variant is another column: no difference shown
+    neco = [e for e in entries if e["method"].startswith("NeCo")]
+    assert len(neco) == 4 and all(e["compare"] == "reported-only" for e in neco)
