@@ -136,9 +136,10 @@ def _peak_child(n: int, work: Path, args) -> dict:
     (VmRSS sampled every 5 ms: the high-water mark of the process is set by imports, not by extraction) and the cache
     size."""
     code = f"""
-import json, sys, threading, time, torch
+import json, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from bench_extraction import _dataset
+from peak_rss import PeakRSS
 from pathlib import Path
 from ssl_segbench.backbones import BackboneRef
 from ssl_segbench.features import extract
@@ -146,22 +147,11 @@ from ssl_segbench.transforms import Transform
 ds = _dataset(Path({str(work)!r}) / "mem{n}", {n})
 ref = BackboneRef({args.backbone!r})
 ref.load("cpu")  # the model's own memory is not extraction's
-def rss():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-before, peak, done = rss(), [0], threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.005)
-t = threading.Thread(target=sample)
-t.start()
-fs = extract(ref, ds, Transform("shorter", {args.size}, ref.spec.patch_size), batch_size={args.batch_size},
-             root=Path({str(work)!r}) / "cache-mem{n}")
-done.set()
-t.join()
+with PeakRSS() as m:
+    fs = extract(ref, ds, Transform("shorter", {args.size}, ref.spec.patch_size), batch_size={args.batch_size},
+                 root=Path({str(work)!r}) / "cache-mem{n}")
 cache = fs["tokens"].data.nbytes + fs.labels.data.nbytes
-print(json.dumps({{"before_kb": before, "peak_kb": peak[0], "cache_bytes": cache}}))
+print(json.dumps({{"before_kb": m.before_kb, "peak_kb": m.peak_kb, "cache_bytes": cache}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
