@@ -241,7 +241,9 @@ def _cmd_list(args) -> int:
         for col in ("name", "version", "presets", "default seeds", "description"):
             table.add_column(col)
         for key, cls in sorted(PROTOCOLS.items()):
-            table.add_row(key, cls.version, ", ".join(cls.presets) or "-", str(cls.default_seeds), cls.description)
+            groups = [f"{g} (= {', '.join(m)})" for g, m in cls.preset_groups.items()]
+            table.add_row(key, cls.version, ", ".join([*cls.presets, *groups]) or "-", str(cls.default_seeds),
+                          cls.description)
     out.print(table)
     return 0
 

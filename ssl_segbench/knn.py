@@ -38,9 +38,14 @@ def exact_search(queries: np.ndarray, bank, k: int, device: str = "cpu",
     best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(q), 0), dtype=np.int64)
     on_gpu = str(device).startswith("cuda")
-    qt = torch.from_numpy(q).to(device) if on_gpu else None
+    faiss_gpu = on_gpu and not isinstance(bank, torch.Tensor) and faiss.get_num_gpus() > 0
+    qt = torch.from_numpy(q).to(device) if on_gpu and not faiss_gpu else None
     for start in range(0, m, bank_rows):
-        if on_gpu:
+        if faiss_gpu:  # a GPU build of faiss: its own brute-force kernel on the chunk
+            block = np.ascontiguousarray(bank[start: start + bank_rows], dtype=np.float32)
+            s_blk, i_blk = faiss.knn_gpu(_gpu_resources(), q, block, min(k, len(block)),
+                                         metric=faiss.METRIC_INNER_PRODUCT, device=_gpu_index(device))
+        elif on_gpu:
             block = bank[start: start + bank_rows]
             bt = (block if isinstance(block, torch.Tensor) else torch.from_numpy(np.asarray(block))).to(device)
             bt = bt.float()
@@ -56,6 +61,28 @@ def exact_search(queries: np.ndarray, bank, k: int, device: str = "cpu",
         if isinstance(bank, np.ndarray):
             release_pages(bank)
     return best_s, best_i
+
+
+_GPU_RESOURCES = []
+
+
+def _gpu_resources():
+    """One faiss StandardGpuResources per process (GPU builds of faiss only)."""
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return _GPU_RESOURCES[0]
+
+
+def _gpu_index(device: str) -> int:
+    """'cuda' → 0, 'cuda:N' → N."""
+    return int(str(device).partition(":")[2] or 0)
+
+
+def gpu_backend(device: str) -> str:
+    """Which exact search runs on `device`: 'faiss-gpu' with a GPU build of faiss, else 'torch' (CUDA) or 'faiss'."""
+    if not str(device).startswith("cuda"):
+        return "faiss"
+    return "faiss-gpu" if faiss.get_num_gpus() > 0 else "torch"
 
 
 @dataclass

@@ -72,6 +72,7 @@ def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol
     for name in names:
         if name not in PROTOCOLS:
             raise ProtocolError(f"unknown protocol '{name}'. Known: {', '.join(sorted(PROTOCOLS))}")
+    specs = tuple(member for spec in specs for member in _expand_group(spec))
     for name in params:
         if name not in names:
             known = "" if name in PROTOCOLS else f" and is not a protocol (known: {', '.join(sorted(PROTOCOLS))})"
@@ -79,6 +80,13 @@ def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol
                                 f"run's protocols ({', '.join(names)}){known}; write --param PROTOCOL.KEY=VALUE with "
                                 "one of them")
     return [get_protocol(spec, **params.get(spec.partition(":")[0], {})) for spec in dict.fromkeys(specs)]
+
+
+def _expand_group(spec: str) -> list[str]:
+    """'name:group' → its member presets, one protocol (and one column) each; any other spec → itself."""
+    name, _, preset = spec.partition(":")
+    group = PROTOCOLS[name].preset_groups.get(preset)
+    return [f"{name}:{member}" for member in group] if group else [spec]
 
 
 class _Splits:

@@ -280,3 +280,15 @@ def test_real_backbone_on_the_shared_samples_beats_kmeans(shared, tmp_path, data
     assert ret.info["memory"][0]["rows"] > 0 and ret.info["views"][0]["images"] == n_train
     assert ret.metrics["miou"]["mean"] > km.metrics["miou"]["mean"]
     assert ret.metrics["pixel_acc"]["mean"] > km.metrics["pixel_acc"]["mean"]
+
+
+def test_the_hummingbird_group_runs_its_three_memory_sizes_as_three_columns():
+    from ssl_segbench.runner import plan_protocols
+
+    planned = plan_protocols(("kmeans", "retrieval:hummingbird"), {"retrieval": {"k": 10}})
+    assert [(p.name, p.preset) for p in planned] == [("kmeans", None), ("retrieval", "hummingbird-100"),
+                                                     ("retrieval", "hummingbird-1000"),
+                                                     ("retrieval", "hummingbird-10000")]
+    assert all(p.params["k"] == 10 for p in planned[1:])
+    with pytest.raises(ProtocolError, match="stands for the presets hummingbird-100, hummingbird-1000"):
+        get_protocol("retrieval:hummingbird")

@@ -134,6 +134,8 @@ class Protocol:
     description: ClassVar[str] = ""
     defaults: ClassVar[dict] = {}
     presets: ClassVar[dict[str, dict]] = {}
+    # a name that stands for several presets, each its own column: `--protocol name:group` runs them all
+    preset_groups: ClassVar[dict[str, tuple[str, ...]]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
     types: ClassVar[dict[str, tuple]] = {}
     # parameters whose value 'auto' depends on the machine: name → resolver(value, device) giving the concrete value
@@ -152,6 +154,10 @@ class Protocol:
     def __init__(self, preset: str | None = None, **overrides):
         params = copy.deepcopy(self.all_defaults())
         if preset is not None:
+            if preset in self.preset_groups:
+                raise ProtocolError(f"'{self.name}:{preset}' stands for the presets "
+                                    f"{', '.join(self.preset_groups[preset])} (one column each): run it with "
+                                    f"--protocol {self.name}:{preset}, or name one of them")
             if preset not in self.presets:
                 raise ProtocolError(f"protocol '{self.name}' has no preset '{preset}'; presets: "
                                     f"{', '.join(self.presets) or 'none'}")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..cache import ArrayStore, Entry, ensure, filling, release_pages
 from ..features import compute_precision
-from ..knn import INDEXES, ApproximateIndex, approximate_search, exact_search
+from ..knn import INDEXES, ApproximateIndex, approximate_search, exact_search, gpu_backend
 from ..metrics import match
 from ..paths import cache_dir, checkpoint_seconds
 from ..progress import progress_bar
@@ -80,6 +80,7 @@ class RetrievalProtocol(Protocol):
                                     "memory_size": m * 1024, "ignore": "background", "matching": "hungarian-iou",
                                     "train_split": ["trainaug", "default"]}
                for m in MEMORY_MULTIPLES}
+    preset_groups = {"hummingbird": tuple(f"hummingbird-{m}" for m in MEMORY_MULTIPLES)}
 
     def check(self) -> None:
         p = self.params
@@ -329,8 +330,9 @@ def memory_bank(ctx: Context, views: list[View], num_classes: int, ignore_index:
 
 class Scorer:
     """Scoring function for accumulate_confusion: (B, h, w, D) query tokens → (B, C, h, w) retrieved label
-    distributions (step 3 of the module docstring). On a GPU the bank is searched there (held in GPU memory as
-    float16 when it fits in half of what is free, else streamed in chunks); on the CPU with faiss."""
+    distributions (step 3 of the module docstring). On a GPU the bank is searched there: with faiss-gpu when it is
+    installed, else by torch (the bank held in GPU memory as float16 when it fits in half of what is free, else
+    streamed in chunks); on the CPU with faiss."""
 
     def __init__(self, bank: Bank, p: dict, device: str):
         self.bank, self.k, self.temperature = bank, p["k"], p["temperature"]
@@ -341,6 +343,9 @@ class Scorer:
                                           p["hnsw_ef"]).build(bank.tokens.data)
             self.search = f"faiss {p['index']} (approximate)"
             self.rows = bank.tokens.data
+        elif gpu_backend(self.device) == "faiss-gpu":
+            self.rows = bank.tokens.data
+            self.search = "faiss-gpu exact (bank streamed from the memory map)"
         elif self.device.startswith("cuda"):
             size = bank.tokens.data.nbytes
             fits = size < torch.cuda.mem_get_info(torch.device(self.device))[0] // 2
