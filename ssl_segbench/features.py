@@ -166,9 +166,10 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
     widths = dict.fromkeys(("tokens", "cls", "keys", "queries"), ref.spec.embed_dim)
     if facets:  # before any entry exists: a checkpoint that cannot be loaded leaves nothing behind
         backbone = ref.load(device)
-        for f in {"attn", "attn_logits"} & set(facets):  # heads are read from a forward pass, not the registry
-            with torch.inference_mode():
-                widths[f] = backbone(torch.zeros(1, 3, p, p, device=device), layer, (f,))[f].shape[1]
+        for f in {"attn", "attn_logits"} & set(facets):  # heads are read from a forward pass, not the registry,
+            with torch.inference_mode():  # at the run's input size (some models take no other)
+                probe = torch.zeros(1, 3, *shapes[0], device=device) if shapes else torch.zeros(1, 3, p, p)
+                widths[f] = backbone(probe, layer, (f,))[f].shape[1]
     made: list[RowWriter] = []  # what `filling` removes on a refusal or a write error
     with filling(made):
         if "labels" in todo:

@@ -23,17 +23,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _offline_hint(repo_id: str, revision: str | None, err: Exception) -> BackboneError:
+def _offline_hint(repo_id: str, revision: str | None, err: Exception,
+                  spec: BackboneSpec | None = None) -> BackboneError:
     from huggingface_hub import constants
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     offline = hub_offline()
+    download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    gated = ""
+    if spec is not None and spec.gated:
+        gated = (f" The Hub copy is gated ({spec.license}): accept its license at {spec.license_url} while logged in "
+                 f"to the Hub, then `hf auth login` with a token of that account, then `{download}`.")
     return BackboneError(
         f"checkpoint {where} could not be loaded: it is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
         + (" and HF_HUB_OFFLINE is set" if offline else " and the Hub could not be reached")
-        + f". On a machine with network run `hf download {repo_id}"
-        + (f" --revision {revision}" if revision else "") + "` and copy the cache here, or point HF_HUB_CACHE at it."
-        + f"\n({type(err).__name__}: {err})")
+        + f". On a machine with network run `{download}` and copy the cache here, or point HF_HUB_CACHE at it."
+        + gated + f"\n({type(err).__name__}: {err})")
 
 
 def verify_checkpoint_files(directory: Path, fix: str = "replace it with a complete copy") -> None:
@@ -96,21 +101,33 @@ def _is_hub_error(e: Exception) -> bool:
     return isinstance(e, OSError) or mod.startswith("huggingface_hub") or "NotFound" in type(e).__name__
 
 
-def _timm_model(spec: BackboneSpec):
-    """A timm checkpoint: Hub, local directory or seeded random init."""
+def _create_timm(name: str):
+    """timm.create_model with position embeddings that follow the input size (`dynamic_img_size`), for the
+    architectures that have it; the others (BEiT: a relative position bias fixed to its grid) take their native size
+    only, and the backbone says so when given another."""
     import timm
 
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
+    except TypeError as e:
+        if "dynamic_img_size" not in str(e):
+            raise
+    return timm.create_model(name, pretrained=True, num_classes=0)
+
+
+def _timm_model(spec: BackboneSpec):
+    """A timm checkpoint: Hub, local directory or seeded random init."""
     if spec.repo_id.startswith("random-init:"):
         seed = int((spec.revision or "seed0").removeprefix("seed"))
         return random_init_model(spec.repo_id.removeprefix("random-init:"), seed)
     if spec.repo_id.startswith("local-dir:"):
-        return timm.create_model(spec.repo_id, pretrained=True, num_classes=0, dynamic_img_size=True)
+        return _create_timm(spec.repo_id)
     name = f"hf-hub:{spec.repo_id}" + (f"@{spec.revision}" if spec.revision else "")
     try:
-        return timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
+        return _create_timm(name)
     except Exception as e:  # the hub raises several unrelated types for "not cached"
         if _is_hub_error(e):
-            raise _offline_hint(spec.repo_id, spec.revision, e) from e
+            raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e
         raise
 
 
@@ -127,7 +144,7 @@ def _transformers_model(spec: BackboneSpec):
         raise
     except Exception as e:
         if not local and _is_hub_error(e):
-            raise _offline_hint(spec.repo_id, spec.revision, e) from e
+            raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e
         raise
 
 
@@ -177,7 +194,7 @@ def _fill_spec(spec: BackboneSpec, model=None) -> BackboneSpec:
             cfg = AutoConfig.from_pretrained(spec.repo_id, revision=None if local else spec.revision)
         except Exception as e:
             if not local and _is_hub_error(e):
-                raise _offline_hint(spec.repo_id, spec.revision, e) from e
+                raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e
             raise
         fields = hf_spec_fields(cfg)
         pre = Path(spec.repo_id) / "preprocessor_config.json"
@@ -247,7 +264,7 @@ class BackboneRef:
                 self.revision = resolve_revision(spec.repo_id, spec.revision)
             except Exception as e:
                 if _is_hub_error(e):
-                    raise _offline_hint(spec.repo_id, spec.revision, e) from e
+                    raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e
                 raise
 
     def load(self, device: str | torch.device = "cpu") -> Backbone:

@@ -79,13 +79,18 @@ def _grid(v: torch.Tensor, h: int, w: int, n_prefix: int, facet: str) -> torch.T
 
 
 def cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float | None,
-                  facets) -> dict[str, torch.Tensor]:
+                  facets, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """(B, N, D) queries and keys → the requested of 'attn' ((B, heads, N) softmax attention of token 0, the CLS, over
-    all tokens) and 'attn_logits' (the same before the softmax)."""
+    all tokens) and 'attn_logits' (the same before the softmax). `bias`: the attention's additive term ((…, N, N),
+    e.g. BEiT's relative position bias), whose CLS row is added to the logits."""
     b, n, d = q.shape
     hd = d // num_heads
     q0 = q[:, :1].reshape(b, 1, num_heads, hd).transpose(1, 2)  # (B, H, 1, hd)
     kk = k.reshape(b, n, num_heads, hd).transpose(1, 2)  # (B, H, N, hd)
     logits = ((q0 @ kk.transpose(-1, -2)).squeeze(2) * (scale if scale is not None else hd ** -0.5)).float()
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            raise BackboneError("a boolean attention mask cannot be read as CLS attention")
+        logits = logits + bias[..., 0, :].float().expand_as(logits)
     out = {"attn": logits.softmax(-1), "attn_logits": logits}
     return {f: out[f] for f in ("attn", "attn_logits") if f in facets}

@@ -1,8 +1,14 @@
-"""timm vision transformers (DINO, MAE, CLIP, supervised, random-init): tokens via `forward_intermediates`, keys and
-queries from a hook on the block's fused qkv projection."""
+"""timm vision transformers: plain ViTs (DINO, MAE, DeiT III, CLIP, SigLIP 2, AIMv2, RADIO), `Eva` models with rotary
+position embeddings (DINOv3, EVA-02, Perception Encoder) and BEiT v2. Tokens come from `forward_intermediates`; keys,
+queries and attention are what the chosen block's attention passes to `scaled_dot_product_attention`: after its q/k
+norms and its rotary embedding, with its additive bias (BEiT's relative position bias), captured during the model's
+own forward (`capture_attention`), so no architecture's attention is re-implemented here."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 
 from .base import Backbone, BackboneError, cls_attention
 
@@ -23,38 +29,64 @@ class TimmBackbone(Backbone):
         return len(self.model.blocks)
 
     def _forward(self, images, layer, facets):
+        fixed = getattr(self.model.patch_embed, "img_size", None)
+        if not getattr(self.model, "dynamic_img_size", False) and fixed is not None and \
+                tuple(images.shape[-2:]) != tuple(fixed):
+            raise BackboneError(f"backbone '{self.spec.id}' ({type(self.model).__name__}) takes only "
+                                f"{fixed[0]}×{fixed[1]} input (its position terms are fixed to that grid), got "
+                                f"{images.shape[-2]}×{images.shape[-1]}: use --resize square --size {fixed[0]}")
+        need_attention = bool({"attn", "attn_logits", "keys", "queries"} & set(facets))
         attn_mod = self.model.blocks[layer].attn
-        captured = {}
-        hook = None
-        if {"attn", "attn_logits", "keys", "queries"} & set(facets):
-            if not hasattr(attn_mod, "qkv"):
-                raise BackboneError(f"'{self.spec.id}': attention module {type(attn_mod).__name__} has no fused qkv; "
-                                    "attn/attn_logits/keys/queries are not available for it")
-
-            def grab(_mod, _inp, out):
-                b, n, _ = out.shape
-                heads = attn_mod.num_heads
-                q, k, _v = out.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
-                q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
-                captured["queries"] = q.transpose(1, 2).reshape(b, n, -1)
-                captured["keys"] = k.transpose(1, 2).reshape(b, n, -1)
-
-            hook = attn_mod.qkv.register_forward_hook(grab)
-        try:
-            (spatial, prefix), = self.model.forward_intermediates(
+        with capture_attention(attn_mod, self.spec.id) if need_attention else contextlib.nullcontext({}) as seen:
+            (found,) = self.model.forward_intermediates(
                 images, indices=[layer], norm=True, output_fmt="NLC", intermediates_only=True,
-                return_prefix_tokens=True, stop_early=True)
-        finally:
-            if hook is not None:
-                hook.remove()
+                return_prefix_tokens=self.model.num_prefix_tokens > 0, stop_early=True)
+        spatial, prefix = found if isinstance(found, tuple) else (found, found[:, :0])
         out = {}
         if "tokens" in facets:
             out["tokens"] = torch.cat([prefix, spatial], dim=1)
         if "cls" in facets:
             out["cls"] = prefix[:, 0]
-        if {"attn", "attn_logits"} & set(facets):
-            out.update(cls_attention(captured["queries"], captured["keys"], attn_mod.num_heads, attn_mod.scale, facets))
-        for f in ("keys", "queries"):
-            if f in facets:
-                out[f] = captured[f]
+        if need_attention:
+            b, heads, n, hd = seen["q"].shape
+            q = seen["q"].transpose(1, 2).reshape(b, n, heads * hd)
+            k = seen["k"].transpose(1, 2).reshape(b, n, heads * hd)
+            if {"attn", "attn_logits"} & set(facets):
+                out.update(cls_attention(q, k, heads, seen["scale"], facets, bias=seen["bias"]))
+            if "keys" in facets:
+                out["keys"] = k
+            if "queries" in facets:
+                out["queries"] = q
         return out
+
+
+@contextlib.contextmanager
+def capture_attention(module: torch.nn.Module, backbone_id: str):
+    """While `module` runs, record the q and k (B, heads, N, head_dim), additive mask and scale it hands to
+    `F.scaled_dot_product_attention` (its fused path is switched on for the call; the result is unchanged)."""
+    seen: dict = {}
+    inside = [False]
+    original = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if inside[0] and "q" not in seen:
+            seen.update(q=q, k=k, bias=attn_mask, scale=scale)
+        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    fused = getattr(module, "fused_attn", None)
+    pre = module.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True))
+    post = module.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False))
+    F.scaled_dot_product_attention = sdpa  # the modules call it through the `F` module, looked up at call time
+    if fused is not None:
+        module.fused_attn = True
+    try:
+        yield seen
+    finally:
+        F.scaled_dot_product_attention = original
+        pre.remove()
+        post.remove()
+        if fused is not None:
+            module.fused_attn = fused
+    if "q" not in seen:
+        raise BackboneError(f"'{backbone_id}': attention module {type(module).__name__} did not call "
+                            "scaled_dot_product_attention, so its keys, queries and attention cannot be read")
