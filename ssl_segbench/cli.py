@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list known backbones, datasets or protocols")
     lst.add_argument("what", choices=("backbones", "datasets", "protocols"))
     lst.add_argument("--registry", help="backbones.yaml to use")
+    lst.add_argument("--family", help="backbones: only this family (e.g. dinov3, siglip2, eva02)")
 
     add_datasets_parser(sub)
 
@@ -224,12 +225,20 @@ def _cmd_list(args) -> int:
     if args.what == "backbones":
         from .registry import load_registry
 
-        table = Table(title="backbones (backbones.yaml)")
-        for col in ("id", "method", "arch", "loader", "repo_id", "revision", "patch", "prefix", "license"):
+        specs = [s for s in load_registry(args.registry).values() if args.family in (None, s.family)]
+        if not specs:
+            families = sorted({s.family for s in load_registry(args.registry).values()})
+            console.print(f"error: no backbone of family '{args.family}'; families: {', '.join(families)}")
+            return 2
+        table = Table(title="backbones (backbones.yaml)" + (f", family {args.family}" if args.family else ""))
+        for col in ("id", "family", "method", "arch", "loader", "repo_id", "revision", "patch", "prefix", "params",
+                    "license"):
             table.add_column(col)
-        for s in load_registry(args.registry).values():
-            table.add_row(s.id, s.method, s.arch, s.loader, s.repo_id, (s.revision or "resolved at run")[:12],
-                          str(s.patch_size), str(s.num_prefix_tokens), s.license)
+        for s in specs:
+            params = f"{s.n_parameters / 1e6:,.1f} M" if s.n_parameters else "-"
+            table.add_row(s.id, s.family, s.method, s.arch, s.loader, s.repo_id, (s.revision or "resolved at run")[:12],
+                          str(s.patch_size), str(s.num_prefix_tokens), params,
+                          s.license + (" (gated)" if s.gated else ""))
     elif args.what == "datasets":
         from .data.check import run_list
 

@@ -39,6 +39,9 @@ class Preprocess:
             std = x.std(0)
             p.scale = np.where(std > 0, std, 1.0).astype(np.float32)
         if pca_dim:
+            if pca_dim > x.shape[1]:
+                raise SegbenchError(f"PCA to {pca_dim} dimensions from features of width {x.shape[1]}: set the "
+                                    f"protocol's pca_dim to at most {x.shape[1]} (--param PROTOCOL.pca_dim=N)")
             y = p._standardize(x)
             p.pca = faiss.PCAMatrix(y.shape[1], pca_dim)
             p.pca.train(np.ascontiguousarray(y))

@@ -45,6 +45,11 @@ class BackboneSpec:
     revision_source: str | None = None
     n_parameters: int | None = None
     notes: str | None = None
+    family: str = "other"  # model family, for `list backbones --family`
+    min_gpu_memory: int | None = None  # GiB a bf16 forward needs; set only where one 80 GB GPU is not enough
+    gated: bool = False  # the Hub copy asks its users to accept a license first
+    license_url: str | None = None  # the license page a gated checkpoint's users accept
+    fixed_input: bool = False  # the model takes only image_size² input (position terms fixed to that grid)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,9 +117,22 @@ def _validate(entry: object, where: str) -> BackboneSpec:
     for key in ("method", "license"):
         if not isinstance(entry[key], str) or not entry[key]:
             raise bad(key, "must be a non-empty string")
-    for key in ("paper", "revision_source", "notes", "arch"):
+    for key in ("paper", "revision_source", "notes", "arch", "license_url"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise bad(key, "must be a string or null")
+    if "family" in entry and not (isinstance(entry["family"], str) and re.fullmatch(r"[a-z0-9][a-z0-9_.-]*",
+                                                                                    entry["family"])):
+        raise bad("family", "must be a lowercase name")
+    if entry.get("min_gpu_memory") is not None and (not _is_int(entry["min_gpu_memory"]) or
+                                                    entry["min_gpu_memory"] <= 0):
+        raise bad("min_gpu_memory", "must be a positive number of GiB or absent")
+    for key in ("gated", "fixed_input"):
+        if key in entry and not isinstance(entry[key], bool):
+            raise bad(key, "must be true or false")
+    if entry.get("gated") and not entry.get("license_url"):
+        raise bad("license_url", "a gated checkpoint names the license page its users accept")
+    if entry.get("fixed_input") and not entry.get("image_size"):
+        raise bad("image_size", "a fixed-input model states its input size")
     values = dict(entry)
     values["mean"] = tuple(float(x) for x in entry["mean"])
     values["std"] = tuple(float(x) for x in entry["std"])

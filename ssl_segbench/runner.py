@@ -82,6 +82,34 @@ def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol
     return [get_protocol(spec, **params.get(spec.partition(":")[0], {})) for spec in dict.fromkeys(specs)]
 
 
+CLS_FACETS = {"cls", "attn", "attn_logits"}
+
+
+def check_backbone_fits(proto: Protocol, spec, transform: Transform) -> None:
+    """Refuse, before any work, a protocol that needs what the backbone cannot give: the CLS token or its attention
+    on a backbone without one, or an input size the backbone cannot take."""
+    missing = sorted(proto.backbone_facets() & CLS_FACETS) if spec.num_prefix_tokens == 0 else []
+    if missing:
+        usable = sorted(n for n, cls in PROTOCOLS.items() if not cls().backbone_facets() & CLS_FACETS)
+        raise ProtocolError(f"protocol '{proto.name}' needs {', '.join(missing)} of the backbone, but '{spec.id}' has "
+                            f"no CLS token ({spec.method}: num_prefix_tokens 0). Protocols that read patch tokens "
+                            f"only work with it: {', '.join(usable)}")
+    if spec.fixed_input and (transform.policy != "square" or transform.size != spec.image_size):
+        raise ProtocolError(f"backbone '{spec.id}' takes only {spec.image_size}×{spec.image_size} input (its "
+                            f"position terms are fixed to that grid), but '{proto.name}' would give it "
+                            f"{transform.policy} {transform.size}: use --resize square --size {spec.image_size}")
+
+
+def check_gpu_memory(spec, device: str) -> None:
+    """Refuse, before any work, a backbone whose registry entry states more GPU memory than the run's GPU has."""
+    if spec.min_gpu_memory is None or not device.startswith("cuda"):
+        return
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
+    if total < spec.min_gpu_memory:
+        raise SegbenchError(f"backbone '{spec.id}' needs a GPU with at least {spec.min_gpu_memory} GiB "
+                            f"(backbones.yaml: min_gpu_memory), but {device} has {total:.0f} GiB: use a larger GPU")
+
+
 def _expand_group(spec: str) -> list[str]:
     """'name:group' → its member presets, one protocol (and one column) each; any other spec → itself."""
     name, _, preset = spec.partition(":")
@@ -170,6 +198,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
     options = opts.dataset_options or {}
     eval_set = get_dataset(opts.dataset, opts.data_root, opts.split, **options)
     ref = BackboneRef(opts.backbone, opts.registry)
+    check_gpu_memory(ref.spec, device)
     splits = _Splits(opts, eval_set)
     batch_size = opts.batch_size or (64 if device.startswith("cuda") else 16)
     workers = opts.workers if opts.workers is not None else loader_workers(device)
@@ -180,6 +209,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
         params["resize"] = params["resize"] or opts.resize
         params["size"] = proto.input_size(ref.spec.patch_size) or opts.size
         transform = Transform(params["resize"], params["size"], ref.spec.patch_size)
+        check_backbone_fits(proto, ref.spec, transform)
         seeds = list(opts.seeds) if opts.seeds is not None else list(range(proto.default_seeds))
         train_set, train_note = splits.train_for(proto)
         identity = {"backbone": ref.spec.id, "source": ref.source, "revision": ref.revision,

@@ -239,6 +239,11 @@ class Protocol:
         computes every facet the requested protocols need in one backbone pass per split and transform."""
         return {"eval": ("tokens",)}
 
+    def backbone_facets(self) -> set[str]:
+        """Every facet this protocol asks of the backbone, in the cached pass and in passes of its own (crop
+        embeddings read 'cls'), so that a backbone without one is refused before any work."""
+        return {f for facets in self.facets_needed().values() for f in facets}
+
     @classmethod
     def masks_subdir(cls, params: dict) -> str | None:
         """The folder under `--save-masks DIR/<protocol>/` this protocol's label maps go to (None: that folder)."""

@@ -103,6 +103,9 @@ class DatUSProtocol(Protocol):
             raise ProtocolError(f"datus: tau must be >= 0, got {self.params['tau']!r}")
         self.fraction("mask_confidence")
 
+    def backbone_facets(self) -> set[str]:
+        return super().backbone_facets() | {"cls"}  # the CLS of every segment's crop
+
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         return {"eval": ("keys",)}
 

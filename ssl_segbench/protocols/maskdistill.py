@@ -285,6 +285,9 @@ class MaskDistillProtocol(Protocol):
             raise ProtocolError(f"maskdistill: background_class must be a class index or null, got "
                                 f"{p['background_class']!r}")
 
+    def backbone_facets(self) -> set[str]:
+        return super().backbone_facets() | {"cls"}  # the CLS of every object crop
+
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         # tokens too in the pseudo stage: the distilled stages then find everything in the cache
         facets = (_CLS_FACET[self.params["cls_map"]], "keys", "tokens")
