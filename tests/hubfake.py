@@ -32,6 +32,20 @@ def make_timm_checkpoint(cache: Path, repo_id: str = "tiny-org/vit-tiny-test", r
     return model, sha
 
 
+def make_timm_arch_checkpoint(cache: Path, repo_id: str, arch: str, args: dict):
+    """A random tiny checkpoint of timm architecture `arch` (e.g. an Eva for DINOv3) with `args` overriding its size,
+    saved with timm's save_for_hf so that `hf-hub:repo_id` rebuilds the same model; returns (model, commit sha)."""
+    import timm
+    import torch
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **args).eval()
+    snap, sha = _snapshot(cache, repo_id, arch)
+    save_for_hf(model, str(snap), model_args=args, safe_serialization=True)
+    return model, sha
+
+
 def make_dinov2_checkpoint(cache: Path, repo_id: str = "tiny-org/dinov2-tiny-test", registers: int = 0):
     """A random tiny transformers DINOv2 (with `registers` register tokens when > 0); returns (model, commit sha)."""
     import torch

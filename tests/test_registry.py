@@ -50,6 +50,11 @@ def _entry(**over):
     (_entry(num_prefix_tokens=-1), r"key 'num_prefix_tokens'"),
     (_entry(std=[1, 0, 1]), r"key 'std': must be positive"),
     (_entry(mean=[1, 2]), r"key 'mean': must be a list of 3"),
+    (_entry(gated=True), r"key 'license_url': a gated checkpoint names the license page"),
+    (_entry(gated="yes", license_url="u"), r"key 'gated': must be true or false"),
+    (_entry(family="DINO v3"), r"key 'family': must be a lowercase name"),
+    (_entry(fixed_input=True), r"key 'image_size': a fixed-input model states its input size"),
+    (_entry(min_gpu_memory=0), r"key 'min_gpu_memory'"),
 ])
 def test_malformed_entries_name_entry_and_key(tmp_path, entry, message):
     path = tmp_path / "b.yaml"
@@ -68,3 +73,53 @@ def test_duplicate_ids_rejected(tmp_path):
 
 def test_default_registry_is_the_repository_file():
     assert default_registry_path().name == "backbones.yaml" and default_registry_path().is_file()
+
+
+def test_the_registry_covers_the_current_families():
+    import timm
+
+    reg = load_registry()
+    real = [s for s in reg.values() if s.loader != "builtin"]
+    assert len(real) >= 50
+    dinov3 = {s.repo_id.removeprefix("timm/") for s in reg.values() if s.family == "dinov3"}
+    vit_tags = {t for t in timm.list_pretrained("vit_*_dinov3*") if "_qkvb" not in t}
+    assert vit_tags <= dinov3  # every DINOv3 ViT timm knows
+    for s in reg.values():
+        if s.family == "dinov3":
+            assert s.num_prefix_tokens == 5 and s.patch_size == 16 and s.gated and s.license_url
+        if s.family in ("siglip2", "aimv2"):
+            assert s.num_prefix_tokens == 0
+    assert reg["dinov3_vitl16_sat"].mean != reg["dinov3_vitl16"].mean  # the satellite model's own statistics
+    assert reg["dinov3_vit7b16"].min_gpu_memory and reg["beitv2_vitb16"].fixed_input
+    assert {"dinov3", "radio", "pe", "siglip2", "aimv2", "eva02", "deit3", "beitv2", "webssl"} <= \
+        {s.family for s in reg.values()}
+
+
+def test_timm_entries_match_timms_own_model_definitions():
+    """Each timm entry's shape facts against the model timm builds for its tag (meta device: no weights)."""
+    import timm
+    import torch
+
+    for s in load_registry().values():
+        if s.loader != "timm" or s.family not in ("dinov3", "radio", "pe", "siglip2", "aimv2", "eva02", "deit3",
+                                                  "beitv2"):
+            continue
+        tag = s.repo_id.removeprefix("timm/")
+        with torch.device("meta"):
+            m = timm.create_model(tag, pretrained=False, num_classes=0)
+        cfg = timm.get_pretrained_cfg(tag)
+        assert (s.patch_size, s.embed_dim, s.num_prefix_tokens, s.num_layers) == \
+            (m.patch_embed.patch_size[0], m.embed_dim, m.num_prefix_tokens, len(m.blocks)), s.id
+        assert s.mean == tuple(cfg.mean) and s.std == tuple(cfg.std) and s.image_size == cfg.input_size[-1], s.id
+        assert s.n_parameters == sum(p.numel() for p in m.parameters()), s.id
+
+
+def test_list_backbones_by_family_shows_params_and_license(capsys):
+    from ssl_segbench.cli import main
+
+    assert main(["list", "backbones", "--family", "dinov3"]) == 0
+    text = capsys.readouterr().out
+    assert "dinov3_vit7b16" in text and "dinov2_vits14" not in text and "dinov3-license (gated)" in text
+    assert "6,716.0 M" in text  # parameters
+    assert main(["list", "backbones", "--family", "nope"]) == 2
+    assert "families:" in capsys.readouterr().err
