@@ -76,9 +76,11 @@ class Entry:
     def open(self) -> "ArrayStore":
         return ArrayStore(self.path)
 
-    def writer(self, shapes: list[tuple[int, int]], width: int, dtype, per_item: bool = False) -> "RowWriter":
-        """A writer for items of `shapes` (h, w): h·w rows each, or one row each with `per_item`."""
-        return RowWriter(self.path, self.key, shapes, width, dtype, per_item)
+    def writer(self, shapes: list[tuple[int, int]], width: int, dtype, per_item: bool = False, rank: int = 0,
+               world: int = 1) -> "RowWriter":
+        """A writer for items of `shapes` (h, w): h·w rows each, or one row each with `per_item`; with `world` > 1,
+        rank `rank`'s writer of its shard."""
+        return RowWriter(self.path, self.key, shapes, width, dtype, per_item, rank, world)
 
 
 class ArrayStore:
@@ -130,17 +132,25 @@ class RowWriter:
     killed run resumes from there (`done`); `commit` renames the directory into place atomically. The caller holds the
     entry's lock (`ensure`), so no two processes fill the same partial entry."""
 
-    def __init__(self, final: Path, key: dict, shapes: list[tuple[int, int]], width: int, dtype, per_item: bool):
+    def __init__(self, final: Path, key: dict, shapes: list[tuple[int, int]], width: int, dtype, per_item: bool,
+                 rank: int = 0, world: int = 1):
         final.parent.mkdir(parents=True, exist_ok=True)
         self.final, self.key, self.per_item = final, key, per_item
         self.partial = final.parent / (final.name + ".partial")
+        # data-parallel filling: rank r writes items [first, last) of len(shapes); rank 0 makes (or keeps) the partial
+        # entry, the others open it after a barrier; each checkpoints its own progress; rank 0 commits
+        self.rank, self.world = rank, world
+        self.first = len(shapes) * rank // world
         counts = np.array([1 if per_item else h * w for h, w in shapes], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
         self.index = np.column_stack([offsets, [s[0] for s in shapes], [s[1] for s in shapes]]).astype(np.int64) \
             if len(counts) else np.zeros((0, 3), np.int64)
         shape = (int(counts.sum()), width)
         self.done = self._resumable(shape, np.dtype(dtype))
-        if self.done:
+        if rank > 0:  # rank 0 made the partial entry before the barrier that precedes this
+            self.data = np.load(self.partial / "data.npy", mmap_mode="r+")
+            self.done = self.done or self.first
+        elif self.done:
             self.data = np.load(self.partial / "data.npy", mmap_mode="r+")
         else:
             shutil.rmtree(self.partial, ignore_errors=True)
@@ -157,14 +167,20 @@ class RowWriter:
         self.resumed_from = self.done
         self._last_checkpoint = time.monotonic()
 
+    @property
+    def _progress(self) -> Path:
+        return self.partial / ("progress.json" if self.world == 1 else f"progress.{self.rank}.json")
+
     def _resumable(self, shape, dtype) -> int:
-        """Items already checkpointed by an earlier, interrupted run of the same key (0 when none)."""
+        """Where an earlier, interrupted run of the same key (and the same number of ranks) left this writer's
+        items: the first item not yet on disk (0 when nothing is)."""
         try:
-            progress = json.loads((self.partial / "progress.json").read_text())
+            progress = json.loads(self._progress.read_text())
             data = np.load(self.partial / "data.npy", mmap_mode="r")
         except (OSError, ValueError):
             return 0
-        if progress.get("key") != self.key or data.shape != shape or data.dtype != dtype:
+        if progress.get("key") != self.key or progress.get("world", 1) != self.world or data.shape != shape \
+                or data.dtype != dtype:
             return 0
         return int(progress["done"])
 
@@ -180,9 +196,9 @@ class RowWriter:
     def checkpoint(self, done: int) -> None:
         """Flush, then record that items [0, done) are on disk."""
         self.data.flush()
-        tmp = self.partial / "progress.json.tmp"
-        tmp.write_text(json.dumps({"key": self.key, "done": done}))
-        os.replace(tmp, self.partial / "progress.json")
+        tmp = self._progress.with_name(self._progress.name + ".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "done": done, "world": self.world}))
+        os.replace(tmp, self._progress)
         self.done = done
         self._last_checkpoint = time.monotonic()
 
@@ -201,7 +217,8 @@ class RowWriter:
         meta = {"key": self.key, "per_image": self.per_item, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "resumed_from": self.resumed_from, **(extra or {})}
         (self.partial / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        (self.partial / "progress.json").unlink(missing_ok=True)
+        for f in self.partial.glob("progress*.json"):
+            f.unlink()
         os.rename(self.partial, self.final)
         return ArrayStore(self.final)
 

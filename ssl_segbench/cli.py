@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from rich.markup import escape
 
-from . import __version__
+from . import __version__, distributed
 from .progress import console, out
 
 EPILOG = """examples:
@@ -141,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", type=Path, help="PNG path (default: leaderboards/figures/<dataset>/"
                                                "<backbone>__<protocol>.png, where the leaderboard links it)")
 
+    sw = sub.add_parser("sweep", help="a backbones × datasets grid of runs (local processes or Slurm via submitit); "
+                                      "`sweep status FILE` lists its cells", formatter_class=_HelpFormatter)
+    sw.add_argument("target", nargs="+", metavar="[status] SWEEP.yaml",
+                    help="the sweep file (see ssl_segbench/sweep.py); `status SWEEP.yaml` lists done, running, "
+                         "failed (with logs) and missing cells")
+    sw.add_argument("--executor", choices=("local", "slurm"), help="default: the file's executor.kind (local)")
+    sw.add_argument("--workers", type=int, help="local: cells at once (default: the file's, 1)")
+    sw.add_argument("--no-wait", action="store_true", help="slurm: return once the jobs are submitted")
+    for flag, kind, what in (("--partition", str, "Slurm partition"), ("--gpus", int, "GPUs per job"),
+                             ("--cpus", int, "CPUs per job"), ("--mem-gb", int, "memory per job (GB)"),
+                             ("--time", int, "time limit per job (minutes)"), ("--account", str, "Slurm account"),
+                             ("--nproc-per-node", int, "processes per job (torchrun, one per GPU)")):
+        sw.add_argument(flag, type=kind, help=f"slurm: {what} (default: the file's slurm section)")
+
     chk = sub.add_parser("check", help="CI gate: compare records with a committed baseline; non-zero on regression",
                          formatter_class=_HelpFormatter)
     chk.add_argument("--baseline", type=Path, required=True, help="baseline JSON file")
@@ -202,6 +216,8 @@ def _cmd_run(args) -> int:
                       + ("  (exists; --overwrite always to recompute)" if status == "skipped" else ""))
 
     results = run(opts, on_record=report)
+    if not distributed.world().main:  # a helper rank of a data-parallel run: rank 0 reports
+        return 0
     table = Table(title=f"{args.backbone} on {args.dataset}")
     for col in ("protocol", "mIoU (%)", "pixel acc (%)", "seeds", "cache hit", "seconds"):
         table.add_column(col)
@@ -354,12 +370,41 @@ def _cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+def _cmd_sweep(args) -> int:
+    from rich.table import Table
+
+    from .sweep import SweepError, load_sweep, run_sweep, status
+
+    target = args.target
+    if target[0] == "status":
+        if len(target) != 2:
+            raise SweepError("usage: ssl-segbench sweep status SWEEP.yaml")
+        sweep = load_sweep(target[1])
+        table = Table(title=f"sweep {sweep.path} ({len(sweep.cells)} cells)")
+        for col in ("cell", "status", "detail"):
+            table.add_column(col, overflow="fold")
+        rows = status(sweep)
+        for name, state, detail in rows:
+            colour = {"done": "green", "failed": "red", "error": "red", "missing": "yellow"}.get(state, "cyan")
+            table.add_row(name, f"[{colour}]{state}[/]", escape(detail))
+        out.print(table)
+        return 1 if any(state in ("failed", "error") for _, state, _ in rows) else 0
+    if len(target) != 1:
+        raise SweepError("usage: ssl-segbench sweep SWEEP.yaml [--executor local|slurm] (or: sweep status FILE)")
+    overrides = {"partition": args.partition, "gpus_per_node": args.gpus, "cpus_per_task": args.cpus,
+                 "mem_gb": args.mem_gb, "timeout_min": args.time, "account": args.account,
+                 "nproc_per_node": args.nproc_per_node}
+    return run_sweep(load_sweep(target[0]), args.executor, args.workers, not args.no_wait, overrides,
+                     say=lambda m: console.print(escape(m), highlight=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import SegbenchError
 
     args = build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check": _cmd_check,
-               "compare": _cmd_compare, "show": _cmd_show, "datasets": lambda a: a.func(a)}[args.command]
+               "compare": _cmd_compare, "show": _cmd_show, "sweep": _cmd_sweep,
+               "datasets": lambda a: a.func(a)}[args.command]
     try:
         return handler(args)
     except SegbenchError as e:  # expected failures: a message and exit 2; anything else is a bug with a traceback

@@ -15,6 +15,7 @@ dataset's content digest (not its file names) and the compute precision (bf16 au
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .backbones import BackboneError, BackboneRef
-from .cache import ArrayStore, Entry, RowWriter, ensure, filling
+from .cache import ArrayStore, Entry, RowWriter, ensure, filling, locked
 from .data import SegmentationDataset
+from .distributed import SINGLE, World
 from .paths import cache_dir
 from .progress import progress_bar
 from .transforms import Transform
@@ -127,8 +130,10 @@ def _label_dtype(dataset) -> np.dtype:
 
 def extract(ref: BackboneRef, dataset: SegmentationDataset, transform: Transform, layer: int = -1,
             facets=("tokens",), device: str = "cpu", batch_size: int = 16, num_workers: int = 0,
-            amp: bool = True, root: Path | None = None) -> FeatureSet:
-    """The features of `dataset` for each facet, from cache when present, else computed in one backbone pass."""
+            amp: bool = True, root: Path | None = None, world: World = SINGLE) -> FeatureSet:
+    """The features of `dataset` for each facet, from cache when present, else computed in one backbone pass; with
+    a `world` of several ranks (torchrun), every rank computes its shard of the images into the same entries (rank 0
+    holds the entries' locks and commits), and every rank returns the committed entries."""
     if transform.patch_size != ref.spec.patch_size:
         raise ValueError(f"transform patch size {transform.patch_size} != backbone patch size {ref.spec.patch_size}")
     root = root or cache_dir()
@@ -138,9 +143,19 @@ def extract(ref: BackboneRef, dataset: SegmentationDataset, transform: Transform
 
     def compute(todo: list[Entry]) -> None:
         names = [name for name, e in entries.items() if e in todo]
-        _compute(ref, dataset, transform, layer, {n: entries[n] for n in names}, device, batch_size, num_workers, amp)
+        _compute(ref, dataset, transform, layer, {n: entries[n] for n in names}, device, batch_size, num_workers, amp,
+                 world)
 
-    done = ensure(list(entries.values()), compute)
+    if world.size == 1:
+        done = ensure(list(entries.values()), compute)
+    else:
+        distributed.barrier()  # every rank sees the cache as it is now
+        done = []
+        with locked([e for e in entries.values() if not e.complete()]) if world.main else contextlib.nullcontext():
+            names = distributed.broadcast([n for n, e in entries.items() if not e.complete()] if world.main else None)
+            if names:
+                done = [entries[n] for n in names]
+                compute(done)
     computed = tuple(name for name, e in entries.items() if e in done)
     return FeatureSet({f: entries[f].open() for f in facets}, entries["labels"].open(),
                       keys={f: entries[f].path.name for f in facets}, computed=computed)
@@ -153,8 +168,10 @@ def _first_bad(v: torch.Tensor | np.ndarray) -> int | None:
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
-def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, batch_size, num_workers, amp):
-    """One pass over the split filling every entry of `todo` (facet name or 'labels' → entry)."""
+def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, batch_size, num_workers, amp,
+             world: World = SINGLE):
+    """One pass over the split (this rank's shard of it) filling every entry of `todo` (facet name or 'labels' →
+    entry)."""
     facets = [f for f in todo if f != "labels"]
     sizes = [dataset.image_size(i) for i in range(len(dataset))]
     shapes = [transform.output_size(w, h) for w, h in sizes]
@@ -171,28 +188,37 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
                 probe = torch.zeros(1, 3, *shapes[0], device=device) if shapes else torch.zeros(1, 3, p, p)
                 widths[f] = backbone(probe, layer, (f,))[f].shape[1]
     made: list[RowWriter] = []  # what `filling` removes on a refusal or a write error
+    shard = world.shard(len(dataset))
     with filling(made):
-        if "labels" in todo:
-            writers["labels"] = todo["labels"].writer(shapes, 1, _label_dtype(dataset))
-            made.append(writers["labels"])
-        for f in facets:
-            writers[f] = todo[f].writer(grids, widths[f], np.float16, per_item=f == "cls")
-            made.append(writers[f])
+        for turn in ("first", "others") if world.size > 1 else ("first",):
+            if (turn == "first") == world.main:  # rank 0 makes the partial entries, then the others open them
+                if "labels" in todo:
+                    writers["labels"] = todo["labels"].writer(shapes, 1, _label_dtype(dataset), rank=world.rank,
+                                                              world=world.size)
+                    made.append(writers["labels"])
+                for f in facets:
+                    writers[f] = todo[f].writer(grids, widths[f], np.float16, per_item=f == "cls", rank=world.rank,
+                                                world=world.size)
+                    made.append(writers[f])
+            if world.size > 1:
+                distributed.barrier()
         start = min(w.done for w in writers.values())
         view = _TorchView(dataset, transform, ref.spec.mean, ref.spec.std, "labels" in writers)
         on_gpu = str(device).startswith("cuda")
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(view, range(start, len(dataset))),
+            torch.utils.data.Subset(view, range(start, shard.stop)),
             batch_size=batch_size if len(set(shapes)) == 1 else 1, num_workers=num_workers, shuffle=False,
             pin_memory=on_gpu, prefetch_factor=4 if num_workers else None)
         use_amp = amp and on_gpu
         what = f"features {ref.spec.id} on {dataset.id}/{dataset.split}" if facets else f"labels {dataset.id}"
-        if start:
+        if world.size > 1:
+            what += f" (rank {world.rank}/{world.size}: images {shard.start}-{shard.stop - 1})"
+        if start > shard.start:
             what += f" (resuming at image {start})"
         done = start
         resized: list[str] = []
-        with progress_bar(len(dataset), what) as advance, torch.inference_mode():
-            advance(start)
+        with progress_bar(len(shard), what) as advance, torch.inference_mode():
+            advance(start - shard.start)
             for x, y, idx, was_resized in (_prefetched(loader) if num_workers == 0 else loader):
                 if backbone is not None:
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
@@ -217,8 +243,16 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
                 for w in writers.values():
                     w.maybe_checkpoint(done)
         extra = {"extract_seconds": round(time.perf_counter() - t0, 3), "device": str(device)}
-        for name, w in writers.items():
-            w.commit({**extra, **({"resized_masks": sorted(resized)} if name == "labels" else {})})
+        if world.size > 1:  # every shard on disk before rank 0 commits; every rank reads the committed entries
+            for w in writers.values():
+                w.data.flush()
+            resized = distributed.gather_lists(resized)
+            extra["world_size"] = world.size
+            distributed.barrier()
+        if world.main:
+            for name, w in writers.items():
+                w.commit({**extra, **({"resized_masks": sorted(resized)} if name == "labels" else {})})
+        distributed.barrier()
 
 
 def _refuse_non_finite(ref, dataset, layer: int, facet: str, i: int, overflow: bool):

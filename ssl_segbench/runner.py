@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .atomic import write_json_atomic
 from .backbones import BackboneRef
 from .data import DatasetError, SegmentationDataset, get_dataset
+from .distributed import SINGLE, World
 from .errors import SegbenchError
 from .features import FeatureSet, compute_precision, extract, loader_workers
 from .metrics import bootstrap_ci
@@ -52,6 +53,7 @@ class RunOptions:
     dataset_options: dict | None = None  # loader options (skip_bad, curated_list, ...), for every split alike
     save_masks: Path | None = None  # label maps (first seed, class space) as PNGs under <save_masks>/<protocol>/
     write_records: bool = True  # False: compute and return records without storing them (e.g. for `show`)
+    plan_only: bool = False  # True: resolve every record's path and return ('pending', path, None) for the missing
 
 
 def resolve_device(device: str) -> str:
@@ -167,8 +169,8 @@ class _FeaturePlan:
     before any protocol runs; a protocol's `ctx.get` then reads the cache and reports what the shared pass computed.
     A facet nobody declared is still extracted on demand (its own pass, reported as such)."""
 
-    def __init__(self, extract_fn):
-        self.extract = extract_fn
+    def __init__(self, extract_fn, world: World = SINGLE):
+        self.extract, self.world = extract_fn, world
         self.groups: dict[tuple, tuple[SegmentationDataset, Transform, set]] = {}
         self.computed: dict[tuple, set] = {}
         self.seconds = 0.0
@@ -178,12 +180,12 @@ class _FeaturePlan:
 
     def run(self) -> None:
         t0 = time.perf_counter()
-        for key, (ds, transform, facets) in self.groups.items():
-            self.computed[key] = set(self.extract(ds, transform, tuple(sorted(facets))).computed)
+        for key, (ds, transform, facets) in self.groups.items():  # every rank, each its shard of the images
+            self.computed[key] = set(self.extract(ds, transform, tuple(sorted(facets)), self.world).computed)
         self.seconds = round(time.perf_counter() - t0, 3)
 
     def features(self, ds: SegmentationDataset, facets, transform: Transform) -> FeatureSet:
-        fs = self.extract(ds, transform, tuple(facets))
+        fs = self.extract(ds, transform, tuple(facets), SINGLE)  # protocols run on rank 0 alone
         shared = self.computed.get((id(ds), transform), set()) & (set(facets) | {"labels"})
         return dataclasses.replace(fs, computed=tuple(sorted(set(fs.computed) | shared)))
 
@@ -194,7 +196,8 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
     if opts.overwrite not in OVERWRITE:
         raise SegbenchError(f"overwrite must be one of {OVERWRITE}")
     protocols = plan_protocols(opts.protocols, opts.params)
-    device = resolve_device(opts.device)
+    world, device = (SINGLE, resolve_device(opts.device)) if opts.plan_only else \
+        distributed.setup(resolve_device(opts.device))
     options = opts.dataset_options or {}
     eval_set = get_dataset(opts.dataset, opts.data_root, opts.split, **options)
     ref = BackboneRef(opts.backbone, opts.registry)
@@ -225,15 +228,19 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
             on_record("skipped", path, None)
             continue
         jobs.append(_Job(proto, params, transform, seeds, train_set, train_note, identity, path))
+    if opts.plan_only:
+        return out + [("pending", job.path, None) for job in jobs]
 
-    plan = _FeaturePlan(lambda ds, transform, facets: extract(ref, ds, transform, opts.layer, facets, device,
-                                                              batch_size, workers))
+    plan = _FeaturePlan(lambda ds, transform, facets, w: extract(ref, ds, transform, opts.layer, facets, device,
+                                                                 batch_size, workers, world=w), world)
     for job in jobs:
         for role, facets in job.proto.facets_needed().items():
             ds = eval_set if role == "eval" else job.train_set
             if ds is not None:
                 plan.need(ds, job.transform, facets)
     plan.run()
+    if not world.main:  # the other ranks helped extract; rank 0 runs the protocols and writes the records
+        return []
 
     for job in jobs:
         record = _run_job(job, plan, opts, ref, eval_set, device, batch_size)
@@ -278,6 +285,7 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
         provenance={**environment(), "ssl_segbench": __version__, "device": device,
                     "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
                     "compute_precision": compute_precision(device), "batch_size": batch_size,
+                    "extraction_ranks": plan.world.size,
                     "started": started, "wall_seconds": round(time.perf_counter() - t0, 3),
                     "shared_feature_pass_seconds": plan.seconds,
                     "passes": ctx.passes, "cache_hit": not any(p["computed"] for p in ctx.passes)})
