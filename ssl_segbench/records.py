@@ -241,8 +241,12 @@ def read_record(path: Path) -> Record:
 
 
 def iter_records(results_dir: Path):
-    """(path, Record or RecordError) for every *.json under results_dir, in sorted path order."""
-    for path in sorted(Path(results_dir).rglob("*.json")):
+    """(path, Record or RecordError) for every *.json under results_dir, in sorted path order; hidden folders (a
+    sweep's state and logs under `.sweeps/`) hold no records and are not read."""
+    root = Path(results_dir)
+    for path in sorted(root.rglob("*.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts[:-1]):
+            continue
         try:
             yield path, read_record(path)
         except RecordError as e:
