@@ -16,8 +16,11 @@ EPILOG = """examples:
   ssl-segbench run --backbone pixels --dataset synthetic --protocol kmeans,linear
   ssl-segbench run --backbone ../shared/models/dinov2-small-imgfocus --dataset suim \\
       --data-root ../shared/data/suim_sample --protocol kmeans:stego
-  ssl-segbench list backbones
-  ssl-segbench leaderboard
+  ssl-segbench list backbones --family dinov3
+  ssl-segbench leaderboard --plots                  # markdown + plots + the static site in leaderboards/site/
+  torchrun --nproc-per-node 8 -m ssl_segbench run --backbone dinov2_vitl14 --dataset voc --device cuda
+  ssl-segbench sweep grid.yaml --executor slurm --partition gpu --gpus 1
+  ssl-segbench sweep status grid.yaml
 """
 
 
@@ -123,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=_HelpFormatter)
     lb.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
     lb.add_argument("--out", type=Path, default=Path("leaderboards"), help="output directory")
-    lb.add_argument("--format", choices=("md", "csv", "json"), default="md",
-                    help="md: a page per dataset + README.md summary; csv/json: one flat file for other tools")
+    lb.add_argument("--format", choices=("md", "html", "csv", "json"), default="md",
+                    help="md: a page per dataset + README.md summary, and the static site in OUT/site/; html: the "
+                         "site alone (sortable, filterable tables, plots, provenance pages; opens from disk); "
+                         "csv/json: one flat file for other tools")
+    lb.add_argument("--plots", action="store_true",
+                    help="md: add the plots (mIoU against size, rank agreement, per-class IoU) to the pages")
 
     cmp_ = sub.add_parser("compare", help="two backbones side by side: per-class IoU and paired-bootstrap significance",
                           formatter_class=_HelpFormatter)
@@ -277,7 +284,7 @@ def _cmd_leaderboard(args) -> int:
     from .leaderboard import write
     from .paths import results_dir
 
-    written, problems = write(args.results_dir or results_dir(), args.out, args.format)
+    written, problems = write(args.results_dir or results_dir(), args.out, args.format, args.plots)
     for p in problems:
         console.print(f"[yellow]warning:[/] {p}")
     for path in written:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import yamlload
-from .atomic import write_text_atomic
+from .atomic import write_bytes_atomic, write_text_atomic
 from .errors import SegbenchError
 from .figures import figure_path
 from .paths import inside, safe_component
@@ -273,12 +273,33 @@ def flat_rows(records: list[Record]) -> list[dict]:
     return sorted(rows, key=lambda x: (x["dataset"], x["split"], x["column"], -(x["miou_mean"] or 0), x["backbone"]))
 
 
-def write(results_dir: Path, out_dir: Path, fmt: str = "md") -> tuple[list[Path], list[str]]:
-    """Regenerate the leaderboard under out_dir; returns (written paths, record problems)."""
+def write(results_dir: Path, out_dir: Path, fmt: str = "md", plots: bool = False) -> tuple[list[Path], list[str]]:
+    """Regenerate the leaderboard under out_dir; returns (written paths, record problems). `md` also writes the static
+    site (`<out_dir>/site/`, as `html` alone does); `plots` adds the plots to the markdown pages
+    (`<out_dir>/plots/`)."""
+    from .registry import load_registry
+
     records, problems = collect(results_dir)
     out_dir = Path(out_dir)
+    written = []
+    if fmt in ("md", "html") and records:
+        from .site import render_site, write_site
+
+        written += write_site(render_site(records, out_dir, load_published(), load_registry()), out_dir / "site")
+    if fmt == "html":
+        return written, problems
     if fmt == "md":
         files = render(records, out_dir=out_dir)
+        if plots and records:
+            from .plots import write_plots
+
+            made = write_plots(records, load_registry())
+            for (ds, caption), fname in sorted(made.items()):
+                page = f"{safe_component(ds)}.md"
+                files[page] = files[page] + f"\n![{caption}](plots/{fname})\n"
+            for fname, blob in sorted(made.blobs.items()):
+                write_bytes_atomic(inside(out_dir, f"plots/{fname}"), blob)
+                written.append(out_dir / "plots" / fname)
     elif fmt == "csv":
         rows = flat_rows(records)
         buf = io.StringIO()
@@ -290,8 +311,7 @@ def write(results_dir: Path, out_dir: Path, fmt: str = "md") -> tuple[list[Path]
     elif fmt == "json":
         files = {"leaderboard.json": json.dumps(flat_rows(records), indent=1, sort_keys=True) + "\n"}
     else:
-        raise SegbenchError(f"unknown leaderboard format {fmt!r}: use md, csv or json")
-    written = []
+        raise SegbenchError(f"unknown leaderboard format {fmt!r}: use md, html, csv or json")
     for name, text in files.items():
         write_text_atomic(inside(out_dir, name), text)
         written.append(out_dir / name)

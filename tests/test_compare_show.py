@@ -61,10 +61,11 @@ def test_show_draws_the_grid_where_the_leaderboard_links_it(small_synthetic, two
     expected = colourize(t.labels(ds.load_mask(0), ds.ignore_index), ds.palette, ds.ignore_index)
     np.testing.assert_array_equal(grid[44:108, 80:144], expected)
     first = png.read_bytes()
+    assert main(["leaderboard", "--results-dir", str(two_backbones), "--out", "leaderboards"]) == 0
+    page = (tmp_path / "leaderboards" / "synthetic.md").read_text()
+    assert "[pixels](figures/synthetic/pixels__kmeans.png)" in page
+    assert (tmp_path / "leaderboards" / "site" / "figures" / "synthetic" / "pixels__kmeans.png").read_bytes() == first
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # drawn without matplotlib (no fonts, no font cache)
     assert main(["show", "--backbone", "pixels", "--dataset", "synthetic", "--data-root", str(small_synthetic),
                  "--size", "64", "--protocol", "kmeans", "-n", "2"]) == 0
     assert png.read_bytes() == first  # byte-stable
-    assert main(["leaderboard", "--results-dir", str(two_backbones), "--out", "leaderboards"]) == 0
-    page = (tmp_path / "leaderboards" / "synthetic.md").read_text()
-    assert "[pixels](figures/synthetic/pixels__kmeans.png)" in page

@@ -45,12 +45,14 @@ def test_summary_csv_json_and_byte_stability(tmp_path):
     for r in (_rec("a", 0.5), _rec("b", 0.6), _rec("a", 0.3, dataset="suim")):
         write_json_atomic(tmp_path / "res" / f"{r.key}.json", r.to_json())
     written, problems = write(tmp_path / "res", tmp_path / "lb")
-    assert not problems and sorted(p.name for p in written) == ["README.md", "suim.md", "voc.md"]
+    assert not problems and sorted(p.name for p in written if p.suffix == ".md") == ["README.md", "suim.md", "voc.md"]
+    assert (tmp_path / "lb" / "site" / "index.html").is_file()  # the static site is written beside the markdown
     summary = (tmp_path / "lb" / "README.md").read_text()
     assert "voc/val kmeans" in summary and "suim/val kmeans" in summary
-    first = {p.name: p.read_bytes() for p in written}
+    first = {p.relative_to(tmp_path / "lb"): p.read_bytes() for p in written}
     write(tmp_path / "res", tmp_path / "lb")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "lb").iterdir()} == first
+    assert {p.relative_to(tmp_path / "lb"): p.read_bytes() for p in (tmp_path / "lb").rglob("*") if p.is_file()} \
+        == first  # markdown and site, byte for byte
     write(tmp_path / "res", tmp_path / "lb", "csv")
     rows = list(csv.DictReader(io.StringIO((tmp_path / "lb" / "leaderboard.csv").read_text())))
     assert [(r["dataset"], r["backbone"]) for r in rows] == [("suim", "a"), ("voc", "b"), ("voc", "a")]
