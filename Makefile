@@ -17,13 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 		|| echo "note: pydensecrf2 could not be built here; everything works except --crf"
 	touch $(STAMP)
 
-# The main job on the built-in default: synthetic data, weight-free baselines, kmeans + linear, then the leaderboard.
+# The main job on the built-in default: synthetic data, three weight-free baselines, kmeans + linear + retrieval, then
+# the leaderboard (markdown, plots, and the static site in leaderboards/site/).
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench run --backbone pixels --dataset synthetic --protocol kmeans,linear --results-dir $(DEMO_RESULTS)
-	HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench run --backbone random_vits16 --dataset synthetic --protocol kmeans,linear --results-dir $(DEMO_RESULTS)
+	for b in pixels random_vits16 random_vitb16; do \
+		HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench run --backbone $$b --dataset synthetic --protocol kmeans,linear,retrieval --results-dir $(DEMO_RESULTS) || exit 1; \
+	done
 	HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench show --backbone pixels --dataset synthetic --protocol kmeans -n 3
 	HF_HUB_OFFLINE=1 $(BIN)/ssl-segbench show --backbone random_vits16 --dataset synthetic --protocol kmeans -n 3
-	$(BIN)/ssl-segbench leaderboard --results-dir $(DEMO_RESULTS) --out leaderboards
+	$(BIN)/ssl-segbench leaderboard --results-dir $(DEMO_RESULTS) --out leaderboards --plots
 	cat leaderboards/synthetic.md
 
 # The CI recipe of the README: the demo benchmark, then the regression gate against the committed baseline.
