@@ -154,3 +154,22 @@ def test_the_site_in_a_real_browser(site, browser, tmp_path):
     shot = tmp_path / "voc.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000 and not _errors(browser)
+
+
+def test_the_committed_demo_site_loads_with_its_thumbnails(browser):
+    """The demo's site as committed (`make demo` regenerates it): no console errors, and every image (plots and the
+    `show` thumbnails) and every link resolves."""
+    from selenium.webdriver.common.by import By
+
+    root = Path(__file__).resolve().parents[1] / "leaderboards" / "site"
+    for page in ("index.html", "synthetic.html"):
+        browser.get((root / page).as_uri())
+        assert not _errors(browser), page
+        images = browser.find_elements(By.TAG_NAME, "img")
+        for img in images:
+            assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img), \
+                img.get_attribute("src")
+        for a in browser.find_elements(By.TAG_NAME, "a"):
+            assert Path(unquote(urlparse(a.get_attribute("href")).path)).is_file(), a.get_attribute("href")
+    assert any("figures/" in img.get_attribute("src") for img in images)  # the show grids as thumbnails
+    assert "Synthetic demo data" in browser.page_source
