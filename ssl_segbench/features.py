@@ -124,7 +124,8 @@ def loader_workers(device: str) -> int:
     return max(1, min(16, len(os.sched_getaffinity(0)) - 1))
 
 
-def _label_dtype(dataset) -> np.dtype:
+def label_dtype(dataset) -> np.dtype:
+    """The smallest integer type that holds every class id and the ignore index of `dataset`."""
     return np.dtype(np.uint8) if max(dataset.num_classes - 1, dataset.ignore_index) <= 255 else np.dtype(np.int16)
 
 
@@ -193,7 +194,7 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
         for turn in ("first", "others") if world.size > 1 else ("first",):
             if (turn == "first") == world.main:  # rank 0 makes the partial entries, then the others open them
                 if "labels" in todo:
-                    writers["labels"] = todo["labels"].writer(shapes, 1, _label_dtype(dataset), rank=world.rank,
+                    writers["labels"] = todo["labels"].writer(shapes, 1, label_dtype(dataset), rank=world.rank,
                                                               world=world.size)
                     made.append(writers["labels"])
                 for f in facets:

@@ -104,6 +104,15 @@ def _check_keys(where: str, value, allowed: set) -> dict:
     return value
 
 
+def _mapping(where: str, value) -> dict:
+    """A mapping with keys of the user's choosing (dataset names, protocol names)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SweepError(f"{where} must be a mapping")
+    return value
+
+
 def _names(where: str, value) -> list[str]:
     if not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
         raise SweepError(f"{where} must be a non-empty list of names")
@@ -117,11 +126,11 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SweepError(f"sweep file {path} not found")
     doc = _check_keys(str(path), yamlload.load(path.read_text(), str(path)), _TOP)
     backbones = _names(f"{path}: backbones", doc.get("backbones"))
-    datasets = _check_keys(f"{path}: datasets", doc.get("datasets"), set(doc.get("datasets") or {}))
+    datasets = _mapping(f"{path}: datasets", doc.get("datasets"))
     if not datasets:
         raise SweepError(f"{path}: datasets must map at least one dataset id to its settings")
     protocols = _names(f"{path}: protocols", doc.get("protocols"))
-    params = _check_keys(f"{path}: params", doc.get("params"), set(doc.get("params") or {}))
+    params = _mapping(f"{path}: params", doc.get("params"))
     run = _check_keys(f"{path}: run", doc.get("run"), _RUN)
     executor = {"kind": "local", "workers": 1, **_check_keys(f"{path}: executor", doc.get("executor"), _EXECUTOR)}
     slurm = {**SLURM_DEFAULTS, **_check_keys(f"{path}: slurm", doc.get("slurm"), set(SLURM_DEFAULTS))}
@@ -136,7 +145,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if seeds is not None:
         common += ["--seeds", ",".join(str(s) for s in seeds) if isinstance(seeds, list) else str(seeds)]
     for proto, values in params.items():
-        for key, value in _check_keys(f"{path}: params.{proto}", values, set(values or {})).items():
+        for key, value in _mapping(f"{path}: params.{proto}", values).items():
             common += ["--param", f"{proto}.{key}={json.dumps(value)}"]
     cells = []
     for name, settings in datasets.items():
@@ -147,8 +156,7 @@ def load_sweep(path: str | Path) -> Sweep:
             argv += ["--data-root", str(s["data_root"])]
         if s.get("split"):
             argv += ["--split", str(s["split"])]
-        for key, value in _check_keys(f"{path}: datasets.{name}.options", s.get("options"),
-                                      set(s.get("options") or {})).items():
+        for key, value in _mapping(f"{path}: datasets.{name}.options", s.get("options")).items():
             argv += ["-o", f"{key}={value}"]
         protos = _names(f"{path}: datasets.{name}.protocols", s["protocols"]) if s.get("protocols") else protocols
         argv += ["--protocol", ",".join(protos)]

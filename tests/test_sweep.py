@@ -64,6 +64,9 @@ def test_sweep_files_are_checked(tmp_path):
     bad.write_text("backbones: [pixels]\ndatasets: {synthetic: {root: x}}\nprotocols: [kmeans]\n")
     with pytest.raises(SweepError, match=r"datasets.synthetic: unknown key\(s\) \['root'\]"):
         load_sweep(bad)
+    bad.write_text("backbones: [pixels]\ndatasets: [{synthetic: {}}]\nprotocols: [kmeans]\n")
+    with pytest.raises(SweepError, match="datasets must be a mapping"):
+        load_sweep(bad)
     bad.write_text("backbones: [pixels]\ndatasets: {synthetic: {}}\nprotocols: [kmeans]\nexecutor: {kind: pbs}\n")
     with pytest.raises(SweepError, match="executor.kind must be one of"):
         load_sweep(bad)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import ArrayStore, Entry, ensure, filling, release_pages
-from ..features import compute_precision
+from ..features import compute_precision, label_dtype
 from ..knn import INDEXES, ApproximateIndex, approximate_search, exact_search, gpu_backend
 from ..metrics import match
 from ..paths import cache_dir, checkpoint_seconds
@@ -189,7 +189,8 @@ def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
         def compute(_todo, tok=tok, lab=lab, epoch=epoch):
             g = size // patch
             tw = tok.writer([(g, g)] * len(ds), ref.spec.embed_dim, np.float16)
-            lw = lab.writer([(size, size)] * len(ds), 1, np.uint8)
+            dtype = label_dtype(ds)  # uint8 unless class ids or the ignore index exceed 255
+            lw = lab.writer([(size, size)] * len(ds), 1, dtype)
             with filling([tw, lw]), progress_bar(len(ds), f"augmented memory crops, epoch {epoch + 1}") as adv:
                 start = min(tw.done, lw.done)
                 adv(start)
@@ -208,7 +209,7 @@ def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
                     t = backbone_tokens(ctx, xs, f"augmented crops of {ds.id}/{ds.split} (retrieval, epoch {epoch})")
                     for j, i in enumerate(idx):
                         tw.write(i, t[j].reshape(g * g, -1).numpy().astype(np.float16))
-                        lw.write(i, ys[j].reshape(-1, 1).astype(np.uint8))
+                        lw.write(i, ys[j].reshape(-1, 1).astype(dtype))
                     adv(len(idx))
                     if time.monotonic() - last > checkpoint_seconds():  # both entries: a resume starts from both
                         tw.checkpoint(idx[-1] + 1)
