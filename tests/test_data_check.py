@@ -87,10 +87,18 @@ def test_suim_masks_with_off_palette_pixels_are_reported(tmp_path):
     muddy[0, :3] = (128, 90, 200)  # three pixels nowhere near a palette colour
     write_rgb_mask(tmp_path / "masks" / "b.bmp", muddy)
     c = console()
-    assert check_dataset(get_dataset("suim", tmp_path), c) == 0  # a warning, not a failure
+    assert check_dataset(get_dataset("suim", tmp_path), c) == 1  # the default refuses them: a problem
     out = text(c)
-    assert row(out, "masks with warnings", "1") and "b.bmp" in out and "3 pixel(s)" in out
-    assert "a.bmp" not in out.split("mask warnings")[1]
+    assert row(out, "problems", "1") and "b.bmp" in out and "has 3 pixel(s)" in out and "off_palette=nearest" in out
+    assert "a.bmp" not in out.split("problems")[-1]
+    # 8 magenta (RI) pixels per mask; b's three muddy ones (one of them on magenta) read at 128 are magenta again
+    for policy, ri, ignored in (("nearest", 18, 0), ("ignore", 15, 3)):  # a warning with the count, not a failure
+        c = console()
+        assert check_dataset(get_dataset("suim", tmp_path, off_palette=policy), c) == 0
+        out = text(c)
+        assert row(out, "masks with warnings", "1") and "b.bmp" in out and "3 pixel(s)" in out
+        assert f"off_palette={policy}" in out and "a.bmp" not in out.split("mask warnings")[1]
+        assert row(out, "5", "RI", str(ri)) and row(out, "255", "(ignore)", str(ignored))
 
 
 def test_cli_exit_codes(folder_root):

@@ -40,8 +40,17 @@ def test_folder_rgb_masks_with_palette_and_splits(tmp_path):
     assert ds.palette.tolist() == PALETTE
     rgb[0, 0] = (1, 2, 3)
     write_rgb_mask(tmp_path / "val" / "masks" / "a.png", rgb)
-    with pytest.raises(DatasetError, match=r"colour\(s\) \[\[1, 2, 3\]\]"):
+    with pytest.raises(DatasetError, match=r"a.png has 1 pixel\(s\) \(16.67 %\) off the 'folder' palette"):
         ds.load_mask(0)
+    # (1, 2, 3) is nearest ground's (10, 10, 10)
+    assert get_dataset("folder", tmp_path, off_palette="nearest").load_mask(0).tolist() == [[0, 1, 2], [2, 1, 0]]
+    assert get_dataset("folder", tmp_path, off_palette="ignore").load_mask(0).tolist() == [[255, 1, 2], [2, 1, 0]]
+    grey = tmp_path / "grey"  # without a palette nothing is decoded by colour: the option is refused, not ignored
+    write_image(grey / "images" / "a.png", *LABELS.shape)
+    write_classes(grey / "classes.yaml")
+    write_labels(grey / "masks" / "a.png", LABELS)
+    with pytest.raises(DatasetError, match="off_palette=ignore does not apply to 'folder' here"):
+        get_dataset("folder", grey, off_palette="ignore")
 
 
 def test_folder_classes_file_may_live_elsewhere_and_is_validated(tmp_path):

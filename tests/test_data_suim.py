@@ -5,11 +5,14 @@ from fixtures_data import shared_data, write_image, write_rgb_mask
 
 from ssl_segbench.data import DatasetError, get_dataset
 
-# one pixel per class colour, then the same classes with compression-like noise on every channel
+# one pixel per class colour, then the same classes with compression-like noise on every channel (each channel within
+# 63 levels of 0 or 255), then the same classes in colours near none of the eight (a channel in 64..191)
 COLOURS = [(0, 0, 0), (0, 0, 255), (0, 255, 0), (0, 255, 255), (255, 0, 0), (255, 0, 255), (255, 255, 0),
            (255, 255, 255)]
-NOISY = [(20, 9, 100), (3, 30, 140), (12, 200, 127), (0, 129, 250), (251, 60, 0), (130, 2, 240), (199, 128, 90),
-         (128, 160, 200)]
+NOISY = [(20, 9, 63), (3, 30, 240), (12, 200, 40), (0, 192, 250), (251, 60, 0), (230, 2, 240), (199, 255, 30),
+         (228, 210, 200)]
+AMBIGUOUS = [(20, 9, 100), (3, 30, 140), (12, 200, 127), (0, 129, 250), (251, 60, 0), (130, 2, 240), (199, 128, 90),
+             (128, 160, 200)]
 FINE = ["BW", "HD", "PF", "WR", "RO", "RI", "FV", "SR"]
 COARSE = ["BW+PF+SR", "HD", "BW+PF+SR", "WR", "RO", "RI", "FV", "BW+PF+SR"]
 
@@ -41,6 +44,22 @@ def test_suim_coarse_groups_background_plants_and_seafloor(suim_root):
     assert names(ds, ds.load_mask(0)) == [COARSE, COARSE]
     assert ds.palette.shape == (6, 3)
     assert ds.palette[ds.class_names.index("HD")].tolist() == [0, 0, 255]
+
+
+def test_suim_colours_near_no_palette_colour_are_refused_or_mapped_as_asked(tmp_path):
+    write_image(tmp_path / "images" / "a.jpg", 1, 8)
+    write_rgb_mask(tmp_path / "masks" / "a.bmp", np.array([AMBIGUOUS], np.uint8))
+    off = [c != (251, 60, 0) for c in AMBIGUOUS]  # the only one with every channel within 63 of 0 or 255
+    with pytest.raises(DatasetError, match=r"a.bmp has 7 pixel\(s\) \(87.50 %\) off the 'suim' palette.*"
+                                           "off_palette=nearest.*off_palette=ignore"):
+        get_dataset("suim", tmp_path).load_mask(0)
+    nearest = get_dataset("suim", tmp_path, off_palette="nearest")
+    assert names(nearest, nearest.load_mask(0)) == [FINE]  # each channel read at 128: the nearest of the eight
+    ignoring = get_dataset("suim", tmp_path, off_palette="ignore")
+    assert ignoring.load_mask(0).tolist() == [[255 if o else FINE.index(c) for o, c in zip(off, FINE)]]
+    assert nearest.describe()["off_palette"] == {"policy": "nearest", "rule": nearest.off_palette_rule, "pixels": 7,
+                                                 "n_masks": 1, "masks": ["a"]}
+    assert len({nearest.content_sha256(), ignoring.content_sha256()}) == 2  # the choice is part of the identity
 
 
 def test_suim_mask_of_other_size_is_an_error_or_resized_when_asked(tmp_path):

@@ -86,11 +86,14 @@ def test_voc_rgb_flat_pairs_decode_every_colour(tmp_path):
     assert ds.load_mask(0).tolist() == [list(range(21)) + [255]]
 
 
-def test_voc_rgb_unknown_colour_is_named(tmp_path):
-    write_image(tmp_path / "1_image.png", 1, 2)
-    write_rgb_mask(tmp_path / "1_target.png", np.array([[(0, 0, 0), (10, 20, 30)]], np.uint8))
-    with pytest.raises(DatasetError, match=r"1_target.png has colour\(s\) \[\[10, 20, 30\]\]"):
+def test_voc_rgb_unknown_colour_is_refused_or_mapped_as_asked(tmp_path):
+    write_image(tmp_path / "1_image.png", 1, 3)
+    # background, then a reddish colour nearest aeroplane (128, 0, 0) and one nearest the boundary (224, 224, 192)
+    write_rgb_mask(tmp_path / "1_target.png", np.array([[(0, 0, 0), (120, 10, 5), (224, 224, 190)]], np.uint8))
+    with pytest.raises(DatasetError, match=r"1_target.png has 2 pixel\(s\) \(66.67 %\) off the 'voc-rgb' palette"):
         get_dataset("voc-rgb", tmp_path).load_mask(0)
+    assert get_dataset("voc-rgb", tmp_path, off_palette="nearest").load_mask(0).tolist() == [[0, 1, 255]]
+    assert get_dataset("voc-rgb", tmp_path, off_palette="ignore").load_mask(0).tolist() == [[0, 255, 255]]
 
 
 # classes in each real sample, read off its target colours with the VOC palette

@@ -20,8 +20,10 @@ def register_dataset(cls: type[SegmentationDataset]) -> type[SegmentationDataset
 
 
 def dataset_options(cls: type[SegmentationDataset]) -> list[str]:
-    """The keyword options a dataset class accepts (e.g. skip_bad, curated_list)."""
-    return [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    """The keyword options a dataset class accepts (e.g. skip_bad, curated_list); off_palette only where masks may be
+    decoded by colour."""
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and (p.name != "off_palette" or cls.colour_masks)]
 
 
 def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = None, **options) -> SegmentationDataset:

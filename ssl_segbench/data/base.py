@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -18,10 +18,22 @@ from ..errors import SegbenchError
 BAD_FILE_FIX = "Re-download or remove this file, or pass --skip-bad to leave it out."
 RESIZE_FIX = ("Re-extract the pair, pass --skip-bad to leave it out, or -o resize_masks=true to resize such masks to "
               "their images (nearest neighbour; the record counts them).")
+OFF_PALETTE_CHOICES = ("refuse", "nearest", "ignore")
+OFF_PALETTE_FIX = ("Repaint the mask(s) in the palette, or pass -o off_palette=nearest (such a pixel takes the class "
+                   "of its nearest palette colour) or -o off_palette=ignore (such pixels are not scored); the record "
+                   "counts them.")
 
 
 class DatasetError(SegbenchError):
     """A dataset root, split or file that cannot be read; the message names the path and the fix."""
+
+
+class ColourLabels(NamedTuple):
+    """A mask decoded by colour: every pixel's class by its nearest palette colour, and where that colour is off the
+    palette (`off`, (H, W) bool). The dataset's ``off_palette`` option decides what becomes of the off pixels."""
+
+    labels: np.ndarray
+    off: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,15 @@ class Sample:
     name: str
     image: Path
     mask: Path | None
+
+
+def is_rgb_file(path: Path) -> bool:
+    """Whether an image file holds RGB(A) colours, read from its header alone."""
+    try:
+        with Image.open(path) as raw:
+            return raw.mode in ("RGB", "RGBA")
+    except (OSError, SyntaxError) as e:
+        raise DatasetError(f"cannot read mask {path}: {e}. " + BAD_FILE_FIX) from e
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -58,6 +79,9 @@ class SegmentationDataset:
       use.
     - ``layout``: the expected on-disk layout, shown in every error about a missing or malformed root.
     - ``version``: bumped whenever decoding or file selection changes, so records made before the change stand out.
+    - ``colour_masks``: masks are (or may be) RGB images decoded by colour in a palette; such a dataset takes
+      ``off_palette`` and its `decode_mask` returns a `ColourLabels` for them. ``off_palette_rule`` says, for messages
+      and records, which colours count as off the palette.
 
     Options every dataset takes:
     - ``skip_bad``: bad input is never skipped silently. By default a missing mask, an unreadable file or an
@@ -66,6 +90,11 @@ class SegmentationDataset:
     - ``resize_masks``: a mask of another size than its image is an error naming both files; with
       ``resize_masks=True`` (``-o resize_masks=true``; SUIM's release has such pairs) it is resized to the image with
       nearest neighbour, and the feature cache's label entry lists the resized samples, which the record reports.
+    - ``off_palette`` (datasets with ``colour_masks``): a mask pixel whose colour is off the palette has no defined
+      class. ``refuse`` (default): `content_sha256` (so a run, before any cache entry or record is looked up) refuses
+      the split naming the masks, their pixel counts and the fix, and loading such a mask is an error naming it;
+      ``nearest``: the pixel takes the class of the nearest palette colour; ``ignore``: it is not scored. The choice
+      is part of the identity, and `describe()` reports it with the pixels and masks it mapped.
 
     Identity: `content_sha256()` covers the bytes of every image and mask (and of files that change decoding, such as
     a classes file), the dataset id, version, split and decoding options: any changed file changes it.
@@ -79,12 +108,22 @@ class SegmentationDataset:
     train_split: ClassVar[str | None] = "train"
     layout: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    colour_masks: ClassVar[bool] = False
+    off_palette_rule: ClassVar[str] = "a colour that is not exactly one of the palette's"
 
     def __init__(self, root: str | Path, split: str | None = None, *, skip_bad: bool = False,
-                 resize_masks: bool = False):
+                 resize_masks: bool = False, off_palette: str = "refuse"):
         self.root = Path(root).expanduser()
         self.skip_bad = skip_bad
         self.resize_masks = bool(resize_masks)
+        if off_palette not in OFF_PALETTE_CHOICES:
+            raise DatasetError(f"option off_palette={off_palette!r} of '{self.id}' is not one of "
+                               f"{', '.join(OFF_PALETTE_CHOICES)}: use -o off_palette=refuse|nearest|ignore")
+        if off_palette != "refuse" and not self.colour_masks:
+            raise DatasetError(f"option off_palette={off_palette} does not apply to '{self.id}' here: it decodes no "
+                               "mask by colour (a palette is needed for that). Leave the option out.")
+        self.off_palette = off_palette
+        self._off_pixels: dict[str, int] = {}  # sample name → off-palette pixels, for every colour mask decoded
         self._content_sha256: str | None = None
         self.notes: list[str] = []  # facts a record should carry (e.g. which list file was used)
         self.skipped: list[tuple[str, str]] = []  # (sample name, problem) left out under skip_bad
@@ -163,8 +202,9 @@ class SegmentationDataset:
                 self.skipped.append((s.name, str(e)))
         self.samples = [s for i, s in enumerate(self.samples) if i not in bad]
 
-    def _read_mask(self, sample: Sample) -> np.ndarray:
-        """Open a mask file and decode it (subclasses whose masks are not images override this)."""
+    def _read_mask(self, sample: Sample) -> np.ndarray | ColourLabels:
+        """Open a mask file and decode it, off-palette pixels not yet settled (subclasses whose masks are not images
+        override this)."""
         try:
             with Image.open(sample.mask) as raw:
                 raw.load()
@@ -210,7 +250,7 @@ class SegmentationDataset:
         s = self.samples[i]
         if s.mask is None:
             raise DatasetError(f"image {s.image} has no mask in '{self.id}' split '{self.split}'.")
-        mask = self._read_mask(s)
+        mask = self._settle(self._read_mask(s), s)
         size = self.image_size(i)
         if mask.shape[::-1] == size:
             return mask, False
@@ -220,13 +260,64 @@ class SegmentationDataset:
         return np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST), dtype=np.int64), True
 
     def check_mask(self, i: int) -> str | None:
-        """A warning about mask i that decoding tolerates but a user should see (`datasets check`), or None."""
-        return None
+        """A warning about mask i (already loaded) that decoding tolerates but a user should see (`datasets check`):
+        off-palette pixels that ``off_palette`` mapped; or None."""
+        n = self._off_pixels.get(self.samples[i].name, 0)
+        if not n:
+            return None
+        how = "given the class of the nearest palette colour" if self.off_palette == "nearest" else "ignored"
+        return (f"{n} pixel(s) off the palette ({self.off_palette_rule}) were {how} (off_palette="
+                f"{self.off_palette}). Check the mask, or re-export it without resampling.")
+
+    # --- off-palette colours ------------------------------------------------------------------------------------
+    def _settle(self, decoded: np.ndarray | ColourLabels, sample: Sample) -> np.ndarray:
+        """Class indices from a decoded mask: a colour mask's off-palette pixels are counted, then refused, kept at
+        the nearest colour's class or set to the ignore index, as ``off_palette`` says."""
+        if not isinstance(decoded, ColourLabels):
+            return decoded
+        n = int(decoded.off.sum())
+        self._off_pixels[sample.name] = n
+        if not n or self.off_palette == "nearest":
+            return decoded.labels
+        if self.off_palette == "ignore":
+            return np.where(decoded.off, self.ignore_index, decoded.labels)
+        raise DatasetError(f"mask {sample.mask} has {n} pixel(s) ({100 * n / decoded.off.size:.2f} %) off the "
+                           f"'{self.id}' palette ({self.off_palette_rule}). " + OFF_PALETTE_FIX)
+
+    def _may_hold_colours(self, sample: Sample) -> bool:
+        """Whether the mask of `sample` may be decoded by colour (a loader whose files say so in their header, such
+        as palette-mode PNGs, overrides this to spare reading them)."""
+        return self.colour_masks
+
+    def off_palette_pixels(self) -> dict[str, int]:
+        """{sample name: off-palette pixels}, in sample order, for every mask of the split that has any; each mask is
+        read once per dataset object (masks already loaded are not read again)."""
+        for s in self.samples:
+            if s.mask is not None and s.name not in self._off_pixels and self._may_hold_colours(s):
+                decoded = self._read_mask(s)
+                self._off_pixels[s.name] = int(decoded.off.sum()) if isinstance(decoded, ColourLabels) else 0
+        return {s.name: self._off_pixels[s.name] for s in self.samples if self._off_pixels.get(s.name)}
+
+    def _require_on_palette(self) -> None:
+        """Under ``off_palette=refuse``, refuse a split whose masks have off-palette pixels, naming the first masks,
+        their counts and how many in all, and the fix."""
+        if self.off_palette != "refuse" or not self.colour_masks:
+            return
+        found = self.off_palette_pixels()
+        if found:
+            paths = {s.name: s.mask for s in self.samples}
+            shown = ", ".join(f"{paths[name]} ({n} pixels)" for name, n in list(found.items())[:5])
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            raise DatasetError(f"{len(found)} mask(s) of '{self.id}' split '{self.split}' under {self.root} have "
+                               f"{sum(found.values())} pixel(s) off the palette ({self.off_palette_rule}), which "
+                               f"have no class: {shown}{more}. " + OFF_PALETTE_FIX)
 
     # --- identity -------------------------------------------------------------------------------------------------
     def decoding_identity(self) -> dict:
-        """The options that change how files become labels; part of `content_sha256`."""
-        return {"resize_masks": self.resize_masks}
+        """The options that change how files become labels; part of `content_sha256`. ``off_palette`` appears only
+        when it maps pixels: under the default a split decodes as it did before the option existed, or is refused."""
+        return {"resize_masks": self.resize_masks,
+                **({"off_palette": self.off_palette} if self.off_palette != "refuse" else {})}
 
     def identity_files(self) -> list[tuple[str, Path]]:
         """Files besides images and masks whose content changes the labels (e.g. a classes file)."""
@@ -241,10 +332,12 @@ class SegmentationDataset:
     def content_sha256(self) -> str:
         """sha256 over the dataset id, version, split, decoding options and the bytes of every image, mask and
         identity file, in sample order: equal values mean the same data decoded the same way (see fingerprint.py for
-        how unchanged files are not read twice)."""
+        how unchanged files are not read twice). A split refused by ``off_palette`` has none (see
+        `_require_on_palette`)."""
         if self._content_sha256 is None:
             from ..fingerprint import content_sha256
 
+            self._require_on_palette()
             header = {"id": self.id, "version": self.version, "split": self.split,
                       "decoding": self.decoding_identity()}
             files: list[tuple[str, Path | None]] = []
@@ -275,4 +368,11 @@ class SegmentationDataset:
             "n_skipped": len(self.skipped),
             "skipped": [name for name, _ in self.skipped],
             "notes": list(self.notes),
+            **({"off_palette": self.describe_off_palette()} if self.colour_masks else {}),
         }
+
+    def describe_off_palette(self) -> dict:
+        """The ``off_palette`` choice with what it mapped: pixels and masks (names)."""
+        found = self.off_palette_pixels()
+        return {"policy": self.off_palette, "rule": self.off_palette_rule, "pixels": sum(found.values()),
+                "n_masks": len(found), "masks": list(found)}

@@ -1,8 +1,10 @@
 """`ssl-segbench datasets check` (validate a dataset on disk before spending compute on it) and `list datasets`.
 
 `check_dataset` reads every image and mask of a split once: each image must decode and have its mask, the mask must
-decode at the image's size (or be resized where `-o resize_masks=true` allows it), and every label must be a class
-index or the ignore index. It prints counts and a class histogram and returns non-zero with the offending files listed.
+decode at the image's size (or be resized where `-o resize_masks=true` allows it), every label must be a class
+index or the ignore index, and a colour mask must hold no colour off the palette (a warning, with the count, where
+`-o off_palette=nearest|ignore` maps them). It prints counts and a class histogram and returns non-zero with the
+offending files listed.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from rich.table import Table
 
 from ..progress import out
 from . import DATASETS, HF_PREFIX, dataset_options, get_dataset
-from .base import DatasetError, SegmentationDataset
+from .base import OFF_PALETTE_CHOICES, DatasetError, SegmentationDataset
 from .hf import HFDataset
 
 EXIT_OK, EXIT_BAD_FILES, EXIT_UNOPENABLE = 0, 1, 2
@@ -88,6 +90,10 @@ def check_dataset(dataset: SegmentationDataset, console: Console | None = None, 
     else:
         res = _scan(dataset, None)
 
+    try:
+        digest = dataset.content_sha256()
+    except DatasetError as e:  # a split refused as a whole (off-palette masks): its masks are listed as problems
+        digest = f"none: {e}"
     summary = Table(title=f"{dataset.id} / {dataset.split}", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
@@ -95,7 +101,7 @@ def check_dataset(dataset: SegmentationDataset, console: Console | None = None, 
                        ("images without mask (unlabelled split)", res["unlabelled"]),
                        ("skipped (skip_bad)", len(dataset.skipped)), ("masks resized", len(res["resized"])),
                        ("masks with warnings", len(res["warnings"])), ("problems", len(res["problems"])),
-                       ("content_sha256", dataset.content_sha256())):
+                       ("content_sha256", digest)):
         summary.add_row(key, escape(str(value)))
     for note in dataset.notes:
         summary.add_row("note", escape(note))
@@ -150,6 +156,12 @@ def run_check(args: argparse.Namespace, console: Console | None = None) -> int:
     return check_dataset(dataset, console, fail_on_skipped=not args.skip_bad)
 
 
+def _options(cls) -> str:
+    """The options column of `list datasets`; off_palette with its choices."""
+    return ", ".join("off_palette=" + "|".join(OFF_PALETTE_CHOICES) if o == "off_palette" else o
+                     for o in dataset_options(cls) if o != "repo")
+
+
 def run_list(args: argparse.Namespace, console: Console | None = None) -> int:
     """Handler of `list datasets`: every dataset id with its classes, splits, options and the folder it is read from
     when no --data-root is given."""
@@ -163,9 +175,8 @@ def run_list(args: argparse.Namespace, console: Console | None = None) -> int:
         cls = DATASETS[name]
         where = "generated in the cache" if getattr(cls, "default_root", None) else str(data_dir() / name)
         table.add_row(name, str(len(cls.class_names)) if cls.class_names else "from classes file",
-                      ", ".join(cls.splits) or "from folders", ", ".join(dataset_options(cls)), escape(where))
-    table.add_row(escape(f"{HF_PREFIX}<org>/<name>"), "from classes file", "from the dataset",
-                  ", ".join(o for o in dataset_options(HFDataset) if o != "repo"),
+                      ", ".join(cls.splits) or "from folders", _options(cls), escape(where))
+    table.add_row(escape(f"{HF_PREFIX}<org>/<name>"), "from classes file", "from the dataset", _options(HFDataset),
                   escape(f"the Hub cache, or {data_dir() / safe_component('hf:<org>/<name>')}"))
     console.print(table)
     return EXIT_OK

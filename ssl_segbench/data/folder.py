@@ -3,7 +3,8 @@
 Layout: either `<root>/{images,masks}` (split 'all') or `<root>/<split>/{images,masks}` for each split, and
 `<root>/classes.yaml` (or .yml / .json; or any file given as ``classes=PATH``) with `names: [...]`, optional
 `ignore_index` (default 255) and optional `palette: [[r,g,b], ...]` (then RGB masks are decoded by exact colour; an
-unknown colour is an error). Integer masks (8/16-bit grey or palette-mode PNGs) carry class indices directly.
+unknown colour is refused unless ``off_palette`` maps it). Integer masks (8/16-bit grey or palette-mode PNGs) carry
+class indices directly.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from .. import yamlload
 from . import register_dataset
-from .base import DatasetError, Sample, SegmentationDataset
+from .base import ColourLabels, DatasetError, Sample, SegmentationDataset, is_rgb_file
 from .labels import decode_colours
 
 _EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -52,14 +53,14 @@ def read_classes_file(path: Path) -> tuple[tuple[str, ...], int, np.ndarray | No
 
 
 def decode_user_mask(raw: Image.Image | np.ndarray, num_classes: int, ignore_index: int, palette: np.ndarray | None,
-                     path: str | Path) -> np.ndarray:
+                     path: str | Path) -> np.ndarray | ColourLabels:
     """Integer mask (grey / palette-mode / 2-D array) → indices checked against 0..C-1 and ignore; an RGB mask is
-    decoded by exact colour when a palette is given."""
+    decoded by colour when a palette is given (`ColourLabels`: the dataset's off_palette settles unknown colours)."""
     if isinstance(raw, Image.Image) and raw.mode in ("RGB", "RGBA"):
         if palette is None:
             raise DatasetError(f"mask {path} is RGB: give a palette in the classes file to decode colours, or store "
                                "integer labels (grey or palette-mode PNG)")
-        return decode_colours(np.asarray(raw.convert("RGB")), palette, np.arange(num_classes), path, "classes-file")
+        return decode_colours(np.asarray(raw.convert("RGB")), palette, np.arange(num_classes))
     if isinstance(raw, Image.Image) and raw.mode not in ("L", "P", "I", "I;16"):
         raise DatasetError(f"mask {path} has mode {raw.mode}: expected integer labels (L/P/I PNG) or RGB with "
                            "a palette")
@@ -82,8 +83,10 @@ class Folder(SegmentationDataset):
               "  <root>/images/*.png|jpg  <root>/masks/*.png   (split 'all')\n"
               "  or <root>/<split>/images, <root>/<split>/masks for each split")
 
+    colour_masks = True  # with a palette in the classes file (then per dataset: see __init__)
+
     def __init__(self, root, split=None, *, skip_bad: bool = False, resize_masks: bool = False,
-                 classes: str | Path | None = None):
+                 off_palette: str = "refuse", classes: str | Path | None = None):
         root = Path(root).expanduser()
         path = Path(classes).expanduser() if classes is not None else find_classes_file(root)
         if path is None:
@@ -92,7 +95,8 @@ class Folder(SegmentationDataset):
             raise DatasetError(f"{problem}.\nExpected layout for 'folder':\n{self.layout}")
         self.class_names, self.ignore_index, self._palette = read_classes_file(path)
         self.classes_file = path
-        super().__init__(root, split, skip_bad=skip_bad, resize_masks=resize_masks)
+        self.colour_masks = self._palette is not None
+        super().__init__(root, split, skip_bad=skip_bad, resize_masks=resize_masks, off_palette=off_palette)
         self.notes.append(f"classes file: {path}")
 
     def available_splits(self) -> list[str]:
@@ -117,5 +121,8 @@ class Folder(SegmentationDataset):
         images = {p.stem: p for p in (d / "images").glob("*") if p.suffix.lower() in _EXTS}
         return self._pair(images, masks, d / "masks")
 
-    def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray:
+    def _may_hold_colours(self, sample: Sample) -> bool:
+        return self.colour_masks and is_rgb_file(sample.mask)
+
+    def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray | ColourLabels:
         return decode_user_mask(raw, self.num_classes, self.ignore_index, self._palette, sample.mask)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .base import DatasetError, Sample, SegmentationDataset
+from .base import ColourLabels, DatasetError, Sample, SegmentationDataset
 from .folder import decode_user_mask, find_classes_file, read_classes_file
 
 
@@ -27,11 +27,12 @@ class HFDataset(SegmentationDataset):
               "      options revision=<sha|tag> (required), image_column=image, mask_column=mask, classes=FILE\n"
               "  --data-root DIR: a save_to_disk folder (dataset_dict.json / state.json) or a local copy of the repo,\n"
               "      with classes.yaml|json in DIR or classes=FILE")
+    colour_masks = True  # with a palette in the classes file (then per dataset: see __init__)
 
     def __init__(self, root, split=None, *, repo: str, revision: str | None = None, config: str | None = None,
                  image_column: str = "image", mask_column: str = "mask", name_column: str | None = None,
                  classes: str | Path | list[str] | None = None, cache_dir: str | Path | None = None,
-                 skip_bad: bool = False, resize_masks: bool = False):
+                 skip_bad: bool = False, resize_masks: bool = False, off_palette: str = "refuse"):
         self.id = f"hf:{repo}"
         self.repo, self.revision = repo, revision
         self.image_column, self.mask_column, self.name_column = image_column, mask_column, name_column
@@ -46,7 +47,8 @@ class HFDataset(SegmentationDataset):
         if local is None:
             import datasets
             local = Path(cache_dir or datasets.config.HF_DATASETS_CACHE)
-        super().__init__(local, split, skip_bad=skip_bad, resize_masks=resize_masks)
+        self.colour_masks = self._palette is not None
+        super().__init__(local, split, skip_bad=skip_bad, resize_masks=resize_masks, off_palette=off_palette)
 
     def _open(self, local: Path | None, config: str | None, cache_dir) -> tuple[dict, str]:
         import datasets
@@ -134,7 +136,7 @@ class HFDataset(SegmentationDataset):
     def image_size(self, i: int) -> tuple[int, int]:
         return self.load_image(i).size
 
-    def _read_mask(self, sample: Sample) -> np.ndarray:
+    def _read_mask(self, sample: Sample) -> np.ndarray | ColourLabels:
         value = self._cell(self._masks, self.mask_column, sample.name)
         return decode_user_mask(value if isinstance(value, Image.Image) else np.asarray(value), self.num_classes,
                                 self.ignore_index, self._palette, sample.mask)
@@ -151,6 +153,7 @@ class HFDataset(SegmentationDataset):
         if self._content_sha256 is None:
             from ..fingerprint import content_sha256
 
+            self._require_on_palette()
             ds = self._splits[self.split]
             arrow = [Path(f["filename"]) for f in ds.cache_files]
             header = {"id": self.id, "version": self.version, "split": self.split,

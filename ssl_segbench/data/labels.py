@@ -1,8 +1,9 @@
-"""Vectorised label decoding shared by the loaders: lookup tables for id mappings and exact-colour tables for RGB masks.
+"""Vectorised label decoding shared by the loaders: lookup tables for id mappings and palette tables for RGB masks.
 
 A lookup table (LUT) has one entry per raw value 0..255: the class index, the ignore index, or ``INVALID`` for a value
 the dataset does not define. Decoding is one fancy-indexing step; an invalid or out-of-table value is an error naming
-the file.
+the file. An RGB mask is decoded against a palette into `ColourLabels`: the dataset's ``off_palette`` option settles the
+pixels whose colour is not in it.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetError
+from .base import ColourLabels, DatasetError
 
 INVALID = -1
 
@@ -44,19 +45,20 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, path: str | Path, what: str) -> 
     return out
 
 
-def decode_colours(rgb: np.ndarray, colours: np.ndarray, values: np.ndarray, path: str | Path, what: str) -> np.ndarray:
-    """(H, W, 3) exact colours → `values[k]` where pixel == `colours[k]`; an unknown colour raises DatasetError."""
+def decode_colours(rgb: np.ndarray, colours: np.ndarray, values: np.ndarray) -> ColourLabels:
+    """(H, W, 3) colours → `values[k]` of the palette colour `colours[k]` equal to the pixel or, for a pixel off the
+    palette (marked in `off`), nearest to it (Euclidean in RGB; the first such colour on a tie)."""
     rgb = np.asarray(rgb)[..., :3].astype(np.int64)
     code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
     table = np.asarray(colours, dtype=np.int64)
     table_code = (table[:, 0] << 16) | (table[:, 1] << 8) | table[:, 2]
-    order = np.argsort(table_code)
+    order = np.argsort(table_code, kind="stable")
     sorted_code = table_code[order]
     pos = np.clip(np.searchsorted(sorted_code, code), 0, len(order) - 1)
-    found = sorted_code[pos] == code
-    if not found.all():
-        unknown = np.unique(rgb[~found].reshape(-1, 3), axis=0)
-        raise DatasetError(f"mask {path} has colour(s) {unknown[:5].tolist()} that are not in the {what} palette "
-                           f"({int((~found).sum())} pixels). A resampled or JPEG-compressed mask loses exact colours: "
-                           "use the original PNG, or pass --skip-bad to leave it out.")
-    return np.asarray(values, dtype=np.int64)[order[pos]]
+    index = order[pos]
+    off = sorted_code[pos] != code
+    if off.any():
+        unknown, inverse = np.unique(rgb[off].reshape(-1, 3), axis=0, return_inverse=True)
+        dist = ((unknown[:, None, :] - table[None, :, :]) ** 2).sum(-1)
+        index[off] = dist.argmin(1)[inverse.ravel()]
+    return ColourLabels(np.asarray(values, dtype=np.int64)[index], off)

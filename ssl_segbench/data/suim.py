@@ -5,21 +5,24 @@ import numpy as np
 from PIL import Image
 
 from . import register_dataset
-from .base import Sample, SegmentationDataset
+from .base import ColourLabels, Sample, SegmentationDataset
 
 SUIM_CLASSES = ("BW", "HD", "PF", "WR", "RO", "RI", "FV", "SR")
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 # a channel in this band is more than 63 levels away from both 0 and 255: no compression noise moves a palette colour
-# that far, so such a pixel's class is a guess (`datasets check` lists the masks that have them)
+# that far, so such a pixel's class is a guess, not absorbed noise: it is off the palette (see `off_palette`)
 OFF_PALETTE_LOW, OFF_PALETTE_HIGH = 64, 191
 
 
-def decode_suim_rgb(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) colours → class index R·4 + G·2 + B, each channel read as one bit (value ≥ 128), which absorbs the
-    compression noise in the released masks (DATASETS.md; the DatUS² decoder's exact-colour matching loses PF and
-    SR)."""
-    bits = (rgb[..., :3] >= 128).astype(np.int64)
-    return bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]
+def decode_suim_rgb(rgb: np.ndarray) -> ColourLabels:
+    """(H, W, 3) colours → class index R·4 + G·2 + B, each channel read as one bit (value ≥ 128, the authors'
+    threshold), which absorbs the compression noise in the released masks (DATASETS.md; the DatUS² decoder's
+    exact-colour matching loses PF and SR). The bits are the nearest of the eight colours; a pixel with a channel in
+    [OFF_PALETTE_LOW, OFF_PALETTE_HIGH] is near none of them and marked off the palette."""
+    rgb = np.asarray(rgb)[..., :3]
+    bits = (rgb >= 128).astype(np.int64)
+    off = ((rgb >= OFF_PALETTE_LOW) & (rgb <= OFF_PALETTE_HIGH)).any(-1)
+    return ColourLabels(bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2], off)
 
 
 @register_dataset
@@ -37,6 +40,9 @@ class SUIM(SegmentationDataset):
               "  <root>/TEST/images/*.jpg        <root>/TEST/masks/*.bmp        (split 'test')\n"
               "  or <root>/images + <root>/masks directly (read as split 'test')")
     _split_dirs = {"train": ("train_val", "train"), "test": ("TEST", "test", "data/test")}
+    colour_masks = True
+    off_palette_rule = (f"a channel within {OFF_PALETTE_LOW}..{OFF_PALETTE_HIGH}, more than 63 levels from both 0 and "
+                        "255: read at 128 its class would be a guess")
 
     def _split_dir(self, split: str):
         if split == "test" and (self.root / "images").is_dir() and (self.root / "masks").is_dir():
@@ -62,23 +68,8 @@ class SUIM(SegmentationDataset):
         idx = np.arange(len(SUIM_CLASSES))
         return (np.stack([(idx >> 2) & 1, (idx >> 1) & 1, idx & 1], axis=1) * 255).astype(np.uint8)
 
-    def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray:
+    def decode_mask(self, raw: Image.Image, sample: Sample) -> ColourLabels:
         return decode_suim_rgb(np.asarray(raw.convert("RGB")))
-
-    def check_mask(self, i: int) -> str | None:
-        """Pixels whose colour is not near any of the eight palette colours: some channel lies in the ambiguous band
-        [OFF_PALETTE_LOW, OFF_PALETTE_HIGH], where the per-channel bit read at 128 is a guess rather than the absorbed
-        compression noise it is meant for."""
-        path = self.samples[i].mask
-        with Image.open(path) as raw:
-            rgb = np.asarray(raw.convert("RGB"))
-        far = ((rgb >= OFF_PALETTE_LOW) & (rgb <= OFF_PALETTE_HIGH)).any(-1)
-        n = int(far.sum())
-        if not n:
-            return None
-        return (f"{n} pixel(s) ({100 * n / far.size:.2f} %) are not near a SUIM palette colour (a channel within "
-                f"{OFF_PALETTE_LOW}..{OFF_PALETTE_HIGH}); they are decoded by thresholding each channel at 128, which "
-                "may be wrong. Check the mask, or re-export it without resampling.")
 
 
 # DatUS² coarse grouping: the five object classes of SUIM and everything else (waterbody, plants, sea-floor) together.
@@ -101,5 +92,6 @@ class SUIMCoarse(SUIM):
         fine = super().palette
         return np.stack([fine[SUIM_CLASSES.index(c)] for c in SUIM_COARSE_CLASSES[:5]] + [fine[0]])
 
-    def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray:
-        return _FINE_TO_COARSE[super().decode_mask(raw, sample)]
+    def decode_mask(self, raw: Image.Image, sample: Sample) -> ColourLabels:
+        fine = super().decode_mask(raw, sample)
+        return fine._replace(labels=_FINE_TO_COARSE[fine.labels])

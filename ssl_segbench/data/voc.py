@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from . import register_dataset
-from .base import DatasetError, Sample, SegmentationDataset, voc_palette
+from .base import ColourLabels, DatasetError, Sample, SegmentationDataset, is_rgb_file, voc_palette
 from .labels import apply_lut, build_lut, decode_colours
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -19,13 +19,13 @@ _COLOURS = np.vstack([voc_palette(len(VOC_CLASSES)), [BOUNDARY_COLOUR]])
 _COLOUR_VALUES = np.array(list(range(len(VOC_CLASSES))) + [255])
 
 
-def decode_voc(raw: Image.Image, path: str | Path) -> np.ndarray:
-    """A VOC target → class indices: palette/grey PNGs carry the index itself, RGB renderings are read by exact colour
-    in the VOC palette with (224, 224, 192) = boundary = 255."""
+def decode_voc(raw: Image.Image, path: str | Path) -> np.ndarray | ColourLabels:
+    """A VOC target → class indices: palette/grey PNGs carry the index itself, RGB renderings are read by colour in the
+    VOC palette with (224, 224, 192) = boundary = 255 (`ColourLabels`: the dataset's off_palette settles the rest)."""
     if raw.mode in ("P", "L"):
         return apply_lut(np.asarray(raw), VOC_LUT, path, "PASCAL VOC")
     if raw.mode in ("RGB", "RGBA"):
-        return decode_colours(np.asarray(raw.convert("RGB")), _COLOURS, _COLOUR_VALUES, path, "PASCAL VOC")
+        return decode_colours(np.asarray(raw.convert("RGB")), _COLOURS, _COLOUR_VALUES)
     raise DatasetError(f"mask {path} has mode {raw.mode}: expected a palette PNG (VOC) or an RGB rendering of one")
 
 
@@ -44,6 +44,7 @@ class VOC(SegmentationDataset):
               "  <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt\n"
               "  <root>/VOCdevkit/VOC2012/SegmentationClassAug/*.png       (for trainaug; list trainaug.txt optional)")
     _aug_lists = ("trainaug.txt", "train_aug.txt")
+    colour_masks = True  # RGB renderings; palette PNGs (the devkit's) hold indices and are never off the palette
 
     @property
     def voc_dir(self) -> Path:
@@ -80,15 +81,18 @@ class VOC(SegmentationDataset):
         ids, mask_dir = self._ids()
         return self._pair_listed(ids, self.voc_dir / "JPEGImages", mask_dir)
 
-    def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray:
+    def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray | ColourLabels:
         return decode_voc(raw, sample.mask)
+
+    def _may_hold_colours(self, sample: Sample) -> bool:
+        return is_rgb_file(sample.mask)  # the devkit's palette PNGs are not decoded to learn they hold indices
 
 
 @register_dataset
 class VOCRGB(VOC):
     """`voc-rgb`: VOC targets rendered as RGB images in the VOC palette, as flat pairs `<root>/<name>_image.<ext>` and
     `<root>/<name>_target.png` (the layout of ../shared/data/voc_sample), read as the single split 'all'. Colours are
-    matched exactly; (224, 224, 192) is the boundary (ignore) and any other colour is an error."""
+    matched exactly; (224, 224, 192) is the boundary (ignore); any other colour is off the palette (``off_palette``)."""
 
     id = "voc-rgb"
     splits = ("all",)
