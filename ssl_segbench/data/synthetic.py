@@ -6,6 +6,7 @@ classes only partly, local texture separates them well. Images are JPEGs and mas
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import write_guard
 from ..paths import cache_dir
 from . import register_dataset
 from .suim import SUIM
@@ -51,32 +53,46 @@ def _render(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarr
 
 def generate_synthetic(root: str | Path, n_train: int = 120, n_test: int = 60, size: tuple[int, int] = (256, 192),
                        seed: int = 0) -> Path:
-    """Write the dataset under `root` (train_val/ and TEST/, SUIM layout) atomically; a complete root is left as is."""
+    """Write the dataset under `root` (train_val/ and TEST/, SUIM layout); a complete root is left as is.
+
+    It is generated into a temporary folder beside `root` and renamed into place with its `.complete` marker, under a
+    lock (`<root>.lock`), so a root without the marker is never left; the lock holder first removes what a killed
+    generator left (temporary folders, an incomplete root). A write that fails (full disk, unwritable cache) is a
+    one-line `WriteError` naming the folder, with the temporary folder removed."""
     root = Path(root)
     if (root / ".complete").exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
-    try:
-        rng = np.random.default_rng(seed)
-        for split_dir, n in (("train_val", n_train), ("TEST", n_test)):
-            (tmp / split_dir / "images").mkdir(parents=True)
-            (tmp / split_dir / "masks").mkdir(parents=True)
-            for i in range(n):
-                image, label = _render(rng, *size)
-                name = f"syn_{split_dir.lower()}_{i:05d}"
-                Image.fromarray(image).save(tmp / split_dir / "images" / f"{name}.jpg", quality=92)
-                bits = np.stack([(label >> 2) & 1, (label >> 1) & 1, label & 1], axis=-1).astype(np.uint8) * 255
-                Image.fromarray(bits).save(tmp / split_dir / "masks" / f"{name}.bmp")
-        (tmp / ".complete").write_text(f"generator v{GENERATOR_VERSION} seed {seed}\n")
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished first
-            if not (root / ".complete").exists():
+    with write_guard(root, "synthetic dataset folder (in the cache; SSL_SEGBENCH_CACHE moves it)"):
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.parent / f"{root.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed holder dies
+            if (root / ".complete").exists():  # another process generated it meanwhile
+                return root
+            for stale in [*root.parent.glob(f"{root.name}.tmp-*"), root]:
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+            try:
+                _write_synthetic(tmp, n_train, n_test, size, seed)
+                os.rename(tmp, root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _write_synthetic(folder: Path, n_train: int, n_test: int, size: tuple[int, int], seed: int) -> None:
+    """Every image and mask of the dataset into `folder`, then its `.complete` marker."""
+    rng = np.random.default_rng(seed)
+    for split_dir, n in (("train_val", n_train), ("TEST", n_test)):
+        (folder / split_dir / "images").mkdir(parents=True)
+        (folder / split_dir / "masks").mkdir(parents=True)
+        for i in range(n):
+            image, label = _render(rng, *size)
+            name = f"syn_{split_dir.lower()}_{i:05d}"
+            Image.fromarray(image).save(folder / split_dir / "images" / f"{name}.jpg", quality=92)
+            bits = np.stack([(label >> 2) & 1, (label >> 1) & 1, label & 1], axis=-1).astype(np.uint8) * 255
+            Image.fromarray(bits).save(folder / split_dir / "masks" / f"{name}.bmp")
+    (folder / ".complete").write_text(f"generator v{GENERATOR_VERSION} seed {seed}\n")
 
 
 @register_dataset
