@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import scipy.io
-from fixtures_data import shared_data, write_image, write_labels
+from fixtures_data import shared_data, write_image, write_labels, write_rgb_mask
 from PIL import Image
 
 from ssl_segbench.data import DatasetError, get_dataset
@@ -96,6 +96,21 @@ def test_mmseg_png_layout_without_zero_label(mmseg_root):
     write_labels(root / "ann_dir" / "val" / "2_10_0_0_512_512.png", ann)
     with pytest.raises(DatasetError, match=r"\[6\]"):
         ds.load_mask(0)
+
+
+def test_isprs_rgb_label_png_is_read_by_colour(tmp_path):
+    # ISPRS's colour code: impervious white, building blue, low vegetation cyan, tree green, car yellow, clutter red,
+    # black boundary; then a reddish colour off the palette, nearest clutter's red
+    rgb = np.array([[(255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0)],
+                    [(255, 255, 0), (255, 0, 0), (0, 0, 0), (230, 20, 10)]], np.uint8)
+    write_image(tmp_path / "img_dir" / "a.png", 2, 4)
+    write_rgb_mask(tmp_path / "ann_dir" / "a.png", rgb)
+    with pytest.raises(DatasetError, match=r"a.png has 1 pixel\(s\) \(12.50 %\) off the 'potsdam3' palette"):
+        get_dataset("potsdam3", tmp_path).load_mask(0)
+    want = [group for _, group in SIX] + [None]
+    for policy, last in (("nearest", BUILDINGS), ("ignore", None)):
+        ds = get_dataset("potsdam3", tmp_path, off_palette=policy)
+        assert named(ds, ds.load_mask(0)) == want + [last]
 
 
 def test_real_potsdam_tile_has_three_classes_and_red_roofs():

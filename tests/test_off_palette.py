@@ -83,13 +83,15 @@ def test_ignore_and_nearest_map_the_block_as_hand_computed_under_different_keys(
 
 
 def test_every_colour_decoder_refuses_split_wide_naming_the_first_masks_and_how_many(tmp_path):
-    """One mechanism for SUIM, its coarse view, VOC renderings and user palettes: 7 dirty masks, 5 named, 2 more."""
+    """One mechanism for SUIM, its coarse view, VOC renderings, user palettes and ISPRS's Potsdam colours: 7 dirty
+    masks, 5 named, 2 more."""
     folder_palette = [[10, 10, 10], [200, 0, 0], [0, 0, 200]]
     layouts = {
         "suim": (lambda r, n: (r / "images" / f"{n}.jpg", r / "masks" / f"{n}.bmp"), (0, 0, 0), BLOCK),
         "suim-coarse": (lambda r, n: (r / "images" / f"{n}.jpg", r / "masks" / f"{n}.bmp"), (0, 0, 0), BLOCK),
         "voc-rgb": (lambda r, n: (r / f"{n}_image.png", r / f"{n}_target.png"), (128, 0, 0), (120, 10, 5)),
         "folder": (lambda r, n: (r / "images" / f"{n}.png", r / "masks" / f"{n}.png"), (200, 0, 0), (1, 2, 3)),
+        "potsdam3": (lambda r, n: (r / "img_dir" / f"{n}.png", r / "ann_dir" / f"{n}.png"), (0, 0, 255), (9, 9, 240)),
     }
     for dataset_id, (paths, good, bad) in layouts.items():
         root = tmp_path / dataset_id
@@ -136,9 +138,9 @@ def test_the_option_is_listed_and_refused_where_nothing_is_decoded_by_colour(tmp
     console = Console(width=400, record=True)
     run_list(argparse.Namespace(), console)
     rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 3}
-    for dataset_id in ("suim", "suim-coarse", "synthetic", "voc", "voc-rgb", "folder"):
+    for dataset_id in ("suim", "suim-coarse", "synthetic", "voc", "voc-rgb", "folder", "potsdam3"):
         assert "off_palette=refuse|nearest|ignore" in rows[dataset_id], dataset_id
-    for dataset_id in ("cityscapes27", "ade20k", "camvid", "potsdam3"):
+    for dataset_id in ("cityscapes27", "ade20k", "camvid"):
         assert "off_palette" not in rows[dataset_id], dataset_id
     with pytest.raises(DatasetError, match=r"'camvid' takes no option\(s\) \['off_palette'\]"):
         get_dataset("camvid", tmp_path, off_palette="nearest")

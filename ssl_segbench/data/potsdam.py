@@ -9,6 +9,9 @@ Two layouts are read:
   mmsegmentation undoes with reduce_zero_label. ../shared/data/potsdam_sample is in this encoding: its 0 pixels are
   thin outlines around objects, 1 covers the street, 2 the roofs, 5 the cars. Converters that write 0-5 with 255 for
   the boundary exist too: read those with ``reduce_zero_label=False``.
+RGB mask PNGs in ISPRS's own colour code (its `5_Labels_all` images: impervious surfaces white, building blue, low
+vegetation cyan, tree green, car yellow, clutter red; black = the eroded labels' boundary, ignored) are read by colour;
+a colour off that palette is settled by ``off_palette``.
 """
 from __future__ import annotations
 
@@ -19,13 +22,16 @@ import scipy.io
 from PIL import Image
 
 from . import register_dataset
-from .base import BAD_FILE_FIX, DatasetError, Sample, SegmentationDataset
-from .labels import apply_lut, build_lut
+from .base import BAD_FILE_FIX, ColourLabels, DatasetError, Sample, SegmentationDataset, is_rgb_file
+from .labels import apply_lut, build_lut, decode_colours
 
 POTSDAM3_CLASSES = ("roads and cars", "buildings and clutter", "trees and vegetation")
 _COARSE = {0: (0, 4), 1: (1, 5), 2: (2, 3)}  # over the 6-class indices
 SIX_TO_3 = build_lut(_COARSE, ignore=(255,))
 MMSEG_TO_3 = build_lut({c: [v + 1 for v in six] for c, six in _COARSE.items()}, ignore=(0, 255))
+ISPRS_COLOURS = np.array([(255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0),
+                          (0, 0, 0)])  # the 6 classes in IIC's order, then the boundary
+_ISPRS_VALUES = np.append(SIX_TO_3[:6], 255)
 STEGO_SPLITS = {"train": ("labelled_train.txt",), "unlabelled_train": ("unlabelled_train.txt",),
                 "val": ("labelled_test.txt",), "train+val": ("labelled_train.txt", "labelled_test.txt"),
                 "all": ("all.txt",)}
@@ -57,10 +63,12 @@ class Potsdam3(SegmentationDataset):
               "  mmseg:  <root>/img_dir/{train,val}/*.png  <root>/ann_dir/{train,val}/*.png  (0 boundary, 1-6)\n"
               "          or <root>/img_dir/*.png  <root>/ann_dir/*.png  (split 'all')")
 
+    colour_masks = True  # ISPRS's RGB label PNGs
+
     def __init__(self, root, split=None, *, skip_bad: bool = False, resize_masks: bool = False,
-                 reduce_zero_label: bool = True):
+                 off_palette: str = "refuse", reduce_zero_label: bool = True):
         self.reduce_zero_label = reduce_zero_label
-        super().__init__(root, split, skip_bad=skip_bad, resize_masks=resize_masks)
+        super().__init__(root, split, skip_bad=skip_bad, resize_masks=resize_masks, off_palette=off_palette)
         self.notes.append(f"layout: {'STEGO .mat' if self._stego_dir() else 'mmsegmentation png'}")
 
     @property
@@ -132,7 +140,12 @@ class Potsdam3(SegmentationDataset):
     def decoding_identity(self) -> dict:
         return {**super().decoding_identity(), "reduce_zero_label": bool(self.reduce_zero_label)}
 
-    def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray:
+    def _may_hold_colours(self, sample: Sample) -> bool:
+        return sample.mask.suffix != ".mat" and is_rgb_file(sample.mask)
+
+    def decode_mask(self, raw: Image.Image, sample: Sample) -> np.ndarray | ColourLabels:
+        if raw.mode in ("RGB", "RGBA"):
+            return decode_colours(np.asarray(raw.convert("RGB")), ISPRS_COLOURS, _ISPRS_VALUES)
         if self.reduce_zero_label:
             return apply_lut(np.asarray(raw), MMSEG_TO_3, sample.mask, "Potsdam (mmsegmentation: 0 ignore, 1-6)")
         return apply_lut(np.asarray(raw), SIX_TO_3, sample.mask, "Potsdam (0-5, 255 ignore)")
