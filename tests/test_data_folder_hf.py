@@ -115,6 +115,23 @@ def test_hf_missing_column_is_named(saved):
         get_dataset("hf:acme/streets", root, image_column="pixel_values")
 
 
+def test_hf_rgb_masks_off_the_palette_are_refused_or_mapped(tmp_path):
+    rgb = np.array([[PALETTE[v] for v in row] for row in [[0, 1, 2], [2, 1, 0]]], np.uint8)
+    rgb[1, 2] = (190, 20, 0)  # nearest car's (200, 0, 0)
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+    split = datasets.Dataset.from_dict({"image": [Image.fromarray(rgb)], "mask": [Image.fromarray(rgb)]},
+                                       features=features)
+    root = tmp_path / "rgb"
+    datasets.DatasetDict({"validation": split}).save_to_disk(str(root))
+    write_classes(root / "classes.yaml", palette=PALETTE)
+    with pytest.raises(DatasetError, match=r"1 mask\(s\) of 'hf:acme/rgb' .* 1 pixel\(s\) off the palette"):
+        get_dataset("hf:acme/rgb", root).content_sha256()
+    ignoring = get_dataset("hf:acme/rgb", root, off_palette="ignore")
+    assert ignoring.load_mask(0).tolist() == [[0, 1, 2], [2, 1, 255]]
+    assert ignoring.describe()["off_palette"]["pixels"] == 1
+    assert get_dataset("hf:acme/rgb", root, off_palette="nearest").load_mask(0).tolist() == [[0, 1, 2], [2, 1, 1]]
+
+
 def test_hf_local_copy_of_a_hub_repo(tmp_path):
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)
