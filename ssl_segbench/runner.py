@@ -227,6 +227,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
             out.append(("skipped", path, None))
             on_record("skipped", path, None)
             continue
+        proto.check_data(eval_set, train_set, transform)  # sizes the data cannot satisfy: before any extraction
         jobs.append(_Job(proto, params, transform, seeds, train_set, train_note, identity, path))
     if opts.plan_only:
         return out + [("pending", job.path, None) for job in jobs]

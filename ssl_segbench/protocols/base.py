@@ -249,6 +249,13 @@ class Protocol:
         """The folder under `--save-masks DIR/<protocol>/` this protocol's label maps go to (None: that folder)."""
         return None
 
+    def check_data(self, eval_set: SegmentationDataset, train_set: SegmentationDataset | None,
+                   transform: Transform | None) -> None:
+        """Refuse parameters the data cannot satisfy where sizes known before extraction tell (numbers of images,
+        the transform's patch grid): the runner calls this for every job while planning, so such a run stops before
+        any backbone pass, and every `run` calls it again first (for callers other than the runner; `transform` is
+        None when the context has none). Default: nothing to check. Raise ProtocolError naming the parameter."""
+
     def train_split_wanted(self) -> list[str] | None:
         """Train splits this run reads, in order of preference ('default' = the dataset's own train split); None when
         it reads the evaluation split only. The runner opens the first available one into `ctx.train_set`."""
@@ -317,6 +324,7 @@ def _scoped(run):
                 require_crf()
             except CRFError as e:
                 raise ProtocolError(f"protocol '{self.name}' with crf=true: {e}") from None
+        self.check_data(ctx.eval_set, ctx.train_set, ctx.transform)
         scope = _Scoring(crf, float(self.params["crf_temperature"]), ctx)
         token = _SCORING.set(scope)
         try:
