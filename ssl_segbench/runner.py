@@ -259,7 +259,7 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
     ctx = Context(eval_set=eval_set, train_set=train_set, seeds=job.seeds, device=device, backbone_ref=ref,
                   features=lambda ds, facets: plan.features(ds, facets, transform), transform=transform,
                   batch_size=batch_size, layer=opts.layer, train_note=job.train_note,
-                  save_masks=Path(opts.save_masks) / proto.name if opts.save_masks else None)
+                  save_masks=proto.masks_dir(opts.save_masks))
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.perf_counter()
     result = proto.run(ctx)
