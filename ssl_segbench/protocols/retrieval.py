@@ -15,7 +15,8 @@ patch of an evaluation image takes the labels of its nearest train patches.
 3. Queries: the evaluation split's cached tokens, L2-normalised; the `k` nearest bank rows by cosine (exact by default,
    reading the memory-mapped bank in chunks: `knn.exact_search`; `index: ivf | hnsw` for banks too large to scan);
    label = Σ softmax(similarity / temperature) · neighbour distributions; that soft label grid bilinearly upsampled to
-   label resolution, argmax.
+   label resolution, argmax. A `k` above the bank's rows is refused, never clamped (`check_data` before extraction
+   where the image count and patch grid already rule it out, `check_bank` once the bank is built).
 4. Scoring: predictions are in class space, so the confusion is scored directly (`matching: none`). The reference
    also applies Hungarian matching (`matching: hungarian-iou`) and counts ignore pixels as background when it builds
    the memory (`ignore: background`): both are offered as named variants, used by the `hummingbird-*` presets so that
