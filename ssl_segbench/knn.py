@@ -33,7 +33,8 @@ def exact_search(queries: np.ndarray, bank, k: int, device: str = "cpu",
     m = len(bank)
     if m == 0:
         raise SegbenchError("nearest-neighbour search over an empty memory bank")
-    k = min(k, m)
+    if k > m:  # never fewer neighbours than asked, silently
+        raise SegbenchError(f"nearest-neighbour search for k={k} over a memory bank of {m} rows: use k <= {m}")
     q = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(q), 0), dtype=np.int64)
@@ -101,7 +102,9 @@ class ApproximateIndex:
     def build(self, bank) -> "faiss.Index":
         n, d = bank.shape
         if self.kind == "ivf":
-            lists = min(self.lists, n)
+            lists = self.lists
+            if lists > n:  # never fewer lists than asked, silently
+                raise SegbenchError(f"an IVF index of {lists} lists over a memory bank of {n} rows: use at most {n}")
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, lists, faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(self.seed)
             sample = np.sort(rng.choice(n, size=min(n, 256 * lists), replace=False))

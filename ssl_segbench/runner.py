@@ -227,6 +227,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
             out.append(("skipped", path, None))
             on_record("skipped", path, None)
             continue
+        proto.check_data(eval_set, train_set, transform)  # sizes the data cannot satisfy: before any extraction
         jobs.append(_Job(proto, params, transform, seeds, train_set, train_note, identity, path))
     if opts.plan_only:
         return out + [("pending", job.path, None) for job in jobs]
@@ -258,7 +259,7 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
     ctx = Context(eval_set=eval_set, train_set=train_set, seeds=job.seeds, device=device, backbone_ref=ref,
                   features=lambda ds, facets: plan.features(ds, facets, transform), transform=transform,
                   batch_size=batch_size, layer=opts.layer, train_note=job.train_note,
-                  save_masks=Path(opts.save_masks) / proto.name if opts.save_masks else None)
+                  save_masks=proto.masks_dir(opts.save_masks))
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.perf_counter()
     result = proto.run(ctx)

@@ -62,6 +62,15 @@ def test_object_mask_is_exactly_the_planted_object(seed):
     assert np.array_equal(object_mask(attn, keys, proposals="topk-in-mass"), obj)
 
 
+def test_more_heads_than_the_attention_has_are_refused_not_clamped():
+    """On a 6-head map heads=7 would silently average the same 6 heads as heads=6, one result under two columns: it
+    is refused naming both counts, while every head count the map has is taken."""
+    attn, keys, obj = _planted_maps(0)
+    assert np.array_equal(object_mask(attn, keys, heads=6), obj)
+    with pytest.raises(ProtocolError, match=r"heads=7, but the backbone's CLS attention has 6 heads.*N <= 6"):
+        object_mask(attn, keys, heads=7)
+
+
 def test_object_mask_with_diagonal_connectivity_joins_a_diagonal_neighbour():
     attn, keys, obj = _planted_maps(0)
     keys[9, 11] = keys[8, 10]  # object-like key touching the object only at a corner

@@ -10,6 +10,7 @@ from stores import PlantedDataset, feature_set
 
 from ssl_segbench.cli import main
 from ssl_segbench.data import get_dataset
+from ssl_segbench.errors import SegbenchError
 from ssl_segbench.knn import exact_search, merge_topk
 from ssl_segbench.metrics import confusion
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
@@ -166,6 +167,9 @@ def test_exact_search_in_chunks_equals_one_full_sort():
     # equal similarities resolve by bank row, whatever the chunking
     sims, idx = merge_topk(np.array([[1.0, 2.0, 2.0, 1.0]]), np.array([[5, 9, 3, 1]]), 3)
     assert idx.tolist() == [[3, 9, 1]] and sims.tolist() == [[2.0, 2.0, 1.0]]
+    assert exact_search(q, bank, 1000, bank_rows=128)[1].shape == (37, 1000)  # the whole bank, in similarity order
+    with pytest.raises(SegbenchError, match=r"k=1001 over a memory bank of 1000 rows: use k <= 1000"):
+        exact_search(q, bank, 1001)  # never fewer neighbours than asked
 
 
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
@@ -188,6 +192,29 @@ def test_refusals_name_the_fix(tmp_path):
         get_protocol("retrieval").run(ctx)
     with pytest.raises(ProtocolError, match="augment is a number of epochs"):
         get_protocol("retrieval", augment=-1)
+
+
+def test_k_and_ivf_lists_beyond_the_bank_rows_are_refused_not_clamped(tmp_path):
+    """The planted train split keeps every one of its 12 × 5 × 6 = 360 patches (each has labelled pixels): k=360
+    runs on the whole bank, k=361 (or 361 IVF lists) would silently use 360 and is refused naming both numbers."""
+    ctx, tr, _ = _ctx(tmp_path)
+    assert sum(int(_distribution_loops(lab)[1].sum()) for lab in tr[1]) == 360
+    assert get_protocol("retrieval", k=360).run(ctx).per_seed[0]["memory_rows"] == 360
+    with pytest.raises(ProtocolError, match=r"k=361 neighbours, but the memory bank of planted/train holds 360 rows"):
+        get_protocol("retrieval", k=361).run(ctx)
+    with pytest.raises(ProtocolError, match=r"ivf_lists=361 IVF lists, .* holds 360 rows.*ivf_lists=N with N <= 360"):
+        get_protocol("retrieval", index="ivf", ivf_lists=361, ivf_probe=4).run(ctx)
+
+
+def test_index_settings_that_faiss_would_not_honour_are_refused():
+    """faiss probes at most every list (ivf_probe 8 and 32 over 8 lists are one exact search) and an HNSW search of
+    breadth ef returns at most ef neighbours: such values would not be the ones that ran."""
+    with pytest.raises(ProtocolError, match="ivf_probe=32 exceeds ivf_lists=8"):
+        get_protocol("retrieval", index="ivf", ivf_lists=8, ivf_probe=32)
+    with pytest.raises(ProtocolError, match="k=64 exceeds hnsw_ef=32"):
+        get_protocol("retrieval", index="hnsw", k=64, hnsw_ef=32)
+    get_protocol("retrieval", ivf_lists=8, ivf_probe=32)  # exact search: the index settings play no part
+    get_protocol("retrieval", index="hnsw", k=32, hnsw_ef=32)
 
 
 def test_hummingbird_presets_fit_the_size_to_the_patch():

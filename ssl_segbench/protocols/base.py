@@ -30,7 +30,7 @@ from ..data import SegmentationDataset
 from ..errors import SegbenchError
 from ..features import FeatureSet
 from ..metrics import confusion, image_stats, remap, scores, sparse
-from ..paths import inside, safe_component
+from ..paths import PathError, inside, safe_component
 from ..transforms import POLICIES, Transform
 
 
@@ -249,6 +249,18 @@ class Protocol:
         """The folder under `--save-masks DIR/<protocol>/` this protocol's label maps go to (None: that folder)."""
         return None
 
+    def masks_dir(self, root: Path | None) -> Path | None:
+        """`--save-masks root` → the folder this protocol's label maps go under (root/<name>), checked to resolve
+        inside root before the protocol runs: a symlink out of it is refused, as for records."""
+        return None if root is None else masks_path(root, self.name)
+
+    def check_data(self, eval_set: SegmentationDataset, train_set: SegmentationDataset | None,
+                   transform: Transform | None) -> None:
+        """Refuse parameters the data cannot satisfy where sizes known before extraction tell (numbers of images,
+        the transform's patch grid): the runner calls this for every job while planning, so such a run stops before
+        any backbone pass, and every `run` calls it again first (for callers other than the runner; `transform` is
+        None when the context has none). Default: nothing to check. Raise ProtocolError naming the parameter."""
+
     def train_split_wanted(self) -> list[str] | None:
         """Train splits this run reads, in order of preference ('default' = the dataset's own train split); None when
         it reads the evaluation split only. The runner opens the first available one into `ctx.train_set`."""
@@ -317,6 +329,7 @@ def _scoped(run):
                 require_crf()
             except CRFError as e:
                 raise ProtocolError(f"protocol '{self.name}' with crf=true: {e}") from None
+        self.check_data(ctx.eval_set, ctx.train_set, ctx.transform)
         scope = _Scoring(crf, float(self.params["crf_temperature"]), ctx)
         token = _SCORING.set(scope)
         try:
@@ -370,6 +383,16 @@ def save_label_map(path: Path, labels: np.ndarray, palette: np.ndarray, ignore_i
     write_bytes_atomic(path, buf.getvalue())
 
 
+def masks_path(root: Path, rel: str | Path) -> Path:
+    """`root / rel` for a `--save-masks` write, checked to resolve inside `root` (`paths.inside`): a folder or file
+    there that is a symlink leading out of it is refused with the fix."""
+    try:
+        return inside(root, rel)
+    except PathError as e:
+        raise PathError(f"--save-masks: {e} (a symbolic link there leads out of it); remove that link or choose "
+                        "another --save-masks folder") from None
+
+
 def sample_name(ds, i: int) -> str:
     """The file stem a saved mask of image i gets: the sample's name as one safe path component (a name such as
     '../x' from a dataset's name column can never leave the masks folder), an index for nameless test datasets."""
@@ -380,12 +403,15 @@ def sample_name(ds, i: int) -> str:
 class MaskSaver:
     """on_labels hook for `--save-masks` when clusters are matched to classes only after every image was predicted:
     the first seed's raw maps wait in a temporary folder; `finish(mapping)` writes them in class space (unmatched
-    clusters = ignore) as palette PNGs named after the samples, under `ctx.save_masks[/subdir]`."""
+    clusters = ignore) as palette PNGs named after the samples, under `ctx.save_masks[/subdir]`. The folder and
+    every file it will write are checked to resolve inside `ctx.save_masks` before anything is written there."""
 
     def __init__(self, ctx: Context, subdir: str | None = None):
         self.dataset, self.written, self.dir = ctx.eval_set, 0, None
         if ctx.save_masks is not None:
-            self.dir = Path(ctx.save_masks) / subdir if subdir else Path(ctx.save_masks)
+            self.dir = masks_path(ctx.save_masks, subdir) if subdir else Path(ctx.save_masks)
+            self.paths = [masks_path(self.dir, f"{sample_name(self.dataset, i)}.png")
+                          for i in range(len(self.dataset))]
             self.dir.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=".raw-", dir=self.dir))
 
@@ -401,8 +427,7 @@ class MaskSaver:
             if mapping is not None:
                 lut = np.where(np.asarray(mapping) < 0, ds.ignore_index, mapping)
                 for f in sorted(self.tmp.glob("*.npy"), key=lambda q: int(q.stem)):
-                    save_label_map(inside(self.dir, f"{sample_name(ds, int(f.stem))}.png"), lut[np.load(f)],
-                                   ds.palette, ds.ignore_index)
+                    save_label_map(self.paths[int(f.stem)], lut[np.load(f)], ds.palette, ds.ignore_index)
                     self.written += 1
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)

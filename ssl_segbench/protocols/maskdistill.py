@@ -120,8 +120,11 @@ def object_mask(attn: np.ndarray, keys: np.ndarray, heads: int = 5, mass: float 
     """(h, w, H) CLS attention and (h, w, D) keys of one image → (h, w) bool object mask (module docstring, step 1).
     `center_keys` subtracts the image's mean key before the affinity (not in the original; see the docstring)."""
     h, w, n_heads = attn.shape
+    if heads > n_heads:  # averaging fewer heads than recorded would put one result under two columns
+        raise ProtocolError(f"maskdistill: heads={heads}, but the backbone's CLS attention has {n_heads} heads; set "
+                            f"--param maskdistill.heads=N with N <= {n_heads}")
     n = h * w
-    a = np.asarray(attn, dtype=np.float64).reshape(n, n_heads)[:, : min(heads, n_heads)].mean(1)
+    a = np.asarray(attn, dtype=np.float64).reshape(n, n_heads)[:, :heads].mean(1)
     keep = mass_threshold(a, mass)
     g = a * keep
     order = np.lexsort((np.arange(n), -a, -g))  # by thresholded attention, ties by attention, then index

@@ -15,7 +15,8 @@ patch of an evaluation image takes the labels of its nearest train patches.
 3. Queries: the evaluation split's cached tokens, L2-normalised; the `k` nearest bank rows by cosine (exact by default,
    reading the memory-mapped bank in chunks: `knn.exact_search`; `index: ivf | hnsw` for banks too large to scan);
    label = Σ softmax(similarity / temperature) · neighbour distributions; that soft label grid bilinearly upsampled to
-   label resolution, argmax.
+   label resolution, argmax. A `k` above the bank's rows is refused, never clamped (`check_data` before extraction
+   where the image count and patch grid already rule it out, `check_bank` once the bank is built).
 4. Scoring: predictions are in class space, so the confusion is scored directly (`matching: none`). The reference
    also applies Hungarian matching (`matching: hungarian-iou`) and counts ignore pixels as background when it builds
    the memory (`ignore: background`): both are offered as named variants, used by the `hummingbird-*` presets so that
@@ -92,6 +93,36 @@ class RetrievalProtocol(Protocol):
         check_crop_ranges(self.name, p)
         if not (0 <= p["aug_jitter"] < 1 and 0 <= p["aug_jitter_p"] <= 1):
             raise ProtocolError("retrieval: aug_jitter must be in [0, 1) and aug_jitter_p a probability")
+        # faiss probes at most every list, and an HNSW search of breadth ef finds at most ef neighbours: beyond those
+        # bounds two values would give one result under two columns
+        if p["index"] == "ivf" and p["ivf_probe"] > p["ivf_lists"]:
+            raise ProtocolError(f"retrieval: ivf_probe={p['ivf_probe']} exceeds ivf_lists={p['ivf_lists']} (faiss "
+                                "would probe every list, an exact search); set ivf_probe <= ivf_lists")
+        if p["index"] == "hnsw" and p["k"] > p["hnsw_ef"]:
+            raise ProtocolError(f"retrieval: k={p['k']} exceeds hnsw_ef={p['hnsw_ef']} (an HNSW search of breadth "
+                                "ef finds at most ef neighbours); set hnsw_ef >= k")
+
+    def check_data(self, eval_set, train_set, transform) -> None:
+        """Before any extraction: a bounded memory must give every train view at least one patch, and `k` must not
+        exceed the most rows the bank can hold (`bank_bound`); `run` checks k against the bank's actual rows (which
+        drop the patches without a labelled pixel) once it is built."""
+        p = self.params
+        if train_set is None:  # `run` refuses, saying why no train split was found
+            return
+        n_views = len(train_set) * max(p["augment"], 1)
+        if p["memory_size"] is not None and p["memory_size"] < n_views:
+            raise ProtocolError(f"retrieval: memory_size={p['memory_size']} gives each of the {n_views} train views "
+                                f"no patch; set memory_size >= {n_views} or leave it unbounded (null)")
+        if transform is None:  # a context without one (a direct `run`): only the built bank is checked
+            return
+        least = (transform.size // transform.patch_size) ** 2  # patches of the smallest view
+        quota = least if p["memory_size"] is None else min(least, p["memory_size"] // n_views)
+        if p["k"] > n_views * quota:  # else k fits whatever the grids, and no image header is read
+            bound, how = bank_bound(train_set, transform, p)
+            if p["k"] > bound:
+                raise ProtocolError(f"retrieval: k={p['k']} neighbours, but the memory bank of {train_set.id}/"
+                                    f"{train_set.split} can hold at most {bound} rows ({how}); set --param "
+                                    f"retrieval.k=N with N <= {bound}")
 
     def input_size(self, patch_size: int) -> int | None:
         """`size_fit: floor` rounds the size down to a multiple of the patch size (the reference's 512 for /16, 504
@@ -126,6 +157,7 @@ class RetrievalProtocol(Protocol):
             bank_seed = seed if p["memory_size"] is not None else None  # an unbounded memory has nothing to draw
             if bank_seed not in banks:
                 banks[bank_seed] = memory_bank(ctx, views, ds.num_classes, ds.ignore_index, p, bank_seed)
+        check_bank(min(b.rows for b in banks.values()), train, p)
         scorers = [Scorer(banks[seed if p["memory_size"] is not None else None], p, ctx.device)
                    for seed in ctx.seeds]
         evalfs = ctx.get(ds, ("tokens",))
@@ -224,6 +256,34 @@ def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
     return views
 
 
+def check_bank(rows: int, train, p: dict) -> None:
+    """Refuse a `k` (or IVF list count) beyond the built bank's rows: search would silently use fewer neighbours
+    (lists) than the record states."""
+    for key, what in (("k", "neighbours"), ("ivf_lists", "IVF lists")):
+        if p[key] > rows and (key == "k" or p["index"] == "ivf"):
+            kept = "" if p["memory_size"] is None else f" chosen by memory_size={p['memory_size']}"
+            raise ProtocolError(f"retrieval: {key}={p[key]} {what}, but the memory bank of {train.id}/{train.split} "
+                                f"holds {rows} rows (its train patches with a labelled pixel{kept}); set --param "
+                                f"retrieval.{key}=N with N <= {rows}")
+
+
+def bank_bound(train, transform, p: dict) -> tuple[int, str]:
+    """The most rows a memory bank of `train` can hold, known before extraction, and how it arises: every patch of
+    every view (augmented crops are size × size; cached features have the transform's grid, under `pad` each image's
+    own, read from its header), at most the per-view quota of a bounded memory. Patches without a labelled pixel are
+    dropped as well, but their number is known only after extraction."""
+    n, epochs, ps = len(train), max(p["augment"], 1), transform.patch_size
+    if p["augment"] or transform.policy != "pad":
+        grids = [(transform.size // ps) ** 2] * n
+    else:
+        grids = [(h // ps) * (w // ps) for h, w in (transform.output_size(*train.image_size(i)) for i in range(n))]
+    quota = None if p["memory_size"] is None else p["memory_size"] // (n * epochs)
+    bound = epochs * sum(x if quota is None else min(quota, x) for x in grids)
+    how = f"{n} train images" + (f" × {epochs} augmented epochs" if p["augment"] else "")
+    how += f": {epochs * sum(grids)} patches" + ("" if quota is None else f", at most {quota} per view by memory_size")
+    return bound, how
+
+
 def patch_distributions(labels: np.ndarray, grid: tuple[int, int], num_classes: int, ignore_index: int,
                         ignore: str = "drop") -> tuple[np.ndarray, np.ndarray]:
     """(H, W) labels of an h × w patch grid → ((h·w, C) float32 fraction of each patch's labelled pixels in each
@@ -280,10 +340,7 @@ def memory_bank(ctx: Context, views: list[View], num_classes: int, ignore_index:
     """The bank of steps 1-2 of the module docstring, a cache entry pair keyed by its views, class count, ignore
     handling, memory size and seed."""
     n_items = sum(len(v.tokens) for v in views)
-    quota = None if p["memory_size"] is None else p["memory_size"] // n_items
-    if quota == 0:
-        raise ProtocolError(f"retrieval: memory_size={p['memory_size']} gives each of the {n_items} train views "
-                            "no patch; raise memory_size or leave it unbounded (null)")
+    quota = None if p["memory_size"] is None else p["memory_size"] // n_items  # >= 1: RetrievalProtocol.check_data
     key = {"kind": "retrieval-memory", "version": MEMORY_VERSION, "views": [v.identity() for v in views],
            "num_classes": num_classes, "ignore_index": ignore_index, "ignore": p["ignore"],
            "memory_size": p["memory_size"], "seed": seed}
