@@ -240,14 +240,16 @@ def preflight(opts: RunOptions, here: bool = True) -> list[tuple[str, str]]:
         except SegbenchError as e:
             found.append((key, str(e).splitlines()[0]))
 
-    protocols = attempt("protocols", lambda: plan_protocols(opts.protocols, opts.params)) or []
+    protocols = attempt("protocols", lambda: plan_protocols(opts.protocols, None))
+    if protocols and opts.params:  # the protocols are known: now their parameters
+        protocols = attempt("params", lambda: plan_protocols(opts.protocols, opts.params))
     if not (opts.dataset.startswith(HF_PREFIX) and opts.data_root is None):  # a Hub dataset: opened by its job
         attempt("dataset", lambda: get_dataset(opts.dataset, opts.data_root, opts.split,
                                                **(opts.dataset_options or {})))
     spec = attempt("backbone", lambda: _spec_without_hub(opts.backbone, opts.registry))
     if spec is not None and not {key for key, _ in found} & {"layer", "size", "resize"}:
         attempt("layer", lambda: check_layer(opts.layer, spec))
-        for proto in protocols:  # the input size against the patch, and what the protocol needs of the backbone
+        for proto in protocols or []:  # the input size against the patch, and what the protocol needs of the backbone
             try:
                 check_backbone_fits(proto, spec, _geometry(proto, opts, spec)[1])
             except SegbenchError as e:
