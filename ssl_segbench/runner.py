@@ -28,7 +28,7 @@ from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
 from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol
 from .records import SCHEMA, Record, check_finite, encode_array, environment, record_key, record_path, summarize
-from .registry import load_registry
+from .registry import _is_int, load_registry
 from .transforms import POLICIES, Transform, TransformError
 
 OVERWRITE = ("skip", "always")
@@ -86,10 +86,6 @@ def _device_problem(device, here: bool) -> str | None:
     if m.group(1) is not None and int(m.group(1)) >= n:
         return f"--device {device}: this machine has {n} GPU(s): use cuda, or cuda:0 to cuda:{n - 1}"
     return None
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def resolve_seeds(seeds: int | list[int] | None) -> list[int] | None:

@@ -127,7 +127,9 @@ def _names(where: str, value) -> list[str]:
 
 def _run_flags(where: str, run: dict, problems: list[str]) -> list[str]:
     """The `run` section as `ssl-segbench run` flags; a value of the wrong type is a problem (the values themselves
-    are the runner's to check, as for `run`)."""
+    are the runner's to check, as for `run`). `--flag=value`, so that a negative value reaches the runner's check."""
+    from .registry import _is_int
+
     argv = []
     for key, flag in _RUN_FLAGS.items():
         value = run.get(key)
@@ -136,19 +138,17 @@ def _run_flags(where: str, run: dict, problems: list[str]) -> list[str]:
         if key in ("resize", "device", "registry"):
             ok, kind = isinstance(value, str), "a string"
         elif key == "seeds":
-            ok = _integer(value) or isinstance(value, list) and all(_integer(v) for v in value)
+            ok = _is_int(value) or isinstance(value, list) and all(_is_int(v) for v in value)
             kind = "a count or a list of integers"
         else:
-            ok, kind = _integer(value), "an integer"
+            ok, kind = _is_int(value), "an integer"
         if not ok:
             problems.append(f"{where}: run.{key} must be {kind}, got {value!r}")
             continue
-        argv.append(f"{flag}={','.join(map(str, value)) if isinstance(value, list) else value}")
+        if isinstance(value, list):  # a trailing comma keeps a one-seed list a list: '3,' is seed 3, '3' three seeds
+            value = ",".join(map(str, value)) + ("," if len(value) == 1 else "")
+        argv.append(f"{flag}={value}")
     return argv
-
-
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -186,7 +186,11 @@ def load_sweep(path: str | Path) -> Sweep:
     cells = []
     for name, settings in (datasets or {}).items():
         s = form(_check_keys, f"{path}: datasets.{name}", settings, _DATASET)
-        if s is None:
+        wrong = [k for k in ("dataset", "data_root", "split") if (s or {}).get(k) is not None and
+                 not isinstance(s[k], str)]
+        if wrong:
+            problems.append(f"{path}: datasets.{name}: {', '.join(wrong)} must be a string")
+        if s is None or wrong:
             continue
         ds = s.get("dataset") or name  # a name of its own: one dataset id at several roots
         argv = ["--dataset", ds]
@@ -222,7 +226,7 @@ def load_sweep(path: str | Path) -> Sweep:
         problems.append(f"{path}: executor.kind must be one of {EXECUTORS}, got {executor['kind']!r}")
     if problems:
         raise SweepError(_listing(path, problems))
-    own = frozenset(name for name, settings in datasets.items() if settings.get("protocols") is not None)
+    own = frozenset(name for name, settings in datasets.items() if (settings or {}).get("protocols") is not None)
     return Sweep(path, cells, results_dir, work_dir, executor, slurm, own)
 
 

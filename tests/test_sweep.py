@@ -166,19 +166,19 @@ def test_each_problem_of_a_sweep_file_is_refused_before_anything_starts(grid_dat
 
 def test_per_dataset_protocol_lists_alone_are_a_valid_sweep(grid_data, tmp_path, monkeypatch, capsys):
     """No top-level `protocols`: each dataset runs its own list, and shared `params` reach the cells that run their
-    protocol only."""
+    protocol only; a one-seed list is that seed (not a count)."""
     monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "cache"))
     doc = {"results_dir": str(tmp_path / "res"), "backbones": ["pixels"],
            "datasets": {"a": {"dataset": "synthetic", "data_root": str(grid_data[0]), "protocols": ["kmeans"]},
                         "b": {"dataset": "synthetic", "data_root": str(grid_data[1]), "protocols": ["linear"]}},
-           "params": {"linear": {"epochs": 2}}, "run": {"size": 32, "seeds": 1}}
+           "params": {"linear": {"epochs": 2}}, "run": {"size": 32, "seeds": [1]}}
     assert main(["sweep", str(_write(tmp_path / "grid.yaml", doc))]) == 0
     from ssl_segbench.data import get_dataset
 
     digest = {name: get_dataset("synthetic", d).content_sha256() for name, d in zip("ab", grid_data)}
     got = {(r.identity["content_sha256"], r.protocol["name"]): r for _, r in iter_records(tmp_path / "res")}
     assert set(got) == {(digest["a"], "kmeans"), (digest["b"], "linear")}
-    assert got[(digest["b"], "linear")].protocol["params"]["epochs"] == 2 and got[(digest["b"], "linear")].seeds == [0]
+    assert got[(digest["b"], "linear")].protocol["params"]["epochs"] == 2 and got[(digest["b"], "linear")].seeds == [1]
 
 
 def test_checking_a_grid_needs_no_hub(grid_data, tmp_path, monkeypatch):
