@@ -88,17 +88,19 @@ def _write(path: Path, doc: dict) -> Path:
     return path
 
 
-def _refused(f: Path, capsys) -> str:
+def _refused(f: Path, capsys, monkeypatch) -> str:
     """Run the sweep through the CLI; it must be refused (exit 2, no traceback) with nothing started or written."""
+    monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(f.parent / "cache"))
     assert main(["sweep", str(f)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert err.startswith("error:") and "Nothing was started or written" in err, err
     assert "started (pid" not in err and "submitted" not in err
     assert not (f.parent / "res").exists(), "state, logs or records were written"
+    assert not (f.parent / "cache" / "features").exists() and not (f.parent / "cache" / "labels").exists()
     return err
 
 
-def test_a_sweep_is_checked_as_a_whole_before_anything_starts(grid_data, tmp_path, capsys):
+def test_a_sweep_is_checked_as_a_whole_before_anything_starts(grid_data, tmp_path, capsys, monkeypatch):
     """Every problem of the bug report in one file: one error lists them all, each with its sweep key and cells."""
     ok = {"dataset": "synthetic", "data_root": str(grid_data[0])}
     doc = {"results_dir": str(tmp_path / "res"), "backbones": ["pixels", "no_such", "pixels"],
@@ -108,7 +110,7 @@ def test_a_sweep_is_checked_as_a_whole_before_anything_starts(grid_data, tmp_pat
                         "own": {**ok, "split": "train", "protocols": ["kmeens"]}},
            "protocols": ["kmeans"], "params": {"kmeans": {"kk": 3}},
            "run": {"size": 0, "seeds": [0, 0], "device": "tpu", "batch_size": 0}}
-    err = _refused(_write(tmp_path / "grid.yaml", doc), capsys)
+    err = _refused(_write(tmp_path / "grid.yaml", doc), capsys, monkeypatch)
     for expected in [
             "grid.yaml: 11 problems",
             "- run.seeds (every cell): --seeds 0,0: seed(s) 0 listed more than once",
@@ -148,8 +150,8 @@ def test_a_sweep_is_checked_as_a_whole_before_anything_starts(grid_data, tmp_pat
     ({"protocols": None}, "datasets.syn has no protocols: give it `protocols: [...]`, or give a top-level "
                           "`protocols` list for every dataset without its own"),
 ])
-def test_each_problem_of_a_sweep_file_is_refused_before_anything_starts(grid_data, tmp_path, capsys, change,
-                                                                        expected):
+def test_each_problem_of_a_sweep_file_is_refused_before_anything_starts(grid_data, tmp_path, capsys, monkeypatch,
+                                                                        change, expected):
     doc = {"results_dir": str(tmp_path / "res"), "backbones": ["pixels"], "protocols": ["kmeans"],
            "datasets": {"syn": {"dataset": "synthetic", "data_root": str(grid_data[0])}}, "run": {"size": 32}}
     for key, value in change.items():
@@ -160,7 +162,7 @@ def test_each_problem_of_a_sweep_file_is_refused_before_anything_starts(grid_dat
         else:
             doc[key] = value
     f = _write(tmp_path / "grid.yaml", {k: v for k, v in doc.items() if v is not None})
-    err = _refused(f, capsys)
+    err = _refused(f, capsys, monkeypatch)
     assert f"grid.yaml: {expected}" in err, err
 
 
