@@ -24,15 +24,13 @@ EPILOG = """examples:
 """
 
 
-def _seeds(text: str) -> list[int]:
-    """'5' → [0..4]; '0,3,7' → [0, 3, 7]."""
+def _seeds(text: str) -> int | list[int]:
+    """'5' → 5 (a count: seeds 0..4); '0,3,7' → [0, 3, 7]. The runner checks them (`runner.option_problems`)."""
     try:
         parts = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--seeds takes a count (5) or a comma list (0,1,2), got {text!r}") from None
-    if len(parts) == 1 and "," not in text:
-        return list(range(parts[0]))
-    return parts
+    return parts[0] if len(parts) == 1 and "," not in text else parts
 
 
 def _param(text: str) -> tuple[str, str, object]:
@@ -69,7 +67,7 @@ def _run_options() -> argparse.ArgumentParser:
                         help=f"dataset root in its native layout (default: $SSL_SEGBENCH_DATA/<dataset id>, now "
                              f"{data_dir()}/<dataset id>; synthetic: generated)")
     common.add_argument("--split", help="evaluation split (default: the dataset's evaluation split)")
-    common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (N below the number of GPUs)")
     common.add_argument("--batch-size", type=int, help="images per backbone call (default: 64 on GPU, 16 on CPU)")
     common.add_argument("--workers", type=int,
                         help="DataLoader workers decoding images (default: on GPU one per core but one, at most 16; "

@@ -10,6 +10,7 @@ Each record lists the passes behind it, with what this invocation computed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ import torch
 
 from . import __version__, distributed
 from .atomic import write_json_atomic
-from .backbones import BackboneRef
-from .data import DatasetError, SegmentationDataset, get_dataset
+from .backbones import BackboneRef, looks_like_path
+from .data import HF_PREFIX, DatasetError, SegmentationDataset, get_dataset
 from .distributed import SINGLE, World
 from .errors import SegbenchError
 from .features import FeatureSet, compute_precision, extract, loader_workers
@@ -27,7 +28,8 @@ from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
 from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol
 from .records import SCHEMA, Record, check_finite, encode_array, environment, record_key, record_path, summarize
-from .transforms import Transform
+from .registry import _is_int, load_registry
+from .transforms import POLICIES, Transform, TransformError
 
 OVERWRITE = ("skip", "always")
 
@@ -42,7 +44,7 @@ class RunOptions:
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
-    seeds: list[int] | None = None
+    seeds: int | list[int] | None = None  # a count n (seeds 0..n-1) or distinct seeds; None: the protocol's default
     layer: int = -1
     resize: str = "shorter"
     size: int = 224
@@ -56,12 +58,101 @@ class RunOptions:
     plan_only: bool = False  # True: resolve every record's path and return ('pending', path, None) for the missing
 
 
+class RunOptionsError(SegbenchError):
+    """Run options that cannot give a valid record; the message names each option and its valid values."""
+
+
+DEVICES = "auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(device: str) -> str:
+    """'auto' → cuda when there is a GPU, else cpu; any other (checked) device as it is."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SegbenchError(f"--device {device} requested but CUDA is not available (torch {torch.__version__})")
     return device
+
+
+def _device_problem(device, here: bool) -> str | None:
+    """Why `device` cannot run the benchmark (None: it can). `here`: judge it against this machine's GPUs too."""
+    m = re.fullmatch(r"cuda(?::(\d+))?", device) if isinstance(device, str) else None
+    if device not in ("auto", "cpu") and m is None:
+        return f"--device {device!r} is not supported: use {DEVICES} (N below the number of GPUs)"
+    if m is None or not here:
+        return None
+    if not torch.cuda.is_available():
+        return (f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}): use "
+                "--device cpu, or auto")
+    n = torch.cuda.device_count()
+    if m.group(1) is not None and int(m.group(1)) >= n:
+        return f"--device {device}: this machine has {n} GPU(s): use cuda, or cuda:0 to cuda:{n - 1}"
+    return None
+
+
+def resolve_seeds(seeds: int | list[int] | None) -> list[int] | None:
+    """A seed count n → [0, ..., n-1]; a list as it is (both checked by `option_problems` first)."""
+    return list(range(seeds)) if _is_int(seeds) else None if seeds is None else list(seeds)
+
+
+def _seeds_problem(seeds) -> str | None:
+    """Seeds must be independent: a count of at least 1, or distinct non-negative integers."""
+    if seeds is None:
+        return None
+    fix = "give a count (--seeds 5: seeds 0 to 4) or a comma list of distinct non-negative integers (--seeds 0,1,2)"
+    if _is_int(seeds):
+        return None if seeds >= 1 else f"--seeds {seeds}: a seed count must be at least 1; {fix}"
+    if not isinstance(seeds, (list, tuple)) or not all(_is_int(s) for s in seeds):
+        return f"--seeds {seeds!r}: not a seed count or a list of integers; {fix}"
+    text = ",".join(map(str, seeds))
+    if not seeds:
+        return f"--seeds: no seed given; {fix}"
+    if min(seeds) < 0:
+        return f"--seeds {text}: seed {min(seeds)} is negative; {fix}"
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        return (f"--seeds {text}: seed(s) {', '.join(map(str, twice))} listed more than once, so the runs would not "
+                f"be independent and their spread would read too small; {fix}, e.g. --seeds {len(seeds)} "
+                f"(= {','.join(map(str, range(len(seeds))))})")
+    return None
+
+
+def option_problems(opts: RunOptions, here: bool = True) -> list[tuple[str, str]]:
+    """(option, message) for every run option whose value cannot give a valid record, found from the values alone
+    (nothing is read or computed); `here`: the run happens on this machine, so its device must exist here."""
+    found = [("seeds", _seeds_problem(opts.seeds)), ("device", _device_problem(opts.device, here))]
+    if not _is_int(opts.size) or opts.size <= 0:
+        found.append(("size", f"--size {opts.size!r}: the input size must be a positive multiple of the backbone's "
+                              "patch size, e.g. 224 (the default) or 448"))
+    if opts.batch_size is not None and (not _is_int(opts.batch_size) or opts.batch_size <= 0):
+        found.append(("batch_size", f"--batch-size {opts.batch_size!r}: images per backbone call must be at least "
+                                    "1; leave it out for the default (64 on GPU, 16 on CPU)"))
+    if opts.workers is not None and (not _is_int(opts.workers) or opts.workers < 0):
+        found.append(("workers", f"--workers {opts.workers!r}: DataLoader workers must be 0 (decode in the main "
+                                 "process) or more; leave it out for the default"))
+    if not _is_int(opts.layer):
+        found.append(("layer", f"--layer {opts.layer!r}: the block to read is an integer (-1 = the last block)"))
+    if opts.resize not in POLICIES:
+        found.append(("resize", f"--resize {opts.resize!r}: use one of {', '.join(POLICIES)}"))
+    if opts.overwrite not in OVERWRITE:
+        found.append(("overwrite", f"--overwrite {opts.overwrite!r}: use one of {', '.join(OVERWRITE)}"))
+    return [(key, message) for key, message in found if message]
+
+
+def check_options(opts: RunOptions, here: bool = True) -> None:
+    """Refuse, before any work, run options that cannot give a valid record, listing every one with its fix."""
+    problems = option_problems(opts, here)
+    if problems:
+        raise RunOptionsError("; ".join(message for _, message in problems))
+
+
+def check_layer(layer: int, spec) -> None:
+    """Refuse, before any work, a block index outside the backbone's depth (registry `num_layers`, or the ad-hoc
+    checkpoint's config); a depth not known before loading is checked by the backbone itself."""
+    depth = spec.num_layers
+    if depth is None or -max(depth, 1) <= layer < depth:
+        return
+    valid = "-1 (its only output)" if depth == 0 else f"-{depth} to {depth - 1} (-1 = the last block, final norm)"
+    raise RunOptionsError(f"--layer {layer} is out of range for backbone '{spec.id}' with {depth} transformer "
+                          f"blocks: use {valid}")
 
 
 def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol]:
@@ -110,6 +201,56 @@ def check_gpu_memory(spec, device: str) -> None:
     if total < spec.min_gpu_memory:
         raise SegbenchError(f"backbone '{spec.id}' needs a GPU with at least {spec.min_gpu_memory} GiB "
                             f"(backbones.yaml: min_gpu_memory), but {device} has {total:.0f} GiB: use a larger GPU")
+
+
+def _geometry(proto: Protocol, opts: RunOptions, spec) -> tuple[dict, Transform]:
+    """The protocol's parameters with its resize policy and input size filled in, and the transform they give."""
+    params = dict(proto.params)
+    params["resize"] = params["resize"] or opts.resize
+    params["size"] = proto.input_size(spec.patch_size) or opts.size
+    return params, Transform(params["resize"], params["size"], spec.patch_size)
+
+
+def _spec_without_hub(name: str, registry: str | None):
+    """The backbone's spec as far as it is known without the Hub: the registry entry, or a local checkpoint
+    directory's; None for a Hub repo id not in the registry (its job resolves it). An unknown id or a missing
+    directory is the error `BackboneRef` gives."""
+    specs = load_registry(registry)
+    if name in specs:
+        return specs[name]
+    if "/" in name and not looks_like_path(name) and not Path(name).expanduser().exists():
+        return None
+    return BackboneRef(name, registry).spec
+
+
+def preflight(opts: RunOptions, here: bool = True) -> list[tuple[str, str]]:
+    """(option, message) for every problem `run(opts)` refuses before its work, all of them, found without the Hub:
+    the options' values, the protocols and their parameters, the dataset (id, root, split, options), the backbone
+    (a known id or a directory that exists), the layer and input size for its depth and patch. `here`: the run
+    happens on this machine (else its device is not judged by this one's GPUs). For checking a grid as a whole."""
+    found = option_problems(opts, here)
+
+    def attempt(key: str, check):
+        try:
+            return check()
+        except SegbenchError as e:
+            found.append((key, str(e).splitlines()[0]))
+
+    protocols = attempt("protocols", lambda: plan_protocols(opts.protocols, None))
+    if protocols and opts.params:  # the protocols are known: now their parameters
+        protocols = attempt("params", lambda: plan_protocols(opts.protocols, opts.params))
+    if not (opts.dataset.startswith(HF_PREFIX) and opts.data_root is None):  # a Hub dataset: opened by its job
+        attempt("dataset", lambda: get_dataset(opts.dataset, opts.data_root, opts.split,
+                                               **(opts.dataset_options or {})))
+    spec = attempt("backbone", lambda: _spec_without_hub(opts.backbone, opts.registry))
+    if spec is not None and not {key for key, _ in found} & {"layer", "size", "resize"}:
+        attempt("layer", lambda: check_layer(opts.layer, spec))
+        for proto in protocols or []:  # the input size against the patch, and what the protocol needs of the backbone
+            try:
+                check_backbone_fits(proto, spec, _geometry(proto, opts, spec)[1])
+            except SegbenchError as e:
+                found.append(("size" if isinstance(e, TransformError) else "protocols", str(e).splitlines()[0]))
+    return list(dict.fromkeys(found))
 
 
 def _expand_group(spec: str) -> list[str]:
@@ -193,27 +334,24 @@ class _FeaturePlan:
 def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[tuple[str, Path, Record | None]]:
     """Run every protocol; returns (status, path, record) with status 'written', 'skipped' (record exists) or
     'computed' (write_records=False)."""
-    if opts.overwrite not in OVERWRITE:
-        raise SegbenchError(f"overwrite must be one of {OVERWRITE}")
+    check_options(opts)
     protocols = plan_protocols(opts.protocols, opts.params)
     world, device = (SINGLE, resolve_device(opts.device)) if opts.plan_only else \
         distributed.setup(resolve_device(opts.device))
     options = opts.dataset_options or {}
     eval_set = get_dataset(opts.dataset, opts.data_root, opts.split, **options)
     ref = BackboneRef(opts.backbone, opts.registry)
+    check_layer(opts.layer, ref.spec)
     check_gpu_memory(ref.spec, device)
     splits = _Splits(opts, eval_set)
-    batch_size = opts.batch_size or (64 if device.startswith("cuda") else 16)
+    batch_size = opts.batch_size if opts.batch_size is not None else 64 if device.startswith("cuda") else 16
     workers = opts.workers if opts.workers is not None else loader_workers(device)
     results = Path(opts.results_dir or default_results_dir())
     out, jobs = [], []
     for proto in (p.for_device(device) for p in protocols):
-        params = dict(proto.params)
-        params["resize"] = params["resize"] or opts.resize
-        params["size"] = proto.input_size(ref.spec.patch_size) or opts.size
-        transform = Transform(params["resize"], params["size"], ref.spec.patch_size)
+        params, transform = _geometry(proto, opts, ref.spec)
         check_backbone_fits(proto, ref.spec, transform)
-        seeds = list(opts.seeds) if opts.seeds is not None else list(range(proto.default_seeds))
+        seeds = resolve_seeds(opts.seeds) or list(range(proto.default_seeds))
         train_set, train_note = splits.train_for(proto)
         identity = {"backbone": ref.spec.id, "source": ref.source, "revision": ref.revision,
                     "dataset": eval_set.id, "split": eval_set.split, "content_sha256": eval_set.content_sha256(),

@@ -6,9 +6,12 @@ all exist is skipped; the others run through an executor:
 - `slurm`: through submitit, one array task per cell, with the partition, GPUs, CPUs, memory, time limit, account and
   extra sbatch options of the sweep file (or flags); `nproc_per_node` > 1 runs the cell with torchrun inside its job
   (data-parallel extraction, `distributed.py`).
-Records land in the path-keyed store (`results_dir`), so nothing merges them and `leaderboard` afterwards needs nothing
-else. Each cell's log and job are noted in `<work_dir>/state.json`; `sweep status` lists every cell as done, running,
-failed (with its log) or missing. Killing a sweep and starting it again runs only what is missing.
+Before anything starts, the whole grid is checked as each cell's run would check itself (`runner.preflight`: run
+flags, protocols and params, dataset ids and roots, backbone ids or directories, layer and size; no Hub access), and
+duplicate cells are refused: one error lists every problem with its cells and sweep key, and nothing is submitted or
+written. Records land in the path-keyed store (`results_dir`), so nothing merges them and `leaderboard` afterwards
+needs nothing else. Each cell's log and job are noted in `<work_dir>/state.json`; `sweep status` lists every cell as
+done, running, failed (with its log) or missing. Killing a sweep and starting it again runs only what is missing.
 
 The sweep file (YAML; unknown keys are errors):
 
@@ -17,7 +20,7 @@ The sweep file (YAML; unknown keys are errors):
     backbones: [dino_vits16, dinov2_vits14]
     datasets:                          # name → where and how to read it (`dataset`: its id, default the name)
       voc: {data_root: /data/VOCdevkit/VOC2012, split: null, options: {}, protocols: null}
-    protocols: [kmeans, linear]        # per dataset `protocols` overrides these
+    protocols: [kmeans, linear]        # per dataset `protocols` overrides these; optional if every dataset has its own
     params: {linear: {epochs: 25}}     # --param PROTOCOL.KEY=VALUE
     run: {size: 448, resize: square, seeds: null, device: auto, batch_size: null, registry: null, layer: -1}
     executor: {kind: local, workers: 1}
@@ -44,6 +47,8 @@ EXECUTORS = ("local", "slurm")
 _TOP = {"results_dir", "work_dir", "backbones", "datasets", "protocols", "params", "run", "executor", "slurm"}
 _DATASET = {"dataset", "data_root", "split", "options", "protocols"}
 _RUN = {"size", "resize", "seeds", "device", "batch_size", "registry", "layer"}
+_RUN_FLAGS = {"size": "--size", "resize": "--resize", "device": "--device", "batch_size": "--batch-size",
+              "registry": "--registry", "layer": "--layer", "seeds": "--seeds"}
 _EXECUTOR = {"kind", "workers"}
 SLURM_DEFAULTS = {"partition": None, "gpus_per_node": 0, "cpus_per_task": 4, "mem_gb": 32, "timeout_min": 240,
                   "account": None, "nproc_per_node": 1, "additional": {}}
@@ -74,6 +79,7 @@ class Sweep:
     work_dir: Path
     executor: dict
     slurm: dict = field(default_factory=dict)
+    own_protocols: frozenset = frozenset()  # the dataset names with a `protocols` list of their own
 
     @property
     def state_file(self) -> Path:
@@ -119,63 +125,171 @@ def _names(where: str, value) -> list[str]:
     return value
 
 
+def _run_flags(where: str, run: dict, problems: list[str]) -> list[str]:
+    """The `run` section as `ssl-segbench run` flags; a value of the wrong type is a problem (the values themselves
+    are the runner's to check, as for `run`). `--flag=value`, so that a negative value reaches the runner's check."""
+    from .registry import _is_int
+
+    argv = []
+    for key, flag in _RUN_FLAGS.items():
+        value = run.get(key)
+        if value is None:
+            continue
+        if key in ("resize", "device", "registry"):
+            ok, kind = isinstance(value, str), "a string"
+        elif key == "seeds":
+            ok = _is_int(value) or isinstance(value, list) and all(_is_int(v) for v in value)
+            kind = "a count or a list of integers"
+        else:
+            ok, kind = _is_int(value), "an integer"
+        if not ok:
+            problems.append(f"{where}: run.{key} must be {kind}, got {value!r}")
+            continue
+        if isinstance(value, list):  # a trailing comma keeps a one-seed list a list: '3,' is seed 3, '3' three seeds
+            value = ",".join(map(str, value)) + ("," if len(value) == 1 else "")
+        argv.append(f"{flag}={value}")
+    return argv
+
+
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep file and expand its grid."""
+    """Read and validate a sweep file and expand its grid; one error lists every problem of the file's form
+    (`check_cells` then checks what the cells would run)."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {path} not found")
     doc = _check_keys(str(path), yamlload.load(path.read_text(), str(path)), _TOP)
-    backbones = _names(f"{path}: backbones", doc.get("backbones"))
-    datasets = _mapping(f"{path}: datasets", doc.get("datasets"))
-    if not datasets:
-        raise SweepError(f"{path}: datasets must map at least one dataset id to its settings")
-    protocols = _names(f"{path}: protocols", doc.get("protocols"))
-    params = _mapping(f"{path}: params", doc.get("params"))
-    run = _check_keys(f"{path}: run", doc.get("run"), _RUN)
-    executor = {"kind": "local", "workers": 1, **_check_keys(f"{path}: executor", doc.get("executor"), _EXECUTOR)}
-    slurm = {**SLURM_DEFAULTS, **_check_keys(f"{path}: slurm", doc.get("slurm"), set(SLURM_DEFAULTS))}
+    problems: list[str] = []
+
+    def form(check, *args):
+        try:
+            return check(*args)
+        except SweepError as e:
+            problems.append(str(e))
+
+    backbones = form(_names, f"{path}: backbones", doc.get("backbones")) or []
+    datasets = form(_mapping, f"{path}: datasets", doc.get("datasets"))
+    if datasets == {}:
+        problems.append(f"{path}: datasets must map at least one dataset id to its settings")
+    protocols = None if doc.get("protocols") is None else form(_names, f"{path}: protocols", doc["protocols"])
+    params = form(_mapping, f"{path}: params", doc.get("params")) or {}
+    run = form(_check_keys, f"{path}: run", doc.get("run"), _RUN) or {}
+    executor = {"kind": "local", "workers": 1,
+                **(form(_check_keys, f"{path}: executor", doc.get("executor"), _EXECUTOR) or {})}
+    slurm = {**SLURM_DEFAULTS, **(form(_check_keys, f"{path}: slurm", doc.get("slurm"), set(SLURM_DEFAULTS)) or {})}
     results_dir = Path(doc.get("results_dir") or "results")
     work_dir = Path(doc.get("work_dir") or results_dir / ".sweeps" / safe_component(path.stem))
-    common = []
-    for key, flag in (("size", "--size"), ("resize", "--resize"), ("device", "--device"),
-                      ("batch_size", "--batch-size"), ("registry", "--registry"), ("layer", "--layer")):
-        if run.get(key) is not None:
-            common += [flag, str(run[key])]
-    seeds = run.get("seeds")
-    if seeds is not None:
-        common += ["--seeds", ",".join(str(s) for s in seeds) if isinstance(seeds, list) else str(seeds)]
-    for proto, values in params.items():
-        for key, value in _mapping(f"{path}: params.{proto}", values).items():
-            common += ["--param", f"{proto}.{key}={json.dumps(value)}"]
+    common = _run_flags(str(path), run, problems)
+    shared = {proto: [f"{proto}.{key}={json.dumps(value)}" for key, value in
+                      (form(_mapping, f"{path}: params.{proto}", values) or {}).items()]
+              for proto, values in params.items()}
+    used, ran = set(), set()  # the protocols that shared params went to; the protocols of any dataset
     cells = []
-    for name, settings in datasets.items():
-        s = _check_keys(f"{path}: datasets.{name}", settings, _DATASET)
+    for name, settings in (datasets or {}).items():
+        s = form(_check_keys, f"{path}: datasets.{name}", settings, _DATASET)
+        wrong = [k for k in ("dataset", "data_root", "split") if (s or {}).get(k) is not None and
+                 not isinstance(s[k], str)]
+        if wrong:
+            problems.append(f"{path}: datasets.{name}: {', '.join(wrong)} must be a string")
+        if s is None or wrong:
+            continue
         ds = s.get("dataset") or name  # a name of its own: one dataset id at several roots
         argv = ["--dataset", ds]
         if s.get("data_root"):
-            argv += ["--data-root", str(s["data_root"])]
+            argv.append(f"--data-root={s['data_root']}")
         if s.get("split"):
-            argv += ["--split", str(s["split"])]
-        for key, value in _mapping(f"{path}: datasets.{name}.options", s.get("options")).items():
+            argv.append(f"--split={s['split']}")
+        options = form(_mapping, f"{path}: datasets.{name}.options", s.get("options")) or {}
+        for key, value in options.items():
             argv += ["-o", f"{key}={value}"]
-        protos = _names(f"{path}: datasets.{name}.protocols", s["protocols"]) if s.get("protocols") else protocols
-        argv += ["--protocol", ",".join(protos)]
+        own = s.get("protocols")
+        protos = protocols if own is None else form(_names, f"{path}: datasets.{name}.protocols", own)
+        if own is None and doc.get("protocols") is None:
+            problems.append(f"{path}: datasets.{name} has no protocols: give it `protocols: [...]`, or give a "
+                            "top-level `protocols` list for every dataset without its own")
+        argv += ["--protocol", ",".join(protos or [])]
+        names = {spec.partition(":")[0] for spec in protos or []}
+        used |= names & set(shared)
+        ran |= names
+        for proto in sorted(names & set(shared)):  # shared params go to the cells that run their protocol
+            for param in shared[proto]:
+                argv += ["--param", param]
         for b in backbones:
             cells.append(Cell(b, name, ("--backbone", b, *argv, *common, "--results-dir", str(results_dir))))
+    if set(shared) - used:
+        from .protocols import PROTOCOLS
+
+        for proto in sorted(set(shared) - used):
+            problems.append(f"{path}: params.{proto}: no dataset of this sweep runs protocol '{proto}' (they run: "
+                            f"{', '.join(sorted(ran)) or 'none'}; known protocols: {', '.join(sorted(PROTOCOLS))}): "
+                            "fix the name or drop it")
     if executor["kind"] not in EXECUTORS:
-        raise SweepError(f"{path}: executor.kind must be one of {EXECUTORS}, got {executor['kind']!r}")
-    return Sweep(path, cells, results_dir, work_dir, executor, slurm)
+        problems.append(f"{path}: executor.kind must be one of {EXECUTORS}, got {executor['kind']!r}")
+    if problems:
+        raise SweepError(_listing(path, problems))
+    own = frozenset(name for name, settings in datasets.items() if (settings or {}).get("protocols") is not None)
+    return Sweep(path, cells, results_dir, work_dir, executor, slurm, own)
+
+
+def _listing(path: Path, problems: list[str]) -> str:
+    """One error for all the problems of a sweep file, each on its own line after the file's name."""
+    if len(problems) == 1:
+        text = problems[0] if problems[0].startswith(str(path)) else f"{path}: {problems[0]}"
+    else:
+        text = f"{path}: {len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems)
+    return text + "\nNothing was started or written; fix the sweep file and run it again."
+
+
+def _cell_options(cell: Cell, **more):
+    """The cell's RunOptions, parsed from its `ssl-segbench run` arguments exactly as its job will parse them."""
+    from .cli import _run_options_of, build_parser
+
+    args = build_parser().parse_args(["run", *cell.argv])
+    protocols = tuple(p.strip() for p in args.protocol.split(",") if p.strip())
+    return _run_options_of(args, protocols, seeds=args.seeds, results_dir=args.results_dir, **more)
+
+
+def _sweep_key(sweep: Sweep, option: str, cell: Cell) -> str:
+    """Where in the sweep file a run option of a cell comes from."""
+    own = f"datasets.{cell.dataset}.protocols" if cell.dataset in sweep.own_protocols else "protocols"
+    return {"protocols": own, "params": "params", "dataset": f"datasets.{cell.dataset}",
+            "backbone": "backbones"}.get(option, f"run.{option}")
+
+
+def check_cells(sweep: Sweep, here: bool) -> None:
+    """Check every cell as its run checks itself before any work (`runner.preflight`, no Hub access), all before
+    anything starts: one error lists each problem with its sweep key and cells. `here`: the cells run on this
+    machine (local executor), so their device must exist here."""
+    from .runner import preflight
+
+    found: dict[tuple[str, str], list[str]] = {}
+    names, data = set(), {}
+    for cell in sweep.cells:
+        opts = _cell_options(cell)
+        if cell.name in names:
+            found.setdefault(("backbones", f"'{cell.backbone}' is listed more than once, so its cells would run twice "
+                                           "into one log: list each backbone once"), []).append(cell.name)
+            continue
+        names.add(cell.name)
+        root = str(Path(opts.data_root).expanduser().resolve()) if opts.data_root else None
+        first = data.setdefault((cell.backbone, opts.dataset, root, opts.split,
+                                 json.dumps(opts.dataset_options, sort_keys=True, default=str)), cell.dataset)
+        if first != cell.dataset:
+            found.setdefault((f"datasets.{cell.dataset}", f"reads what datasets.{first} reads (dataset "
+                              f"'{opts.dataset}', its root, split and options), so its cells would repeat those: "
+                              "keep one of the two"), []).append(cell.name)
+        for option, message in preflight(opts, here):
+            found.setdefault((_sweep_key(sweep, option, cell), message), []).append(cell.name)
+    if found:
+        raise SweepError(_listing(sweep.path, [
+            f"{key} ({'every cell' if len(names) > 1 and set(cells) == names else 'cell ' + ', '.join(cells)}): "
+            f"{message}" for (key, message), cells in found.items()]))
 
 
 def missing_records(cell: Cell) -> list[Path]:
     """The records of a cell that do not exist yet, resolved exactly as `ssl-segbench run` resolves them."""
-    from .cli import _run_options_of, build_parser
     from .runner import run
 
-    args = build_parser().parse_args(["run", *cell.argv])
-    protocols = tuple(p.strip() for p in args.protocol.split(",") if p.strip())
-    opts = _run_options_of(args, protocols, seeds=args.seeds, results_dir=args.results_dir, plan_only=True)
-    return [path for status, path, _ in run(opts) if status == "pending"]
+    return [path for status, path, _ in run(_cell_options(cell, plan_only=True)) if status == "pending"]
 
 
 def run_cell(argv: list[str], nproc_per_node: int = 1) -> None:
@@ -193,14 +307,14 @@ def run_cell(argv: list[str], nproc_per_node: int = 1) -> None:
 
 
 def pending_cells(sweep: Sweep, say=print) -> list[Cell]:
-    """The cells with a missing record; a cell that cannot even be planned (an unknown backbone, a missing dataset
-    root) runs too, so that its log says why it fails."""
+    """The cells with a missing record (checked by `check_cells` first); a cell that cannot be planned on this machine
+    (its checkpoint is not in the Hub cache here, its GPU is elsewhere) runs too: its job plans it where it runs."""
     todo = []
     for cell in sweep.cells:
         try:
             missing = missing_records(cell)
         except SegbenchError as e:
-            say(f"{cell.name}: cannot be planned ({str(e).splitlines()[0]}); running it to log the failure")
+            say(f"{cell.name}: cannot be planned here ({str(e).splitlines()[0]}); running it, its job plans it")
             todo.append(cell)
             continue
         say(f"{cell.name}: " + (f"{len(missing)} record(s) missing" if missing else "done, skipped"))
@@ -322,6 +436,7 @@ def run_sweep(sweep: Sweep, executor: str | None = None, workers: int | None = N
     kind = executor or sweep.executor["kind"]
     if kind not in EXECUTORS:
         raise SweepError(f"--executor must be one of {EXECUTORS}, got {kind!r}")
+    check_cells(sweep, here=kind == "local")
     cells = pending_cells(sweep, say)
     if not cells:
         say("nothing to run: every cell's records exist")
@@ -340,4 +455,5 @@ def run_sweep(sweep: Sweep, executor: str | None = None, workers: int | None = N
     return 1 if failed else 0
 
 
-__all__ = ["Cell", "Sweep", "SweepError", "load_sweep", "missing_records", "run_sweep", "status", "run_cell"]
+__all__ = ["Cell", "Sweep", "SweepError", "check_cells", "load_sweep", "missing_records", "run_sweep", "status",
+           "run_cell"]

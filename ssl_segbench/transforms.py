@@ -36,8 +36,11 @@ class Transform:
         if self.policy not in POLICIES:
             raise TransformError(f"unknown resize policy {self.policy!r}; use one of {POLICIES}")
         if self.policy != "pad" and self.size % self.patch_size:
-            raise TransformError(f"size {self.size} is not a multiple of the patch size {self.patch_size}: "
-                             f"use e.g. {self.size // self.patch_size * self.patch_size}")
+            p = self.patch_size
+            below, above = self.size // p * p, (self.size // p + 1) * p
+            near = f"{below} or {above}" if below > 0 else str(above)  # the nearest positive multiples
+            raise TransformError(f"size {self.size} is not a multiple of the patch size {p}: use --size {near}, "
+                                 "or --resize pad (it pads to the patch grid)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,12 +3,14 @@ submitit as the engine): the same records either way, only missing cells rerun, 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 from slurm_cluster import ensure_packages, start, stop
 
 from ssl_segbench.cli import main
@@ -40,23 +42,32 @@ def _metrics(results: Path) -> dict:
     return {(r.identity["backbone"], r.identity["content_sha256"]): r.per_seed for _, r in iter_records(results)}
 
 
+def _damaged_copy(data: Path, where: Path) -> tuple[Path, Path]:
+    """A copy of a synthetic dataset with one mask smaller than its image: it passes every check made before a run
+    (the run refuses it when it reads the labels), so its cells fail in their jobs."""
+    copy = shutil.copytree(data, where)
+    mask = sorted((copy / "TEST" / "masks").iterdir())[1]
+    Image.open(mask).resize((20, 15), Image.NEAREST).save(mask)
+    return copy, mask
+
+
 def test_local_sweep_runs_missing_cells_only_and_status_names_a_failed_cell(grid_data, tmp_path, capsys):
-    f = _sweep_file(tmp_path / "grid.yaml", grid_data, tmp_path / "res", ("pixels", "random_vits16", "no_such"))
-    assert main(["sweep", str(f), "--workers", "2"]) == 1  # the unknown backbone's cells fail
+    damaged, mask = _damaged_copy(grid_data[1], tmp_path / "damaged")
+    f = _sweep_file(tmp_path / "grid.yaml", [grid_data[0], damaged], tmp_path / "res")
+    assert main(["sweep", str(f), "--workers", "2"]) == 1  # the damaged dataset's cells fail
     out = capsys.readouterr().err
-    assert "running 6 cell(s) of 6 with the local executor" in out and "no_such__syn0: FAILED" in out
-    assert len(_metrics(tmp_path / "res")) == 4
+    assert "running 4 cell(s) of 4 with the local executor" in out and "pixels__syn1: FAILED" in out
+    assert len(_metrics(tmp_path / "res")) == 2
     rows = {name: (state, detail) for name, state, detail in status(load_sweep(f))}
-    assert rows["pixels__syn0"][0] == "done"
-    # a cell that cannot even be planned is an error row; its log is where the run said why
-    assert rows["no_such__syn1"][0] == "error" and "unknown backbone 'no_such'" in rows["no_such__syn1"][1]
+    log = tmp_path / "res" / ".sweeps" / "grid" / "logs" / "pixels__syn1.log"
+    assert rows["pixels__syn0"][0] == "done" and rows["random_vits16__syn0"][0] == "done"
+    assert rows["pixels__syn1"][0] == "failed" and str(log) in rows["pixels__syn1"][1]
     assert main(["sweep", "status", str(f)]) == 1
-    assert "no_such__syn0" in capsys.readouterr().out
-    log = (tmp_path / "res" / ".sweeps" / "grid" / "logs" / "no_such__syn0.log").read_text()
-    assert "unknown backbone 'no_such'" in log
-    # rerun: the four finished cells are skipped, only the failing ones run again
+    assert "random_vits16__syn1" in capsys.readouterr().out
+    assert str(mask) in " ".join(log.read_text().split())  # the log says why
+    # rerun: the two finished cells are skipped, only the failing ones run again
     assert main(["sweep", str(f)]) == 1
-    assert "running 2 cell(s) of 6" in capsys.readouterr().err
+    assert "running 2 cell(s) of 4" in capsys.readouterr().err
 
 
 def test_sweep_files_are_checked(tmp_path):
@@ -70,6 +81,130 @@ def test_sweep_files_are_checked(tmp_path):
     bad.write_text("backbones: [pixels]\ndatasets: {synthetic: {}}\nprotocols: [kmeans]\nexecutor: {kind: pbs}\n")
     with pytest.raises(SweepError, match="executor.kind must be one of"):
         load_sweep(bad)
+
+
+def _write(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _refused(f: Path, capsys, monkeypatch) -> str:
+    """Run the sweep through the CLI; it must be refused (exit 2, no traceback) with nothing started or written."""
+    monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(f.parent / "cache"))
+    assert main(["sweep", str(f)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("error:") and "Nothing was started or written" in err, err
+    assert "started (pid" not in err and "submitted" not in err
+    assert not (f.parent / "res").exists(), "state, logs or records were written"
+    assert not (f.parent / "cache" / "features").exists() and not (f.parent / "cache" / "labels").exists()
+    return err
+
+
+def test_a_sweep_is_checked_as_a_whole_before_anything_starts(grid_data, tmp_path, capsys, monkeypatch):
+    """Every problem of the bug report in one file: one error lists them all, each with its sweep key and cells."""
+    ok = {"dataset": "synthetic", "data_root": str(grid_data[0])}
+    doc = {"results_dir": str(tmp_path / "res"), "backbones": ["pixels", "no_such", "pixels"],
+           "datasets": {"syn": ok, "again": {**ok, "data_root": str(grid_data[0]) + "/"},
+                        "gone": {**ok, "data_root": str(tmp_path / "nowhere")},
+                        "typo": {"dataset": "synthetc", "data_root": str(grid_data[1])},
+                        "own": {**ok, "split": "train", "protocols": ["kmeens"]}},
+           "protocols": ["kmeans"], "params": {"kmeans": {"kk": 3}},
+           "run": {"size": 0, "seeds": [0, 0], "device": "tpu", "batch_size": 0}}
+    err = _refused(_write(tmp_path / "grid.yaml", doc), capsys, monkeypatch)
+    for expected in [
+            "grid.yaml: 11 problems",
+            "- run.seeds (every cell): --seeds 0,0: seed(s) 0 listed more than once",
+            "- run.size (every cell): --size 0: the input size must be a positive multiple",
+            "- run.device (every cell): --device 'tpu' is not supported: use auto, cpu, cuda or cuda:N",
+            "- run.batch_size (every cell): --batch-size 0: images per backbone call must be at least 1",
+            "- params (cell pixels__syn, no_such__syn, pixels__again, no_such__again, pixels__gone, no_such__gone, "
+            "pixels__typo, no_such__typo): protocol 'kmeans': unknown parameter(s) ['kk']; parameters: [",
+            "- backbones (cell pixels__syn, pixels__again, pixels__gone, pixels__typo, pixels__own): 'pixels' is "
+            "listed more than once, so its cells would run twice into one log: list each backbone once",
+            "- backbones (cell no_such__syn, no_such__again, no_such__gone, no_such__typo, no_such__own): unknown "
+            "backbone 'no_such'. Known: ",
+            "- datasets.again (cell pixels__again, no_such__again): reads what datasets.syn reads",
+            f"- datasets.gone (cell pixels__gone, no_such__gone): dataset root {tmp_path / 'nowhere'} does not exist",
+            "- datasets.typo (cell pixels__typo, no_such__typo): unknown dataset 'synthetc'. Known: ",
+            "- datasets.own.protocols (cell pixels__own, no_such__own): unknown protocol 'kmeens'. Known: "]:
+        assert expected in err, (expected, err)
+
+
+@pytest.mark.parametrize("change, expected", [  # expected: the error after "grid.yaml: "
+    ({"datasets": None}, "datasets.syn (cell pixels__syn): dataset root "),
+    ({"backbones": ["pixels", "no_such"]}, "backbones (cell no_such__syn): unknown backbone 'no_such'. Known: "),
+    ({"backbones": ["./no/such/dir"]}, "backbones (cell _no_such_dir__syn-"),
+    ({"protocols": ["kmeans", "linaer"]}, "protocols (cell pixels__syn): unknown protocol 'linaer'. Known: "),
+    ({"params": {"kmeans": {"k": "abc"}}}, "params (cell pixels__syn): kmeans: k must be int or null, got 'abc'"),
+    ({"params": {"kmean": {"k": 3}}}, "params.kmean: no dataset of this sweep runs protocol 'kmean' (they run: "
+                                      "kmeans; known protocols: "),
+    ({"backbones": ["pixels", "pixels"]}, "backbones (cell pixels__syn): 'pixels' is listed more than once"),
+    ({"run": {"seeds": 0}}, "run.seeds (cell pixels__syn): --seeds 0: a seed count must be at least 1"),
+    ({"run": {"seeds": [1, -2]}}, "run.seeds (cell pixels__syn): --seeds 1,-2: seed -2 is negative"),
+    ({"run": {"size": 7}}, "run.size (cell pixels__syn): size 7 is not a multiple of the patch size 16: use --size "
+                           "16,"),
+    ({"run": {"size": "big"}}, "run.size must be an integer, got 'big'"),
+    ({"run": {"layer": 99}}, "run.layer (cell pixels__syn): --layer 99 is out of range for backbone 'pixels'"),
+    ({"run": {"device": "mps"}}, "run.device (cell pixels__syn): --device 'mps' is not supported: use auto, cpu, "
+                                 "cuda or cuda:N"),
+    ({"protocols": None}, "datasets.syn has no protocols: give it `protocols: [...]`, or give a top-level "
+                          "`protocols` list for every dataset without its own"),
+])
+def test_each_problem_of_a_sweep_file_is_refused_before_anything_starts(grid_data, tmp_path, capsys, monkeypatch,
+                                                                        change, expected):
+    doc = {"results_dir": str(tmp_path / "res"), "backbones": ["pixels"], "protocols": ["kmeans"],
+           "datasets": {"syn": {"dataset": "synthetic", "data_root": str(grid_data[0])}}, "run": {"size": 32}}
+    for key, value in change.items():
+        if key == "datasets":  # a root that does not exist
+            doc["datasets"]["syn"]["data_root"] = str(tmp_path / "nowhere")
+        elif key == "run":
+            doc["run"].update(value)
+        else:
+            doc[key] = value
+    f = _write(tmp_path / "grid.yaml", {k: v for k, v in doc.items() if v is not None})
+    err = _refused(f, capsys, monkeypatch)
+    assert f"grid.yaml: {expected}" in err, err
+
+
+def test_per_dataset_protocol_lists_alone_are_a_valid_sweep(grid_data, tmp_path, monkeypatch, capsys):
+    """No top-level `protocols`: each dataset runs its own list, and shared `params` reach the cells that run their
+    protocol only; a one-seed list is that seed (not a count)."""
+    monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "cache"))
+    doc = {"results_dir": str(tmp_path / "res"), "backbones": ["pixels"],
+           "datasets": {"a": {"dataset": "synthetic", "data_root": str(grid_data[0]), "protocols": ["kmeans"]},
+                        "b": {"dataset": "synthetic", "data_root": str(grid_data[1]), "protocols": ["linear"]}},
+           "params": {"linear": {"epochs": 2}}, "run": {"size": 32, "seeds": [1]}}
+    assert main(["sweep", str(_write(tmp_path / "grid.yaml", doc))]) == 0
+    from ssl_segbench.data import get_dataset
+
+    digest = {name: get_dataset("synthetic", d).content_sha256() for name, d in zip("ab", grid_data)}
+    got = {(r.identity["content_sha256"], r.protocol["name"]): r for _, r in iter_records(tmp_path / "res")}
+    assert set(got) == {(digest["a"], "kmeans"), (digest["b"], "linear")}
+    assert got[(digest["b"], "linear")].protocol["params"]["epochs"] == 2 and got[(digest["b"], "linear")].seeds == [1]
+
+
+def test_checking_a_grid_needs_no_hub(grid_data, tmp_path, monkeypatch):
+    """A registry checkpoint the submit node has not cached is still checked (its depth from the registry), with no
+    Hub or cache access."""
+    import huggingface_hub
+
+    import ssl_segbench.backbones as backbones
+    from ssl_segbench.sweep import check_cells
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(backbones, "resolve_revision", no_hub)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    doc = {"results_dir": str(tmp_path / "res"), "backbones": ["dinov2_vits14", "some-org/some-model"],
+           "protocols": ["kmeans"], "datasets": {"syn": {"dataset": "synthetic", "data_root": str(grid_data[0])}},
+           "run": {"size": 28, "layer": 11}}
+    check_cells(load_sweep(_write(tmp_path / "grid.yaml", doc)), here=True)
+    doc["run"]["layer"] = 12
+    with pytest.raises(SweepError, match=r"run.layer \(cell dinov2_vits14__syn\): --layer 12 is out of range for "
+                                         r"backbone 'dinov2_vits14' with 12 transformer blocks: use -12 to 11"):
+        check_cells(load_sweep(_write(tmp_path / "grid.yaml", doc)), here=True)
+    assert not (tmp_path / "res").exists()
 
 
 def test_the_published_sweep_covers_every_exact_published_number():
