@@ -23,7 +23,7 @@ from .atomic import write_bytes_atomic, write_text_atomic
 from .errors import SegbenchError
 from .figures import figure_path
 from .paths import inside, safe_component
-from .records import METRICS, Record, RecordError, iter_records
+from .records import METRICS, Record, RecordError, iter_records, require_results_dir
 
 PUBLISHED = Path(__file__).with_name("published.yaml")
 _DEMO_DATASETS = {"synthetic": "Synthetic demo data (generated shapes and textures): this checks the pipeline end to "
@@ -31,9 +31,10 @@ _DEMO_DATASETS = {"synthetic": "Synthetic demo data (generated shapes and textur
 
 
 def collect(results_dir: Path) -> tuple[list[Record], list[str]]:
-    """Valid records and a list of problems (unreadable or foreign files), both in path order."""
+    """Valid records and a list of problems (unreadable, foreign or impossible records, never rendered), both in path
+    order."""
     records, problems = [], []
-    for _path, rec in iter_records(results_dir):
+    for _path, rec in iter_records(require_results_dir(results_dir)):
         if isinstance(rec, RecordError):
             problems.append(str(rec))
         else:
