@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from .figures import figure_path
-from .leaderboard import _DEMO_DATASETS, _published_cell, published_for, reported_for
+from .leaderboard import _DEMO_DATASETS, _published_cell, page_name, published_for, reported_for
 from .paths import safe_component
 from .plots import write_plots
 from .records import Record
@@ -178,7 +178,7 @@ def _index(by_dataset: dict[str, list[Record]]) -> str:
             cells.append("<td>–</td>" if best is None else
                          f"<td>{100 * best.metrics['miou']['mean']:.1f} <small>{_esc(best.backbone['id'])}</small>"
                          "</td>")
-        body.append(f'<tr><td><a href="{_esc(safe_component(ds))}.html">{_esc(ds)}</a></td>{"".join(cells)}</tr>')
+        body.append(f'<tr><td><a href="{_esc(page_name(ds))}.html">{_esc(ds)}</a></td>{"".join(cells)}</tr>')
     demo = "".join(f'<p class="demo">{_esc(ds)}: {_esc(_DEMO_DATASETS[ds])}</p>' for ds in sorted(by_dataset)
                    if ds in _DEMO_DATASETS)
     text = ("<h1>ssl-segbench leaderboards</h1><p>Best mIoU (%) per dataset and protocol, over every backbone and "
@@ -196,7 +196,7 @@ def render_site(records: list[Record], out_dir: Path, published: list[dict], reg
                                "index.html": _index(by_dataset).encode()}
     plot_files = write_plots(records, registry)
     for ds, recs in sorted(by_dataset.items()):
-        name = safe_component(ds)
+        name = page_name(ds)
         plots = {alt: f"plots/{fname}" for (pds, alt), fname in plot_files.items() if pds == ds}
         thumbs = []
         for r in sorted(recs, key=lambda r: (r.backbone["id"], r.protocol_spec)):
