@@ -264,8 +264,13 @@ def _swap(new: Path, target: Path) -> None:
     (Linux 3.15+, glibc 2.28+, local file systems) the exchange is atomic: there is no moment without `target`.
     Elsewhere the old folder is renamed away and the new one in: `target` is missing between those two renames."""
     if not target.exists():
-        os.rename(new, target)
-    elif not _exchange(new, target):
+        try:
+            os.rename(new, target)
+            return
+        except OSError as e:  # another build put a site there meanwhile: exchange with it
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    if not _exchange(new, target):
         old = target.with_name(f"{target.name}.old-{os.getpid()}")
         os.rename(target, old)
         try:
