@@ -215,7 +215,7 @@ class Record:
              "revision_resolved")
         unknown = sorted(set(obj) - names)
         need(not unknown, f"unknown field(s) {unknown} (a record has only {sorted(names)})")
-        need("miou" in obj["metrics"], "no 'miou' metric")
+        need({"miou", "pixel_acc"} <= set(obj["metrics"]), "no 'miou' or no 'pixel_acc' metric (every page shows both)")
         need(obj["key"] == record_key(ident), f"its key {obj['key']!r} is not the digest of its identity "
              f"({record_key(ident)!r}): the identity or the key was edited")
         problem = metrics_problem(obj["metrics"], obj["seeds"])

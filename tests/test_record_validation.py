@@ -68,6 +68,8 @@ CASES = {  # name: (bad record, file name or None, expected message, a string of
     "key is not the file name": (BAD, "0123456789abcdef", "is not its file name", "bad_net"),
     "key is not the identity's digest": (_renamed_identity, None, "is not the digest of its identity", "other_net"),
     "unknown field": ({**BAD, "score_override": 0.99}, None, "unknown field(s) ['score_override']", "99.0"),
+    "no pixel accuracy": ({**BAD, "metrics": {k: v for k, v in BAD["metrics"].items() if k != "pixel_acc"}}, None,
+                          "no 'miou' or no 'pixel_acc' metric", "bad_net"),
 }
 
 
