@@ -283,11 +283,11 @@ def _cmd_leaderboard(args) -> int:
     from .paths import results_dir
 
     written, problems = write(args.results_dir or results_dir(), args.out, args.format, args.plots)
-    for p in problems:
-        console.print(f"[yellow]warning:[/] {p}")
     for path in written:
-        console.print(f"wrote {path}")
-    if not written:
+        console.print(f"wrote {escape(str(path))}", highlight=False)
+    for p in problems:  # refused records are left out of every page, and the command fails
+        console.print(f"[bold red]refused record:[/] {escape(p)}", highlight=False)
+    if not written and not problems:
         console.print(f"no records under {args.results_dir or results_dir()}: run `ssl-segbench run` first")
     return 1 if problems else 0
 
@@ -364,14 +364,14 @@ def _cmd_check(args) -> int:
         return "–" if v is None else f"{100 * v:.2f}"
 
     for r in sorted(rows, key=lambda r: (r.status in ("ok", "new"), r.label, r.metric)):
-        table.add_row(f"[{colour[r.status]}]{r.status}[/]", r.label, r.metric, pct(r.baseline), pct(r.current),
+        table.add_row(f"[{colour[r.status]}]{r.status}[/]", escape(r.label), r.metric, pct(r.baseline), pct(r.current),
                       "–" if r.delta is None else f"{100 * r.delta:+.2f}", pct(r.tolerance))
     out.print(table)
     for p in problems:
-        console.print(f"[yellow]warning:[/] {p}")
-    failed = gate_failed(rows)
-    console.print("[bold red]check failed[/]: a metric regressed beyond its tolerance, or a baseline result is "
-                  "missing or not a finite number" if failed else "[green]check passed[/]")
+        console.print(f"[bold red]refused record:[/] {escape(p)}", highlight=False)
+    failed = gate_failed(rows, problems)
+    console.print("[bold red]check failed[/]: a metric regressed beyond its tolerance, a baseline result is missing, "
+                  "or a record was refused" if failed else "[green]check passed[/]")
     return 1 if failed else 0
 
 

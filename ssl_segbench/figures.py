@@ -16,9 +16,10 @@ from .paths import inside, safe_component
 
 def figure_path(root: Path, dataset: str, backbone: str, protocol: str) -> Path:
     """Where the leaderboard looks for a prediction grid: <root>/figures/<dataset>/<backbone>__<protocol>.png (names
-    made safe path components, the path checked to stay under <root>)."""
-    name = safe_component(f"{backbone}__{protocol.replace(':', '-')}")
-    return inside(root, Path("figures", safe_component(dataset), f"{name}.png"))
+    made portable safe path components, without colons as the leaderboard's pages, the path checked to stay under
+    <root>)."""
+    name = safe_component(f"{backbone}__{protocol.replace(':', '-')}", portable=True)
+    return inside(root, Path("figures", safe_component(dataset, portable=True), f"{name}.png"))
 
 
 def colourize(labels: np.ndarray, palette: np.ndarray, ignore_index: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from pathlib import Path
 from .errors import SegbenchError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:@+=-]")
+_UNSAFE_PORTABLE = re.compile(r"[^A-Za-z0-9._@+=-]")
 
 
 class PathError(SegbenchError):
@@ -69,15 +70,16 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def safe_component(name: str) -> str:
+def safe_component(name: str, portable: bool = False) -> str:
     """`name` as one path component: unchanged when it is already plain (letters, digits and ._:@+=-, not starting with
     a dot); otherwise every other character becomes '_', leading dots are dropped and a short hash of the original is
     appended, so 'a/b' and 'a_b' never share a file and '..' or 'x/../y' never climb out of a directory (runs of dots
-    become '_' too)."""
-    name = str(name)
-    if name and not _UNSAFE.search(name) and not name.startswith(".") and ".." not in name:
+    become '_' too). `portable` treats ':' as unsafe as well: for published files (leaderboard pages, plots, figures),
+    where a colon breaks Windows checkouts and makes a relative link read as a URL scheme ('hf:x.html')."""
+    name, unsafe = str(name), _UNSAFE_PORTABLE if portable else _UNSAFE
+    if name and not unsafe.search(name) and not name.startswith(".") and ".." not in name:
         return name
-    plain = re.sub(r"\.{2,}", "_", _UNSAFE.sub("_", name)).lstrip(".")[:80] or "_"
+    plain = re.sub(r"\.{2,}", "_", unsafe.sub("_", name)).lstrip(".")[:80] or "_"
     return f"{plain}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 

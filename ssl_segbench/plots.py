@@ -8,7 +8,6 @@ import io
 
 import numpy as np
 
-from .paths import safe_component
 from .records import Record
 
 N_BOOT = 1000
@@ -82,7 +81,10 @@ def rank_agreement(recs: list[Record], min_backbones: int = 3) -> tuple[list[str
 
 
 def write_plots(records: list[Record], registry: dict) -> PlotFiles:
+    """The plots of every dataset, named after its page (`page_name`)."""
     import matplotlib
+
+    from .leaderboard import page_name
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,7 +94,7 @@ def write_plots(records: list[Record], registry: dict) -> PlotFiles:
     for r in records:
         by_dataset.setdefault(r.identity["dataset"], []).append(r)
     for ds, recs in sorted(by_dataset.items()):
-        name = safe_component(ds)
+        name = page_name(ds)
         cols = _columns(recs)
         sized = {label: sorted((registry[b].n_parameters / 1e6, r.metrics["miou"]["mean"] * 100, b)
                                for b, r in col.items() if b in registry and registry[b].n_parameters)
@@ -101,11 +103,11 @@ def write_plots(records: list[Record], registry: dict) -> PlotFiles:
         if sized:
             fig, ax = plt.subplots(figsize=(7, 4))
             for label, pts in sorted(sized.items()):
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=_text(label))
             ax.set_xscale("log")
             ax.set_xlabel("backbone parameters (M)")
             ax.set_ylabel("mIoU (%)")
-            ax.set_title(f"{ds}: mIoU against backbone size")
+            ax.set_title(_text(f"{ds}: mIoU against backbone size"))
             ax.legend(fontsize=6, loc="best")
             _add(files, ds, f"{ds}: mIoU against backbone size", f"{name}_size.svg", _svg(fig))
         labels, tau, ci = rank_agreement(recs)
@@ -117,10 +119,10 @@ def write_plots(records: list[Record], registry: dict) -> PlotFiles:
                     text = "n/a" if np.isnan(tau[i, j]) else f"{tau[i, j]:.2f}\n[{ci[i, j, 0]:.2f}, {ci[i, j, 1]:.2f}]"
                     dark = not np.isnan(tau[i, j]) and abs(tau[i, j]) > 0.5
                     ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if dark else "k")
-            short = [lab.split(" · ")[0] for lab in labels]
+            short = [_text(lab.split(" · ")[0]) for lab in labels]
             ax.set_xticks(range(len(labels)), short, rotation=30, ha="right", fontsize=7)
             ax.set_yticks(range(len(labels)), short, fontsize=7)
-            ax.set_title(f"{ds}: rank agreement of protocols (Kendall τ [95% CI])", fontsize=9)
+            ax.set_title(_text(f"{ds}: rank agreement of protocols (Kendall τ [95% CI])"), fontsize=9)
             _add(files, ds, f"{ds}: rank agreement between protocols (Kendall τ over backbones)",
                  f"{name}_rank.svg", _svg(fig))
         best = max(sorted(cols), key=lambda k: len(cols[k]))
@@ -135,11 +137,17 @@ def write_plots(records: list[Record], registry: dict) -> PlotFiles:
                 for j in range(len(classes)):
                     ax.text(j, i, "–" if np.isnan(mat[i, j]) else f"{100 * mat[i, j]:.0f}", ha="center",
                             va="center", fontsize=6, color="w")
-            ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
-            ax.set_yticks(range(len(rows)), rows, fontsize=7)
-            ax.set_title(f"{ds}: per-class IoU (%), {best.split(' · ')[0]}", fontsize=9)
+            ax.set_xticks(range(len(classes)), [_text(c) for c in classes], rotation=45, ha="right", fontsize=7)
+            ax.set_yticks(range(len(rows)), [_text(r) for r in rows], fontsize=7)
+            ax.set_title(_text(f"{ds}: per-class IoU (%), {best.split(' · ')[0]}"), fontsize=9)
             _add(files, ds, f"{ds}: per-class IoU ({best})", f"{name}_classes.svg", _svg(fig))
     return files
+
+
+def _text(name) -> str:
+    """A name from data as literal matplotlib text: a '$' is a character, never the start of a formula (an unbalanced
+    one would stop the plot with a mathtext error)."""
+    return str(name).replace("$", r"\$")
 
 
 def _add(files: PlotFiles, ds: str, caption: str, fname: str, blob: bytes) -> None:

@@ -5,6 +5,8 @@ digest covers everything that can change the number (the dataset's content diges
 seeds, and the train split's content for protocols that train). Every path component is made safe (no separators, no
 '..') and the path is checked to stay inside the results directory. Records are written to a temporary file and
 renamed, so a crash never leaves a truncated record, and a record whose metrics are not finite numbers is refused.
+Reading validates too: a record that cannot be true (a value outside [0, 1], a mean that is not its per-seed values'
+mean, a key that is not its identity's digest or its file name, unknown fields) is a RecordError naming the file.
 
 Schema v2 identifies the data by content; v1 records (identified by file names only) still load, marked `legacy`.
 """
@@ -46,6 +48,10 @@ def record_path(results_dir: Path, identity: dict) -> Path:
     return inside(results_dir, Path(*(safe_component(p) for p in parts), f"{record_key(identity)}.json"))
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def check_finite(metrics: dict, what: str) -> None:
     """Refuse metrics that are not finite numbers (mean, std, per seed, interval): such a record would put NaN in a
     leaderboard and pass a regression gate."""
@@ -53,10 +59,48 @@ def check_finite(metrics: dict, what: str) -> None:
         if m == "per_class_iou":
             continue
         values = [v.get("mean"), v.get("std"), *v.get("per_seed", []), *v.get("ci95", [])]
-        bad = [x for x in values if not (isinstance(x, (int, float)) and math.isfinite(x))]
+        bad = [x for x in values if not _finite(x)]
         if bad:
             raise RecordError(f"{what}: metric '{m}' is {bad[0]!r} (not a finite number); no record was written. "
                               "This comes from empty ground truth (no labelled pixels) or from broken scores.")
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def metrics_problem(metrics: dict, seeds: list) -> str | None:
+    """What makes a record's metrics impossible, or None. Every value (mean, std, per-seed values, the interval's ends,
+    per-class IoU other than null) is a finite fraction in [0, 1]; there is one per-seed value per seed; mean and std
+    are the mean and population std of the per-seed values (as `summarize` computes them); the interval is ordered.
+    The interval need not contain the mean: the percentile bootstrap of `metrics.bootstrap_ci` can legitimately lie
+    wholly on one side of it (classes present in few images drop out of most resamples)."""
+    def fraction(x) -> bool:
+        return _finite(x) and 0 <= x <= 1
+
+    for m, v in metrics.items():
+        if m == "per_class_iou":
+            if not isinstance(v, list) or not all(x is None or fraction(x) for x in v):
+                return "'per_class_iou' must be a list of fractions in [0, 1] (or null for an absent class)"
+            continue
+        if not isinstance(v, dict) or not isinstance(v.get("per_seed"), list) or not v["per_seed"]:
+            return f"metric '{m}' needs mean, std and a non-empty per_seed list"
+        ci = v.get("ci95")
+        if ci is not None and not (isinstance(ci, list) and len(ci) == 2):
+            return f"metric '{m}': ci95 must be a [low, high] pair"
+        for what, x in (("mean", v.get("mean")), ("std", v.get("std")), *(("per_seed", x) for x in v["per_seed"]),
+                        *(("ci95", x) for x in ci or ())):
+            if not fraction(x):
+                return f"metric '{m}': {what} {x!r} is not a fraction in [0, 1]"
+        if len(v["per_seed"]) != len(seeds):
+            return f"metric '{m}' has {len(v['per_seed'])} per-seed values for {len(seeds)} seed(s)"
+        mean, std = float(np.mean(v["per_seed"])), float(np.std(v["per_seed"]))
+        if not (_close(v["mean"], mean) and _close(v["std"], std)):
+            return (f"metric '{m}': mean {v['mean']!r} and std {v['std']!r} are not the mean {mean!r} and population "
+                    f"std {std!r} of its per-seed values {v['per_seed']}")
+        if ci is not None and ci[0] > ci[1]:
+            return f"metric '{m}': ci95 {ci} is not ordered (low > high)"
+    return None
 
 
 def package_versions() -> dict:
@@ -158,6 +202,8 @@ class Record:
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         missing = sorted(required - set(obj))
         need(not missing, f"missing key(s) {missing}")
+        need(isinstance(obj["key"], str) and isinstance(obj["seeds"], list), "'key' must be a string and 'seeds' a "
+             "list")
         ident = obj["identity"]
         need(isinstance(ident, dict) and all(k in ident for k in _IDENTITY_KEYS) and isinstance(ident["params"], dict),
              f"'identity' needs {list(_IDENTITY_KEYS)}")
@@ -167,12 +213,13 @@ class Record:
              "'protocol' needs name, version, preset and params")
         need("id" in obj["backbone"] and "revision_resolved" in obj["backbone"], "'backbone' needs id and "
              "revision_resolved")
-        for m, v in obj["metrics"].items():
-            if m == "per_class_iou":
-                continue
-            need(isinstance(v, dict) and all(isinstance(v.get(f), (int, float)) and not isinstance(v.get(f), bool)
-                                             for f in ("mean", "std")), f"metric '{m}' needs numbers mean and std")
-        need("miou" in obj["metrics"], "no 'miou' metric")
+        unknown = sorted(set(obj) - names)
+        need(not unknown, f"unknown field(s) {unknown} (a record has only {sorted(names)})")
+        need({"miou", "pixel_acc"} <= set(obj["metrics"]), "no 'miou' or no 'pixel_acc' metric (every page shows both)")
+        need(obj["key"] == record_key(ident), f"its key {obj['key']!r} is not the digest of its identity "
+             f"({record_key(ident)!r}): the identity or the key was edited")
+        problem = metrics_problem(obj["metrics"], obj["seeds"])
+        need(problem is None, str(problem))
         rec = cls(**{k: v for k, v in obj.items() if k in names})
         rec.legacy = LEGACY_SCHEMAS.get(schema)
         return rec
@@ -237,7 +284,19 @@ def read_record(path: Path) -> Record:
         obj = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RecordError(f"{path}: unreadable record ({e}); delete it and re-run to regenerate") from e
-    return Record.from_json(obj, str(path))
+    rec = Record.from_json(obj, str(path))
+    if Path(path).stem != rec.key:
+        raise RecordError(f"{path}: its key {rec.key!r} is not its file name (a record is stored as <key>.json); "
+                          "it was renamed or copied by hand: delete it and re-run to regenerate")
+    return rec
+
+
+def require_results_dir(results_dir: Path) -> Path:
+    """`results_dir`, after checking that it is a folder: a mistyped --results-dir must not read as 'no results'."""
+    if not Path(results_dir).is_dir():
+        raise RecordError(f"results folder {results_dir} does not exist: pass the --results-dir that `ssl-segbench "
+                          "run` wrote to (or set SSL_SEGBENCH_RESULTS)")
+    return Path(results_dir)
 
 
 def iter_records(results_dir: Path):

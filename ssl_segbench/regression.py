@@ -5,9 +5,10 @@ and seeds) with each metric's mean, seed std and number of seeds. A current reco
 metric: it regresses when `current < baseline − tolerance`. The default tolerance is derived from the seed spread:
 max(0.002, 2 × the baseline's std over seeds) in absolute metric units (0.002 = 0.2 points absorbs floating-point
 differences between machines; the seed spread is how far a number moves when only randomness changes). A baseline
-entry with no current record, or whose current metric is missing or not a finite number, fails the gate ('missing',
-'invalid'), so a benchmark that silently stopped running or started writing NaN cannot pass. A malformed baseline is a
-usage error (BaselineError, exit 2) naming the entry and key at fault.
+entry with no current record, or whose record cannot be true (`Record.from_json` refuses it), fails the gate
+('missing', 'invalid'), and so does any unreadable record under the results folder, so a benchmark that silently
+stopped running or started writing NaN or 500 % cannot pass. A malformed or empty baseline, or a results folder that
+does not exist, is a usage error (exit 2) naming the file at fault.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .atomic import write_text_atomic
 from .errors import SegbenchError
-from .records import METRICS, RecordError, iter_records
+from .records import METRICS, RecordError, iter_records, require_results_dir
 
 SCHEMA = "ssl-segbench/baseline/v1"
 TOLERANCE_FLOOR = 0.002
@@ -30,7 +31,7 @@ class BaselineError(SegbenchError):
 
 def baseline_from_records(results_dir: Path) -> dict:
     entries = {}
-    for path, rec in iter_records(results_dir):
+    for path, rec in iter_records(require_results_dir(results_dir)):
         if isinstance(rec, RecordError):
             raise BaselineError(f"cannot build a baseline: {rec}")
         entries[rec.key] = {
@@ -38,6 +39,8 @@ def baseline_from_records(results_dir: Path) -> dict:
             "metrics": {m: {"mean": rec.metrics[m]["mean"], "std": rec.metrics[m]["std"],
                             "n_seeds": len(rec.metrics[m]["per_seed"])} for m in METRICS if m in rec.metrics},
         }
+    if not entries:
+        raise BaselineError(f"cannot build a baseline: no records under {results_dir}; run `ssl-segbench run` first")
     return {"schema": SCHEMA, "entries": dict(sorted(entries.items()))}
 
 
@@ -57,6 +60,9 @@ def read_baseline(path: Path) -> dict:
         raise BaselineError(f"baseline {path} is not valid JSON: {e}") from e
     if not isinstance(base, dict) or base.get("schema") != SCHEMA or not isinstance(base.get("entries"), dict):
         raise BaselineError(f"{path} is not an {SCHEMA} file")
+    if not base["entries"]:
+        raise BaselineError(f"{path} has no entries, so it would pass any results: regenerate it with "
+                            f"`ssl-segbench check --baseline {path} --update-baseline` after a run")
     for key, entry in base["entries"].items():
         where = f"{path}: entry '{key}'"
         if not isinstance(entry, dict) or not isinstance(entry.get("label"), str) \
@@ -65,10 +71,10 @@ def read_baseline(path: Path) -> dict:
                                 "baseline with --update-baseline")
         for metric, m in entry["metrics"].items():
             ok = isinstance(m, dict) and all(isinstance(m.get(f), (int, float)) and not isinstance(m.get(f), bool)
-                                             and math.isfinite(m[f]) for f in ("mean", "std"))
+                                             and math.isfinite(m[f]) and 0 <= m[f] <= 1 for f in ("mean", "std"))
             if not ok:
-                raise BaselineError(f"{where}, metric '{metric}': needs finite numbers 'mean' and 'std', got {m!r}; "
-                                    "regenerate the baseline with --update-baseline")
+                raise BaselineError(f"{where}, metric '{metric}': needs 'mean' and 'std' fractions in [0, 1], got "
+                                    f"{m!r}; regenerate the baseline with --update-baseline")
     return base
 
 
@@ -92,11 +98,13 @@ def default_tolerance(entry: dict) -> float:
 
 def compare(baseline: dict, results_dir: Path,
             tolerances: dict[str, float] | None = None) -> tuple[list[Row], list[str]]:
-    """Rows for every baseline metric (and for new records), plus problems with unreadable records."""
-    current, problems = {}, []
-    for _path, rec in iter_records(results_dir):
+    """Rows for every baseline metric (and for new records), plus problems with unreadable records. A baseline entry
+    whose record file (`<key>.json`) is there but refused is 'invalid', not 'missing'."""
+    current, refused, problems = {}, set(), []
+    for path, rec in iter_records(require_results_dir(results_dir)):
         if isinstance(rec, RecordError):
             problems.append(str(rec))
+            refused.add(path.stem)
         else:
             current[rec.key] = rec
     rows = []
@@ -104,13 +112,13 @@ def compare(baseline: dict, results_dir: Path,
         rec = current.get(key)
         for metric, base in sorted(entry["metrics"].items()):
             tol = (tolerances or {}).get(metric, default_tolerance(base))
+            if rec is None and key in refused:
+                rows.append(Row(entry["label"], metric, base["mean"], None, tol, "invalid"))
+                continue
             if rec is None or metric not in rec.metrics:
                 rows.append(Row(entry["label"], metric, base["mean"], None, tol, "missing"))
                 continue
-            cur = rec.metrics[metric].get("mean")
-            if not isinstance(cur, (int, float)) or isinstance(cur, bool) or not math.isfinite(cur):
-                rows.append(Row(entry["label"], metric, base["mean"], None, tol, "invalid"))
-                continue
+            cur = rec.metrics[metric]["mean"]
             status = "regressed" if cur < base["mean"] - tol else "improved" if cur > base["mean"] + tol else "ok"
             rows.append(Row(entry["label"], metric, base["mean"], cur, tol, status))
     for key, rec in sorted(current.items()):
@@ -119,5 +127,6 @@ def compare(baseline: dict, results_dir: Path,
     return rows, problems
 
 
-def gate_failed(rows: list[Row]) -> bool:
-    return any(r.status in ("regressed", "missing", "invalid") for r in rows)
+def gate_failed(rows: list[Row], problems: list[str]) -> bool:
+    """A metric regressed, a baseline result is missing or refused, or any record under the results is refused."""
+    return bool(problems) or any(r.status in ("regressed", "missing", "invalid") for r in rows)

@@ -5,13 +5,18 @@ size, CRF, seeds) and its rows by backbone family and size, a provenance page pe
 (`plots.py`). Byte-stable: the same records give the same bytes (sorted everything, no dates, no random ids)."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import html
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
+from .atomic import write_guard
 from .figures import figure_path
-from .leaderboard import _DEMO_DATASETS, _published_cell, published_for, reported_for
+from .leaderboard import _DEMO_DATASETS, _published_cell, page_name, published_for, reported_for
 from .paths import safe_component
 from .plots import write_plots
 from .records import Record
@@ -178,7 +183,7 @@ def _index(by_dataset: dict[str, list[Record]]) -> str:
             cells.append("<td>–</td>" if best is None else
                          f"<td>{100 * best.metrics['miou']['mean']:.1f} <small>{_esc(best.backbone['id'])}</small>"
                          "</td>")
-        body.append(f'<tr><td><a href="{_esc(safe_component(ds))}.html">{_esc(ds)}</a></td>{"".join(cells)}</tr>')
+        body.append(f'<tr><td><a href="{_esc(page_name(ds))}.html">{_esc(ds)}</a></td>{"".join(cells)}</tr>')
     demo = "".join(f'<p class="demo">{_esc(ds)}: {_esc(_DEMO_DATASETS[ds])}</p>' for ds in sorted(by_dataset)
                    if ds in _DEMO_DATASETS)
     text = ("<h1>ssl-segbench leaderboards</h1><p>Best mIoU (%) per dataset and protocol, over every backbone and "
@@ -196,7 +201,7 @@ def render_site(records: list[Record], out_dir: Path, published: list[dict], reg
                                "index.html": _index(by_dataset).encode()}
     plot_files = write_plots(records, registry)
     for ds, recs in sorted(by_dataset.items()):
-        name = safe_component(ds)
+        name = page_name(ds)
         plots = {alt: f"plots/{fname}" for (pds, alt), fname in plot_files.items() if pds == ds}
         thumbs = []
         for r in sorted(recs, key=lambda r: (r.backbone["id"], r.protocol_spec)):
@@ -214,20 +219,82 @@ def render_site(records: list[Record], out_dir: Path, published: list[dict], reg
 
 
 def write_site(files: dict[str, bytes], site_dir: Path) -> list[Path]:
-    """Replace `site_dir` with exactly `files` (written to a temporary folder, then renamed into place)."""
-    tmp = site_dir.with_name(site_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for rel, data in files.items():
-        path = tmp / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    old = site_dir.with_name(site_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if site_dir.exists():
-        site_dir.rename(old)
-    tmp.rename(site_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """Replace `site_dir` with exactly `files`. The site is built in `<site>.tmp-<pid>/` and swapped in with one
+    atomic exchange (`_swap`), so a reader sees the old site or the new one; a failed build (a full disk is a
+    WriteError) leaves the old site as it was and no temporary folder. Leftovers of a killed build are removed first."""
+    site_dir = Path(site_dir)
+    _remove_leftovers(site_dir)
+    tmp = site_dir.with_name(f"{site_dir.name}.tmp-{os.getpid()}")
+    try:
+        with write_guard(site_dir, "site"):
+            for rel, data in files.items():
+                path = tmp / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            _swap(tmp, site_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap it holds the old site
     return [site_dir / rel for rel in sorted(files)]
+
+
+def _remove_leftovers(site_dir: Path) -> None:
+    """Delete `<site>.tmp[-pid]` and `<site>.old[-pid]` folders that a killed build left, except those of a build still
+    running (its process id is alive)."""
+    pattern = re.compile(rf"{re.escape(site_dir.name)}\.(tmp|old)(?:-(\d+))?")
+    if not site_dir.parent.is_dir():
+        return
+    for path in site_dir.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and not (match[2] and int(match[2]) != os.getpid() and _alive(int(match[2]))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap(new: Path, target: Path) -> None:
+    """Put folder `new` at `target`, `target`'s old content ending at `new`. Where renameat2(RENAME_EXCHANGE) exists
+    (Linux 3.15+, glibc 2.28+, local file systems) the exchange is atomic: there is no moment without `target`.
+    Elsewhere the old folder is renamed away and the new one in: `target` is missing between those two renames."""
+    if not target.exists():
+        try:
+            os.rename(new, target)
+            return
+        except OSError as e:  # another build put a site there meanwhile: exchange with it
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    if not _exchange(new, target):
+        old = target.with_name(f"{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except OSError:
+            os.rename(old, target)
+            raise
+        os.rename(old, new)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False where the call or the flag is unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):  # no such libc function (macOS, old glibc), or no libc (Windows)
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 CSS = """body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }

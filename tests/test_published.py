@@ -9,7 +9,7 @@ import yaml
 from ssl_segbench.data import DATASETS
 from ssl_segbench.leaderboard import PublishedError, load_published, published_identity, render
 from ssl_segbench.protocols import PROTOCOLS, get_protocol
-from ssl_segbench.records import SCHEMA, Record
+from ssl_segbench.records import SCHEMA, Record, record_key
 from ssl_segbench.registry import load_registry
 
 
@@ -22,7 +22,7 @@ def _rec(backbone: str, miou: float, spec: str, dataset: str = "voc", **override
              "layer": -1, "seeds": [0]}
     m = {"mean": miou, "std": 0.0, "per_seed": [miou]}
     return Record.from_json({
-        "schema": SCHEMA, "key": f"{backbone}-{spec}-{miou}", "identity": ident,
+        "schema": SCHEMA, "key": record_key(ident), "identity": ident,
         "backbone": {"id": backbone, "revision_resolved": "a" * 40, "layer": -1}, "dataset": {"n_images": 10},
         "protocol": {"name": proto.name, "version": proto.version, "preset": proto.preset, "params": params},
         "seeds": [0], "info": {}, "metrics": {"miou": m, "pixel_acc": m, "mf1": m}})

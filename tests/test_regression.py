@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from ssl_segbench.atomic import write_json_atomic
@@ -20,8 +21,10 @@ def results(small_synthetic, tmp_path_factory):
 
 
 def _shift(results, metric, delta):
+    """Move every seed's value by `delta` (a record whose mean is not its seeds' mean is refused on load)."""
     (path, rec), = iter_records(results)
-    rec.metrics[metric]["mean"] += delta
+    rec.metrics[metric]["per_seed"] = [v + delta for v in rec.metrics[metric]["per_seed"]]
+    rec.metrics[metric]["mean"] = float(np.mean(rec.metrics[metric]["per_seed"]))
     write_json_atomic(path, rec.to_json())
     return rec
 
@@ -59,6 +62,7 @@ def test_gate(results, tmp_path, capsys):
 def test_missing_result_fails(results, tmp_path):
     baseline = tmp_path / "b.json"
     assert _check(baseline, results, "--update-baseline") == 0
+    (tmp_path / "empty").mkdir()
     assert _check(baseline, tmp_path / "empty") == 1
 
 
