@@ -50,7 +50,9 @@ def describe_weights(directory: Path | None) -> str:
     if directory is None:
         return "the checkpoint's weights"
     files = weight_files(directory)
-    return str(files[0]) if len(files) == 1 else f"the weights in {directory} ({', '.join(f.name for f in files)})"
+    if len(files) == 1:
+        return str(files[0])
+    return f"the weights in {directory}" + (f" ({', '.join(f.name for f in files)})" if files else "")
 
 
 def weights_sha256(directory: Path | None, what: str) -> dict[str, str] | None:
