@@ -413,7 +413,8 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
         info["train_resized_masks"] = sorted(ctx.resized_masks[train_set.split])
     return Record(
         schema=SCHEMA, key=record_key(job.identity), identity=job.identity,
-        backbone={**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision, "layer": opts.layer},
+        backbone={**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision,
+                  "weights_sha256": ref.weights_sha256(), "layer": opts.layer},
         dataset={**eval_set.describe(), "n_resized_masks": len(resized), "resized_masks": resized},
         protocol={"name": proto.name, "version": proto.version, "preset": proto.preset, "params": job.params},
         transform=transform.to_dict(), seeds=job.seeds, metrics=metrics, per_seed=result.per_seed, info=info,

@@ -2,7 +2,8 @@
 
 Hub checkpoints are loaded through the libraries' own code paths (`timm.create_model("hf-hub:org/name@rev")`,
 `AutoModel.from_pretrained(repo, revision=rev)`), so the Hugging Face cache, `HF_HUB_OFFLINE` and `HF_HUB_CACHE`
-behave as users expect. The commit actually used is read back from the cache's snapshot path and recorded.
+behave as users expect. The commit actually used is read back from the cache's snapshot path and recorded. The loaded
+tensors must fit the model exactly (`weights.py`), and each record lists the weight files' sha256.
 """
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ from ..paths import hub_offline
 from ..registry import BackboneSpec, load_registry
 from .base import FACETS, Backbone, BackboneError
 from .builtin import PixelsBackbone, random_init_model
-from .hf_backbone import HFBackbone, hf_spec_fields, model_class
+from .hf_backbone import VISION_TOWERS, HFBackbone, hf_spec_fields, model_class
 from .timm_backbone import TimmBackbone
+from .weights import (
+    check_transformers_fit,
+    checked_timm_load,
+    describe_weights,
+    read_json,
+    verify_config_files,
+    weights_sha256,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,7 +52,9 @@ def _offline_hint(repo_id: str, revision: str | None, err: Exception,
 
 def verify_checkpoint_files(directory: Path, fix: str = "replace it with a complete copy") -> None:
     """Check every safetensors file of a checkpoint directory against its own header (JSON length, then the byte
-    range of every tensor): a truncated or damaged download is named here, before a library fails deep inside."""
+    range of every tensor) and parse its JSON files: a truncated or damaged download is named here, before a library
+    fails deep inside."""
+    verify_config_files(directory, fix)
     for f in sorted(Path(directory).glob("*.safetensors")):
         size = f.stat().st_size
         problem = None
@@ -101,51 +112,93 @@ def _is_hub_error(e: Exception) -> bool:
     return isinstance(e, OSError) or mod.startswith("huggingface_hub") or "NotFound" in type(e).__name__
 
 
-def _create_timm(name: str):
+def _config_name(spec: BackboneSpec, snapshot: Path | None) -> str:
+    """The config file a checkpoint's model is built from, for messages."""
+    return str(snapshot / "config.json") if snapshot is not None else f"the config.json of {spec.repo_id}"
+
+
+def _create_timm(name: str, weights: str, config: str):
     """timm.create_model with position embeddings that follow the input size (`dynamic_img_size`), for the
     architectures that have it; the others (BEiT: a relative position bias fixed to its grid) take their native size
-    only, and the backbone says so when given another."""
+    only, and the backbone says so when given another. The loaded tensors must fit the model (`checked_timm_load`)."""
     import timm
 
-    try:
-        return timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
-    except TypeError as e:
-        if "dynamic_img_size" not in str(e):
-            raise
-    return timm.create_model(name, pretrained=True, num_classes=0)
+    with checked_timm_load(weights, config):
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
+        except TypeError as e:
+            if "dynamic_img_size" not in str(e):
+                raise
+        return timm.create_model(name, pretrained=True, num_classes=0)
 
 
-def _timm_model(spec: BackboneSpec):
-    """A timm checkpoint: Hub, local directory or seeded random init."""
+def _timm_model(spec: BackboneSpec, snapshot: Path | None):
+    """A timm checkpoint: Hub, local directory (its files in `snapshot`) or seeded random init."""
     if spec.repo_id.startswith("random-init:"):
         seed = int((spec.revision or "seed0").removeprefix("seed"))
         return random_init_model(spec.repo_id.removeprefix("random-init:"), seed)
+    where = describe_weights(snapshot), _config_name(spec, snapshot)
     if spec.repo_id.startswith("local-dir:"):
-        return _create_timm(spec.repo_id)
+        return _create_timm(spec.repo_id, *where)
     name = f"hf-hub:{spec.repo_id}" + (f"@{spec.revision}" if spec.revision else "")
     try:
-        return _create_timm(name)
+        return _create_timm(name, *where)
     except Exception as e:  # the hub raises several unrelated types for "not cached"
         if _is_hub_error(e):
             raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e
         raise
 
 
-def _transformers_model(spec: BackboneSpec):
-    """A transformers checkpoint: Hub repo or local directory."""
+def _hf_config(spec: BackboneSpec):
+    """The transformers config of a checkpoint; one transformers cannot build (values that contradict each other) is
+    a BackboneError naming the file."""
     from transformers import AutoConfig
 
     local = Path(spec.repo_id).is_dir()
-    revision = None if local else spec.revision
     try:
-        config = AutoConfig.from_pretrained(spec.repo_id, revision=revision)
-        return model_class(config).from_pretrained(spec.repo_id, revision=revision)
-    except BackboneError:
-        raise
+        return AutoConfig.from_pretrained(spec.repo_id, revision=None if local else spec.revision)
+    except Exception as e:
+        if not local and _is_hub_error(e):
+            raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e
+        raise BackboneError(f"{_config_name(spec, _snapshot_dir(spec))} is not a configuration transformers can build "
+                            f"({type(e).__name__}: {str(e)[:300]}). To fix it, use the config.json saved with these "
+                            "weights.") from e
+
+
+def _transformers_model(spec: BackboneSpec, snapshot: Path | None):
+    """A transformers checkpoint: Hub repo or local directory (its files in `snapshot`), loaded strictly."""
+    local = Path(spec.repo_id).is_dir()
+    config = _hf_config(spec)
+    cls = model_class(config)
+    try:
+        model, info = cls.from_pretrained(spec.repo_id, revision=None if local else spec.revision,
+                                          output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as e:
         if not local and _is_hub_error(e):
             raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e
         raise
+    check_transformers_fit(model, info, describe_weights(snapshot), _config_name(spec, snapshot),
+                           vision_tower=config.model_type in VISION_TOWERS)
+    return model
+
+
+def _library_model(spec: BackboneSpec, source: str):
+    """The library's model of a checkpoint with its weights checked: its files first (`verify_checkpoint_files`),
+    then the loaded tensors against the model. Any other failure while the files are here names them."""
+    snapshot = _snapshot_dir(spec)
+    if snapshot is not None:
+        verify_checkpoint_files(snapshot, _repair_hint(spec))
+    try:
+        return _transformers_model(spec, snapshot) if spec.loader == "transformers" else _timm_model(spec, snapshot)
+    except BackboneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch, safetensors and the libraries raise many kinds
+        if snapshot is None:
+            raise
+        files = ", ".join(sorted(p.name for p in snapshot.iterdir() if p.is_file())) or "no files"
+        raise BackboneError(f"checkpoint {source} could not be loaded from {snapshot} ({files}): "
+                            f"{type(e).__name__}: {str(e)[:300]}. If a download was interrupted, delete "
+                            f"{snapshot} and download it again.") from e
 
 
 def looks_like_path(name: str) -> bool:
@@ -173,7 +226,7 @@ def _adhoc_spec(name: str) -> BackboneSpec:
         if not cfg_file.is_file():
             raise BackboneError(f"{path} has no config.json: expected a transformers or timm checkpoint directory")
         adhoc_id = path.resolve().name.lower()
-        if "architecture" in json.loads(cfg_file.read_text()):  # timm's save_for_hf layout
+        if "architecture" in read_json(cfg_file, "replace it with the config.json saved with these weights"):  # timm
             return BackboneSpec(id=adhoc_id, loader="timm", repo_id=f"local-dir:{path.resolve()}", **base)
         return BackboneSpec(id=adhoc_id, loader="transformers", repo_id=str(path.resolve()), **base)
     repo, _, rev = name.removeprefix("hf-hub:").partition("@")
@@ -187,19 +240,10 @@ def _adhoc_spec(name: str) -> BackboneSpec:
 def _fill_spec(spec: BackboneSpec, model=None) -> BackboneSpec:
     """Complete an ad-hoc spec from the checkpoint: the transformers config (no weights needed) or the timm model."""
     if spec.loader == "transformers":
-        from transformers import AutoConfig
-
-        local = Path(spec.repo_id).is_dir()
-        try:
-            cfg = AutoConfig.from_pretrained(spec.repo_id, revision=None if local else spec.revision)
-        except Exception as e:
-            if not local and _is_hub_error(e):
-                raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e
-            raise
-        fields = hf_spec_fields(cfg)
+        fields = hf_spec_fields(_hf_config(spec))
         pre = Path(spec.repo_id) / "preprocessor_config.json"
         if pre.is_file():
-            pcfg = json.loads(pre.read_text())
+            pcfg = read_json(pre, "replace it with the preprocessor_config.json saved with these weights")
             fields.update(mean=tuple(pcfg.get("image_mean", IMAGENET_MEAN)),
                           std=tuple(pcfg.get("image_std", IMAGENET_STD)))
         else:
@@ -241,12 +285,12 @@ class BackboneRef:
                                     "(transformers)")
             spec = _adhoc_spec(name)
             if spec.loader == "timm":
+                self._model = _library_model(spec, name)
+                spec = _fill_spec(spec, self._model)
+            else:
                 snapshot = _snapshot_dir(spec)
                 if snapshot is not None:
                     verify_checkpoint_files(snapshot, _repair_hint(spec))
-                self._model = _timm_model(spec)
-                spec = _fill_spec(spec, self._model)
-            else:
                 spec = _fill_spec(spec)
         self.spec = spec
         if spec.loader == "builtin":
@@ -267,9 +311,20 @@ class BackboneRef:
                     raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e
                 raise
 
+    def weights_sha256(self) -> dict[str, str] | None:
+        """sha256 of each weight file of the checkpoint (file name → hex digest), for the record's provenance: read
+        from the files (a feature-cache hit never loads the model) and remembered per file in the cache, so a large
+        checkpoint is hashed once per machine. None for the weight-free builtins (a random-init baseline's seed is its
+        `revision`) and for a Hub checkpoint whose weights are not in this machine's cache."""
+        if not hasattr(self, "_weights_sha256"):
+            self._weights_sha256 = weights_sha256(_snapshot_dir(self.spec), self.spec.id)
+        return self._weights_sha256
+
     def load(self, device: str | torch.device = "cpu") -> Backbone:
         """The frozen model on `device`, loaded once per reference and device (the feature pass, crop passes and
-        augmented training of one run share it). A damaged checkpoint file is an error naming the file and the fix."""
+        augmented training of one run share it). A damaged checkpoint file, or weights that do not fit the model
+        built from its config (missing, unexpected or differently shaped tensors), is an error naming the files and
+        the fix."""
         if str(device) not in self._loaded:
             self._loaded[str(device)] = self._load(device)
         return self._loaded[str(device)]
@@ -279,24 +334,9 @@ class BackboneRef:
         if spec.repo_id == "pixels" and spec.loader == "builtin":
             backbone = PixelsBackbone(spec, self.source, self.revision)
         else:
-            snapshot = _snapshot_dir(spec)
-            if snapshot is not None:
-                verify_checkpoint_files(snapshot, _repair_hint(spec))
-            try:
-                if spec.loader == "transformers":
-                    backbone = HFBackbone(_transformers_model(spec), spec, self.source, self.revision)
-                else:
-                    model = self._model if self._model is not None else _timm_model(spec)
-                    backbone = TimmBackbone(model, spec, self.source, self.revision)
-            except BackboneError:
-                raise
-            except Exception as e:  # noqa: BLE001 - torch, safetensors and the libraries raise many kinds
-                if snapshot is None:
-                    raise
-                files = ", ".join(sorted(p.name for p in snapshot.iterdir() if p.is_file())) or "no files"
-                raise BackboneError(f"checkpoint {self.source} could not be loaded from {snapshot} ({files}): "
-                                    f"{type(e).__name__}: {str(e)[:300]}. If a download was interrupted, delete "
-                                    f"{snapshot} and download it again.") from e
+            model = self._model if self._model is not None else _library_model(spec, self.source)
+            cls = HFBackbone if spec.loader == "transformers" else TimmBackbone
+            backbone = cls(model, spec, self.source, self.revision)
         for p in backbone.parameters():
             p.requires_grad_(False)
         return backbone.eval().to(device)
