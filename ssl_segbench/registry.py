@@ -65,7 +65,8 @@ def default_registry_path() -> Path:
     return registry_override() or Path(__file__).with_name("backbones.yaml")
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An integer that is not a bool (YAML and JSON give True where a count was meant)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -101,12 +102,12 @@ def _validate(entry: object, where: str) -> BackboneSpec:
     if entry["loader"] != "builtin" and rev is not None and not _SHA.match(rev):
         raise bad("revision", "must be a full 40-hex commit sha (or null to record the one resolved from the cache)")
     for key in ("patch_size", "embed_dim"):
-        if not _is_int(entry[key]) or entry[key] <= 0:
+        if not is_int(entry[key]) or entry[key] <= 0:
             raise bad(key, "must be a positive integer")
-    if not _is_int(entry["num_prefix_tokens"]) or entry["num_prefix_tokens"] < 0:
+    if not is_int(entry["num_prefix_tokens"]) or entry["num_prefix_tokens"] < 0:
         raise bad("num_prefix_tokens", "must be an integer >= 0 (CLS + registers)")
     for key in ("num_layers", "num_heads", "image_size", "n_parameters"):
-        if entry.get(key) is not None and (not _is_int(entry[key]) or entry[key] < 0):
+        if entry.get(key) is not None and (not is_int(entry[key]) or entry[key] < 0):
             raise bad(key, "must be a non-negative integer or absent")
     for key in ("mean", "std"):
         v = entry[key]
@@ -123,7 +124,7 @@ def _validate(entry: object, where: str) -> BackboneSpec:
     if "family" in entry and not (isinstance(entry["family"], str) and re.fullmatch(r"[a-z0-9][a-z0-9_.-]*",
                                                                                     entry["family"])):
         raise bad("family", "must be a lowercase name")
-    if entry.get("min_gpu_memory") is not None and (not _is_int(entry["min_gpu_memory"]) or
+    if entry.get("min_gpu_memory") is not None and (not is_int(entry["min_gpu_memory"]) or
                                                     entry["min_gpu_memory"] <= 0):
         raise bad("min_gpu_memory", "must be a positive number of GiB or absent")
     for key in ("gated", "fixed_input"):

@@ -28,7 +28,7 @@ from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
 from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol
 from .records import SCHEMA, Record, check_finite, encode_array, environment, record_key, record_path, summarize
-from .registry import _is_int, load_registry
+from .registry import is_int, load_registry
 from .transforms import POLICIES, Transform, TransformError
 
 OVERWRITE = ("skip", "always")
@@ -90,7 +90,7 @@ def _device_problem(device, here: bool) -> str | None:
 
 def resolve_seeds(seeds: int | list[int] | None) -> list[int] | None:
     """A seed count n → [0, ..., n-1]; a list as it is (both checked by `option_problems` first)."""
-    return list(range(seeds)) if _is_int(seeds) else None if seeds is None else list(seeds)
+    return list(range(seeds)) if is_int(seeds) else None if seeds is None else list(seeds)
 
 
 def _seeds_problem(seeds) -> str | None:
@@ -98,9 +98,9 @@ def _seeds_problem(seeds) -> str | None:
     if seeds is None:
         return None
     fix = "give a count (--seeds 5: seeds 0 to 4) or a comma list of distinct non-negative integers (--seeds 0,1,2)"
-    if _is_int(seeds):
+    if is_int(seeds):
         return None if seeds >= 1 else f"--seeds {seeds}: a seed count must be at least 1; {fix}"
-    if not isinstance(seeds, (list, tuple)) or not all(_is_int(s) for s in seeds):
+    if not isinstance(seeds, (list, tuple)) or not all(is_int(s) for s in seeds):
         return f"--seeds {seeds!r}: not a seed count or a list of integers; {fix}"
     text = ",".join(map(str, seeds))
     if not seeds:
@@ -119,16 +119,16 @@ def option_problems(opts: RunOptions, here: bool = True) -> list[tuple[str, str]
     """(option, message) for every run option whose value cannot give a valid record, found from the values alone
     (nothing is read or computed); `here`: the run happens on this machine, so its device must exist here."""
     found = [("seeds", _seeds_problem(opts.seeds)), ("device", _device_problem(opts.device, here))]
-    if not _is_int(opts.size) or opts.size <= 0:
+    if not is_int(opts.size) or opts.size <= 0:
         found.append(("size", f"--size {opts.size!r}: the input size must be a positive multiple of the backbone's "
                               "patch size, e.g. 224 (the default) or 448"))
-    if opts.batch_size is not None and (not _is_int(opts.batch_size) or opts.batch_size <= 0):
+    if opts.batch_size is not None and (not is_int(opts.batch_size) or opts.batch_size <= 0):
         found.append(("batch_size", f"--batch-size {opts.batch_size!r}: images per backbone call must be at least "
                                     "1; leave it out for the default (64 on GPU, 16 on CPU)"))
-    if opts.workers is not None and (not _is_int(opts.workers) or opts.workers < 0):
+    if opts.workers is not None and (not is_int(opts.workers) or opts.workers < 0):
         found.append(("workers", f"--workers {opts.workers!r}: DataLoader workers must be 0 (decode in the main "
                                  "process) or more; leave it out for the default"))
-    if not _is_int(opts.layer):
+    if not is_int(opts.layer):
         found.append(("layer", f"--layer {opts.layer!r}: the block to read is an integer (-1 = the last block)"))
     if opts.resize not in POLICIES:
         found.append(("resize", f"--resize {opts.resize!r}: use one of {', '.join(POLICIES)}"))
@@ -303,6 +303,7 @@ class _Job:
     train_note: str | None
     identity: dict
     path: Path
+    masks: Path | None  # where `--save-masks` puts its label maps, checked while planning
 
 
 class _FeaturePlan:
@@ -366,7 +367,8 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
             on_record("skipped", path, None)
             continue
         proto.check_data(eval_set, train_set, transform)  # sizes the data cannot satisfy: before any extraction
-        jobs.append(_Job(proto, params, transform, seeds, train_set, train_note, identity, path))
+        jobs.append(_Job(proto, params, transform, seeds, train_set, train_note, identity, path,
+                         proto.masks_dir(opts.save_masks)))
     if opts.plan_only:
         return out + [("pending", job.path, None) for job in jobs]
 
@@ -397,7 +399,7 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
     ctx = Context(eval_set=eval_set, train_set=train_set, seeds=job.seeds, device=device, backbone_ref=ref,
                   features=lambda ds, facets: plan.features(ds, facets, transform), transform=transform,
                   batch_size=batch_size, layer=opts.layer, train_note=job.train_note,
-                  save_masks=proto.masks_dir(opts.save_masks))
+                  save_masks=job.masks)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.perf_counter()
     result = proto.run(ctx)

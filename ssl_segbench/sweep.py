@@ -128,7 +128,7 @@ def _names(where: str, value) -> list[str]:
 def _run_flags(where: str, run: dict, problems: list[str]) -> list[str]:
     """The `run` section as `ssl-segbench run` flags; a value of the wrong type is a problem (the values themselves
     are the runner's to check, as for `run`). `--flag=value`, so that a negative value reaches the runner's check."""
-    from .registry import _is_int
+    from .registry import is_int
 
     argv = []
     for key, flag in _RUN_FLAGS.items():
@@ -138,10 +138,10 @@ def _run_flags(where: str, run: dict, problems: list[str]) -> list[str]:
         if key in ("resize", "device", "registry"):
             ok, kind = isinstance(value, str), "a string"
         elif key == "seeds":
-            ok = _is_int(value) or isinstance(value, list) and all(_is_int(v) for v in value)
+            ok = is_int(value) or isinstance(value, list) and all(is_int(v) for v in value)
             kind = "a count or a list of integers"
         else:
-            ok, kind = _is_int(value), "an integer"
+            ok, kind = is_int(value), "an integer"
         if not ok:
             problems.append(f"{where}: run.{key} must be {kind}, got {value!r}")
             continue

@@ -1,12 +1,13 @@
 """Issue 19: `--save-masks DIR` writes only inside DIR, as records stay inside the results folder: a protocol
-subfolder or a mask file that is a symlink leading out of DIR is refused (exit 2) before any mask is written, the
-link's target untouched and no record written; a symlink that stays inside DIR is followed."""
+subfolder or a mask file that is a symlink leading out of DIR is refused (exit 2) while the run is planned, before any
+backbone pass or mask is written, the link's target untouched, no record and no cache entry written; a symlink that
+stays inside DIR is followed."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from stores import PlantedDataset
-from test_refusals import _cli, _run_args
+from test_refusals import _cli, _nothing_written, _run_args
 
 from ssl_segbench.paths import PathError
 from ssl_segbench.protocols import Context
@@ -18,10 +19,6 @@ def _masks_run(tmp_path, data, masks):
     return _cli(tmp_path, *_run_args(tmp_path, data, "pixels", "kmeans", "--save-masks", str(masks)))
 
 
-def _no_record(tmp_path):
-    assert not (tmp_path / "res").exists() or not list((tmp_path / "res").rglob("*.json"))
-
-
 def test_a_protocol_subfolder_linked_out_of_the_masks_folder_is_refused(small_synthetic, tmp_path):
     outside, masks = tmp_path / "outside", tmp_path / "masks"
     outside.mkdir()
@@ -31,7 +28,8 @@ def test_a_protocol_subfolder_linked_out_of_the_masks_folder_is_refused(small_sy
     assert rc == 2 and "Traceback" not in err, err
     assert f"--save-masks: refusing to write {outside}: it is outside {masks}" in err and "remove that link" in err
     assert list(outside.iterdir()) == []
-    _no_record(tmp_path)
+    _nothing_written(tmp_path)
+    assert not list((tmp_path / "cache").rglob("meta.json")), "the refusal came after a backbone pass"
 
 
 def test_a_mask_file_linked_out_of_the_masks_folder_is_refused_before_any_mask_is_written(small_synthetic,
@@ -44,10 +42,11 @@ def test_a_mask_file_linked_out_of_the_masks_folder_is_refused_before_any_mask_i
     (folder / "syn_test_00005.png").symlink_to(target)  # the sixth of the 8 test images
     rc, err = _masks_run(tmp_path, small_synthetic, tmp_path / "masks")
     assert rc == 2 and "Traceback" not in err, err
-    assert f"refusing to write {target}: it is outside {folder}" in err
+    assert f"refusing to write {target}: it is outside {tmp_path / 'masks'}" in err
     assert target.read_bytes() == b"not a mask" and list(outside.iterdir()) == [target]
     assert sorted(p.name for p in folder.iterdir()) == ["syn_test_00005.png"]  # no mask before it was written either
-    _no_record(tmp_path)
+    _nothing_written(tmp_path)
+    assert not list((tmp_path / "cache").rglob("meta.json")), "the refusal came after a backbone pass"
 
 
 def test_a_link_that_stays_inside_the_masks_folder_is_followed(small_synthetic, tmp_path):

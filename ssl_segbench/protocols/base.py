@@ -11,6 +11,7 @@ import contextvars
 import copy
 import functools
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -250,9 +251,17 @@ class Protocol:
         return None
 
     def masks_dir(self, root: Path | None) -> Path | None:
-        """`--save-masks root` → the folder this protocol's label maps go under (root/<name>), checked to resolve
-        inside root before the protocol runs: a symlink out of it is refused, as for records."""
-        return None if root is None else masks_path(root, self.name)
+        """`--save-masks root` → the folder this protocol's label maps go under (root/<name>). The runner calls it
+        while planning, before any backbone pass: the folder, and every symbolic link already inside it, must resolve
+        inside root (a link out of it is refused, as for records); each file is checked again when it is written."""
+        if root is None:
+            return None
+        folder = masks_path(root, self.name)
+        if folder.is_dir():
+            for parent, dirs, files in os.walk(folder):
+                for link in (Path(parent) / n for n in dirs + files if (Path(parent) / n).is_symlink()):
+                    masks_path(root, link)
+        return folder
 
     def check_data(self, eval_set: SegmentationDataset, train_set: SegmentationDataset | None,
                    transform: Transform | None) -> None:
