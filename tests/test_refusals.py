@@ -284,3 +284,24 @@ def test_safe_component_and_inside():
     assert inside(root, "a/b.json") == root / "a/b.json"
     with pytest.raises(PathError, match="outside"):
         inside(root, "../escape.json")
+
+
+def test_a_record_that_cannot_be_written_is_a_one_line_error_and_no_torn_file(small_synthetic, tmp_path):
+    """The features come from the cache (nothing else is written), so a 2 kB file size limit hits the record itself
+    (several kB): a one-line WriteError naming it, no traceback, no temporary or partial record left."""
+    rc, err = _cli(tmp_path, *_run_args(tmp_path, small_synthetic, "pixels", "kmeans", "--results-dir",
+                                        str(tmp_path / "warm")))
+    assert rc == 0, err
+    size = next((tmp_path / "warm").rglob("*.json")).stat().st_size
+    assert size > 2000
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    rc, err = _cli(tmp_path, *_run_args(tmp_path, small_synthetic), preexec_fn=limit)
+    assert rc == 2 and "Traceback" not in err, err
+    assert "could not write the file" in err and str(tmp_path / "res") in err and "Nothing half-written" in err
+    assert not [p for p in (tmp_path / "res").rglob("*") if p.is_file()], "a torn or temporary record was left"
+    rc, err = _cli(tmp_path, *_run_args(tmp_path, small_synthetic))  # with room again, the same command writes it
+    assert rc == 0, err
+    assert len(list((tmp_path / "res").rglob("*.json"))) == 1
