@@ -51,7 +51,7 @@ def _class_pixels(record) -> list[int]:
 def test_off_palette_block_is_refused_with_count_and_file_and_nothing_written(tmp_path):
     data = _suim_with_block(tmp_path / "suim")
     rc, err = _run(tmp_path, data)
-    assert rc == 2 and "Traceback" not in err and err.startswith("error:")
+    assert rc == 2 and "Traceback" not in err and err.count("error:") == 1
     assert "1 mask(s)" in err and "10000 pixel(s)" in err and "b.bmp (10000 pixels)" in err and "a.bmp" not in err
     assert "-o off_palette=nearest" in err and "-o off_palette=ignore" in err
     assert not (tmp_path / "res").exists()  # no record
@@ -185,3 +185,23 @@ def test_synthetic_generation_into_an_unwritable_place_names_it(tmp_path):
     rc, err = _cli(tmp_path, "datasets", "check", "--dataset", "synthetic",
                    env={"SSL_SEGBENCH_CACHE": str(tmp_path / "blocker" / "cache")})
     assert rc == 2 and "Traceback" not in err and str(tmp_path / "blocker" / "cache" / "data" / "synthetic-v1") in err
+
+
+def test_the_scan_is_remembered_by_content_and_a_repainted_mask_is_read_again(tmp_path, monkeypatch):
+    """A second dataset object over the same files answers from the cache without decoding a mask; repainting the
+    block onto the palette changes the content digest, so the masks are decoded again and the split is clean."""
+    from ssl_segbench.data.suim import SUIM
+
+    monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "cache"))
+    data = _suim_with_block(tmp_path / "suim")
+    first = get_dataset("suim", data, off_palette="ignore")
+    assert first.off_palette_pixels() == {"b": 10000}
+    reads = []
+    real = SUIM._read_mask
+    monkeypatch.setattr(SUIM, "_read_mask", lambda self, s: reads.append(s.name) or real(self, s))
+    again = get_dataset("suim", data, off_palette="ignore")
+    assert again.off_palette_pixels() == {"b": 10000} and reads == []
+    repainted = np.zeros((SIDE, SIDE, 3), np.uint8)
+    repainted[:, 64:] = 255
+    write_rgb_mask(data / "TEST" / "masks" / "b.bmp", repainted)
+    assert get_dataset("suim", data).off_palette_pixels() == {} and sorted(reads) == ["a", "b"]

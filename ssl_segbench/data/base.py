@@ -6,6 +6,8 @@ exactly which images produced a number. Images are read lazily, one at a time: n
 """
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -289,21 +291,36 @@ class SegmentationDataset:
         as palette-mode PNGs, overrides this to spare reading them)."""
         return self.colour_masks
 
-    def off_palette_pixels(self) -> dict[str, int]:
-        """{sample name: off-palette pixels}, in sample order, for every mask of the split that has any; each mask is
-        read once per dataset object (masks already loaded are not read again)."""
+    def off_palette_pixels(self, digest: str | None = None) -> dict[str, int]:
+        """{sample name: off-palette pixels}, in sample order, for every mask of the split that has any. Decoding
+        every mask of a large split takes seconds, so the answer is remembered in the cache under the split's content
+        digest (`digest`, default `content_sha256()`): an unchanged split is decoded for this once per machine."""
+        from ..atomic import WriteError, write_json_atomic
+        from ..paths import cache_dir, inside
+
+        memo = inside(cache_dir(), Path("off_palette") / f"{digest or self.content_sha256()}.json")
+        try:
+            doc = json.loads(memo.read_text())
+            found = doc["off_pixels"]
+            if doc["rule"] == self.off_palette_rule and all(isinstance(n, int) for n in found.values()):
+                return found
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
         for s in self.samples:
             if s.mask is not None and s.name not in self._off_pixels and self._may_hold_colours(s):
                 decoded = self._read_mask(s)
                 self._off_pixels[s.name] = int(decoded.off.sum()) if isinstance(decoded, ColourLabels) else 0
-        return {s.name: self._off_pixels[s.name] for s in self.samples if self._off_pixels.get(s.name)}
+        found = {s.name: self._off_pixels[s.name] for s in self.samples if self._off_pixels.get(s.name)}
+        with contextlib.suppress(WriteError):  # a read-only cache only loses the shortcut
+            write_json_atomic(memo, {"rule": self.off_palette_rule, "off_pixels": found})
+        return found
 
-    def _require_on_palette(self) -> None:
-        """Under ``off_palette=refuse``, refuse a split whose masks have off-palette pixels, naming the first masks,
-        their counts and how many in all, and the fix."""
+    def _require_on_palette(self, digest: str) -> None:
+        """Under ``off_palette=refuse``, refuse a split (content digest `digest`) whose masks have off-palette pixels,
+        naming the first masks, their counts and how many in all, and the fix."""
         if self.off_palette != "refuse" or not self.colour_masks:
             return
-        found = self.off_palette_pixels()
+        found = self.off_palette_pixels(digest)
         if found:
             paths = {s.name: s.mask for s in self.samples}
             shown = ", ".join(f"{paths[name]} ({n} pixels)" for name, n in list(found.items())[:5])
@@ -335,22 +352,26 @@ class SegmentationDataset:
         how unchanged files are not read twice). A split refused by ``off_palette`` has none (see
         `_require_on_palette`)."""
         if self._content_sha256 is None:
-            from ..fingerprint import content_sha256
-
-            self._require_on_palette()
-            header = {"id": self.id, "version": self.version, "split": self.split,
-                      "decoding": self.decoding_identity()}
-            files: list[tuple[str, Path | None]] = []
-            for s in self.samples:
-                files.append((f"{s.name}|image|{self._rel(s.image)}", s.image))
-                files.append((f"{s.name}|mask|{self._rel(s.mask) if s.mask else '-'}", s.mask))
-            files += [(f"identity|{label}", p) for label, p in self.identity_files()]
-            try:
-                self._content_sha256 = content_sha256(header, files, self.root, f"{self.id}/{self.split}")
-            except OSError as e:
-                raise DatasetError(f"cannot read a file of '{self.id}' split '{self.split}' under {self.root} to "
-                                   f"fingerprint it: {e}") from e
+            digest = self._digest_content()
+            self._require_on_palette(digest)
+            self._content_sha256 = digest
         return self._content_sha256
+
+    def _digest_content(self) -> str:
+        """The content digest `content_sha256` returns, computed (datasets not made of files override this)."""
+        from ..fingerprint import content_sha256
+
+        header = {"id": self.id, "version": self.version, "split": self.split, "decoding": self.decoding_identity()}
+        files: list[tuple[str, Path | None]] = []
+        for s in self.samples:
+            files.append((f"{s.name}|image|{self._rel(s.image)}", s.image))
+            files.append((f"{s.name}|mask|{self._rel(s.mask) if s.mask else '-'}", s.mask))
+        files += [(f"identity|{label}", p) for label, p in self.identity_files()]
+        try:
+            return content_sha256(header, files, self.root, f"{self.id}/{self.split}")
+        except OSError as e:
+            raise DatasetError(f"cannot read a file of '{self.id}' split '{self.split}' under {self.root} to "
+                               f"fingerprint it: {e}") from e
 
     def describe(self) -> dict:
         """What a record stores about the images behind a number."""

@@ -147,18 +147,14 @@ class HFDataset(SegmentationDataset):
                 "class_names": list(self.class_names), "ignore_index": self.ignore_index,
                 "palette": None if self._palette is None else self._palette.tolist()}
 
-    def content_sha256(self) -> str:
+    def _digest_content(self) -> str:
         """sha256 over the decoding options, the row names and the bytes of the split's Arrow files (through the
         manifest, as for file datasets); a split held only in memory falls back to its `datasets` fingerprint."""
-        if self._content_sha256 is None:
-            from ..fingerprint import content_sha256
+        from ..fingerprint import content_sha256
 
-            self._require_on_palette()
-            ds = self._splits[self.split]
-            arrow = [Path(f["filename"]) for f in ds.cache_files]
-            header = {"id": self.id, "version": self.version, "split": self.split,
-                      "decoding": self.decoding_identity(), "rows": [s.name for s in self.samples],
-                      "fingerprint": None if arrow else ds._fingerprint}
-            files = [(f"arrow|{p.name}", p) for p in arrow]
-            self._content_sha256 = content_sha256(header, files, arrow[0].parent if arrow else self.root, self.id)
-        return self._content_sha256
+        ds = self._splits[self.split]
+        arrow = [Path(f["filename"]) for f in ds.cache_files]
+        header = {"id": self.id, "version": self.version, "split": self.split, "decoding": self.decoding_identity(),
+                  "rows": [s.name for s in self.samples], "fingerprint": None if arrow else ds._fingerprint}
+        files = [(f"arrow|{p.name}", p) for p in arrow]
+        return content_sha256(header, files, arrow[0].parent if arrow else self.root, self.id)
