@@ -97,3 +97,18 @@ def test_the_bound_under_pad_counts_each_images_own_grid(small_synthetic):
     get_protocol("retrieval", k=384).check_data(test, train, pad)
     with pytest.raises(ProtocolError, match=r"k=385 neighbours, .* at most 384 rows \(16 train images: 384 patches"):
         get_protocol("retrieval", k=385).check_data(test, train, pad)
+
+
+def test_no_train_split_is_refused_before_extraction(small_synthetic, tmp_path):
+    """A root holding only the test images (read as split `test`) has no train split to fill the memory bank: refused
+    while the run is planned, before any backbone pass."""
+    import shutil
+
+    only_test = tmp_path / "only-test"
+    for sub in ("images", "masks"):
+        shutil.copytree(small_synthetic / "TEST" / sub, only_test / sub)
+    rc, err = _cli(tmp_path, "run", "--backbone", "pixels", "--dataset", "suim", "--data-root", str(only_test),
+                   "--size", "64", "--protocol", "retrieval", "--seeds", "1", "--results-dir", str(tmp_path / "res"))
+    assert rc == 2 and "Traceback" not in err, err
+    assert "suim has no train split here (looked for: default)" in err and "retrieval.train_split=NAME" in err
+    _no_extraction(tmp_path)

@@ -103,12 +103,20 @@ class RetrievalProtocol(Protocol):
                                 "ef finds at most ef neighbours); set hnsw_ef >= k")
 
     def check_data(self, eval_set, train_set, transform) -> None:
-        """Before any extraction: a bounded memory must give every train view at least one patch, and `k` must not
-        exceed the most rows the bank can hold (`bank_bound`); `run` checks k against the bank's actual rows (which
-        drop the patches without a labelled pixel) once it is built."""
+        """Before any extraction: a train split other than the evaluation images must exist, a bounded memory must
+        give every train view at least one patch, and `k` must not exceed the most rows the bank can hold
+        (`bank_bound`); `run` checks k against the bank's actual rows (which drop the patches without a labelled
+        pixel) once it is built."""
         p = self.params
-        if train_set is None:  # `run` refuses, saying why no train split was found
-            return
+        if train_set is None:
+            wanted = ", ".join(self.train_split_wanted())
+            raise ProtocolError(f"retrieval: the memory bank needs labelled train images other than the evaluation "
+                                f"images, and {eval_set.id} has no train split here (looked for: {wanted}); point "
+                                "--data-root at a root with one, or set --param retrieval.train_split=NAME")
+        if train_set.content_sha256() == eval_set.content_sha256():
+            raise ProtocolError(f"retrieval: train split '{train_set.split}' has the same content as the evaluation "
+                                f"split '{eval_set.split}': every query would find itself; point train_split at "
+                                "other images")
         n_views = len(train_set) * max(p["augment"], 1)
         if p["memory_size"] is not None and p["memory_size"] < n_views:
             raise ProtocolError(f"retrieval: memory_size={p['memory_size']} gives each of the {n_views} train views "
@@ -142,14 +150,7 @@ class RetrievalProtocol(Protocol):
 
     def run(self, ctx: Context) -> ProtocolResult:
         p = self.params
-        ds = ctx.eval_set
-        if ctx.train_set is None:
-            raise ProtocolError(f"retrieval: the memory bank needs labelled train images other than the evaluation "
-                                f"images, and {ds.id} has no train split here ({ctx.train_note or 'none found'}); "
-                                "point --data-root at a root with one, or set --param retrieval.train_split=NAME")
-        if ctx.train_set.content_sha256() == ds.content_sha256():
-            raise ProtocolError(f"retrieval: train split '{ctx.train_set.split}' has the same content as the "
-                                f"evaluation split '{ds.split}': every query would find itself")
+        ds = ctx.eval_set  # a train split exists and differs from it (`check_data`, run first)
         train, info = train_split_info(ctx)
         views = augmented_views(ctx, train, p) if p["augment"] else [cached_view(ctx.get(train, ("tokens",)))]
         banks = {}
