@@ -86,7 +86,7 @@ def test_the_registry_covers_the_current_families():
     assert vit_tags <= dinov3  # every DINOv3 ViT timm knows
     for s in reg.values():
         if s.family == "dinov3":
-            assert s.num_prefix_tokens == 5 and s.patch_size == 16 and s.gated and s.license_url
+            assert s.num_prefix_tokens == 5 and s.patch_size == 16
         if s.family in ("siglip2", "aimv2"):
             assert s.num_prefix_tokens == 0
     assert reg["dinov3_vitl16_sat"].mean != reg["dinov3_vitl16"].mean  # the satellite model's own statistics
@@ -119,7 +119,61 @@ def test_list_backbones_by_family_shows_params_and_license(capsys):
 
     assert main(["list", "backbones", "--family", "dinov3"]) == 0
     text = capsys.readouterr().out
-    assert "dinov3_vit7b16" in text and "dinov2_vits14" not in text and "dinov3-license (gated)" in text
+    assert "dinov3_vit7b16" in text and "dinov2_vits14" not in text and "dinov3-license" in text
+    assert "gated" not in text  # the timm copies ask no one to accept a license first
     assert "6,716.0 M" in text  # parameters
     assert main(["list", "backbones", "--family", "nope"]) == 2
     assert "families:" in capsys.readouterr().err
+
+
+DINOV3_LICENSE = "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"
+
+
+def test_dinov3_timm_copies_are_not_gated_and_name_the_dinov3_license():
+    """The timm cards carry `license_link` to the DINOv3 license and no access gate."""
+    dinov3 = [s for s in load_registry().values() if s.family == "dinov3"]
+    assert len(dinov3) == 8
+    for s in dinov3:
+        assert s.repo_id.startswith("timm/") and not s.gated, s.id
+        assert (s.license, s.license_url) == ("dinov3-license", DINOV3_LICENSE), s.id
+
+
+@pytest.mark.parametrize("entry, revision, width, depth, heads", [
+    ("webssl_dino300m", "8529cdb3fb75014932af3b896455fc21c386168e", 1024, 24, 16),
+    ("webssl_dino1b", "d3bf033d9c8cc62ea9e73c40956642cad2ec568a", 1536, 40, 24),
+])
+def test_webssl_entries_carry_mtebs_pins_and_swiglu_parameter_counts(entry, revision, width, depth, heads):
+    """Pinned where MTEB pins them; the parameter count is the one a SwiGLU-MLP Dinov2 of that shape has (counted
+    here from transformers' own model on the meta device), which a GELU MLP would not give."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    s = load_registry()[entry]
+    assert s.revision == revision and "mteb" in s.revision_source.lower()
+    assert (s.embed_dim, s.num_layers, s.num_heads) == (width, depth, heads)
+
+    def count(swiglu: bool) -> int:
+        cfg = Dinov2Config(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+                           image_size=s.image_size, patch_size=s.patch_size, use_swiglu_ffn=swiglu)
+        with torch.device("meta"):
+            return sum(p.numel() for p in Dinov2Model(cfg).parameters())
+
+    assert s.n_parameters == count(swiglu=True) != count(swiglu=False)
+    assert "SwiGLU" in s.notes
+
+
+def test_papers_methods_and_licenses_state_the_release_facts():
+    reg = load_registry()
+    for s in reg.values():
+        if s.family == "radio":  # v4 has its own tech report; v3 cites the AM-RADIO method paper
+            v4 = "_radio_v4." in s.repo_id
+            assert s.paper == ("https://arxiv.org/abs/2601.17237" if v4 else "https://arxiv.org/abs/2312.06709"), s.id
+        if s.family in ("beitv2", "deit3"):  # ImageNet-1k label training is in the method column, not only notes
+            assert "supervised" in s.method, s.id
+        if s.family == "beitv2":
+            assert "fine-tuning" in s.method and s.repo_id.endswith(".in1k_ft_in1k"), s.id
+        if s.family == "msn":  # upstream facebookresearch/msn license, not the Hub card's apache-2.0
+            assert s.license == "cc-by-nc-4.0" and "apache-2.0" in s.notes, s.id
+    assert sum(s.family == "radio" and s.paper.endswith("2601.17237") for s in reg.values()) == 2
+    assert sum(s.family == "msn" for s in reg.values()) == 3
+
