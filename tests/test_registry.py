@@ -91,7 +91,7 @@ def test_the_registry_covers_the_current_families():
             assert s.num_prefix_tokens == 0
     assert reg["dinov3_vitl16_sat"].mean != reg["dinov3_vitl16"].mean  # the satellite model's own statistics
     assert reg["dinov3_vit7b16"].min_gpu_memory and reg["beitv2_vitb16"].fixed_input
-    assert {"dinov3", "radio", "pe", "siglip2", "aimv2", "eva02", "deit3", "beitv2", "webssl"} <= \
+    assert {"dinov3", "radio", "pe", "siglip2", "aimv2", "eva02", "deit3", "beitv2", "webssl", "mocov3"} <= \
         {s.family for s in reg.values()}
 
 
@@ -177,3 +177,30 @@ def test_papers_methods_and_licenses_state_the_release_facts():
     assert sum(s.family == "radio" and s.paper.endswith("2601.17237") for s in reg.values()) == 2
     assert sum(s.family == "msn" for s in reg.values()) == 3
 
+
+def test_mocov3_entries_are_the_mteb_pinned_copies_in_timms_vit_architecture():
+    """nyu-visionx/moco-v3-vit-b / -vit-l, at MTEB's pins, are timm ViT-B/16 and ViT-L/16 (CLS only, 224 input): shape
+    and parameter count from timm's own model definitions; ImageNet statistics as the MoCo v3 recipe normalises."""
+    import timm
+    import torch
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    reg = load_registry()
+    for id_, repo, rev, arch in [
+        ("mocov3_vitb16", "nyu-visionx/moco-v3-vit-b", "7d091cd70772c5c0ecf7f00b5f12ca609a99d69d",
+         "vit_base_patch16_224"),
+        ("mocov3_vitl16", "nyu-visionx/moco-v3-vit-l", "7bf75358d616f39b9716148bf4e3425f3bd35b47",
+         "vit_large_patch16_224"),
+    ]:
+        s = reg[id_]
+        assert (s.loader, s.repo_id, s.revision, s.family) == ("timm", repo, rev, "mocov3")
+        assert "mteb" in s.revision_source.lower()
+        assert (s.method, s.paper, s.license) == ("MoCo v3", "https://arxiv.org/abs/2104.02057", "cc-by-nc-4.0")
+        assert not s.gated and not s.fixed_input
+        with torch.device("meta"):
+            m = timm.create_model(arch, pretrained=False, num_classes=0)
+        assert (s.patch_size, s.embed_dim, s.num_prefix_tokens, s.num_layers, s.num_heads, s.image_size) == \
+            (m.patch_embed.patch_size[0], m.embed_dim, m.num_prefix_tokens, len(m.blocks),
+             m.blocks[0].attn.num_heads, m.patch_embed.img_size[0])
+        assert s.n_parameters == sum(p.numel() for p in m.parameters())
+        assert s.mean == tuple(IMAGENET_DEFAULT_MEAN) and s.std == tuple(IMAGENET_DEFAULT_STD)
