@@ -50,6 +50,8 @@ class BackboneSpec:
     gated: bool = False  # the Hub copy asks its users to accept a license first
     license_url: str | None = None  # the license page a gated checkpoint's users accept
     fixed_input: bool = False  # the model takes only image_size² input (position terms fixed to that grid)
+    timm_model: str | None = None  # timm architecture to build for a repo of bare weights without timm's config
+
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,7 +120,7 @@ def _validate(entry: object, where: str) -> BackboneSpec:
     for key in ("method", "license"):
         if not isinstance(entry[key], str) or not entry[key]:
             raise bad(key, "must be a non-empty string")
-    for key in ("paper", "revision_source", "notes", "arch", "license_url"):
+    for key in ("paper", "revision_source", "notes", "arch", "license_url", "timm_model"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise bad(key, "must be a string or null")
     if "family" in entry and not (isinstance(entry["family"], str) and re.fullmatch(r"[a-z0-9][a-z0-9_.-]*",
@@ -132,6 +134,8 @@ def _validate(entry: object, where: str) -> BackboneSpec:
             raise bad(key, "must be true or false")
     if entry.get("gated") and not entry.get("license_url"):
         raise bad("license_url", "a gated checkpoint names the license page its users accept")
+    if entry.get("timm_model") is not None and entry["loader"] != "timm":
+        raise bad("timm_model", "names a timm architecture, so the loader must be timm")
     if entry.get("fixed_input") and not entry.get("image_size"):
         raise bad("image_size", "a fixed-input model states its input size")
     values = dict(entry)

@@ -117,7 +117,7 @@ def _config_name(spec: BackboneSpec, snapshot: Path | None) -> str:
     return str(snapshot / "config.json") if snapshot is not None else f"the config.json of {spec.repo_id}"
 
 
-def _create_timm(name: str, weights: str, config: str):
+def _create_timm(name: str, weights: str, config: str, **kwargs):
     """timm.create_model with position embeddings that follow the input size (`dynamic_img_size`), for the
     architectures that have it; the others (BEiT: a relative position bias fixed to its grid) take their native size
     only, and the backbone says so when given another. The loaded tensors must fit the model (`checked_timm_load`)."""
@@ -125,24 +125,34 @@ def _create_timm(name: str, weights: str, config: str):
 
     with checked_timm_load(weights, config):
         try:
-            return timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
+            return timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True, **kwargs)
         except TypeError as e:
             if "dynamic_img_size" not in str(e):
                 raise
-        return timm.create_model(name, pretrained=True, num_classes=0)
+        return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
 
 
 def _timm_model(spec: BackboneSpec, snapshot: Path | None):
-    """A timm checkpoint: Hub, local directory (its files in `snapshot`) or seeded random init."""
+    """A timm checkpoint: Hub (timm's own layout, or bare weights read into the registry's `timm_model`), local
+    directory (its files in `snapshot`) or seeded random init."""
     if spec.repo_id.startswith("random-init:"):
         seed = int((spec.revision or "seed0").removeprefix("seed"))
         return random_init_model(spec.repo_id.removeprefix("random-init:"), seed)
     where = describe_weights(snapshot), _config_name(spec, snapshot)
     if spec.repo_id.startswith("local-dir:"):
         return _create_timm(spec.repo_id, *where)
-    name = f"hf-hub:{spec.repo_id}" + (f"@{spec.revision}" if spec.revision else "")
+    hub_id = spec.repo_id + (f"@{spec.revision}" if spec.revision else "")
+    config = snapshot / "config.json" if snapshot is not None else None
+    if not spec.timm_model and config is not None and config.is_file() \
+            and "architecture" not in read_json(config, _repair_hint(spec)):
+        raise BackboneError(f"{config} is not a timm config (it names no 'architecture'), so timm cannot build "
+                            f"hf-hub:{hub_id}. If the repo holds bare weights of a timm architecture, name it in the "
+                            f"registry entry's timm_model (e.g. timm_model: vit_base_patch16_224); otherwise load it "
+                            f"with its own library.")
     try:
-        return _create_timm(name, *where)
+        if spec.timm_model:  # bare weights without timm's config: timm's architecture, the repo's weights
+            return _create_timm(spec.timm_model, *where, pretrained_cfg_overlay={"hf_hub_id": hub_id})
+        return _create_timm(f"hf-hub:{hub_id}", *where)
     except Exception as e:  # the hub raises several unrelated types for "not cached"
         if _is_hub_error(e):
             raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e
