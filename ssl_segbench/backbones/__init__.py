@@ -274,12 +274,11 @@ def _normalisation(spec: BackboneSpec, snapshot: Path | None, name: str) -> tupl
     else:
         where, keys, file = "timm pretrained_cfg", ("mean", "std"), "config.json"
     path = snapshot / file if snapshot is not None else None
-    fix = f"or {NORMALISATION_FIX}"
     if path is None or not path.is_file():
         local = Path(spec.repo_id.removeprefix("local-dir:")).is_dir()
-        get = "" if local else f"run `hf download {spec.repo_id} {file}` (it is not in {snapshot or 'the cache'}), "
+        get = "" if local else f"run `hf download {spec.repo_id} {file}` (it is not in {snapshot or 'the cache'}), or "
         raise BackboneError(f"backbone '{name}': no normalisation (mean/std) found: the checkpoint has no {file}. "
-                            f"To fix it, {get}{fix}")
+                            f"To fix it, {get}{NORMALISATION_FIX}")
     cfg = read_json(path, f"replace it with the {file} saved with these weights")
     if spec.loader == "timm":
         cfg = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
@@ -291,7 +290,7 @@ def _normalisation(spec: BackboneSpec, snapshot: Path | None, name: str) -> tupl
         normalisation_problem(mean, std)
     if problem:
         raise BackboneError(f"backbone '{name}': no usable normalisation in {path} ({where}): {problem}. To fix it, "
-                            f"correct {file} {fix}")
+                            f"correct {file}, or {NORMALISATION_FIX}")
     return (tuple(map(float, mean)), tuple(map(float, std))), f"{where} ({path})"
 
 
