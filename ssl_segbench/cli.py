@@ -33,6 +33,15 @@ def _seeds(text: str) -> int | list[int]:
     return parts[0] if len(parts) == 1 and "," not in text else parts
 
 
+def _channels(text: str) -> tuple[float, ...]:
+    """'0.5,0.5,0.5' → (0.5, 0.5, 0.5). The runner checks the count and values (`runner.option_problems`)."""
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes one number per RGB channel, R,G,B (e.g. 0.5,0.5,0.5), got "
+                                         f"{text!r}") from None
+
+
 def _param(text: str) -> tuple[str, str, object]:
     """'kmeans.k=10' → ('kmeans', 'k', 10)."""
     key, eq, value = text.partition("=")
@@ -80,6 +89,11 @@ def _run_options() -> argparse.ArgumentParser:
                         help="override a parameter of a protocol of this run, e.g. kmeans.k=20 (repeatable); names, "
                              "keys and values are checked before any work")
     common.add_argument("--registry", help="backbones.yaml to use (default: the packaged registry)")
+    common.add_argument("--mean", type=_channels, metavar="R,G,B",
+                        help="input normalisation mean, with --std: replaces the registry's or the checkpoint's "
+                             "(preprocessor_config.json, timm pretrained_cfg); needed for a checkpoint that states "
+                             "none. Part of the record's identity when given")
+    common.add_argument("--std", type=_channels, metavar="R,G,B", help="input normalisation std, with --mean")
     common.add_argument("--crf", action="store_true",
                         help="dense-CRF post-processing of every protocol's label maps (pip install '.[crf]'); "
                              "unaries softmax(scores / PROTO.crf_temperature); recorded as parameters, so CRF and "
@@ -205,7 +219,7 @@ def _run_options_of(args, protocols: tuple[str, ...], **more):
     return RunOptions(backbone=args.backbone, dataset=args.dataset, protocols=protocols, data_root=args.data_root,
                       split=args.split, device=args.device, batch_size=args.batch_size, workers=args.workers,
                       layer=args.layer, resize=args.resize, size=args.size, registry=args.registry, params=params,
-                      dataset_options=dataset_options, **more)
+                      dataset_options=dataset_options, mean=args.mean, std=args.std, **more)
 
 
 def _cmd_run(args) -> int:

@@ -19,13 +19,14 @@ import torch
 
 from . import __version__, distributed
 from .atomic import write_json_atomic
-from .backbones import BackboneRef, looks_like_path
+from .backbones import BackboneRef, looks_like_path, normalisation_problem, registry_match
 from .data import HF_PREFIX, DatasetError, SegmentationDataset, get_dataset
 from .distributed import SINGLE, World
 from .errors import SegbenchError
 from .features import FeatureSet, compute_precision, extract, loader_workers
 from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
+from .progress import console
 from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol
 from .records import SCHEMA, Record, check_finite, encode_array, environment, record_key, record_path, summarize
 from .registry import is_int, load_registry
@@ -56,6 +57,12 @@ class RunOptions:
     save_masks: Path | None = None  # label maps (first seed, class space) as PNGs under <save_masks>/<protocol>/
     write_records: bool = True  # False: compute and return records without storing them (e.g. for `show`)
     plan_only: bool = False  # True: resolve every record's path and return ('pending', path, None) for the missing
+    mean: tuple[float, ...] | None = None  # input normalisation stated by the user (with std), replacing the backbone's
+    std: tuple[float, ...] | None = None
+
+    def normalisation(self):
+        """(mean, std) stated by the user, or None (the backbone's own: registry entry or checkpoint files)."""
+        return None if self.mean is None and self.std is None else (tuple(self.mean), tuple(self.std))
 
 
 class RunOptionsError(SegbenchError):
@@ -125,6 +132,13 @@ def option_problems(opts: RunOptions, here: bool = True) -> list[tuple[str, str]
     if opts.batch_size is not None and (not is_int(opts.batch_size) or opts.batch_size <= 0):
         found.append(("batch_size", f"--batch-size {opts.batch_size!r}: images per backbone call must be at least "
                                     "1; leave it out for the default (64 on GPU, 16 on CPU)"))
+    if (opts.mean is None) != (opts.std is None):
+        found.append(("mean" if opts.mean is None else "std", "--mean and --std are given together (each R,G,B, e.g. "
+                      "--mean 0.5,0.5,0.5 --std 0.5,0.5,0.5) or not at all (the backbone's own normalisation)"))
+    elif opts.mean is not None and (why := normalisation_problem(opts.mean, opts.std)):
+        found.append(("std" if why.startswith("std") else "mean",
+                      f"--mean/--std: {why}; give 3 finite numbers each, std above 0, e.g. --mean 0.5,0.5,0.5 "
+                      "--std 0.5,0.5,0.5"))
     if opts.workers is not None and (not is_int(opts.workers) or opts.workers < 0):
         found.append(("workers", f"--workers {opts.workers!r}: DataLoader workers must be 0 (decode in the main "
                                  "process) or more; leave it out for the default"))
@@ -211,16 +225,17 @@ def _geometry(proto: Protocol, opts: RunOptions, spec) -> tuple[dict, Transform]
     return params, Transform(params["resize"], params["size"], spec.patch_size)
 
 
-def _spec_without_hub(name: str, registry: str | None):
-    """The backbone's spec as far as it is known without the Hub: the registry entry, or a local checkpoint
-    directory's; None for a Hub repo id not in the registry (its job resolves it). An unknown id or a missing
-    directory is the error `BackboneRef` gives."""
+def _spec_without_hub(name: str, registry: str | None, normalisation=None):
+    """The backbone's spec as far as it is known without the Hub: the registry entry (named by its id or its Hub
+    repo), or a local checkpoint directory's; None for a Hub repo id not in the registry (its job resolves it). An
+    unknown id, a missing directory or a checkpoint without normalisation is the error `BackboneRef` gives."""
     specs = load_registry(registry)
-    if name in specs:
-        return specs[name]
+    spec = specs.get(name) or registry_match(name, specs)
+    if spec is not None:
+        return spec
     if "/" in name and not looks_like_path(name) and not Path(name).expanduser().exists():
         return None
-    return BackboneRef(name, registry).spec
+    return BackboneRef(name, registry, normalisation).spec
 
 
 def preflight(opts: RunOptions, here: bool = True) -> list[tuple[str, str]]:
@@ -242,7 +257,8 @@ def preflight(opts: RunOptions, here: bool = True) -> list[tuple[str, str]]:
     if not (opts.dataset.startswith(HF_PREFIX) and opts.data_root is None):  # a Hub dataset: opened by its job
         attempt("dataset", lambda: get_dataset(opts.dataset, opts.data_root, opts.split,
                                                **(opts.dataset_options or {})))
-    spec = attempt("backbone", lambda: _spec_without_hub(opts.backbone, opts.registry))
+    spec = attempt("backbone", lambda: _spec_without_hub(opts.backbone, opts.registry,
+                                                                     opts.normalisation()))
     if spec is not None and not {key for key, _ in found} & {"layer", "size", "resize"}:
         attempt("layer", lambda: check_layer(opts.layer, spec))
         for proto in protocols or []:  # the input size against the patch, and what the protocol needs of the backbone
@@ -341,7 +357,9 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
         distributed.setup(resolve_device(opts.device))
     options = opts.dataset_options or {}
     eval_set = get_dataset(opts.dataset, opts.data_root, opts.split, **options)
-    ref = BackboneRef(opts.backbone, opts.registry)
+    ref = BackboneRef(opts.backbone, opts.registry, opts.normalisation())
+    if ref.note:
+        console.print(ref.note, highlight=False)
     check_layer(opts.layer, ref.spec)
     check_gpu_memory(ref.spec, device)
     splits = _Splits(opts, eval_set)
@@ -358,6 +376,8 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
                     "dataset": eval_set.id, "split": eval_set.split, "content_sha256": eval_set.content_sha256(),
                     "protocol": proto.name, "version": proto.version, "params": params, "layer": opts.layer,
                     "seeds": seeds}
+        if ref.normalisation_source != "registry":  # registry entries' keys stay as they were before this field
+            identity["normalisation"] = {"mean": list(ref.spec.mean), "std": list(ref.spec.std)}
         if proto.train_split_wanted() is not None:
             identity["train"] = {"split": train_set.split if train_set else None,
                                  "content_sha256": train_set.content_sha256() if train_set else None}
@@ -416,7 +436,8 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
     return Record(
         schema=SCHEMA, key=record_key(job.identity), identity=job.identity,
         backbone={**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision,
-                  "weights_sha256": ref.weights_sha256(), "layer": opts.layer},
+                  "weights_sha256": ref.weights_sha256(), "layer": opts.layer,
+                  "normalisation_source": ref.normalisation_source},
         dataset={**eval_set.describe(), "n_resized_masks": len(resized), "resized_masks": resized},
         protocol={"name": proto.name, "version": proto.version, "preset": proto.preset, "params": job.params},
         transform=transform.to_dict(), seeds=job.seeds, metrics=metrics, per_seed=result.per_seed, info=info,

@@ -6,6 +6,17 @@ import hashlib
 from pathlib import Path
 
 TIMM_ARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # the (mean, std) DINOv2's own preprocessor states
+
+
+def save_preprocessor(directory: Path, normalisation=IMAGENET) -> Path:
+    """A preprocessor_config.json stating `normalisation` (mean, std), written by transformers' own image processor
+    (DINOv2's), as a downloaded checkpoint has it."""
+    from transformers import BitImageProcessor
+
+    mean, std = normalisation
+    BitImageProcessor(image_mean=list(mean), image_std=list(std)).save_pretrained(directory)
+    return Path(directory) / "preprocessor_config.json"
 
 
 def _snapshot(cache: Path, repo_id: str, tag: str) -> tuple[Path, str]:
@@ -46,8 +57,10 @@ def make_timm_arch_checkpoint(cache: Path, repo_id: str, arch: str, args: dict):
     return model, sha
 
 
-def make_dinov2_checkpoint(cache: Path, repo_id: str = "tiny-org/dinov2-tiny-test", registers: int = 0):
-    """A random tiny transformers DINOv2 (with `registers` register tokens when > 0); returns (model, commit sha)."""
+def make_dinov2_checkpoint(cache: Path, repo_id: str = "tiny-org/dinov2-tiny-test", registers: int = 0,
+                           normalisation=IMAGENET):
+    """A random tiny transformers DINOv2 (with `registers` register tokens when > 0) and its preprocessor_config.json
+    stating `normalisation` (None: none); returns (model, commit sha)."""
     import torch
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
@@ -60,6 +73,8 @@ def make_dinov2_checkpoint(cache: Path, repo_id: str = "tiny-org/dinov2-tiny-tes
         model = Dinov2Model(Dinov2Config(**kw)).eval()
     snap, sha = _snapshot(cache, repo_id, f"tf{registers}")
     model.save_pretrained(snap)
+    if normalisation is not None:
+        save_preprocessor(snap, normalisation)
     return model, sha
 
 

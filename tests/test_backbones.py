@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hubfake import make_dinov2_checkpoint, make_timm_checkpoint, registry_entry
+from hubfake import make_dinov2_checkpoint, make_timm_checkpoint, registry_entry, save_preprocessor
 
 from ssl_segbench.backbones import BackboneError, BackboneRef
 
@@ -120,6 +120,7 @@ def test_adhoc_transformers_repo_id_and_local_dir(checkpoints, hub_cache, tmp_pa
     ref = BackboneRef(f"tiny-org/dinov2-tiny-test@{sha}", checkpoints["registry"])
     assert (ref.spec.patch_size, ref.spec.embed_dim, ref.spec.num_prefix_tokens, ref.revision) == (7, 32, 1, sha)
     model.save_pretrained(tmp_path / "ckpt")
+    save_preprocessor(tmp_path / "ckpt")
     local = BackboneRef(str(tmp_path / "ckpt"), checkpoints["registry"])
     assert local.revision.startswith("local-sha256:")
     x = torch.randn(1, 3, 14, 14)

@@ -42,7 +42,9 @@ def _nothing_written(tmp_path):
 
 
 def _dinov2_dir(path, poison=None):
-    """A tiny random DINOv2 in transformers' save_pretrained layout; `poison(model)` edits its weights first."""
+    """A tiny random DINOv2 in transformers' save_pretrained layout, with its preprocessor_config.json; `poison(model)`
+    edits its weights first."""
+    from hubfake import save_preprocessor
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
@@ -52,6 +54,7 @@ def _dinov2_dir(path, poison=None):
         with torch.no_grad():
             poison(model)
     model.save_pretrained(path)
+    save_preprocessor(path)
     return path
 
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from hubfake import TIMM_ARGS, make_dinov2_checkpoint, make_timm_checkpoint
+from hubfake import TIMM_ARGS, make_dinov2_checkpoint, make_timm_checkpoint, save_preprocessor
 from safetensors.torch import load_file, save_file
 from test_refusals import _cli, _dinov2_dir, _nothing_written, _run_args
 
@@ -208,6 +208,7 @@ def _clip_dir(path):
     model = CLIPModel(CLIPConfig(vision_config=dict(tower, image_size=32, patch_size=8), text_config=tower,
                                  projection_dim=16)).eval()
     model.save_pretrained(path)
+    save_preprocessor(path)
     return model
 
 
@@ -234,6 +235,7 @@ def test_an_image_classifier_loads_as_its_encoder_without_pooler_and_head(tmp_pa
                                                      intermediate_size=64, image_size=32, patch_size=8,
                                                      num_labels=5)).eval()
     classifier.save_pretrained(tmp_path / "vit-cls")  # keys 'vit.*' and 'classifier.*', no pooler
+    save_preprocessor(tmp_path / "vit-cls")
     bb = BackboneRef(str(tmp_path / "vit-cls")).load()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

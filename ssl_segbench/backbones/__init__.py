@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -28,8 +29,9 @@ from .weights import (
     weights_sha256,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std) per RGB channel
+NORMALISATION_FIX = ("state it with the run options --mean R,G,B --std R,G,B (the values the checkpoint was trained "
+                     "with), or add the checkpoint to the registry (backbones.yaml, keys mean and std)")
 
 
 def _offline_hint(repo_id: str, revision: str | None, err: Exception,
@@ -222,9 +224,10 @@ def looks_like_path(name: str) -> bool:
 
 def _adhoc_spec(name: str) -> BackboneSpec:
     """A provisional spec for a backbone named on the command line: a local directory, `hf-hub:org/name[@rev]` (timm)
-    or `org/name[@rev]` (transformers). Shape facts are filled in from the checkpoint's config (`_fill_spec`)."""
-    base = dict(revision=None, patch_size=1, embed_dim=1, num_prefix_tokens=0, mean=IMAGENET_MEAN,
-                std=IMAGENET_STD, method="ad-hoc", paper=None, license="unknown")
+    or `org/name[@rev]` (transformers). Shape facts are filled in from the checkpoint's config (`_fill_spec`), mean
+    and std from its own files or the run options (`_normalisation`)."""
+    base = dict(revision=None, patch_size=1, embed_dim=1, num_prefix_tokens=0, mean=(0.0, 0.0, 0.0),
+                std=(1.0, 1.0, 1.0), method="ad-hoc", paper=None, license="unknown")  # mean/std: `_normalisation`
     path = Path(name).expanduser()
     if looks_like_path(name) and not path.is_dir():
         parent = next((p for p in path.resolve().parents if p.is_dir()), None)
@@ -248,23 +251,69 @@ def _adhoc_spec(name: str) -> BackboneSpec:
 
 
 def _fill_spec(spec: BackboneSpec, model=None) -> BackboneSpec:
-    """Complete an ad-hoc spec from the checkpoint: the transformers config (no weights needed) or the timm model."""
+    """Complete an ad-hoc spec's shape from the checkpoint: the transformers config (no weights needed) or the timm
+    model."""
     if spec.loader == "transformers":
         fields = hf_spec_fields(_hf_config(spec))
-        pre = Path(spec.repo_id) / "preprocessor_config.json"
-        if pre.is_file():
-            pcfg = read_json(pre, "replace it with the preprocessor_config.json saved with these weights")
-            fields.update(mean=tuple(pcfg.get("image_mean", IMAGENET_MEAN)),
-                          std=tuple(pcfg.get("image_std", IMAGENET_STD)))
-        else:
-            fields["notes"] = "no preprocessor_config.json: ImageNet mean/std assumed"
     else:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         fields = {"patch_size": model.patch_embed.patch_size[0], "embed_dim": model.embed_dim,
                   "num_prefix_tokens": model.num_prefix_tokens, "num_layers": len(model.blocks),
-                  "arch": cfg.get("architecture", "timm"),
-                  "mean": tuple(cfg.get("mean", IMAGENET_MEAN)), "std": tuple(cfg.get("std", IMAGENET_STD))}
+                  "arch": cfg.get("architecture", "timm")}
     return dataclasses.replace(spec, **fields)
+
+
+def normalisation_problem(mean, std) -> str | None:
+    """Why (mean, std) cannot normalise RGB input (None: they can): each must be 3 finite numbers, std above 0."""
+    for key, v in (("mean", mean), ("std", std)):
+        if not (isinstance(v, (list, tuple)) and len(v) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            return f"{key} {v!r} is not 3 finite numbers (one per RGB channel)"
+    if min(std) <= 0:
+        return f"std {list(std)!r} has a value <= 0"
+    return None
+
+
+def _normalisation(spec: BackboneSpec, snapshot: Path | None, name: str) -> tuple[Normalisation, str]:
+    """The mean/std an ad-hoc checkpoint states in its own files, and where: a transformers checkpoint's
+    `preprocessor_config.json` (image_mean, image_std), a timm checkpoint's `config.json` pretrained_cfg (mean, std),
+    read from the local directory or the Hub cache snapshot (offline). A checkpoint that states none is refused:
+    ImageNet values assumed for a model trained otherwise (SigLIP: 0.5) would give a wrong number silently."""
+    if spec.loader == "transformers":
+        where, keys, file = "preprocessor_config.json", ("image_mean", "image_std"), "preprocessor_config.json"
+    else:
+        where, keys, file = "timm pretrained_cfg", ("mean", "std"), "config.json"
+    path = snapshot / file if snapshot is not None else None
+    if path is None or not path.is_file():
+        local = Path(spec.repo_id.removeprefix("local-dir:")).is_dir()
+        get = "" if local else f"run `hf download {spec.repo_id} {file}` (it is not in {snapshot or 'the cache'}), or "
+        raise BackboneError(f"backbone '{name}': no normalisation (mean/std) found: the checkpoint has no {file}. "
+                            f"To fix it, {get}{NORMALISATION_FIX}")
+    cfg = read_json(path, f"replace it with the {file} saved with these weights")
+    if spec.loader == "timm":
+        cfg = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
+    elif cfg.get("do_normalize") is False:
+        raise BackboneError(f"backbone '{name}': {path} says do_normalize false, which this benchmark does not "
+                            f"read as a normalisation. To fix it, {NORMALISATION_FIX} (0,0,0 and 1,1,1 for none)")
+    mean, std = (cfg.get(k) for k in keys)
+    problem = "it has no " + " / ".join(k for k in keys if k not in cfg) if None in (mean, std) else \
+        normalisation_problem(mean, std)
+    if problem:
+        raise BackboneError(f"backbone '{name}': no usable normalisation in {path} ({where}): {problem}. To fix it, "
+                            f"correct {file}, or {NORMALISATION_FIX}")
+    return (tuple(map(float, mean)), tuple(map(float, std))), f"{where} ({path})"
+
+
+def registry_match(name: str, registry: dict[str, BackboneSpec]) -> BackboneSpec | None:
+    """The registry entry a Hub id names: same repo and loader kind (`hf-hub:org/name` for timm, `org/name` for
+    transformers), and no revision or the entry's pinned one. Another revision is another checkpoint: it stays
+    ad-hoc and is normalised from its own files, never from the entry's facts."""
+    if looks_like_path(name) or Path(name).expanduser().exists():
+        return None
+    repo, _, rev = name.removeprefix("hf-hub:").partition("@")
+    loader = "timm" if name.startswith("hf-hub:") else "transformers"
+    return next((s for s in registry.values() if s.loader == loader and s.repo_id == repo
+                 and (not rev or rev == s.revision)), None)
 
 
 def _local_revision(directory: Path) -> str:
@@ -283,25 +332,40 @@ class BackboneRef:
     reading weights (except for ad-hoc timm checkpoints, whose shape is only known from the model), so a feature-cache
     hit never loads or runs the model."""
 
-    def __init__(self, name: str, registry_path=None):
+    def __init__(self, name: str, registry_path=None, normalisation: Normalisation | None = None):
+        """`normalisation`: (mean, std) stated by the user (`--mean/--std`), replacing the registry's or the
+        checkpoint's. `normalisation_source` says where the spec's mean/std came from; `note` is a line for the
+        console when a Hub id was read as a registry entry."""
         registry = load_registry(registry_path)
         spec = registry.get(name)
         self._model = None
         self._loaded: dict[str, Backbone] = {}
+        self.note = None
+        self.normalisation_source = "registry"
+        if spec is None and (spec := registry_match(name, registry)) is not None:
+            self.note = (f"backbone '{name}' is the registry entry '{spec.id}': its pin and facts (normalisation "
+                         "included) are used")
         if spec is None:
             if not (Path(name).expanduser().exists() or "/" in name or looks_like_path(name)):
                 raise BackboneError(f"unknown backbone '{name}'. Known: {', '.join(registry)}; or give a local "
                                     "checkpoint directory, 'hf-hub:org/name[@rev]' (timm) or 'org/name[@rev]' "
                                     "(transformers)")
             spec = _adhoc_spec(name)
+            snapshot = _snapshot_dir(spec)
+            own = None if normalisation is not None or snapshot is None else _normalisation(spec, snapshot, name)
             if spec.loader == "timm":
                 self._model = _library_model(spec, name)
                 spec = _fill_spec(spec, self._model)
             else:
-                snapshot = _snapshot_dir(spec)
                 if snapshot is not None:
                     verify_checkpoint_files(snapshot, _repair_hint(spec))
                 spec = _fill_spec(spec)
+            if normalisation is None:  # not cached: the loaders above gave the offline message already
+                (mean, std), self.normalisation_source = own or _normalisation(spec, snapshot, name)
+                spec = dataclasses.replace(spec, mean=mean, std=std)
+        if normalisation is not None:
+            spec = dataclasses.replace(spec, mean=tuple(normalisation[0]), std=tuple(normalisation[1]))
+            self.normalisation_source = "--mean/--std"
         self.spec = spec
         if spec.loader == "builtin":
             if spec.repo_id != "pixels" and not spec.repo_id.startswith("random-init:"):
@@ -357,4 +421,5 @@ def load_backbone(name: str, device: str | torch.device = "cpu", registry_path=N
     return BackboneRef(name, registry_path).load(device)
 
 
-__all__ = ["FACETS", "Backbone", "BackboneError", "BackboneRef", "load_backbone", "resolve_revision"]
+__all__ = ["FACETS", "Backbone", "BackboneError", "BackboneRef", "load_backbone", "normalisation_problem",
+           "registry_match", "resolve_revision"]
