@@ -265,8 +265,14 @@ class Record:
         return self.protocol["name"] + (f":{preset}" if preset else "")
 
     def row_label(self) -> str:
+        """Backbone and revision; the normalisation too where `--mean/--std` set it, so such a record never shares a
+        row (and a cell) with the entry's own."""
         rev = self.backbone["revision_resolved"]
-        return f"{self.backbone['id']} @ {rev[:12] if rev else 'builtin'}" + (" ⚠ v1 record" if self.legacy else "")
+        norm = self.identity.get("normalisation")
+        given = f" (mean {norm['mean']}, std {norm['std']})" if norm and \
+            self.backbone.get("normalisation_source") == "--mean/--std" else ""
+        return f"{self.backbone['id']} @ {rev[:12] if rev else 'builtin'}{given}" + \
+            (" ⚠ v1 record" if self.legacy else "")
 
     def data_digest(self) -> str:
         """The evaluation data's digest: its content (v2) or, for legacy records, its file list."""

@@ -180,6 +180,14 @@ def test_mean_std_reach_the_features_and_only_then_the_record_key(small_syntheti
     [stated] = [r for r in _records(tmp_path) if r.key != default.key]  # a new record, not the default's
     assert stated.identity["normalisation"] == {"mean": list(mean), "std": list(std)}
     assert stated.backbone["normalisation_source"] == "--mean/--std"
+    # the leaderboard keeps the two apart: one row each, not one cell the last record wins
+    from ssl_segbench.leaderboard import render
+
+    assert default.row_label() == "pixels @ builtin"
+    assert stated.row_label() == "pixels @ builtin (mean [0.2, 0.3, 0.4], std [0.5, 0.25, 2.0])"
+    page = render([default, stated], published=[])["synthetic.md"]
+    overview = page.split("### Overview")[1].split("###")[0]
+    assert sum("pixels @ builtin" in line for line in overview.splitlines()) == 2
 
 
 def test_a_damaged_preprocessor_config_names_the_file(small_synthetic, tmp_path):
