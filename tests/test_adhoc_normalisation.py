@@ -7,7 +7,8 @@ import json
 
 import pytest
 from hubfake import IMAGENET, make_dinov2_checkpoint, make_timm_checkpoint, registry_entry
-from test_refusals import _cli, _dinov2_dir, _nothing_written, _run_args
+from test_refusals import _cli, _dinov2_dir, _run_args
+from test_refusals import _cli_refused as _refused
 
 from ssl_segbench.backbones import BackboneRef, registry_match
 from ssl_segbench.data import get_dataset
@@ -36,15 +37,6 @@ def _records(tmp_path):
 def _feature_keys(tmp_path):
     """The keys of the complete feature entries in the run's cache."""
     return [json.loads(p.read_text())["key"] for p in (tmp_path / "cache").rglob("meta.json") if "features" in p.parts]
-
-
-def _refused(tmp_path, args, *expected):
-    rc, err = _cli(tmp_path, *args)
-    assert rc == 2 and "Traceback" not in err, err
-    for text in expected:
-        assert text in err, (text, err)
-    _nothing_written(tmp_path)
-    return err
 
 
 def test_hub_id_is_normalised_from_its_preprocessor_config(small_synthetic, tmp_path, hub_cache):

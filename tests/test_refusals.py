@@ -41,6 +41,17 @@ def _nothing_written(tmp_path):
     assert not list(cache.rglob("*.partial")), "a partial entry was left"
 
 
+def _cli_refused(tmp_path, args, *expected):
+    """Run the CLI with `args`; assert exit 2, every `expected` text in the message, no traceback, nothing written.
+    Returns the message."""
+    rc, err = _cli(tmp_path, *args)
+    assert rc == 2 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, (text, err)
+    _nothing_written(tmp_path)
+    return err
+
+
 def _dinov2_dir(path, poison=None):
     """A tiny random DINOv2 in transformers' save_pretrained layout, with its preprocessor_config.json; `poison(model)`
     edits its weights first."""
