@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "csv/json: one flat file for other tools")
     lb.add_argument("--plots", action="store_true",
                     help="md: add the plots (mIoU against size, rank agreement, per-class IoU) to the pages")
+    lb.add_argument("--published", type=Path, metavar="FILE",
+                    help="published numbers to put beside the columns (default: the package's published.yaml; "
+                         "format and classes: ssl_segbench/published.py)")
 
     cmp_ = sub.add_parser("compare", help="two backbones side by side: per-class IoU and paired-bootstrap significance",
                           formatter_class=_HelpFormatter)
@@ -296,7 +299,7 @@ def _cmd_leaderboard(args) -> int:
     from .leaderboard import write
     from .paths import results_dir
 
-    written, problems = write(args.results_dir or results_dir(), args.out, args.format, args.plots)
+    written, problems = write(args.results_dir or results_dir(), args.out, args.format, args.plots, args.published)
     for path in written:
         console.print(f"wrote {escape(str(path))}", highlight=False)
     for p in problems:  # refused records are left out of every page, and the command fails

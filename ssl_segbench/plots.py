@@ -9,6 +9,7 @@ import io
 import numpy as np
 
 from .records import Record
+from .setting import unique_labels
 
 N_BOOT = 1000
 
@@ -32,14 +33,11 @@ def _svg(fig) -> bytes:
 
 
 def _columns(recs: list[Record]) -> dict[str, dict[str, Record]]:
-    """column label → {backbone: record} (the first split of each column; labels made unique by column id)."""
-    out: dict[str, dict[str, Record]] = {}
-    labels: dict[str, str] = {}
-    for r in sorted(recs, key=lambda r: (r.column_label(), r.column_id(), r.backbone["id"])):
-        label = labels.setdefault(r.column_id(), r.column_label())
-        if sum(1 for v in labels.values() if v == label) > 1:
-            label = f"{label} [{r.column_id()}]"
-        out.setdefault(label, {}).setdefault(r.backbone["id"], r)
+    """column label → {backbone: record} (labels made unique by column id)."""
+    labels = unique_labels(r.setting.column for r in recs)
+    out: dict[str, dict[str, Record]] = {label: {} for label in labels.values()}
+    for r in sorted(recs, key=lambda r: (labels[r.setting.column.id], r.backbone["id"])):
+        out[labels[r.setting.column.id]].setdefault(r.backbone["id"], r)
     return out
 
 

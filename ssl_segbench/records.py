@@ -13,6 +13,7 @@ Schema v2 identifies the data by content; v1 records (identified by file names o
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import platform
@@ -25,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import json_digest
 from .errors import SegbenchError
-from .paths import inside, safe_component
+from .setting import Setting
 
 SCHEMA = "ssl-segbench/record/v2"
 LEGACY_SCHEMAS = {"ssl-segbench/record/v1": "schema v1: its dataset was identified by file names only, so it may "
@@ -35,17 +35,6 @@ LEGACY_SCHEMAS = {"ssl-segbench/record/v1": "schema v1: its dataset was identifi
 _PACKAGES = ("ssl-segbench", "torch", "torchvision", "timm", "transformers", "huggingface-hub", "faiss-cpu",
              "faiss-gpu", "numpy", "scipy", "scikit-learn", "pillow")
 METRICS = ("miou", "pixel_acc", "mf1")
-
-
-def record_key(identity: dict) -> str:
-    return json_digest(identity, 16)
-
-
-def record_path(results_dir: Path, identity: dict) -> Path:
-    rev = (identity["revision"] or "none").replace("/", "_").replace(":", "-")
-    parts = [identity["dataset"], identity["split"], identity["backbone"], rev,
-             f"{identity['protocol']}@{identity['version']}"]
-    return inside(results_dir, Path(*(safe_component(p) for p in parts), f"{record_key(identity)}.json"))
 
 
 def _finite(x) -> bool:
@@ -170,8 +159,7 @@ _IDENTITY_KEYS = ("backbone", "source", "revision", "dataset", "split", "protoco
 class Record:
     """One result as written to `<results>/.../<key>.json`: identity (the key's contents), what produced it, its
     metrics and provenance. `from_json` validates on load; v1 records (`LEGACY_SCHEMAS`) load with `legacy` set.
-    The identity of the leaderboard column a record belongs to lives here, so every reader (leaderboards, the
-    regression gate, `compare`) groups records the same way."""
+    Its `setting` is what every reader (leaderboards, the site, the regression gate, `compare`) groups it by."""
 
     schema: str
     key: str
@@ -216,8 +204,9 @@ class Record:
         unknown = sorted(set(obj) - names)
         need(not unknown, f"unknown field(s) {unknown} (a record has only {sorted(names)})")
         need({"miou", "pixel_acc"} <= set(obj["metrics"]), "no 'miou' or no 'pixel_acc' metric (every page shows both)")
-        need(obj["key"] == record_key(ident), f"its key {obj['key']!r} is not the digest of its identity "
-             f"({record_key(ident)!r}): the identity or the key was edited")
+        digest = Setting.of_identity(ident).key
+        need(obj["key"] == digest, f"its key {obj['key']!r} is not the digest of its identity ({digest!r}): the "
+             "identity or the key was edited")
         problem = metrics_problem(obj["metrics"], obj["seeds"])
         need(problem is None, str(problem))
         rec = cls(**{k: v for k, v in obj.items() if k in names})
@@ -227,42 +216,16 @@ class Record:
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "legacy"}
 
-    # --- the column this record belongs to ----------------------------------------------------------------------
-    def column_identity(self) -> dict:
-        """What makes two records comparable in one column: protocol, version, parameters (the transform's policy
-        and size included), layer and seeds."""
-        return {k: self.identity[k] for k in ("protocol", "version", "params", "layer", "seeds")}
-
-    def column_id(self) -> str:
-        return json_digest(self.column_identity(), 8)
-
-    def column_label(self) -> str:
-        """Header text: protocol, preset and the axes that change numbers."""
-        p = self.protocol["params"]
-        parts = [f"{self.protocol_spec} v{self.protocol['version']}"]
-        k = self.info.get("k")
-        if k is not None:
-            parts.append(f"K={k}")
-        if "matching" in p:
-            parts.append(p["matching"])
-        if "memory_size" in p:  # retrieval: the memory bank's size and where it comes from
-            parts.append(f"memory {p['memory_size'] or 'all'}" + (f" ({p['augment']} aug)" if p.get("augment") else ""))
-        if p.get("kmeans_backend", "faiss") != "faiss":
-            parts.append(f"{p['kmeans_backend']} k-means")
-        parts.append(f"{p['resize']} {p['size']}")
-        parts.append(f"eval {p['eval_size']}²" if p.get("eval_size") else "eval at input res")
-        if p.get("crf"):
-            parts.append(f"CRF T={p['crf_temperature']:g}" if "crf_temperature" in p else "CRF")
-        if self.backbone.get("layer", -1) != -1:
-            parts.append(f"layer {self.backbone['layer']}")
-        parts.append(f"{len(self.seeds)} seed" + ("s" if len(self.seeds) != 1 else ""))
-        return " · ".join(parts)
+    @functools.cached_property
+    def setting(self) -> Setting:
+        """What this record measured (its identity with the descriptive fields it stores): its key, its column, and
+        what a published claim is matched against. Every reader groups and pairs records through it."""
+        return Setting.of_record(self)
 
     @property
     def protocol_spec(self) -> str:
         """'name' or 'name:preset', as given to --protocol."""
-        preset = self.protocol["preset"]
-        return self.protocol["name"] + (f":{preset}" if preset else "")
+        return self.setting.spec
 
     def row_label(self) -> str:
         """Backbone and revision; the normalisation too where `--mean/--std` set it, so such a record never shares a
@@ -274,15 +237,11 @@ class Record:
         return f"{self.backbone['id']} @ {rev[:12] if rev else 'builtin'}{given}" + \
             (" ⚠ v1 record" if self.legacy else "")
 
-    def data_digest(self) -> str:
-        """The evaluation data's digest: its content (v2) or, for legacy records, its file list."""
-        return self.identity.get("content_sha256") or self.identity.get("files_sha256") or ""
-
     def label(self) -> str:
         """One line naming the record's dataset, backbone and column (regression gate rows)."""
         rev = self.identity["revision"] or "builtin"
         return (f"{self.identity['dataset']}/{self.identity['split']} · {self.identity['backbone']}@{rev[:12]} · "
-                f"{self.column_label()}")
+                f"{self.setting.column.label}")
 
 
 def read_record(path: Path) -> Record:

@@ -28,8 +28,9 @@ from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
 from .progress import console
 from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol
-from .records import SCHEMA, Record, check_finite, encode_array, environment, record_key, record_path, summarize
+from .records import SCHEMA, Record, check_finite, encode_array, environment, summarize
 from .registry import is_int, load_registry
+from .setting import Setting
 from .transforms import POLICIES, Transform, TransformError
 
 OVERWRITE = ("skip", "always")
@@ -217,12 +218,35 @@ def check_gpu_memory(spec, device: str) -> None:
                             f"(backbones.yaml: min_gpu_memory), but {device} has {total:.0f} GiB: use a larger GPU")
 
 
-def _geometry(proto: Protocol, opts: RunOptions, spec) -> tuple[dict, Transform]:
-    """The protocol's parameters with its resize policy and input size filled in, and the transform they give."""
+def resolve_params(proto: Protocol, patch_size: int, size: int, resize: str,
+                   device: str | None = None) -> tuple[Protocol, dict, Transform]:
+    """The protocol as a run resolves it, and the only place that does: its machine-dependent parameters made concrete
+    for `device` (None: left as given, for checks before the device is known), its resize policy and input size
+    filled in from the run's (`size`, `resize`) unless it fixes them for a backbone of `patch_size`; with the
+    transform they give. Runs, their checks and published claims (`published.Claim`) all resolve through it."""
+    if device is not None:
+        proto = proto.for_device(device)
     params = dict(proto.params)
-    params["resize"] = params["resize"] or opts.resize
-    params["size"] = proto.input_size(spec.patch_size) or opts.size
-    return params, Transform(params["resize"], params["size"], spec.patch_size)
+    params["resize"] = params["resize"] or resize
+    params["size"] = proto.input_size(patch_size) or size
+    return proto, params, Transform(params["resize"], params["size"], patch_size)
+
+
+def plan_setting(ref: BackboneRef, eval_set: SegmentationDataset, train_set: SegmentationDataset | None,
+                 proto: Protocol, params: dict, layer: int, seeds: list[int]) -> Setting:
+    """The Setting of one protocol's record, built here alone (every reader takes it from the record)."""
+    return Setting(
+        backbone=ref.spec.id, source=ref.source, revision=ref.revision, dataset=eval_set.id, split=eval_set.split,
+        data_digest=eval_set.content_sha256(), protocol=proto.name, version=proto.version, params=params, layer=layer,
+        seeds=tuple(seeds),
+        # registry entries' keys stay as they were before this field
+        normalisation=None if ref.normalisation_source == "registry" else {"mean": list(ref.spec.mean),
+                                                                          "std": list(ref.spec.std)},
+        train=None if proto.train_split_wanted() is None else {
+            "split": train_set.split if train_set else None,
+            "content_sha256": train_set.content_sha256() if train_set else None},
+        preset=proto.preset, decoding={k: v for k, v in eval_set.decoding_identity().items() if v},
+        train_images=len(train_set) if train_set is not None else None)
 
 
 def _spec_without_hub(name: str, registry: str | None, normalisation=None):
@@ -263,7 +287,7 @@ def preflight(opts: RunOptions, here: bool = True) -> list[tuple[str, str]]:
         attempt("layer", lambda: check_layer(opts.layer, spec))
         for proto in protocols or []:  # the input size against the patch, and what the protocol needs of the backbone
             try:
-                check_backbone_fits(proto, spec, _geometry(proto, opts, spec)[1])
+                check_backbone_fits(proto, spec, resolve_params(proto, spec.patch_size, opts.size, opts.resize)[2])
             except SegbenchError as e:
                 found.append(("size" if isinstance(e, TransformError) else "protocols", str(e).splitlines()[0]))
     return list(dict.fromkeys(found))
@@ -317,7 +341,7 @@ class _Job:
     seeds: list[int]
     train_set: SegmentationDataset | None
     train_note: str | None
-    identity: dict
+    setting: Setting
     path: Path
     masks: Path | None  # where `--save-masks` puts its label maps, checked while planning
 
@@ -348,9 +372,10 @@ class _FeaturePlan:
         return dataclasses.replace(fs, computed=tuple(sorted(set(fs.computed) | shared)))
 
 
-def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[tuple[str, Path, Record | None]]:
+def run(opts: RunOptions, on_record=lambda status, path, record: None) \
+        -> list[tuple[str, Path, Record | Setting | None]]:
     """Run every protocol; returns (status, path, record) with status 'written', 'skipped' (record exists) or
-    'computed' (write_records=False)."""
+    'computed' (write_records=False); with `plan_only`, ('pending', path, its Setting) for each missing record."""
     check_options(opts)
     protocols = plan_protocols(opts.protocols, opts.params)
     world, device = (SINGLE, resolve_device(opts.device)) if opts.plan_only else \
@@ -367,30 +392,22 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) -> list[t
     workers = opts.workers if opts.workers is not None else loader_workers(device)
     results = Path(opts.results_dir or default_results_dir())
     out, jobs = [], []
-    for proto in (p.for_device(device) for p in protocols):
-        params, transform = _geometry(proto, opts, ref.spec)
+    for proto in protocols:
+        proto, params, transform = resolve_params(proto, ref.spec.patch_size, opts.size, opts.resize, device)
         check_backbone_fits(proto, ref.spec, transform)
         seeds = resolve_seeds(opts.seeds) or list(range(proto.default_seeds))
         train_set, train_note = splits.train_for(proto)
-        identity = {"backbone": ref.spec.id, "source": ref.source, "revision": ref.revision,
-                    "dataset": eval_set.id, "split": eval_set.split, "content_sha256": eval_set.content_sha256(),
-                    "protocol": proto.name, "version": proto.version, "params": params, "layer": opts.layer,
-                    "seeds": seeds}
-        if ref.normalisation_source != "registry":  # registry entries' keys stay as they were before this field
-            identity["normalisation"] = {"mean": list(ref.spec.mean), "std": list(ref.spec.std)}
-        if proto.train_split_wanted() is not None:
-            identity["train"] = {"split": train_set.split if train_set else None,
-                                 "content_sha256": train_set.content_sha256() if train_set else None}
-        path = record_path(results, identity)
+        setting = plan_setting(ref, eval_set, train_set, proto, params, opts.layer, seeds)
+        path = setting.path(results)
         if opts.write_records and path.exists() and opts.overwrite == "skip":
             out.append(("skipped", path, None))
             on_record("skipped", path, None)
             continue
         proto.check_data(eval_set, train_set, transform)  # sizes the data cannot satisfy: before any extraction
-        jobs.append(_Job(proto, params, transform, seeds, train_set, train_note, identity, path,
+        jobs.append(_Job(proto, params, transform, seeds, train_set, train_note, setting, path,
                          proto.masks_dir(opts.save_masks)))
     if opts.plan_only:
-        return out + [("pending", job.path, None) for job in jobs]
+        return out + [("pending", job.path, job.setting) for job in jobs]
 
     plan = _FeaturePlan(lambda ds, transform, facets, w: extract(ref, ds, transform, opts.layer, facets, device,
                                                                  batch_size, workers, world=w), world)
@@ -431,10 +448,12 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
     check_finite(metrics, f"{proto.name} on {eval_set.id}/{eval_set.split} with {ref.spec.id}")
     resized = sorted(ctx.resized_masks.get(eval_set.split, ()))
     info = {**result.info, **ctx.info}
+    if train_set is not None:
+        info["train_images"] = len(train_set)
     if train_set is not None and ctx.resized_masks.get(train_set.split):
         info["train_resized_masks"] = sorted(ctx.resized_masks[train_set.split])
     return Record(
-        schema=SCHEMA, key=record_key(job.identity), identity=job.identity,
+        schema=SCHEMA, key=job.setting.key, identity=job.setting.identity(),
         backbone={**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision,
                   "weights_sha256": ref.weights_sha256(), "layer": opts.layer,
                   "normalisation_source": ref.normalisation_source},

@@ -16,27 +16,18 @@ from pathlib import Path
 
 from .atomic import write_guard
 from .figures import figure_path
-from .leaderboard import _DEMO_DATASETS, _published_cell, page_name, published_for, reported_for
+from .leaderboard import _DEMO_DATASETS, page_name
 from .paths import safe_component
 from .plots import write_plots
+from .published import footnote, measured_network, published_for, published_text, reported_for
 from .records import Record
+from .setting import Column
 
 SIZE_BUCKETS = ((50e6, "S (< 50 M)"), (150e6, "B (50-150 M)"), (500e6, "L (150-500 M)"), (float("inf"), "H+ (> 500 M)"))
 
 
 def _esc(x) -> str:
     return html.escape(str(x), quote=True)
-
-
-def axes(rec: Record) -> dict[str, str]:
-    """The axes a column can be filtered by, as text."""
-    p = rec.protocol["params"]
-    return {"protocol": rec.protocol_spec, "k": str(rec.info.get("k", "–")), "matching": str(p.get("matching", "–")),
-            "resolution": f"{p['resize']} {p['size']}", "eval": f"{p['eval_size']}²" if p.get("eval_size") else "input",
-            "crf": f"T={p['crf_temperature']:g}" if p.get("crf") else "off", "seeds": str(len(rec.seeds))}
-
-
-AXES = ("protocol", "k", "matching", "resolution", "eval", "crf", "seeds")
 
 
 def backbone_facts(backbone_id: str, registry: dict) -> tuple[str, str, float | None]:
@@ -62,7 +53,8 @@ def _cell(rec: Record, published: list[dict]) -> str:
     extra = f'<br><small class="ci">[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]</small>' if ci else ""
     entry = published_for(rec, published)
     if entry:
-        extra += f'<br><small class="published">published {_esc(_published_cell(rec, entry))}</small>'
+        extra += (f'<br><small class="published {_esc(entry["class"])}">published '
+                  f'{_esc(published_text(rec, entry))}</small>')
     link = f'<br><a class="record" href="records/{_esc(safe_component(rec.key))}.html">record</a>'
     return f'{_esc(text)}{extra}{link}'
 
@@ -80,17 +72,16 @@ def _dataset_page(dataset: str, recs: list[Record], published: list[dict], regis
     for r in recs:
         by_split.setdefault(r.identity["split"], []).append(r)
     for split, srecs in sorted(by_split.items()):
-        columns: dict[str, Record] = {}
-        for r in sorted(srecs, key=lambda r: (r.column_label(), r.column_id())):
-            columns.setdefault(r.column_id(), r)
-        cids = sorted(columns, key=lambda c: (columns[c].column_label(), c))
+        columns: dict[str, Column] = {r.setting.column.id: r.setting.column for r in srecs}
+        cids = sorted(columns, key=lambda c: (columns[c].label, c))
         rows: dict[str, dict[str, Record]] = {}
         for r in srecs:
-            rows.setdefault(r.row_label(), {})[r.column_id()] = r
+            rows.setdefault(r.row_label(), {})[r.setting.column.id] = r
         table_id = f"board-{safe_component(split)}"
         filters = []
-        for axis in AXES:
-            values = sorted({axes(columns[c])[axis] for c in cids})
+        names = list(dict.fromkeys(name for c in cids for name, _, _ in columns[c].axes))  # their axes, in order
+        for axis in names:
+            values = sorted({columns[c].axis(axis) for c in cids})
             opts = "".join(f'<option value="{_esc(v)}">{_esc(v)}</option>' for v in values)
             filters.append(f'<label>{axis} <select class="filter" data-table="{table_id}" data-axis="{axis}">'
                            f'<option value="">all</option>{opts}</select></label>')
@@ -105,9 +96,9 @@ def _dataset_page(dataset: str, recs: list[Record], published: list[dict], regis
                 '<th class="sortable" data-col="family" data-type="text">family</th>',
                 '<th class="sortable" data-col="params" data-type="number">params (M)</th>']
         for i, c in enumerate(cids):
-            attrs = " ".join(f'data-{a}="{_esc(v)}"' for a, v in axes(columns[c]).items())
+            attrs = " ".join(f'data-{_esc(a)}="{_esc(columns[c].axis(a))}"' for a in names)
             head.append(f'<th class="sortable setting" data-col="c{i}" data-type="number" {attrs}>'
-                        f'{_esc(columns[c].column_label())}</th>')
+                        f'{_esc(columns[c].label)}</th>')
         body = []
         order = sorted(rows, key=lambda row: (-(rows[row][cids[0]].metrics["miou"]["mean"] if cids[0] in rows[row]
                                                 else -1.0), row))
@@ -130,9 +121,12 @@ def _dataset_page(dataset: str, recs: list[Record], published: list[dict], regis
                   f'<div class="filters">{"".join(filters)}</div>',
                   f'<table class="board" id="{table_id}"><thead><tr>{"".join(head)}</tr></thead>'
                   f'<tbody>{"".join(body)}</tbody></table>']
+        notes = sorted({footnote(e) for e in (published_for(r, published) for r in srecs) if e})
+        if notes:
+            parts.append('<ul class="published-notes">' + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")
         reported = reported_for(dataset, split, published)
         if reported:
-            items = "".join(f"<li>{_esc(e['method'])} ({_esc(e.get('backbone') or '–')}): {_esc(e['metric'])} "
+            items = "".join(f"<li>{_esc(e['method'])} ({_esc(measured_network(e))}): {_esc(e['metric'])} "
                             f"{100 * e['value']:.1f}, {_esc(e['stage'])}; not beside a column because "
                             f"{_esc(e['why'])} ({_esc(e['source'])})</li>" for e in reported)
             parts += ["<h3>Reported numbers (context only)</h3>", f"<ul>{items}</ul>"]

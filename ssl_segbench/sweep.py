@@ -42,6 +42,7 @@ from . import yamlload
 from .atomic import write_json_atomic
 from .errors import SegbenchError
 from .paths import safe_component
+from .setting import Setting
 
 EXECUTORS = ("local", "slurm")
 _TOP = {"results_dir", "work_dir", "backbones", "datasets", "protocols", "params", "run", "executor", "slurm"}
@@ -285,11 +286,11 @@ def check_cells(sweep: Sweep, here: bool) -> None:
             f"{message}" for (key, message), cells in found.items()]))
 
 
-def missing_records(cell: Cell) -> list[Path]:
-    """The records of a cell that do not exist yet, resolved exactly as `ssl-segbench run` resolves them."""
+def missing_records(cell: Cell) -> list[Setting]:
+    """The Settings of a cell's records that do not exist yet, planned by `ssl-segbench run`'s own planning."""
     from .runner import run
 
-    return [path for status, path, _ in run(_cell_options(cell, plan_only=True)) if status == "pending"]
+    return [setting for status, _, setting in run(_cell_options(cell, plan_only=True)) if status == "pending"]
 
 
 def run_cell(argv: list[str], nproc_per_node: int = 1) -> None:

@@ -99,7 +99,7 @@ def test_crf_flag_sets_the_parameter_or_names_protocols_without_crf(small_synthe
     assert _run(tmp_path, small_synthetic, "--protocol", "kmeans", "--seeds", "1", "--crf") == 0
     (_, rec), = iter_records(tmp_path / "res")
     assert rec.protocol["params"]["crf"] is True and rec.info["crf"]["images_refined"] == 8
-    assert "CRF" in rec.column_label()
+    assert "CRF" in rec.setting.column.label
 
 
 def test_records_carry_per_image_stats_that_reproduce_the_scores(small_synthetic, tmp_path):

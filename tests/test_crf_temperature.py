@@ -134,5 +134,5 @@ def test_the_temperature_is_part_of_the_column():
                       {"name": "kmeans", "version": "1", "preset": None, "params": p}, [0], {"miou": m})
 
     a, b = rec(), rec(crf_temperature=1.0)
-    assert "CRF T=0.5" in a.column_label() and "CRF T=1" in b.column_label()
-    assert a.column_id() != b.column_id()
+    assert "CRF T=0.5" in a.setting.column.label and "CRF T=1" in b.setting.column.label
+    assert a.setting.column.id != b.setting.column.id

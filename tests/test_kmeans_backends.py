@@ -144,5 +144,5 @@ def test_the_backend_is_a_parameter_of_the_record(small_synthetic, tmp_path):
                      "--size", "64", "--protocol", "kmeans", "--seeds", "1", "--results-dir", str(res), *extra]) == 0
     records = sorted((r for _, r in iter_records(res)), key=lambda r: r.protocol["params"]["kmeans_backend"])
     assert [r.protocol["params"]["kmeans_backend"] for r in records] == ["faiss", "torch"]
-    assert records[0].column_id() != records[1].column_id()
-    assert "torch k-means" in records[1].column_label() and "k-means" not in records[0].column_label()
+    assert records[0].setting.column.id != records[1].setting.column.id
+    assert "torch k-means" in records[1].setting.column.label and "k-means" not in records[0].setting.column.label

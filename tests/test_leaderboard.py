@@ -7,7 +7,8 @@ import json
 
 from ssl_segbench.atomic import write_json_atomic
 from ssl_segbench.leaderboard import flat_rows, render, write
-from ssl_segbench.records import SCHEMA, Record, record_key
+from ssl_segbench.records import SCHEMA, Record
+from ssl_segbench.setting import Setting
 
 
 def _rec(backbone, miou, k=8, size=224, preset=None, rev="a" * 40, dataset="voc", seeds=(0, 1)):
@@ -17,7 +18,7 @@ def _rec(backbone, miou, k=8, size=224, preset=None, rev="a" * 40, dataset="voc"
              "content_sha256": "f" * 64, "protocol": "kmeans", "version": "1", "params": params, "layer": -1,
              "seeds": list(seeds)}
     m = {"mean": miou, "std": 0.01, "per_seed": [miou - 0.01, miou + 0.01]}
-    return Record.from_json({"schema": SCHEMA, "key": record_key(ident), "identity": ident,
+    return Record.from_json({"schema": SCHEMA, "key": Setting.of_identity(ident).key, "identity": ident,
                              "backbone": {"id": backbone, "revision_resolved": rev, "layer": -1},
                              "dataset": {"n_images": 10}, "protocol": {"name": "kmeans", "version": "1",
                                                                        "preset": preset, "params": params},

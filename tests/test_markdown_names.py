@@ -16,7 +16,8 @@ from markdown_it import MarkdownIt
 
 from ssl_segbench.cli import main
 from ssl_segbench.leaderboard import md
-from ssl_segbench.records import SCHEMA, record_key
+from ssl_segbench.records import SCHEMA
+from ssl_segbench.setting import Setting
 
 EVIL = "evil|net <img onerror=x>\nline2 & [x](y) `z` \\"
 CLASS = "sea|floor <img onerror=x>\n$\\frac{$"  # and an unbalanced formula for matplotlib
@@ -29,7 +30,7 @@ def _record(backbone: str, per_seed: list[float]) -> dict:
              "content_sha256": "f" * 64, "protocol": "kmeans", "version": "1", "params": params, "layer": -1,
              "seeds": list(range(len(per_seed)))}
     m = {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed}
-    return {"schema": SCHEMA, "key": record_key(ident), "identity": ident,
+    return {"schema": SCHEMA, "key": Setting.of_identity(ident).key, "identity": ident,
             "backbone": {"id": backbone, "revision_resolved": None, "layer": -1},
             "dataset": {"n_images": 4, "class_names": ["background", CLASS, "rock"]},
             "protocol": {"name": "kmeans", "version": "1", "preset": None, "params": params},

@@ -12,7 +12,8 @@ import pytest
 
 from ssl_segbench.cli import main
 from ssl_segbench.metrics import bootstrap_ci, scores_from_stats
-from ssl_segbench.records import SCHEMA, Record, record_key
+from ssl_segbench.records import SCHEMA, Record
+from ssl_segbench.setting import Setting
 
 
 def _record(backbone: str, per_seed: list[float], ci: list[float] | None = None) -> dict:
@@ -25,7 +26,7 @@ def _record(backbone: str, per_seed: list[float], ci: list[float] | None = None)
     m = {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed}
     if ci is not None:
         m["ci95"] = ci
-    return {"schema": SCHEMA, "key": record_key(ident), "identity": ident,
+    return {"schema": SCHEMA, "key": Setting.of_identity(ident).key, "identity": ident,
             "backbone": {"id": backbone, "revision_resolved": "a" * 40, "layer": -1},
             "dataset": {"n_images": 8}, "protocol": {"name": "kmeans", "version": "1", "preset": None,
                                                      "params": params},

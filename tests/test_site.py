@@ -15,7 +15,8 @@ import pytest
 from ssl_segbench.atomic import write_json_atomic
 from ssl_segbench.leaderboard import write
 from ssl_segbench.plots import kendall_tau, rank_agreement
-from ssl_segbench.records import SCHEMA, Record, record_key
+from ssl_segbench.records import SCHEMA, Record
+from ssl_segbench.setting import Setting
 
 BACKBONES = {"dino_vits16": 0.30, "dinov2_vits14": 0.45, "dinov2_vitb14": 0.50, "pixels": 0.10}
 
@@ -30,7 +31,7 @@ def _rec(backbone: str, miou: float, protocol: str, k: int | None = None, crf: b
              "layer": -1, "seeds": [0, 1]}
     m = {"mean": miou, "std": 0.01, "per_seed": [miou - 0.01, miou + 0.01], "ci95": [miou - 0.03, miou + 0.03]}
     return Record.from_json({
-        "schema": SCHEMA, "key": record_key(ident), "identity": ident,
+        "schema": SCHEMA, "key": Setting.of_identity(ident).key, "identity": ident,
         "backbone": {"id": backbone, "revision_resolved": "a" * 40, "layer": -1},
         "dataset": {"n_images": 10, "class_names": ["background", "cat", "dog"]},
         "protocol": {"name": proto.name, "version": proto.version, "preset": proto.preset, "params": params},

@@ -14,7 +14,8 @@ import pytest
 
 from ssl_segbench.atomic import WriteError
 from ssl_segbench.cli import main
-from ssl_segbench.records import SCHEMA, record_key
+from ssl_segbench.records import SCHEMA
+from ssl_segbench.setting import Setting
 from ssl_segbench.site import write_site
 
 
@@ -25,7 +26,7 @@ def _results(root):
                  "content_sha256": "f" * 64, "protocol": "kmeans", "version": "1", "params": params, "layer": -1,
                  "seeds": [0, 1]}
         m = {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed}
-        rec = {"schema": SCHEMA, "key": record_key(ident), "identity": ident,
+        rec = {"schema": SCHEMA, "key": Setting.of_identity(ident).key, "identity": ident,
                "backbone": {"id": backbone, "revision_resolved": None, "layer": -1}, "dataset": {"n_images": 4},
                "protocol": {"name": "kmeans", "version": "1", "preset": None, "params": params}, "seeds": [0, 1],
                "info": {"k": 3}, "metrics": {"miou": m, "pixel_acc": m, "mf1": m}}

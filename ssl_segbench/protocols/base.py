@@ -90,6 +90,15 @@ _SHARED_TYPES = {"size": (int, None), "eval_size": (int, None), "crf": (bool, di
 _SHARED_CHOICES = {"resize": (None, *POLICIES)}
 
 
+def matching_axis(params: dict) -> str:
+    return params["matching"]
+
+
+def kmeans_backend_axis(params: dict) -> str | None:
+    """The k-means implementation, named where it is not the default faiss."""
+    return None if params["kmeans_backend"] == "faiss" else f"{params['kmeans_backend']} k-means"
+
+
 def _type_ok(value, allowed: tuple) -> bool:
     for t in allowed:
         if t is None and value is None:
@@ -142,11 +151,28 @@ class Protocol:
     # parameters whose value 'auto' depends on the machine: name → resolver(value, device) giving the concrete value
     resolvers: ClassVar[dict[str, Callable[[object, str], object]]] = {}
     default_seeds: ClassVar[int] = 1
+    # the parameters that name a column in its header, besides the shared ones (geometry, evaluation size, CRF):
+    # header axis name → its text from the parameters (None: not shown); `Setting.column` reads them
+    axes: ClassVar[dict[str, Callable[[dict], str | None]]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "run" in cls.__dict__:  # every protocol's run gets the scoring scope (CRF) of its own parameters
             cls.run = _scoped(cls.__dict__["run"])
+
+    @classmethod
+    def column_axes(cls, params: dict) -> dict[str, str]:
+        """The header texts of this protocol's own axes for a column's parameters (`axes`; those a column lacks, as
+        records of an older version may, are left out)."""
+        out = {}
+        for name, text in cls.axes.items():
+            try:
+                shown = text(params)
+            except KeyError:
+                continue
+            if shown is not None:
+                out[name] = shown
+        return out
 
     @classmethod
     def all_defaults(cls) -> dict:

@@ -70,6 +70,7 @@ from .base import (
     ProtocolError,
     ProtocolResult,
     accumulate_confusion,
+    matching_axis,
     onehot_scorer,
     score_seeds,
 )
@@ -80,6 +81,7 @@ SEGMENT_CACHE_VERSION = 1
 @register_protocol
 class DatUSProtocol(Protocol):
     name = "datus"
+    axes = {"matching": matching_axis}
     version = "1"
     description = "DatUS² pseudo masks: key-affinity Louvain segments, CLS of segment crops, k-means, matching"
     default_seeds = 5

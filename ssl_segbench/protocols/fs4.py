@@ -44,7 +44,17 @@ from ..cluster import KMEANS_BACKENDS, kmeans, kmeans_backend, update_centroids
 from ..metrics import match
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, MaskSaver, Protocol, ProtocolError, ProtocolResult, accumulate_confusion, score_seeds
+from .base import (
+    Context,
+    MaskSaver,
+    Protocol,
+    ProtocolError,
+    ProtocolResult,
+    accumulate_confusion,
+    kmeans_backend_axis,
+    matching_axis,
+    score_seeds,
+)
 
 _ROWS = 1 << 16  # rows per chunk when scoring or assigning the whole split
 
@@ -52,6 +62,7 @@ _ROWS = 1 << 16  # rows per chunk when scoring or assigning the whole split
 @register_protocol
 class FS4Protocol(Protocol):
     name = "fs4"
+    axes = {"matching": matching_axis, "kmeans": kmeans_backend_axis}
     version = "1"
     description = "FS⁴ reconstruction: PGG pseudo labels + CAE + bootstrapped head, Hungarian (guesses recorded)"
     default_seeds = 5

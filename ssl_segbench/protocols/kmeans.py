@@ -24,12 +24,22 @@ from ..cluster import KMEANS_BACKENDS, Preprocess, centroid_scores, kmeans, kmea
 from ..metrics import match
 from ..progress import progress_bar
 from . import register_protocol
-from .base import Context, MaskSaver, Protocol, ProtocolResult, accumulate_confusion, score_seeds
+from .base import (
+    Context,
+    MaskSaver,
+    Protocol,
+    ProtocolResult,
+    accumulate_confusion,
+    kmeans_backend_axis,
+    matching_axis,
+    score_seeds,
+)
 
 
 @register_protocol
 class KMeansProtocol(Protocol):
     name = "kmeans"
+    axes = {"matching": matching_axis, "kmeans": kmeans_backend_axis}
     version = "1"
     description = "k-means with K = classes on eval-split patch tokens, Hungarian matching"
     default_seeds = 5

@@ -71,6 +71,8 @@ from .base import (
     ProtocolError,
     ProtocolResult,
     accumulate_confusion,
+    kmeans_backend_axis,
+    matching_axis,
     onehot_scorer,
     score_seeds,
 )
@@ -87,6 +89,7 @@ ANGLES = tuple(i * np.pi / 4 for i in range(8))
 @register_protocol
 class LeopartCDProtocol(Protocol):
     name = "leopart-cd"
+    axes = {"matching": matching_axis, "kmeans": kmeans_backend_axis}
     version = "1"
     description = "Leopart CBFE + cluster co-occurrence community detection (infomap), Hungarian matching"
     default_seeds = 10

@@ -89,6 +89,7 @@ from .base import (
     ProtocolError,
     ProtocolResult,
     accumulate_confusion,
+    matching_axis,
     onehot_scorer,
     score_seeds,
 )
@@ -246,6 +247,7 @@ def _head(kind: str, dim: int, n_out: int, hidden: int) -> torch.nn.Module:
 @register_protocol
 class MaskDistillProtocol(Protocol):
     name = "maskdistill"
+    axes = {"matching": matching_axis}
     version = "1"
     description = "MaskDistill object-mask pseudo labels (CLS attention + key affinity, crop-CLS k-means), or a " \
                   "light head distilled from them"

@@ -23,13 +23,14 @@ Deliberate departures from Leopart's code:
 from __future__ import annotations
 
 from . import register_protocol
-from .base import Context, Protocol, ProtocolError, ProtocolResult
+from .base import Context, Protocol, ProtocolError, ProtocolResult, kmeans_backend_axis, matching_axis
 from .kmeans import KMeansProtocol, cluster_and_score
 
 
 @register_protocol
 class OverclusterProtocol(Protocol):
     name = "overcluster"
+    axes = {"matching": matching_axis, "kmeans": kmeans_backend_axis}
     version = "1"
     description = "k-means overclustering (K=100/300/500) on eval-split patch tokens, many-to-one matching"
     default_seeds = 5

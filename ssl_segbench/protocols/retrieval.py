@@ -52,6 +52,7 @@ from .base import (
     ProtocolResult,
     accumulate_confusion,
     backbone_tokens,
+    matching_axis,
     score_seeds,
 )
 from .linear import check_crop_ranges, check_train_split, split_candidates, train_split_info
@@ -61,9 +62,15 @@ AUGMENT_VERSION = "1"  # bump when the augmented crops could change
 MEMORY_MULTIPLES = (100, 1000, 10000)  # the reference's memory sizes, in units of 1024 patches
 
 
+def memory_axis(params: dict) -> str:
+    """The memory bank's size ('all': unbounded) and the augmentation epochs that filled it."""
+    return f"memory {params['memory_size'] or 'all'}" + (f" ({params['augment']} aug)" if params.get("augment") else "")
+
+
 @register_protocol
 class RetrievalProtocol(Protocol):
     name = "retrieval"
+    axes = {"matching": matching_axis, "memory": memory_axis}
     version = "1"
     description = "dense k-NN retrieval of train patch labels (Hummingbird), scored directly (no matching)"
     default_seeds = 1
