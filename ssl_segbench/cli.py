@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -225,13 +226,44 @@ def _run_options_of(args, protocols: tuple[str, ...], **more):
                       dataset_options=dataset_options, mean=args.mean, std=args.std, **more)
 
 
+def run_options(args):
+    """The RunOptions of parsed `ssl-segbench run` arguments."""
+    return _run_options_of(args, tuple(p.strip() for p in args.protocol.split(",") if p.strip()), seeds=args.seeds,
+                           results_dir=args.results_dir, overwrite=args.overwrite, save_masks=args.save_masks)
+
+
+def run_argv(opts) -> list[str]:
+    """The `ssl-segbench run` arguments whose `run_options` are `opts` (tested both ways): how a sweep cell, which
+    carries its RunOptions, starts its job, and what its log shows. Values go as `--flag=value` (a negative value stays
+    a value) and parameters and dataset options as JSON, which `--param` and `-o` read back as the same values."""
+    argv = ["--backbone", opts.backbone, "--dataset", opts.dataset, "--protocol", ",".join(opts.protocols)]
+    for flag, value in (("--data-root", opts.data_root), ("--split", opts.split), ("--device", opts.device),
+                        ("--batch-size", opts.batch_size), ("--workers", opts.workers), ("--layer", opts.layer),
+                        ("--resize", opts.resize), ("--size", opts.size), ("--registry", opts.registry),
+                        ("--results-dir", opts.results_dir), ("--overwrite", opts.overwrite),
+                        ("--save-masks", opts.save_masks)):
+        if value is not None:
+            argv.append(f"{flag}={value}")
+    if opts.seeds is not None:  # a trailing comma keeps a one-seed list a list: '3,' is seed 3, '3' three seeds
+        seeds = opts.seeds
+        argv.append("--seeds=" + (str(seeds) if isinstance(seeds, int) else
+                                  ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")))
+    for flag, channels in (("--mean", opts.mean), ("--std", opts.std)):
+        if channels is not None:
+            argv.append(f"{flag}=" + ",".join(repr(float(c)) for c in channels))
+    for proto, values in (opts.params or {}).items():
+        argv += [item for key, value in values.items() for item in ("--param", f"{proto}.{key}={json.dumps(value)}")]
+    for key, value in (opts.dataset_options or {}).items():
+        argv += ["-o", f"{key}={json.dumps(value)}"]
+    return argv
+
+
 def _cmd_run(args) -> int:
     from rich.table import Table
 
     from .runner import run
 
-    opts = _run_options_of(args, tuple(p.strip() for p in args.protocol.split(",") if p.strip()), seeds=args.seeds,
-                           results_dir=args.results_dir, overwrite=args.overwrite, save_masks=args.save_masks)
+    opts = run_options(args)
 
     def report(status, path, record):
         console.print(f"[{'green' if status == 'written' else 'yellow'}]{status}[/] {path}"

@@ -1,7 +1,9 @@
 """`ssl-segbench sweep`: a backbones × datasets grid of `ssl-segbench run` cells on an existing engine.
 
-One cell is one (backbone, dataset) with all its protocols, so a cell extracts its features once. A cell whose records
-all exist is skipped; the others run through an executor:
+One cell is one (backbone, dataset) with all its protocols, so a cell extracts its features once. A cell carries the
+RunOptions of its run (its job's command line is made from them, `cli.run_argv`), and its missing records are the
+Settings the runner plans for it (`missing_records`). A cell whose records all exist is skipped; the others run
+through an executor:
 - `local`: each cell is an `ssl-segbench run` process, at most `workers` at a time;
 - `slurm`: through submitit, one array task per cell, with the partition, GPUs, CPUs, memory, time limit, account and
   extra sbatch options of the sweep file (or flags); `nproc_per_node` > 1 runs the cell with torchrun inside its job
@@ -29,6 +31,7 @@ The sweep file (YAML; unknown keys are errors):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import shutil
@@ -37,6 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import yamlload
 from .atomic import write_json_atomic
@@ -44,12 +48,13 @@ from .errors import SegbenchError
 from .paths import safe_component
 from .setting import Setting
 
+if TYPE_CHECKING:
+    from .runner import RunOptions
+
 EXECUTORS = ("local", "slurm")
 _TOP = {"results_dir", "work_dir", "backbones", "datasets", "protocols", "params", "run", "executor", "slurm"}
 _DATASET = {"dataset", "data_root", "split", "options", "protocols"}
 _RUN = {"size", "resize", "seeds", "device", "batch_size", "registry", "layer"}
-_RUN_FLAGS = {"size": "--size", "resize": "--resize", "device": "--device", "batch_size": "--batch-size",
-              "registry": "--registry", "layer": "--layer", "seeds": "--seeds"}
 _EXECUTOR = {"kind", "workers"}
 SLURM_DEFAULTS = {"partition": None, "gpus_per_node": 0, "cpus_per_task": 4, "mem_gb": 32, "timeout_min": 240,
                   "account": None, "nproc_per_node": 1, "additional": {}}
@@ -61,11 +66,19 @@ class SweepError(SegbenchError):
 
 @dataclass(frozen=True)
 class Cell:
-    """One (backbone, dataset) of the grid and the `ssl-segbench run` arguments that compute it."""
+    """One (backbone, dataset name) of the grid and the RunOptions of the run that computes it; its job's command line
+    is made from them (`argv`), never the other way round."""
 
     backbone: str
     dataset: str
-    argv: tuple[str, ...]
+    options: RunOptions
+
+    @property
+    def argv(self) -> list[str]:
+        """The job's `ssl-segbench run` arguments (`cli.run_argv`: they parse back to `options`)."""
+        from .cli import run_argv
+
+        return run_argv(self.options)
 
     @property
     def name(self) -> str:
@@ -126,14 +139,13 @@ def _names(where: str, value) -> list[str]:
     return value
 
 
-def _run_flags(where: str, run: dict, problems: list[str]) -> list[str]:
-    """The `run` section as `ssl-segbench run` flags; a value of the wrong type is a problem (the values themselves
-    are the runner's to check, as for `run`). `--flag=value`, so that a negative value reaches the runner's check."""
+def _run_values(where: str, run: dict, problems: list[str]) -> dict:
+    """The `run` section as RunOptions fields; a value of the wrong type is a problem (the values themselves are the
+    runner's to check, as for `run`)."""
     from .registry import is_int
 
-    argv = []
-    for key, flag in _RUN_FLAGS.items():
-        value = run.get(key)
+    out = {}
+    for key, value in run.items():
         if value is None:
             continue
         if key in ("resize", "device", "registry"):
@@ -143,13 +155,11 @@ def _run_flags(where: str, run: dict, problems: list[str]) -> list[str]:
             kind = "a count or a list of integers"
         else:
             ok, kind = is_int(value), "an integer"
-        if not ok:
+        if ok:
+            out[key] = value
+        else:
             problems.append(f"{where}: run.{key} must be {kind}, got {value!r}")
-            continue
-        if isinstance(value, list):  # a trailing comma keeps a one-seed list a list: '3,' is seed 3, '3' three seeds
-            value = ",".join(map(str, value)) + ("," if len(value) == 1 else "")
-        argv.append(f"{flag}={value}")
-    return argv
+    return out
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -179,10 +189,10 @@ def load_sweep(path: str | Path) -> Sweep:
     slurm = {**SLURM_DEFAULTS, **(form(_check_keys, f"{path}: slurm", doc.get("slurm"), set(SLURM_DEFAULTS)) or {})}
     results_dir = Path(doc.get("results_dir") or "results")
     work_dir = Path(doc.get("work_dir") or results_dir / ".sweeps" / safe_component(path.stem))
-    common = _run_flags(str(path), run, problems)
-    shared = {proto: [f"{proto}.{key}={json.dumps(value)}" for key, value in
-                      (form(_mapping, f"{path}: params.{proto}", values) or {}).items()]
-              for proto, values in params.items()}
+    from .runner import RunOptions
+
+    common = _run_values(str(path), run, problems)
+    shared = {proto: dict(form(_mapping, f"{path}: params.{proto}", values) or {}) for proto, values in params.items()}
     used, ran = set(), set()  # the protocols that shared params went to; the protocols of any dataset
     cells = []
     for name, settings in (datasets or {}).items():
@@ -193,29 +203,21 @@ def load_sweep(path: str | Path) -> Sweep:
             problems.append(f"{path}: datasets.{name}: {', '.join(wrong)} must be a string")
         if s is None or wrong:
             continue
-        ds = s.get("dataset") or name  # a name of its own: one dataset id at several roots
-        argv = ["--dataset", ds]
-        if s.get("data_root"):
-            argv.append(f"--data-root={s['data_root']}")
-        if s.get("split"):
-            argv.append(f"--split={s['split']}")
         options = form(_mapping, f"{path}: datasets.{name}.options", s.get("options")) or {}
-        for key, value in options.items():
-            argv += ["-o", f"{key}={value}"]
         own = s.get("protocols")
         protos = protocols if own is None else form(_names, f"{path}: datasets.{name}.protocols", own)
         if own is None and doc.get("protocols") is None:
             problems.append(f"{path}: datasets.{name} has no protocols: give it `protocols: [...]`, or give a "
                             "top-level `protocols` list for every dataset without its own")
-        argv += ["--protocol", ",".join(protos or [])]
         names = {spec.partition(":")[0] for spec in protos or []}
         used |= names & set(shared)
         ran |= names
-        for proto in sorted(names & set(shared)):  # shared params go to the cells that run their protocol
-            for param in shared[proto]:
-                argv += ["--param", param]
-        for b in backbones:
-            cells.append(Cell(b, name, ("--backbone", b, *argv, *common, "--results-dir", str(results_dir))))
+        for b in backbones:  # shared params go to the cells that run their protocol
+            cells.append(Cell(b, name, RunOptions(
+                backbone=b, dataset=s.get("dataset") or name,  # a name of its own: one dataset id at several roots
+                protocols=tuple(protos or ()), data_root=s.get("data_root") or None, split=s.get("split") or None,
+                results_dir=results_dir, params={proto: dict(shared[proto]) for proto in sorted(names & set(shared))},
+                dataset_options=dict(options), **common)))
     if set(shared) - used:
         from .protocols import PROTOCOLS
 
@@ -240,15 +242,6 @@ def _listing(path: Path, problems: list[str]) -> str:
     return text + "\nNothing was started or written; fix the sweep file and run it again."
 
 
-def _cell_options(cell: Cell, **more):
-    """The cell's RunOptions, parsed from its `ssl-segbench run` arguments exactly as its job will parse them."""
-    from .cli import _run_options_of, build_parser
-
-    args = build_parser().parse_args(["run", *cell.argv])
-    protocols = tuple(p.strip() for p in args.protocol.split(",") if p.strip())
-    return _run_options_of(args, protocols, seeds=args.seeds, results_dir=args.results_dir, **more)
-
-
 def _sweep_key(sweep: Sweep, option: str, cell: Cell) -> str:
     """Where in the sweep file a run option of a cell comes from."""
     own = f"datasets.{cell.dataset}.protocols" if cell.dataset in sweep.own_protocols else "protocols"
@@ -265,7 +258,7 @@ def check_cells(sweep: Sweep, here: bool) -> None:
     found: dict[tuple[str, str], list[str]] = {}
     names, data = set(), {}
     for cell in sweep.cells:
-        opts = _cell_options(cell)
+        opts = cell.options
         if cell.name in names:
             found.setdefault(("backbones", f"'{cell.backbone}' is listed more than once, so its cells would run twice "
                                            "into one log: list each backbone once"), []).append(cell.name)
@@ -290,7 +283,8 @@ def missing_records(cell: Cell) -> list[Setting]:
     """The Settings of a cell's records that do not exist yet, planned by `ssl-segbench run`'s own planning."""
     from .runner import run
 
-    return [setting for status, _, setting in run(_cell_options(cell, plan_only=True)) if status == "pending"]
+    planned = run(dataclasses.replace(cell.options, plan_only=True))
+    return [setting for status, _, setting in planned if status == "pending"]
 
 
 def run_cell(argv: list[str], nproc_per_node: int = 1) -> None:

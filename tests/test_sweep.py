@@ -13,9 +13,10 @@ import yaml
 from PIL import Image
 from slurm_cluster import ensure_packages, start, stop
 
-from ssl_segbench.cli import main
+from ssl_segbench.cli import build_parser, main, run_argv, run_options
 from ssl_segbench.published import load_published
 from ssl_segbench.records import iter_records
+from ssl_segbench.runner import RunOptions
 from ssl_segbench.sweep import SweepError, load_sweep, status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,14 +210,44 @@ def test_checking_a_grid_needs_no_hub(grid_data, tmp_path, monkeypatch):
 
 def test_the_published_sweep_covers_every_published_number_that_claims_a_setting():
     sweep = load_sweep(ROOT / "benchmarks" / "sweeps" / "published.yaml")
-    cells = {(c.backbone, c.argv[c.argv.index("--dataset") + 1]): c.argv[c.argv.index("--protocol") + 1].split(",")
-             for c in sweep.cells}
+    cells = {(c.backbone, c.options.dataset): list(c.options.protocols) for c in sweep.cells}
     exact = [e for e in load_published() if e["class"] != "reported"]
     assert exact
     for e in exact:
         protocols = cells[(e["backbone"], e["dataset"])]
         spec = e["protocol"]["name"] + (f":{e['protocol']['preset']}" if e["protocol"].get("preset") else "")
         assert spec in protocols or f"{e['protocol']['name']}:hummingbird" in protocols, e
+
+
+def test_a_cell_carries_its_run_options_and_its_job_command_parses_back_to_them(tmp_path):
+    """A sweep cell is its RunOptions (typed, from the YAML values); the job's `ssl-segbench run` command is made from
+    them and parses back to the same object, whatever the values: lists, nulls, a one-seed list, a negative layer,
+    paths with spaces, nested CRF settings, a shared parameter only where its protocol runs."""
+    doc = {"results_dir": str(tmp_path / "my res"), "backbones": ["pixels", "dino_vits16"],
+           "datasets": {"a": {"dataset": "synthetic", "data_root": str(tmp_path / "data a"), "split": "test",
+                              "options": {"skip_bad": True, "curated_list": str(tmp_path / "list with space.txt")},
+                              "protocols": ["kmeans:stego", "retrieval"]},
+                        "b": {"dataset": "voc", "protocols": ["linear"]}},
+           "params": {"kmeans": {"k": 7, "crf": {"iterations": 5}}, "retrieval": {"train_split": ["trainaug",
+                                                                                              "default"],
+                                                                         "memory_size": None}},
+           "run": {"size": 448, "resize": "square", "seeds": [3], "layer": -2, "device": "cpu", "batch_size": 4}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cells = {(c.backbone, c.dataset): c for c in load_sweep(path).cells}
+    a = cells[("pixels", "a")].options
+    assert a == RunOptions(backbone="pixels", dataset="synthetic", protocols=("kmeans:stego", "retrieval"),
+                           data_root=str(tmp_path / "data a"), split="test", device="cpu", batch_size=4, seeds=[3],
+                           layer=-2, resize="square", size=448, results_dir=tmp_path / "my res",
+                           params={"kmeans": {"k": 7, "crf": {"iterations": 5}},
+                                   "retrieval": {"train_split": ["trainaug", "default"], "memory_size": None}},
+                           dataset_options={"skip_bad": True, "curated_list": str(tmp_path / "list with space.txt")})
+    assert cells[("dino_vits16", "b")].options.params == {}  # no protocol of dataset b takes the shared params
+    by_hand = RunOptions(backbone="org/model@v2", dataset="voc", protocols=("kmeans",), seeds=5, layer=-1,
+                         mean=(0.5, 0.25, 0.125), std=(0.5, 0.5, 0.5), overwrite="always", workers=0, params={},
+                         dataset_options={})
+    for opts in [c.options for c in cells.values()] + [by_hand]:
+        assert run_options(build_parser().parse_args(["run", *run_argv(opts)])) == opts
 
 
 @pytest.fixture(scope="module")
