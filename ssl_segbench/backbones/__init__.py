@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..paths import hub_offline
-from ..registry import BackboneSpec, load_registry
+from ..registry import BackboneSpec, did_you_mean, load_registry
 from .base import FACETS, Backbone, BackboneError
 from .builtin import PixelsBackbone, random_init_model
 from .hf_backbone import VISION_TOWERS, HFBackbone, hf_spec_fields, model_class
@@ -347,8 +347,9 @@ class BackboneRef:
                          "included) are used")
         if spec is None:
             if not (Path(name).expanduser().exists() or "/" in name or looks_like_path(name)):
-                raise BackboneError(f"unknown backbone '{name}'. Known: {', '.join(registry)}; or give a local "
-                                    "checkpoint directory, 'hf-hub:org/name[@rev]' (timm) or 'org/name[@rev]' "
+                listing = "ssl-segbench list backbones" + (f" --registry {registry_path}" if registry_path else "")
+                raise BackboneError(f"unknown backbone '{name}'.{did_you_mean(name, registry, listing)}; or give a "
+                                    "local checkpoint directory, 'hf-hub:org/name[@rev]' (timm) or 'org/name[@rev]' "
                                     "(transformers)")
             spec = _adhoc_spec(name)
             snapshot = _snapshot_dir(spec)

@@ -5,6 +5,7 @@ import inspect
 from pathlib import Path
 
 from ..paths import data_dir, safe_component
+from ..registry import did_you_mean
 from .base import DatasetError, Sample, SegmentationDataset, voc_palette
 
 DATASETS: dict[str, type[SegmentationDataset]] = {}
@@ -37,8 +38,9 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
         from .hf import HFDataset
         cls, options = HFDataset, {**options, "repo": dataset_id[len(HF_PREFIX):]}
     elif dataset_id not in DATASETS:
-        raise DatasetError(f"unknown dataset '{dataset_id}'. Known: {', '.join(sorted(DATASETS))}, "
-                           f"{HF_PREFIX}<org>/<name>")
+        raise DatasetError(f"unknown dataset '{dataset_id}'."
+                           f"{did_you_mean(dataset_id, sorted(DATASETS), 'ssl-segbench list datasets')}; or "
+                           f"{HF_PREFIX}<org>/<name> for a Hugging Face dataset")
     else:
         cls = DATASETS[dataset_id]
     unknown = sorted(set(options) - set(dataset_options(cls)))
