@@ -16,6 +16,8 @@ def register_dataset(cls: type[SegmentationDataset]) -> type[SegmentationDataset
     """Class decorator: make a dataset available under its ``id``."""
     if not cls.id or cls.id in DATASETS:
         raise ValueError(f"dataset id {cls.id!r} is empty or registered twice")
+    if not cls.source or not cls.licence:
+        raise ValueError(f"dataset {cls.id!r} states no source or licence (where users download it, and its terms)")
     DATASETS[cls.id] = cls
     return cls
 
@@ -56,7 +58,8 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
             if not root.is_dir():
                 raise DatasetError(f"dataset '{dataset_id}' not found: no --data-root given and {root} does not "
                                    "exist. Pass --data-root DIR, or put the dataset there ($SSL_SEGBENCH_DATA/<dataset "
-                                   f"id>, default ./data/<dataset id>). Expected layout:\n{cls.layout}")
+                                   f"id>, default ./data/<dataset id>). Expected layout:\n{cls.layout}\n"
+                                   f"{cls.where_to_get()}")
     return cls(root, split, **options)
 
 
