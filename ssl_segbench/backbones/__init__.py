@@ -38,7 +38,7 @@ NORMALISATION_FIX = ("state it with the run options --mean R,G,B --std R,G,B (th
 
 # exception class names that mean "no connection" (httpx, httpx2 and requests alike), as opposed to an answer from the
 # Hub (not found, gated, unauthorised); LocalEntryNotFoundError is huggingface_hub's own "unreachable and not cached"
-_UNREACHABLE = ("ConnectError", "ConnectionError", "TransportError", "Timeout", "TimeoutException",
+_UNREACHABLE = ("ConnectError", "ConnectionError", "TransportError", "Timeout", "TimeoutError", "TimeoutException",
                 "LocalEntryNotFoundError")
 
 
