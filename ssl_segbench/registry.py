@@ -6,7 +6,9 @@ on load: an unknown key, a missing field or a bad value is an error naming the e
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,23 @@ class BackboneSpec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SHOWN_IN_FULL = 20  # name lists up to this long are printed in an unknown-name error; longer ones are pointed to
+
+
+def did_you_mean(name: str, known: Iterable[str], listing: str) -> str:
+    """The tail of an unknown-name error (backbone, dataset, protocol, preset): the close matches first (difflib), then
+    every name where there are few, else their count and the command `listing` that lists them, so a typo never
+    prints a whole registry."""
+    known = list(known)
+    close = [f"'{c}'" for c in difflib.get_close_matches(name, known, n=3, cutoff=0.6)]
+    guess = ""
+    if close:
+        guess = f" Did you mean {', '.join(close[:-1]) + ' or ' + close[-1] if len(close) > 1 else close[0]}?"
+    if len(known) <= SHOWN_IN_FULL:
+        return f"{guess} Known: {', '.join(known) or 'none'} (`{listing}` describes them)"
+    return f"{guess} Known: {len(known)} (`{listing}` lists them)"
 
 
 _REQUIRED = {f.name for f in dataclasses.fields(BackboneSpec) if f.default is dataclasses.MISSING}

@@ -51,7 +51,8 @@ def test_same_seed_gives_identical_records(small_synthetic, tmp_path):
 
 def test_unknown_names_list_the_known_ones(small_synthetic, tmp_path, capsys):
     assert _run(tmp_path, small_synthetic, "--backbone", "dino_vitz") == 2
-    assert "Known: dino_vits16" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Did you mean 'dino_vits8'" in err and "`ssl-segbench list backbones`" in err and "dino_vitb16" not in err
     assert main(["run", "--backbone", "pixels", "--dataset", "nope"]) == 2
     assert "Known:" in capsys.readouterr().err
     assert _run(tmp_path, small_synthetic, "--protocol", "kmeanz") == 2

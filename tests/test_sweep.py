@@ -126,7 +126,8 @@ def test_a_sweep_is_checked_as_a_whole_before_anything_starts(grid_data, tmp_pat
             "backbone 'no_such'. Known: ",
             "- datasets.again (cell pixels__again, no_such__again): reads what datasets.syn reads",
             f"- datasets.gone (cell pixels__gone, no_such__gone): dataset root {tmp_path / 'nowhere'} does not exist",
-            "- datasets.typo (cell pixels__typo, no_such__typo): unknown dataset 'synthetc'. Known: ",
+            "- datasets.typo (cell pixels__typo, no_such__typo): unknown dataset 'synthetc'. Did you mean "
+            "'synthetic'? Known: ",
             "- datasets.own.protocols (cell pixels__own, no_such__own): unknown protocol 'kmeens'. Known: "]:
         assert expected in err, (expected, err)
 

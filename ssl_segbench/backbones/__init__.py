@@ -2,8 +2,10 @@
 
 Hub checkpoints are loaded through the libraries' own code paths (`timm.create_model("hf-hub:org/name@rev")`,
 `AutoModel.from_pretrained(repo, revision=rev)`), so the Hugging Face cache, `HF_HUB_OFFLINE` and `HF_HUB_CACHE`
-behave as users expect. The commit actually used is read back from the cache's snapshot path and recorded. The loaded
-tensors must fit the model exactly (`weights.py`), and each record lists the weight files' sha256.
+behave as users expect. Without HF_HUB_OFFLINE, a file the cache lacks is first asked for once (`_hub_file`): an
+unreachable Hub is an error at once naming HF_HUB_OFFLINE=1, not after huggingface_hub's retries (5, about 25 s).
+The commit actually used is read back from the cache's snapshot path and recorded. The loaded tensors must fit the
+model exactly (`weights.py`), and each record lists the weight files' sha256.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..paths import hub_offline
-from ..registry import BackboneSpec, load_registry
+from ..registry import BackboneSpec, did_you_mean, load_registry
 from .base import FACETS, Backbone, BackboneError
 from .builtin import PixelsBackbone, random_init_model
 from .hf_backbone import VISION_TOWERS, HFBackbone, hf_spec_fields, model_class
@@ -34,22 +36,49 @@ NORMALISATION_FIX = ("state it with the run options --mean R,G,B --std R,G,B (th
                      "with), or add the checkpoint to the registry (backbones.yaml, keys mean and std)")
 
 
+# exception class names that mean "no connection" (httpx, httpx2 and requests alike), as opposed to an answer from the
+# Hub (not found, gated, unauthorised); LocalEntryNotFoundError is huggingface_hub's own "unreachable and not cached"
+_UNREACHABLE = ("ConnectError", "ConnectionError", "TransportError", "Timeout", "TimeoutError", "TimeoutException",
+                "LocalEntryNotFoundError")
+
+
+def _unreachable(err: BaseException | None) -> bool:
+    """Whether a Hub failure, or one it was raised from (transformers wraps the Hub's errors), is a failed
+    connection."""
+    seen = 0
+    while err is not None and seen < 5:
+        if any(c.__name__ in _UNREACHABLE for c in type(err).__mro__):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def _offline_hint(repo_id: str, revision: str | None, err: Exception,
                   spec: BackboneSpec | None = None) -> BackboneError:
+    """The error for a Hub checkpoint the cache lacks, worded by why it could not be fetched: HF_HUB_OFFLINE set, the
+    Hub not reachable (then how to run from a cached copy with HF_HUB_OFFLINE=1 and HF_HUB_CACHE), or the Hub's own
+    answer (a mistyped repo or revision, a private or gated repo)."""
     from huggingface_hub import constants
 
     where = f"{repo_id}@{revision}" if revision else repo_id
-    offline = hub_offline()
     download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    cached = f"not in the Hugging Face cache (HF_HUB_CACHE={constants.HF_HUB_CACHE})"
+    copy = (f"point HF_HUB_CACHE at a cache that holds it (run `{download}` on a machine with network and copy that "
+            "cache here)")
+    if hub_offline():
+        why = (f"it is {cached} and HF_HUB_OFFLINE is set, so the Hub was not asked. To fix it, {copy}, or unset "
+               "HF_HUB_OFFLINE to download it.")
+    elif _unreachable(err):
+        why = (f"the Hugging Face Hub ({constants.ENDPOINT}) could not be reached and the checkpoint is {cached}. "
+               f"To work without network, {copy} and set HF_HUB_OFFLINE=1, so that no connection is tried.")
+    else:
+        why = (f"it is {cached} and the Hub did not serve it: check the repo id and revision; a private or gated "
+               "repo needs `hf auth login` first.")
     gated = ""
     if spec is not None and spec.gated:
         gated = (f" The Hub copy is gated ({spec.license}): accept its license at {spec.license_url} while logged in "
                  f"to the Hub, then `hf auth login` with a token of that account, then `{download}`.")
-    return BackboneError(
-        f"checkpoint {where} could not be loaded: it is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-        + (" and HF_HUB_OFFLINE is set" if offline else " and the Hub could not be reached")
-        + f". On a machine with network run `{download}` and copy the cache here, or point HF_HUB_CACHE at it."
-        + gated + f"\n({type(err).__name__}: {err})")
+    return BackboneError(f"checkpoint {where} could not be loaded: {why}{gated}\n({type(err).__name__}: {err})")
 
 
 def verify_checkpoint_files(directory: Path, fix: str = "replace it with a complete copy") -> None:
@@ -94,19 +123,34 @@ def _snapshot_dir(spec: BackboneSpec) -> Path | None:
     if local.is_dir():
         return local
     try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(spec.repo_id, "config.json", revision=spec.revision)).parent
+        return _hub_file(spec.repo_id, "config.json", spec.revision, spec).parent
+    except BackboneError:  # the Hub could not be reached: said now, not after the library's own retries
+        raise
     except Exception:  # noqa: BLE001 - not cached: the loader's own offline message explains it
         return None
 
 
-def resolve_revision(repo_id: str, revision: str | None, filename: str = "config.json") -> str:
-    """The commit sha the cache serves for (repo_id, revision), from the snapshot path of one of its files."""
-    from huggingface_hub import hf_hub_download
+def _hub_file(repo_id: str, filename: str, revision: str | None, spec: BackboneSpec | None = None) -> Path:
+    """One file of a Hub checkpoint through the Hugging Face cache (`hf_hub_download`). A file the cache lacks is
+    first asked for with one metadata request, which huggingface_hub makes without retrying: when the Hub cannot be
+    reached, that is the error at once (`_offline_hint`), instead of the library's 5 retries with backoff (about
+    25 s) for each missing file. Under HF_HUB_OFFLINE the library contacts no one, so there is nothing to ask."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
-    path = Path(hf_hub_download(repo_id, filename, revision=revision))
-    return path.parent.name
+    if not hub_offline() and try_to_load_from_cache(repo_id, filename, revision=revision) is None:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+        except Exception as e:  # noqa: BLE001 - an answer (not found, gated) is left to hf_hub_download's own error
+            if _unreachable(e):
+                raise _offline_hint(repo_id, revision, e, spec) from e
+    return Path(hf_hub_download(repo_id, filename, revision=revision))
+
+
+def resolve_revision(repo_id: str, revision: str | None, filename: str = "config.json",
+                     spec: BackboneSpec | None = None) -> str:
+    """The commit sha the cache serves for (repo_id, revision), from the snapshot path of one of its files (`spec`:
+    the registry entry, for the gated-license hint)."""
+    return _hub_file(repo_id, filename, revision, spec).parent.name
 
 
 def _is_hub_error(e: Exception) -> bool:
@@ -347,8 +391,9 @@ class BackboneRef:
                          "included) are used")
         if spec is None:
             if not (Path(name).expanduser().exists() or "/" in name or looks_like_path(name)):
-                raise BackboneError(f"unknown backbone '{name}'. Known: {', '.join(registry)}; or give a local "
-                                    "checkpoint directory, 'hf-hub:org/name[@rev]' (timm) or 'org/name[@rev]' "
+                listing = "ssl-segbench list backbones" + (f" --registry {registry_path}" if registry_path else "")
+                raise BackboneError(f"unknown backbone '{name}'.{did_you_mean(name, registry, listing)}; or give a "
+                                    "local checkpoint directory, 'hf-hub:org/name[@rev]' (timm) or 'org/name[@rev]' "
                                     "(transformers)")
             spec = _adhoc_spec(name)
             snapshot = _snapshot_dir(spec)
@@ -379,7 +424,7 @@ class BackboneRef:
             self.source = (f"hf-hub:{spec.repo_id}" if spec.loader == "timm" else spec.repo_id) + \
                 (f"@{spec.revision}" if spec.revision else "")
             try:
-                self.revision = resolve_revision(spec.repo_id, spec.revision)
+                self.revision = resolve_revision(spec.repo_id, spec.revision, spec=spec)
             except Exception as e:
                 if _is_hub_error(e):
                     raise _offline_hint(spec.repo_id, spec.revision, e, spec) from e

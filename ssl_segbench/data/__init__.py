@@ -5,6 +5,7 @@ import inspect
 from pathlib import Path
 
 from ..paths import data_dir, safe_component
+from ..registry import did_you_mean
 from .base import DatasetError, Sample, SegmentationDataset, voc_palette
 
 DATASETS: dict[str, type[SegmentationDataset]] = {}
@@ -15,6 +16,8 @@ def register_dataset(cls: type[SegmentationDataset]) -> type[SegmentationDataset
     """Class decorator: make a dataset available under its ``id``."""
     if not cls.id or cls.id in DATASETS:
         raise ValueError(f"dataset id {cls.id!r} is empty or registered twice")
+    if not cls.source or not cls.licence:
+        raise ValueError(f"dataset {cls.id!r} states no source or licence (where users download it, and its terms)")
     DATASETS[cls.id] = cls
     return cls
 
@@ -37,8 +40,9 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
         from .hf import HFDataset
         cls, options = HFDataset, {**options, "repo": dataset_id[len(HF_PREFIX):]}
     elif dataset_id not in DATASETS:
-        raise DatasetError(f"unknown dataset '{dataset_id}'. Known: {', '.join(sorted(DATASETS))}, "
-                           f"{HF_PREFIX}<org>/<name>")
+        raise DatasetError(f"unknown dataset '{dataset_id}'."
+                           f"{did_you_mean(dataset_id, sorted(DATASETS), 'ssl-segbench list datasets')}; or "
+                           f"{HF_PREFIX}<org>/<name> for a Hugging Face dataset")
     else:
         cls = DATASETS[dataset_id]
     unknown = sorted(set(options) - set(dataset_options(cls)))
@@ -54,7 +58,8 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
             if not root.is_dir():
                 raise DatasetError(f"dataset '{dataset_id}' not found: no --data-root given and {root} does not "
                                    "exist. Pass --data-root DIR, or put the dataset there ($SSL_SEGBENCH_DATA/<dataset "
-                                   f"id>, default ./data/<dataset id>). Expected layout:\n{cls.layout}")
+                                   f"id>, default ./data/<dataset id>). Expected layout:\n{cls.layout}\n"
+                                   f"{cls.where_to_get()}")
     return cls(root, split, **options)
 
 

@@ -38,6 +38,8 @@ class ADE20K(SegmentationDataset):
     id = "ade20k"
     class_names = ADE20K_CLASSES
     splits = ("train", "val")
+    source = "http://sceneparsing.csail.mit.edu (ADEChallengeData2016.zip)"
+    licence = "see http://sceneparsing.csail.mit.edu"
     layout = ("  <root>/ADEChallengeData2016/images/{training,validation}/*.jpg\n"
               "  <root>/ADEChallengeData2016/annotations/{training,validation}/*.png   (0 = other, 1..150 classes)")
     _split_dirs = {"train": "training", "val": "validation"}

@@ -80,6 +80,9 @@ class SegmentationDataset:
     - ``splits``: the split names this dataset knows; ``eval_split`` / ``train_split`` are the defaults the protocols
       use.
     - ``layout``: the expected on-disk layout, shown in every error about a missing or malformed root.
+    - ``source`` and ``licence``: where the dataset is downloaded from (URL or Hub id) and under which terms ("see
+      <source>" where the source states none), shown by `list datasets` and in every error about a missing root or
+      split (`where_to_get`).
     - ``version``: bumped whenever decoding or file selection changes, so records made before the change stand out.
     - ``colour_masks``: masks are (or may be) RGB images decoded by colour in a palette; such a dataset takes
       ``off_palette`` and its `decode_mask` returns a `ColourLabels` for them. ``off_palette_rule`` says, for messages
@@ -109,6 +112,8 @@ class SegmentationDataset:
     eval_split: ClassVar[str] = "val"
     train_split: ClassVar[str | None] = "train"
     layout: ClassVar[str] = ""
+    source: ClassVar[str] = ""
+    licence: ClassVar[str] = ""
     version: ClassVar[int] = 1
     colour_masks: ClassVar[bool] = False
     off_palette_rule: ClassVar[str] = "a colour that is not exactly one of the palette's"
@@ -131,13 +136,13 @@ class SegmentationDataset:
         self.skipped: list[tuple[str, str]] = []  # (sample name, problem) left out under skip_bad
         if not self.root.is_dir():
             raise DatasetError(f"dataset root {self.root} does not exist.\n"
-                               f"Expected layout for '{self.id}':\n{self.layout}")
+                               f"Expected layout for '{self.id}':\n{self.layout}\n{self.where_to_get()}")
         available = self.available_splits()
         self.split = split or self._default_split(available)
         if self.split not in available:
             raise DatasetError(
                 f"split '{self.split}' of '{self.id}' not found under {self.root}; available here: "
-                f"{', '.join(available) or 'none'}.\nExpected layout:\n{self.layout}"
+                f"{', '.join(available) or 'none'}.\nExpected layout:\n{self.layout}\n{self.where_to_get()}"
             )
         self.samples: list[Sample] = sorted(self._find_samples(), key=lambda s: s.name)
         if skip_bad:
@@ -145,7 +150,12 @@ class SegmentationDataset:
         if not self.samples:
             skipped = f" ({len(self.skipped)} bad sample(s) skipped)" if self.skipped else ""
             raise DatasetError(f"split '{self.split}' of '{self.id}' under {self.root} has no images{skipped}.\n"
-                               f"Expected layout:\n{self.layout}")
+                               f"Expected layout:\n{self.layout}\n{self.where_to_get()}")
+
+    @classmethod
+    def where_to_get(cls) -> str:
+        """The line every missing-data error ends with: where the dataset is downloaded from, and its terms."""
+        return f"Source: {cls.source}\nLicence: {cls.licence}"
 
     # --- to implement -------------------------------------------------------------------------------------------
     def available_splits(self) -> list[str]:

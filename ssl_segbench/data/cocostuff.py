@@ -57,6 +57,10 @@ class CocoStuff27(SegmentationDataset):
     id = "cocostuff27"
     class_names = COCOSTUFF27_CLASSES
     splits = ("train", "val")
+    source = ("https://github.com/nightrome/cocostuff (COCO 2017 images, stuffthingmaps_trainval2017.zip); "
+              "curated lists: https://github.com/janghyuncho/PiCIE (curated/)")
+    licence = ("COCO images: Flickr terms of use; COCO-Stuff annotations: CC BY 4.0; see "
+               "https://github.com/nightrome/cocostuff")
     layout = ("  <root>/images/{train2017,val2017}/*.jpg\n"
               "  <root>/annotations/{train2017,val2017}/*.png   (stuffthingmaps: fine ids 0-181, 255 unlabelled)\n"
               f"  <root>/curated/{{train2017,val2017}}/{CURATED_LIST}   (PiCIE's lists; or pass curated_list=PATH)")
@@ -75,7 +79,7 @@ class CocoStuff27(SegmentationDataset):
         if not path.is_file():
             raise DatasetError(f"curated image list {path} not found. Download curated/{self.split}2017/{CURATED_LIST} "
                                "from the PiCIE repository into the root, or pass curated_list=PATH.\n"
-                               f"Expected layout for '{self.id}':\n{self.layout}")
+                               f"Expected layout for '{self.id}':\n{self.layout}\n{self.where_to_get()}")
         return path
 
     def _find_samples(self) -> list[Sample]:
@@ -135,6 +139,8 @@ class CocoStuff15Leopart(SegmentationDataset):
     id = "cocostuff15-leopart"
     class_names = LEOPART_STUFF15_CLASSES
     splits = ("train", "val")
+    source = "https://cocodataset.org/#download (2017 train/val images, stuff_annotations_trainval2017.zip)"
+    licence = "COCO images: Flickr terms of use; COCO annotations: CC BY 4.0; see https://cocodataset.org/#termsofuse"
     layout = ("  <root>/images/{train2017,val2017}/*.jpg   (or <root>/{train2017,val2017}/*.jpg)\n"
               "  <root>/annotations/stuff_{train2017,val2017}_pixelmaps/*.png\n"
               "      (or <root>/stuff_{train2017,val2017}_pixelmaps)")
@@ -154,7 +160,8 @@ class CocoStuff15Leopart(SegmentationDataset):
         if mask_dir is None:
             raise DatasetError(f"no stuff_{self.split}2017_pixelmaps folder under {self.root}: unzip "
                                f"stuff_{self.split}2017_pixelmaps.zip from stuff_annotations_trainval2017.zip into "
-                               f"{self.root / 'annotations'}.\nExpected layout for '{self.id}':\n{self.layout}")
+                               f"{self.root / 'annotations'}.\nExpected layout for '{self.id}':\n{self.layout}\n"
+                               f"{self.where_to_get()}")
         images = {p.stem: p for p in image_dir.glob("*.jpg")}
         masks = {p.stem: p for p in mask_dir.glob("*.png")}
         return self._pair(images, masks, mask_dir)

@@ -79,6 +79,8 @@ class Folder(SegmentationDataset):
     id = "folder"
     eval_split = "all"
     train_split = None
+    source = "your own files"
+    licence = "yours"
     layout = ("  <root>/classes.yaml  (names: [...], ignore_index: 255, palette: [[r,g,b], ...] optional)\n"
               "  <root>/images/*.png|jpg  <root>/masks/*.png   (split 'all')\n"
               "  or <root>/<split>/images, <root>/<split>/masks for each split")

@@ -23,6 +23,8 @@ from .folder import decode_user_mask, find_classes_file, read_classes_file
 class HFDataset(SegmentationDataset):
     """A `datasets` split as a segmentation dataset; its id is ``hf:<repo>``."""
 
+    source = "the Hugging Face Hub dataset <org>/<name> (or a local copy of it)"
+    licence = "the dataset card's"
     layout = ("  hf:<org>/<name> with --data-root unset: the Hub (or the local cache with HF_DATASETS_OFFLINE=1),\n"
               "      options revision=<sha|tag> (required), image_column=image, mask_column=mask, classes=FILE\n"
               "  --data-root DIR: a save_to_disk folder (dataset_dict.json / state.json) or a local copy of the repo,\n"

@@ -58,6 +58,9 @@ class Potsdam3(SegmentationDataset):
     id = "potsdam3"
     class_names = POTSDAM3_CLASSES
     splits = tuple(STEGO_SPLITS)
+    source = ("ISPRS Potsdam, https://www.isprs.org/education/benchmarks/UrbanSemLab/2d-sem-label-potsdam.aspx; "
+              "STEGO's .mat copy: https://github.com/mhamilton723/STEGO")
+    licence = "ISPRS terms; see https://www.isprs.org/education/benchmarks/UrbanSemLab/2d-sem-label-potsdam.aspx"
     layout = ("  STEGO:  <root>/potsdam/imgs/<id>.mat (img: HxWx4)  <root>/potsdam/gt/<id>.mat (gt: HxW, 0-5, 255)\n"
               "          <root>/potsdam/{labelled_train,unlabelled_train,labelled_test,all}.txt\n"
               "  mmseg:  <root>/img_dir/{train,val}/*.png  <root>/ann_dir/{train,val}/*.png  (0 boundary, 1-6)\n"

@@ -36,6 +36,8 @@ class SUIM(SegmentationDataset):
     splits = ("train", "test")
     eval_split = "test"
     train_split = "train"
+    source = "http://irvlab.cs.umn.edu/resources/suim-dataset (linked from https://github.com/xahidbuffon/SUIM)"
+    licence = "see http://irvlab.cs.umn.edu/resources/suim-dataset"
     layout = ("  <root>/train_val/images/*.jpg   <root>/train_val/masks/*.bmp   (split 'train')\n"
               "  <root>/TEST/images/*.jpg        <root>/TEST/masks/*.bmp        (split 'test')\n"
               "  or <root>/images + <root>/masks directly (read as split 'test')")

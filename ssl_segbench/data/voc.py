@@ -39,6 +39,9 @@ class VOC(SegmentationDataset):
     id = "voc"
     class_names = VOC_CLASSES
     splits = ("train", "val", "trainval", "trainaug")
+    source = ("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/; SegmentationClassAug (trainaug) is converted from SBD, "
+              "http://home.bharathh.info/pubs/codes/SBD/download.html")
+    licence = "images: Flickr terms of use; see http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"
     layout = ("  <root>/VOCdevkit/VOC2012/JPEGImages/*.jpg\n"
               "  <root>/VOCdevkit/VOC2012/SegmentationClass/*.png          (palette PNGs, 255 = boundary)\n"
               "  <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt\n"
@@ -51,7 +54,8 @@ class VOC(SegmentationDataset):
         for d in (self.root / "VOCdevkit" / "VOC2012", self.root / "VOC2012", self.root):
             if (d / "JPEGImages").is_dir():
                 return d
-        raise DatasetError(f"no JPEGImages folder under {self.root}.\nExpected layout for '{self.id}':\n{self.layout}")
+        raise DatasetError(f"no JPEGImages folder under {self.root}.\nExpected layout for '{self.id}':\n{self.layout}\n"
+                           f"{self.where_to_get()}")
 
     def available_splits(self) -> list[str]:
         sets = self.voc_dir / "ImageSets" / "Segmentation"
@@ -98,6 +102,8 @@ class VOCRGB(VOC):
     splits = ("all",)
     eval_split = "all"
     train_split = None
+    source = ("RGB renderings of VOC 2012 pairs, e.g. the samples of https://github.com/VainF/DeepLabV3Plus-Pytorch; "
+              "originals: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/")
     layout = "  <root>/<name>_image.png|jpg   <root>/<name>_target.png   (RGB, VOC palette; split 'all')"
 
     def available_splits(self) -> list[str]:
