@@ -27,7 +27,7 @@ from .features import FeatureSet, compute_precision, extract, loader_workers
 from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
 from .progress import console
-from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol
+from .protocols import PROTOCOLS, Context, Protocol, ProtocolError, get_protocol, protocol_class
 from .records import SCHEMA, Record, check_finite, encode_array, environment, summarize
 from .registry import is_int, load_registry
 from .setting import Setting
@@ -178,8 +178,7 @@ def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol
     if not specs:
         raise ProtocolError(f"no protocol given; known: {', '.join(sorted(PROTOCOLS))}")
     for name in names:
-        if name not in PROTOCOLS:
-            raise ProtocolError(f"unknown protocol '{name}'. Known: {', '.join(sorted(PROTOCOLS))}")
+        protocol_class(name)  # a mistyped name is an error suggesting the close ones
     specs = tuple(member for spec in specs for member in _expand_group(spec))
     for name in params:
         if name not in names:

@@ -54,9 +54,9 @@ def test_mistyped_preset_suggests_the_close_one(small_synthetic, tmp_path):
                  "protocol 'kmeans' has no preset 'leopar'. Did you mean 'leopart'?", "`ssl-segbench list protocols`")
 
 
-def test_mistyped_protocol_suggests_the_close_one():
-    with pytest.raises(ProtocolError, match=r"unknown protocol 'kmeanz'\. Did you mean 'kmeans'\? Known: datus, "):
-        get_protocol("kmeanz")
+def test_mistyped_protocol_suggests_the_close_one(small_synthetic, tmp_path):
+    _cli_refused(tmp_path, _run_args(tmp_path, small_synthetic, "pixels", "kmeanz,linear"),
+                 "unknown protocol 'kmeanz'. Did you mean 'kmeans'? Known: datus, ")
     with pytest.raises(ProtocolError, match=r"no preset 'stgo'\. Did you mean 'stego'\?"):
         get_protocol("kmeans:stgo")
 

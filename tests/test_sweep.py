@@ -128,7 +128,8 @@ def test_a_sweep_is_checked_as_a_whole_before_anything_starts(grid_data, tmp_pat
             f"- datasets.gone (cell pixels__gone, no_such__gone): dataset root {tmp_path / 'nowhere'} does not exist",
             "- datasets.typo (cell pixels__typo, no_such__typo): unknown dataset 'synthetc'. Did you mean "
             "'synthetic'? Known: ",
-            "- datasets.own.protocols (cell pixels__own, no_such__own): unknown protocol 'kmeens'. Known: "]:
+            "- datasets.own.protocols (cell pixels__own, no_such__own): unknown protocol 'kmeens'. Did you mean "
+            "'kmeans'? Known: "]:
         assert expected in err, (expected, err)
 
 
@@ -136,7 +137,8 @@ def test_a_sweep_is_checked_as_a_whole_before_anything_starts(grid_data, tmp_pat
     ({"datasets": None}, "datasets.syn (cell pixels__syn): dataset root "),
     ({"backbones": ["pixels", "no_such"]}, "backbones (cell no_such__syn): unknown backbone 'no_such'. Known: "),
     ({"backbones": ["./no/such/dir"]}, "backbones (cell _no_such_dir__syn-"),
-    ({"protocols": ["kmeans", "linaer"]}, "protocols (cell pixels__syn): unknown protocol 'linaer'. Known: "),
+    ({"protocols": ["kmeans", "linaer"]},
+     "protocols (cell pixels__syn): unknown protocol 'linaer'. Did you mean 'linear'? Known: "),
     ({"params": {"kmeans": {"k": "abc"}}}, "params (cell pixels__syn): kmeans: k must be int or null, got 'abc'"),
     ({"params": {"kmean": {"k": 3}}}, "params.kmean: no dataset of this sweep runs protocol 'kmean' (they run: "
                                       "kmeans; known protocols: "),
