@@ -18,7 +18,7 @@ EPILOG = """examples:
   ssl-segbench run --backbone pixels --dataset synthetic --protocol kmeans,linear
   ssl-segbench run --backbone ../shared/models/dinov2-small-imgfocus --dataset suim \\
       --data-root ../shared/data/suim_sample --protocol kmeans:stego
-  ssl-segbench list backbones --family dinov3
+  ssl-segbench list backbones --family dinov3      # --wide: every column; --format csv|json: every field
   ssl-segbench leaderboard --plots                  # markdown + plots + the static site in leaderboards/site/
   torchrun --nproc-per-node 8 -m ssl_segbench run --backbone dinov2_vitl14 --dataset voc --device cuda
   ssl-segbench sweep grid.yaml --executor slurm --partition gpu --gpus 1
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list known backbones, datasets or protocols")
     lst.add_argument("what", choices=("backbones", "datasets", "protocols"))
-    lst.add_argument("--registry", help="backbones.yaml to use")
+    lst.add_argument("--registry", help="backbones: the backbones.yaml to read (default: the packaged registry)")
     lst.add_argument("--family", help="backbones: only this family (e.g. dinov3, siglip2, eva02)")
     lst.add_argument("--wide", action="store_true",
                      help="backbones: every column (method, arch, loader, repo_id, full revision, prefix tokens) "
@@ -308,12 +308,14 @@ def _write_backbones(specs, fmt: str) -> None:
     import dataclasses
     import json
 
+    from .registry import BackboneSpec
+
     rows = [spec.to_dict() for spec in specs]
     if fmt == "json":
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    fields = [f.name for f in dataclasses.fields(type(specs[0]))]
+    fields = [f.name for f in dataclasses.fields(BackboneSpec)]
     writer.writerow(fields)
     for row in rows:
         writer.writerow(["" if row[f] is None else row[f] if isinstance(row[f], str) else json.dumps(row[f])
@@ -329,10 +331,13 @@ def _cmd_list(args) -> int:
             raise UsageError(f"{', '.join(given)}: option(s) of `list backbones` only; drop them from "
                              f"`list {args.what}`")
     if args.what == "backbones":
-        from .registry import load_registry
+        from .registry import default_registry_path, load_registry
 
         registry = load_registry(args.registry)
         specs = [s for s in registry.values() if args.family in (None, s.family)]
+        if not registry:
+            raise UsageError(f"the registry {args.registry or default_registry_path()} lists no backbones: add "
+                             f"entries under `backbones:`")
         if not specs:
             families = sorted({s.family for s in registry.values()})
             raise UsageError(f"no backbone of family '{args.family}'; families: {', '.join(families)}")

@@ -117,6 +117,13 @@ def test_list_options_that_would_be_ignored_are_refused(args, expected, capsys):
     assert expected in " ".join(captured.err.split()) and captured.out == ""
 
 
+def test_list_backbones_of_an_empty_registry_is_refused_naming_it(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("backbones: []\n")
+    assert main(["list", "backbones", "--registry", str(tmp_path / "r.yaml")]) == 2
+    captured = capsys.readouterr()
+    assert "r.yaml lists no backbones" in " ".join(captured.err.split()) and captured.out == ""
+
+
 # --- --dataset defaults to synthetic, as the README says -------------------------------------------------------------
 
 def test_run_without_dataset_runs_the_synthetic_set(small_synthetic, tmp_path, capsys):
