@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--wide", action="store_true",
                      help="backbones: every column (method, arch, loader, repo_id, full revision, prefix tokens) "
                           "besides id, family, params, patch and license (marked gated where the Hub asks first)")
-    lst.add_argument("--format", choices=("table", "csv", "json"), default="table",
+    lst.add_argument("--format", choices=("table", "csv", "json"), default=_BACKBONE_ONLY["format"],
                      help="backbones: csv or json to stdout with every registry field, nothing shortened")
 
     add_datasets_parser(sub)
@@ -265,7 +265,7 @@ def _cmd_run(args) -> int:
 # `list backbones` views: the compact one fits an 80-column terminal, --wide shows every column of the table
 _COMPACT = ("id", "family", "params", "patch", "license")
 _WIDE = ("id", "family", "method", "arch", "loader", "repo_id", "revision", "patch", "prefix", "params", "license")
-_BACKBONE_ONLY = ("registry", "family", "wide", "format")  # `list` options that only `list backbones` reads
+_BACKBONE_ONLY = {"registry": None, "family": None, "wide": False, "format": "table"}  # read by `list backbones` only
 
 
 class UsageError(SegbenchError):
@@ -326,7 +326,7 @@ def _cmd_list(args) -> int:
     from rich.table import Table
 
     if args.what != "backbones":
-        given = [f"--{name}" for name in _BACKBONE_ONLY if getattr(args, name) not in (None, False, "table")]
+        given = [f"--{name}" for name, unset in _BACKBONE_ONLY.items() if getattr(args, name) != unset]
         if given:
             raise UsageError(f"{', '.join(given)}: option(s) of `list backbones` only; drop them from "
                              f"`list {args.what}`")
@@ -334,10 +334,10 @@ def _cmd_list(args) -> int:
         from .registry import default_registry_path, load_registry
 
         registry = load_registry(args.registry)
-        specs = [s for s in registry.values() if args.family in (None, s.family)]
         if not registry:
             raise UsageError(f"the registry {args.registry or default_registry_path()} lists no backbones: add "
                              f"entries under `backbones:`")
+        specs = [s for s in registry.values() if args.family in (None, s.family)]
         if not specs:
             families = sorted({s.family for s in registry.values()})
             raise UsageError(f"no backbone of family '{args.family}'; families: {', '.join(families)}")
