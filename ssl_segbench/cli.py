@@ -3,21 +3,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import yaml
 from rich.markup import escape
 
-from . import __version__, distributed
-from .progress import console, out
+from . import __version__
+from .errors import SegbenchError
+from .progress import console, out, quiet_libraries
 
 EPILOG = """examples:
   ssl-segbench run --backbone dino_vitb8 --dataset suim --data-root /data/SUIM
   ssl-segbench run --backbone pixels --dataset synthetic --protocol kmeans,linear
   ssl-segbench run --backbone ../shared/models/dinov2-small-imgfocus --dataset suim \\
       --data-root ../shared/data/suim_sample --protocol kmeans:stego
-  ssl-segbench list backbones --family dinov3
+  ssl-segbench list backbones --family dinov3      # --wide: every column; --format csv|json: every field
   ssl-segbench leaderboard --plots                  # markdown + plots + the static site in leaderboards/site/
   torchrun --nproc-per-node 8 -m ssl_segbench run --backbone dinov2_vitl14 --dataset voc --device cuda
   ssl-segbench sweep grid.yaml --executor slurm --partition gpu --gpus 1
@@ -72,7 +74,7 @@ def _run_options() -> argparse.ArgumentParser:
     common.add_argument("--backbone", required=True,
                         help="registry id (see `list backbones`), a local checkpoint directory, "
                              "hf-hub:org/name[@rev] (timm) or org/name[@rev] (transformers)")
-    common.add_argument("--dataset", required=True, help="dataset id (see `list datasets`)")
+    common.add_argument("--dataset", default="synthetic", help="dataset id (see `list datasets`)")
     common.add_argument("--data-root",
                         help=f"dataset root in its native layout (default: $SSL_SEGBENCH_DATA/<dataset id>, now "
                              f"{data_dir()}/<dataset id>; synthetic: generated)")
@@ -130,8 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list known backbones, datasets or protocols")
     lst.add_argument("what", choices=("backbones", "datasets", "protocols"))
-    lst.add_argument("--registry", help="backbones.yaml to use")
+    lst.add_argument("--registry", help="backbones: the backbones.yaml to read (default: the packaged registry)")
     lst.add_argument("--family", help="backbones: only this family (e.g. dinov3, siglip2, eva02)")
+    lst.add_argument("--wide", action="store_true",
+                     help="backbones: every column (method, arch, loader, repo_id, full revision, prefix tokens) "
+                          "besides id, family, params, patch and license (marked gated where the Hub asks first)")
+    lst.add_argument("--format", choices=("table", "csv", "json"), default=_BACKBONE_ONLY["format"],
+                     help="backbones: csv or json to stdout with every registry field, nothing shortened")
 
     add_datasets_parser(sub)
 
@@ -261,6 +268,7 @@ def run_argv(opts) -> list[str]:
 def _cmd_run(args) -> int:
     from rich.table import Table
 
+    from . import distributed
     from .runner import run
 
     opts = run_options(args)
@@ -289,26 +297,91 @@ def _cmd_run(args) -> int:
     return 0
 
 
+# `list backbones` views: the compact one fits an 80-column terminal, --wide shows every column of the table
+_COMPACT = ("id", "family", "params", "patch", "license")
+_WIDE = ("id", "family", "method", "arch", "loader", "repo_id", "revision", "patch", "prefix", "params", "license")
+_BACKBONE_ONLY = {"registry": None, "family": None, "wide": False, "format": "table"}  # read by `list backbones` only
+
+
+class UsageError(SegbenchError):
+    """An option given to a command that does not read it; the message says which command does."""
+
+
+def _backbone_cells(spec) -> dict[str, str]:
+    """A registry entry's table cells, whole: parameters in millions, the license marked "(gated)" where the Hub copy
+    asks its users to accept it first."""
+    return {"id": spec.id, "family": spec.family, "method": spec.method, "arch": spec.arch, "loader": spec.loader,
+            "repo_id": spec.repo_id, "revision": spec.revision or "resolved at run", "patch": str(spec.patch_size),
+            "prefix": str(spec.num_prefix_tokens),
+            "params": f"{spec.n_parameters / 1e6:,.1f} M" if spec.n_parameters else "-",
+            "license": spec.license + (" (gated)" if spec.gated else "")}
+
+
+def _backbone_table(specs, title: str, wide: bool):
+    """The `list backbones` table. The id column never wraps or shrinks (a row is found by its id); other cells fold
+    onto more lines rather than being cut when the terminal is narrow."""
+    from rich import box
+    from rich.table import Table
+
+    columns = _WIDE if wide else _COMPACT
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for col in columns:
+        if col == "id":
+            table.add_column(col, no_wrap=True, min_width=max(len(s.id) for s in specs))
+        else:
+            table.add_column(col, overflow="fold", justify="right" if col in ("params", "patch", "prefix") else "left")
+    for spec in specs:
+        cells = _backbone_cells(spec)
+        table.add_row(*(escape(cells[col]) for col in columns))
+    return table
+
+
+def _write_backbones(specs, fmt: str) -> None:
+    """Every field of every entry, unshortened, to stdout: json (a list of objects) or csv (one row each; lists and
+    numbers as JSON, an absent value empty)."""
+    import csv
+    import dataclasses
+
+    from .registry import BackboneSpec
+
+    rows = [spec.to_dict() for spec in specs]
+    if fmt == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    fields = [f.name for f in dataclasses.fields(BackboneSpec)]
+    writer.writerow(fields)
+    for row in rows:
+        writer.writerow(["" if row[f] is None else row[f] if isinstance(row[f], str) else json.dumps(row[f])
+                         for f in fields])
+
+
 def _cmd_list(args) -> int:
     from rich.table import Table
 
+    if args.what != "backbones":
+        given = [f"--{name}" for name, unset in _BACKBONE_ONLY.items() if getattr(args, name) != unset]
+        if given:
+            raise UsageError(f"{', '.join(given)}: option(s) of `list backbones` only; drop them from "
+                             f"`list {args.what}`")
     if args.what == "backbones":
-        from .registry import load_registry
+        from .registry import default_registry_path, load_registry
 
-        specs = [s for s in load_registry(args.registry).values() if args.family in (None, s.family)]
+        registry = load_registry(args.registry)
+        if not registry:
+            raise UsageError(f"the registry {args.registry or default_registry_path()} lists no backbones: add "
+                             f"entries under `backbones:`")
+        specs = [s for s in registry.values() if args.family in (None, s.family)]
         if not specs:
-            families = sorted({s.family for s in load_registry(args.registry).values()})
-            console.print(f"error: no backbone of family '{args.family}'; families: {', '.join(families)}")
-            return 2
-        table = Table(title="backbones (backbones.yaml)" + (f", family {args.family}" if args.family else ""))
-        for col in ("id", "family", "method", "arch", "loader", "repo_id", "revision", "patch", "prefix", "params",
-                    "license"):
-            table.add_column(col)
-        for s in specs:
-            params = f"{s.n_parameters / 1e6:,.1f} M" if s.n_parameters else "-"
-            table.add_row(s.id, s.family, s.method, s.arch, s.loader, s.repo_id, (s.revision or "resolved at run")[:12],
-                          str(s.patch_size), str(s.num_prefix_tokens), params,
-                          s.license + (" (gated)" if s.gated else ""))
+            families = sorted({s.family for s in registry.values()})
+            raise UsageError(f"no backbone of family '{args.family}'; families: {', '.join(families)}")
+        if args.format != "table":
+            if args.wide:
+                raise UsageError(f"--wide shapes the table; --format {args.format} already holds every field")
+            _write_backbones(specs, args.format)
+            return 0
+        table = _backbone_table(specs, "backbones (backbones.yaml)" + (f", family {args.family}" if args.family
+                                                                         else ""), args.wide)
     elif args.what == "datasets":
         from .data.check import run_list
 
@@ -453,20 +526,22 @@ def _cmd_sweep(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import SegbenchError
-
     args = build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "list": _cmd_list, "leaderboard": _cmd_leaderboard, "check": _cmd_check,
                "compare": _cmd_compare, "show": _cmd_show, "sweep": _cmd_sweep,
                "datasets": lambda a: a.func(a)}[args.command]
     try:
-        return handler(args)
+        with quiet_libraries():
+            return handler(args)
     except SegbenchError as e:  # expected failures: a message and exit 2; anything else is a bug with a traceback
         console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: nothing half-written is kept; rerun to resume from the cache")
         return 130
+    except BrokenPipeError:  # the reader left (`list backbones | head`): stop quietly, as a tool killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return 141
 
 
 if __name__ == "__main__":

@@ -89,8 +89,10 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spherical: 
         return torch_kmeans(x, k, seed, niter, nredo, spherical, max_points_per_centroid, device)
     if backend != "faiss":
         raise SegbenchError(f"kmeans_backend must be one of {KMEANS_BACKENDS}, got {backend!r}")
+    # min_points_per_centroid only gates faiss's raw stderr line "WARNING clustering N points to K centroids: please
+    # provide at least ..." (the centroids are the same); a fit on fewer than k points is refused above
     km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, verbose=False,
-                      max_points_per_centroid=max_points_per_centroid or (len(x) // k + 1),
+                      max_points_per_centroid=max_points_per_centroid or (len(x) // k + 1), min_points_per_centroid=1,
                       gpu=device.startswith("cuda") and faiss.get_num_gpus() > 0)
     km.train(x)
     return km.centroids.copy()

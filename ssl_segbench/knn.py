@@ -109,6 +109,7 @@ class ApproximateIndex:
             rng = np.random.default_rng(self.seed)
             sample = np.sort(rng.choice(n, size=min(n, 256 * lists), replace=False))
             index.cp.seed = self.seed
+            index.cp.min_points_per_centroid = 1  # only silences faiss's raw stderr warning (as cluster.kmeans)
             index.train(np.ascontiguousarray(bank[sample], dtype=np.float32))
             index.nprobe = self.probe
         elif self.kind == "hnsw":

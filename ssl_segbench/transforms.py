@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .errors import SegbenchError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so `--help` (which reads POLICIES) need not load it
+    import torch
 
 POLICIES = ("shorter", "square", "pad")
 
@@ -70,6 +73,8 @@ class Transform:
 
     def image(self, img: Image.Image, mean, std) -> torch.Tensor:
         """PIL RGB → normalised (3, H, W) float tensor."""
+        import torch
+
         x = np.asarray(self._geometry(img, Image.BICUBIC), dtype=np.float32) / 255.0
         x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
         t = torch.from_numpy(x.transpose(2, 0, 1).copy())
@@ -128,6 +133,8 @@ class RandomResizedCropFlip:
               jitter: list[tuple[str, float]] = ()) -> tuple[torch.Tensor, np.ndarray]:
         """(normalised (3, size, size) image, (size, size) int64 labels) of one sampled crop, colour-jittered after
         the crop by `jitter` (`sample_jitter`)."""
+        import torch
+
         left, top, w, h = box
         region = (left, top, left + w, top + h)
         im = img.crop(region).resize((self.size, self.size), Image.BILINEAR)
