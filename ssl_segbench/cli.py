@@ -280,19 +280,19 @@ def _cmd_run(args) -> int:
     results = run(opts, on_record=report)
     if not distributed.world().main:  # a helper rank of a data-parallel run: rank 0 reports
         return 0
+    from .leaderboard import fmt_metric
+
     table = Table(title=f"{args.backbone} on {args.dataset}")
-    for col in ("protocol", "mIoU (%)", "pixel acc (%)", "seeds", "cache hit", "seconds"):
-        table.add_column(col)
+    for col in ("protocol", "mIoU (%)", "pixel acc (%)", "seeds", "cache hit", "seconds", "⚠ caveats"):
+        table.add_column(col, overflow="fold")
     for _status, path, rec in results:
         if rec is None:
-            table.add_row(path.parent.name, "(skipped: record exists)", "", "", "", "")
+            table.add_row(path.parent.name, "(skipped: record exists)", "", "", "", "", "")
             continue
         m = rec.metrics
-        table.add_row(rec.protocol_spec,
-                      f"{100 * m['miou']['mean']:.2f} ± {100 * m['miou']['std']:.2f}",
-                      f"{100 * m['pixel_acc']['mean']:.2f} ± {100 * m['pixel_acc']['std']:.2f}",
-                      str(len(rec.seeds)), str(rec.provenance["cache_hit"]),
-                      f"{rec.provenance['wall_seconds']:.1f}")
+        table.add_row(rec.protocol_spec, fmt_metric(m["miou"], 2, False), fmt_metric(m["pixel_acc"], 2, False),
+                      str(len(rec.seeds)), str(rec.provenance["cache_hit"]), f"{rec.provenance['wall_seconds']:.1f}",
+                      escape("; ".join(rec.caveats())) or "–")
     out.print(table)
     return 0
 
@@ -422,7 +422,8 @@ def _cmd_compare(args) -> int:
 
     for ra, rb in pairs(args.results_dir or results_dir(), args.a, args.b, args.dataset):
         res = compare_pair(ra, rb, n_boot=args.n_boot)
-        table = Table(title=f"{res['setting']} ({res['n_images']} images): {args.a} vs {args.b}")
+        table = Table(title=f"{res['setting']} ({res['n_images']} images): {args.a} vs {args.b}",
+                      caption="⚠ " + escape("; ".join(res["caveats"])) if res["caveats"] else None)
         for col in ("", args.a, args.b, "Δ", "95% CI of Δ", "p"):
             table.add_column(col, justify="right")
         for row in res["rows"]:

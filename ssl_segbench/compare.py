@@ -41,7 +41,8 @@ def pairs(results_dir: Path, a: str, b: str, dataset: str | None = None) -> list
 
 
 def compare_pair(ra: Record, rb: Record, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Scores of both and the paired-bootstrap test of each difference; per-class rows carry the class names."""
+    """Scores of both and the paired-bootstrap test of each difference; per-class rows carry the class names, and
+    `caveats` what makes either number not comparable as it stands (`Record.caveats`)."""
     if ra.image_stats is None or rb.image_stats is None:
         raise CompareError(f"{ra.setting.column.label}: a record has no per-image statistics (protocol without them, "
                            "or an older record): significance cannot be tested")
@@ -59,4 +60,5 @@ def compare_pair(ra: Record, rb: Record, n_boot: int = 2000, seed: int = 0) -> d
                      "delta": float(pc["delta"][c]), "ci": [float(pc["ci"][0][c]), float(pc["ci"][1][c])],
                      "p": float(pc["p"][c])})
     return {"setting": f"{ra.identity['dataset']}/{ra.identity['split']} · {ra.setting.column.label}",
-            "n_images": ra.dataset["n_images"], "rows": rows}
+            "n_images": ra.dataset["n_images"], "rows": rows,
+            "caveats": list(dict.fromkeys(ra.caveats() + rb.caveats()))}

@@ -60,12 +60,19 @@ def page_name(dataset: str) -> str:
     return safe_component(dataset, portable=True)
 
 
-def _fmt(metric: dict | None) -> str:
+def fmt_metric(metric: dict | None, digits: int = 1, interval: bool = True) -> str:
+    """'mean ± std [95% interval]' in %; a single seed has no spread, so its std reads '—', never '± 0.0'."""
     if not metric:
         return "–"
-    text = f"{100 * metric['mean']:.1f} ± {100 * metric['std']:.1f}"
-    ci = metric.get("ci95")
-    return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+    std = f"{100 * metric['std']:.{digits}f}" if len(metric.get("per_seed", ())) > 1 else "—"
+    text = f"{100 * metric['mean']:.{digits}f} ± {std}"
+    ci = metric.get("ci95") if interval else None
+    return text + (f" [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]" if ci else "")
+
+
+def short_value(rec: Record) -> str:
+    """A record's mIoU for overview cells, with ⚠ where it carries caveats (listed in its column's table)."""
+    return f"{100 * rec.metrics['miou']['mean']:.1f}" + (" ⚠" if rec.caveats() else "")
 
 
 def render(records: list[Record], published: list[dict] | None = None, out_dir: Path | None = None) -> dict[str, str]:
@@ -97,25 +104,32 @@ def _render_dataset(dataset: str, recs: list[Record], published: list[dict], out
                   "Cells: mean ± std over seeds, in %; [95% bootstrap interval over images] where the record has "
                   "per-image statistics.", ""]
         columns = unique_labels(r.setting.column for r in srecs)
-        overview: dict[str, dict[str, str]] = {}
+        overview: dict[str, dict[str, Record]] = {}
         for r in srecs:
-            overview.setdefault(r.row_label(), {})[r.setting.column.id] = f"{100 * r.metrics['miou']['mean']:.1f}"
+            overview.setdefault(r.row_label(), {})[r.setting.column.id] = r
         first = next(iter(columns))
-        order = sorted(overview, key=lambda row: (-float(overview[row].get(first, "-1")), row))
-        wide = pd.DataFrame([[md(row)] + [overview[row].get(c, "–") for c in columns] for row in order],
+        order = sorted(overview, key=lambda row: (-(overview[row][first].metrics["miou"]["mean"]
+                                                    if first in overview[row] else -1.0), row))
+        wide = pd.DataFrame([[md(row)] + [short_value(overview[row][c]) if c in overview[row] else "–"
+                                          for c in columns] for row in order],
                             columns=["backbone @ revision"] + [md(label) for label in columns.values()])
         lines += ["### Overview: mIoU (%)", "", wide.to_markdown(index=False, stralign="right"), ""]
+        if any(r.caveats() for r in srecs):
+            lines += ["⚠: not comparable as it stands; the column's table says why.", ""]
         for cid, label in columns.items():
             col = [r for r in srecs if r.setting.column.id == cid]
             col.sort(key=lambda r: (-r.metrics["miou"]["mean"], r.row_label()))
             pub = {r.row_label(): published_for(r, published) for r in col}
             table = pd.DataFrame(
-                [[rank, md(r.row_label()), _fmt(r.metrics["miou"]), _fmt(r.metrics["pixel_acc"]),
-                  md(published_text(r, pub[r.row_label()])) if pub[r.row_label()] else "–"]
-                 for rank, r in enumerate(col, 1)],
-                columns=["#", "backbone @ revision", "mIoU", "pixel accuracy", "published (ours − published)"])
+                [[rank, md(r.row_label()), fmt_metric(r.metrics["miou"]), fmt_metric(r.metrics["pixel_acc"]),
+                  md(published_text(r, pub[r.row_label()])) if pub[r.row_label()] else "–",
+                  md("; ".join(r.caveats())) or "–"] for rank, r in enumerate(col, 1)],
+                columns=["#", "backbone @ revision", "mIoU", "pixel accuracy", "published (ours − published)",
+                         "⚠ caveats"])
             if not any(pub.values()):
                 table = table.drop(columns=["published (ours − published)"])
+            if not any(r.caveats() for r in col):
+                table = table.drop(columns=["⚠ caveats"])
             lines += [f"### {md(label)}", "", table.to_markdown(index=False, stralign="right"), ""]
             notes = sorted({footnote(p) for p in pub.values() if p})
             lines += [f"- {md(n)}" for n in notes] + ([""] if notes else [])
@@ -156,14 +170,15 @@ def _render_summary(by_dataset: dict[str, list[Record]]) -> str:
             name = r.protocol_spec
             key = (f"{r.identity['dataset']}/{r.identity['split']}", name)
             if chosen.get(key) == r.setting.column.id:
-                cells.setdefault(r.row_label(), {})[key] = f"{100 * r.metrics['miou']['mean']:.1f}"
+                cells.setdefault(r.row_label(), {})[key] = short_value(r)
     keys = sorted(chosen)
     table = pd.DataFrame([[md(row)] + [cells[row].get(k, "–") for k in keys] for row in sorted(cells)],
                          columns=["backbone @ revision"] + [md(f"{d} {p}") for d, p in keys])
     lines = ["# Leaderboards", "",
              "_Generated by `ssl-segbench leaderboard` from result records; do not edit by hand._", "",
              "mIoU (%) per dataset and protocol; each cell is the column of that protocol holding the most backbones: "
-             "see the dataset's page for its exact settings and the other columns.", "",
+             "see the dataset's page for its exact settings and the other columns; ⚠: not comparable as it stands "
+             "(the page says why).", "",
              table.to_markdown(index=False, stralign="right"), "", "Pages: "
              + ", ".join(f"[{md(ds)}]({page_name(ds)}.md)" for ds in sorted(by_dataset)) + "."]
     for ds in sorted(by_dataset):
@@ -180,7 +195,7 @@ def flat_rows(records: list[Record]) -> list[dict]:
                "revision": r.backbone["revision_resolved"] or "", "protocol": r.protocol["name"],
                "preset": r.protocol["preset"] or "", "version": r.protocol["version"],
                "column": r.setting.column.label, "column_id": r.setting.column.id, "n_seeds": len(r.seeds),
-               "n_images": r.dataset["n_images"], "record_key": r.key}
+               "n_images": r.dataset["n_images"], "record_key": r.key, "caveats": "; ".join(r.caveats())}
         for m in METRICS:
             met = r.metrics.get(m, {})
             row[f"{m}_mean"] = round(met["mean"], 6) if met else None

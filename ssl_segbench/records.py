@@ -35,6 +35,9 @@ LEGACY_SCHEMAS = {"ssl-segbench/record/v1": "schema v1: its dataset was identifi
 _PACKAGES = ("ssl-segbench", "torch", "torchvision", "timm", "transformers", "huggingface-hub", "faiss-cpu",
              "faiss-gpu", "numpy", "scipy", "scikit-learn", "pillow")
 METRICS = ("miou", "pixel_acc", "mf1")
+# below these, a number is flagged wherever it is shown (`Record.caveats`)
+MIN_EVAL_IMAGES = 100  # evaluation images: fewer make a noisy number
+MIN_POINTS_PER_CLUSTER = 100  # fitted tokens per cluster under many-to-one: fewer let it label tokens one by one
 
 
 def _finite(x) -> bool:
@@ -226,6 +229,26 @@ class Record:
     def protocol_spec(self) -> str:
         """'name' or 'name:preset', as given to --protocol."""
         return self.setting.spec
+
+    def caveats(self) -> list[str]:
+        """Why this number is not comparable with a paper's, or with a column of well-posed runs, read from the record
+        alone (so records written before these flags existed get them too): a probe or memory fit on the evaluation
+        images themselves, many-to-one matching with few fitted tokens per cluster (it approaches labelling each token
+        by its ground truth), a single seed (no spread), an evaluation set under MIN_EVAL_IMAGES images."""
+        out = []
+        train = self.setting.train
+        if train is not None and train.get("split") is None:
+            out.append("fit on the evaluation images (no train split)")
+        k, points = self.info.get("k"), self.info.get("fit_points")
+        if self.protocol["params"].get("matching") == "many-to-one" and k and points is not None and \
+                points / k < MIN_POINTS_PER_CLUSTER:
+            out.append(f"many-to-one with {points / k:.1f} tokens per cluster (K={k}; under {MIN_POINTS_PER_CLUSTER})")
+        if len(self.seeds) == 1:
+            out.append("1 seed (no spread)")
+        n = self.dataset.get("n_images")
+        if isinstance(n, int) and n < MIN_EVAL_IMAGES:
+            out.append(f"{n} evaluation images (under {MIN_EVAL_IMAGES})")
+        return out
 
     def row_label(self) -> str:
         """Backbone and revision; the normalisation too where `--mean/--std` set it, so such a record never shares a

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .atomic import write_guard
 from .figures import figure_path
-from .leaderboard import _DEMO_DATASETS, page_name
+from .leaderboard import _DEMO_DATASETS, fmt_metric, page_name
 from .paths import safe_component
 from .plots import write_plots
 from .published import footnote, measured_network, published_for, published_text, reported_for
@@ -48,13 +48,16 @@ def _page(title: str, body: str, depth: int = 0) -> str:
 
 def _cell(rec: Record, published: list[dict]) -> str:
     m = rec.metrics["miou"]
-    text = f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}"
+    text = fmt_metric(m, interval=False)
     ci = m.get("ci95")
     extra = f'<br><small class="ci">[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]</small>' if ci else ""
     entry = published_for(rec, published)
     if entry:
         extra += (f'<br><small class="published {_esc(entry["class"])}">published '
                   f'{_esc(published_text(rec, entry))}</small>')
+    caveats = rec.caveats()
+    if caveats:
+        extra += f'<br><small class="caveat">⚠ {_esc("; ".join(caveats))}</small>'
     link = f'<br><a class="record" href="records/{_esc(safe_component(rec.key))}.html">record</a>'
     return f'{_esc(text)}{extra}{link}'
 
