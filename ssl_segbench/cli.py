@@ -239,32 +239,6 @@ def run_options(args):
                            results_dir=args.results_dir, overwrite=args.overwrite, save_masks=args.save_masks)
 
 
-def run_argv(opts) -> list[str]:
-    """The `ssl-segbench run` arguments whose `run_options` are `opts` (tested both ways): how a sweep cell, which
-    carries its RunOptions, starts its job, and what its log shows. Values go as `--flag=value` (a negative value stays
-    a value) and parameters and dataset options as JSON, which `--param` and `-o` read back as the same values."""
-    argv = ["--backbone", opts.backbone, "--dataset", opts.dataset, "--protocol", ",".join(opts.protocols)]
-    for flag, value in (("--data-root", opts.data_root), ("--split", opts.split), ("--device", opts.device),
-                        ("--batch-size", opts.batch_size), ("--workers", opts.workers), ("--layer", opts.layer),
-                        ("--resize", opts.resize), ("--size", opts.size), ("--registry", opts.registry),
-                        ("--results-dir", opts.results_dir), ("--overwrite", opts.overwrite),
-                        ("--save-masks", opts.save_masks)):
-        if value is not None:
-            argv.append(f"{flag}={value}")
-    if opts.seeds is not None:  # a trailing comma keeps a one-seed list a list: '3,' is seed 3, '3' three seeds
-        seeds = opts.seeds
-        argv.append("--seeds=" + (str(seeds) if isinstance(seeds, int) else
-                                  ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")))
-    for flag, channels in (("--mean", opts.mean), ("--std", opts.std)):
-        if channels is not None:
-            argv.append(f"{flag}=" + ",".join(repr(float(c)) for c in channels))
-    for proto, values in (opts.params or {}).items():
-        argv += [item for key, value in values.items() for item in ("--param", f"{proto}.{key}={json.dumps(value)}")]
-    for key, value in (opts.dataset_options or {}).items():
-        argv += ["-o", f"{key}={json.dumps(value)}"]
-    return argv
-
-
 def _cmd_run(args) -> int:
     from rich.table import Table
 
@@ -280,7 +254,7 @@ def _cmd_run(args) -> int:
     results = run(opts, on_record=report)
     if not distributed.world().main:  # a helper rank of a data-parallel run: rank 0 reports
         return 0
-    from .leaderboard import fmt_metric
+    from .pages import fmt_metric
 
     table = Table(title=f"{args.backbone} on {args.dataset}")
     for col in ("protocol", "mIoU (%)", "pixel acc (%)", "seeds", "cache hit", "seconds", "⚠ caveats"):

@@ -82,7 +82,7 @@ def write_plots(records: list[Record], registry: dict) -> PlotFiles:
     """The plots of every dataset, named after its page (`page_name`)."""
     import matplotlib
 
-    from .leaderboard import page_name
+    from .pages import page_name
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

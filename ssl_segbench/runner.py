@@ -10,6 +10,7 @@ Each record lists the passes behind it, with what this invocation computed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -60,6 +61,33 @@ class RunOptions:
     plan_only: bool = False  # True: resolve every record's path and return ('pending', path, None) for the missing
     mean: tuple[float, ...] | None = None  # input normalisation stated by the user (with std), replacing the backbone's
     std: tuple[float, ...] | None = None
+
+    def argv(self) -> list[str]:
+        """The `ssl-segbench run` arguments that parse back to these options (`cli.run_options`, tested both ways): how
+        a sweep cell, which carries its RunOptions, starts its job, and what its log shows. Values go as
+        `--flag=value` (a negative value stays a value) and parameters and dataset options as JSON, which `--param`
+        and `-o` read back as the same values."""
+        argv = ["--backbone", self.backbone, "--dataset", self.dataset, "--protocol", ",".join(self.protocols)]
+        for flag, value in (("--data-root", self.data_root), ("--split", self.split), ("--device", self.device),
+                            ("--batch-size", self.batch_size), ("--workers", self.workers), ("--layer", self.layer),
+                            ("--resize", self.resize), ("--size", self.size), ("--registry", self.registry),
+                            ("--results-dir", self.results_dir), ("--overwrite", self.overwrite),
+                            ("--save-masks", self.save_masks)):
+            if value is not None:
+                argv.append(f"{flag}={value}")
+        if self.seeds is not None:  # a trailing comma keeps a one-seed list a list: '3,' is seed 3, '3' three seeds
+            seeds = self.seeds
+            argv.append("--seeds=" + (str(seeds) if isinstance(seeds, int) else
+                                      ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")))
+        for flag, channels in (("--mean", self.mean), ("--std", self.std)):
+            if channels is not None:
+                argv.append(f"{flag}=" + ",".join(repr(float(c)) for c in channels))
+        for proto, values in (self.params or {}).items():
+            for key, value in values.items():
+                argv += ["--param", f"{proto}.{key}={json.dumps(value)}"]
+        for key, value in (self.dataset_options or {}).items():
+            argv += ["-o", f"{key}={json.dumps(value)}"]
+        return argv
 
     def normalisation(self):
         """(mean, std) stated by the user, or None (the backbone's own: registry entry or checkpoint files)."""

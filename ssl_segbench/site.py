@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .atomic import write_guard
 from .figures import figure_path
-from .leaderboard import _DEMO_DATASETS, fmt_metric, page_name
+from .pages import DEMO_DATASETS, fmt_metric, page_name
 from .paths import safe_component
 from .plots import write_plots
 from .published import footnote, measured_network, published_for, published_text, reported_for
@@ -69,8 +69,8 @@ def _dataset_page(dataset: str, recs: list[Record], published: list[dict], regis
              "(%) mean ± std over seeds, [95% bootstrap interval over images]; a published number only where its "
              "protocol, version, parameters and layer equal the column's. Click a header to sort; the filters hide "
              "the columns (settings) or rows (backbones) that do not match.</p>"]
-    if dataset in _DEMO_DATASETS:
-        parts.append(f'<p class="demo">{_esc(_DEMO_DATASETS[dataset])}</p>')
+    if dataset in DEMO_DATASETS:
+        parts.append(f'<p class="demo">{_esc(DEMO_DATASETS[dataset])}</p>')
     by_split: dict[str, list[Record]] = {}
     for r in recs:
         by_split.setdefault(r.identity["split"], []).append(r)
@@ -181,8 +181,8 @@ def _index(by_dataset: dict[str, list[Record]]) -> str:
                          f"<td>{100 * best.metrics['miou']['mean']:.1f} <small>{_esc(best.backbone['id'])}</small>"
                          "</td>")
         body.append(f'<tr><td><a href="{_esc(page_name(ds))}.html">{_esc(ds)}</a></td>{"".join(cells)}</tr>')
-    demo = "".join(f'<p class="demo">{_esc(ds)}: {_esc(_DEMO_DATASETS[ds])}</p>' for ds in sorted(by_dataset)
-                   if ds in _DEMO_DATASETS)
+    demo = "".join(f'<p class="demo">{_esc(ds)}: {_esc(DEMO_DATASETS[ds])}</p>' for ds in sorted(by_dataset)
+                   if ds in DEMO_DATASETS)
     text = ("<h1>ssl-segbench leaderboards</h1><p>Best mIoU (%) per dataset and protocol, over every backbone and "
             "setting; each dataset's page has the settings apart, sortable and filterable.</p>" + demo +
             f'<table class="overview"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')

@@ -1,7 +1,7 @@
 """`ssl-segbench sweep`: a backbones × datasets grid of `ssl-segbench run` cells on an existing engine.
 
 One cell is one (backbone, dataset) with all its protocols, so a cell extracts its features once. A cell carries the
-RunOptions of its run (its job's command line is made from them, `cli.run_argv`), and its missing records are the
+RunOptions of its run (its job's command line is made from them, `RunOptions.argv`), and its missing records are the
 Settings the runner plans for it (`missing_records`). A cell whose records all exist is skipped; the others run
 through an executor:
 - `local`: each cell is an `ssl-segbench run` process, at most `workers` at a time;
@@ -75,10 +75,8 @@ class Cell:
 
     @property
     def argv(self) -> list[str]:
-        """The job's `ssl-segbench run` arguments (`cli.run_argv`: they parse back to `options`)."""
-        from .cli import run_argv
-
-        return run_argv(self.options)
+        """The job's `ssl-segbench run` arguments (`RunOptions.argv`: they parse back to `options`)."""
+        return self.options.argv()
 
     @property
     def name(self) -> str:

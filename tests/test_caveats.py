@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from ssl_segbench.data.synthetic import generate_synthetic
-from ssl_segbench.leaderboard import fmt_metric
+from ssl_segbench.pages import fmt_metric
 from ssl_segbench.records import MIN_POINTS_PER_CLUSTER, Record
 
 EVAL_IMAGES = "8 evaluation images (under 100)"

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from slurm_cluster import ensure_packages, start, stop
 
-from ssl_segbench.cli import build_parser, main, run_argv, run_options
+from ssl_segbench.cli import build_parser, main, run_options
 from ssl_segbench.published import load_published
 from ssl_segbench.records import iter_records
 from ssl_segbench.runner import RunOptions
@@ -250,7 +250,7 @@ def test_a_cell_carries_its_run_options_and_its_job_command_parses_back_to_them(
                          mean=(0.5, 0.25, 0.125), std=(0.5, 0.5, 0.5), overwrite="always", workers=0, params={},
                          dataset_options={})
     for opts in [c.options for c in cells.values()] + [by_hand]:
-        assert run_options(build_parser().parse_args(["run", *run_argv(opts)])) == opts
+        assert run_options(build_parser().parse_args(["run", *opts.argv()])) == opts
 
 
 @pytest.fixture(scope="module")
