@@ -1,7 +1,7 @@
-"""Leaderboard plots (matplotlib SVG, byte-stable: fixed hash salt, no date): mIoU against backbone size per
-protocol column; rank agreement between protocol columns (Kendall τ over the backbones both ranked, with a 95%
-bootstrap interval over backbones); a per-class IoU heat map per dataset. Used by the static site and by
-`leaderboard --plots`."""
+"""Leaderboard plots (matplotlib SVG, byte-stable: Agg, fixed hash salt, glyphs as paths, no date and no creator
+version in the metadata): mIoU against backbone size per protocol column; rank agreement between protocol columns
+(Kendall τ over the backbones both ranked, with a 95% bootstrap interval over backbones); a per-class IoU heat map per
+dataset. Used by the static site and by `leaderboard --plots`."""
 from __future__ import annotations
 
 import io
@@ -27,7 +27,7 @@ def _svg(fig) -> bytes:
 
     buf = io.BytesIO()
     with plt.rc_context({"svg.hashsalt": "ssl-segbench", "svg.fonttype": "path"}):
-        fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 

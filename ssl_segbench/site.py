@@ -146,6 +146,9 @@ def _dataset_page(dataset: str, recs: list[Record], published: list[dict], regis
 
 
 def _record_page(rec: Record) -> str:
+    """A record's facts and parameters. Details of the run itself (start time, wall seconds, git sha, cache state) stay
+    in the record file and are left off the page: they differ on every run, so a regenerated site of unchanged
+    results would differ from the committed one."""
     prov = rec.provenance
     facts = [("backbone", rec.backbone["id"]), ("source", rec.identity["source"]),
              ("revision", rec.backbone.get("revision_resolved") or "–"),
@@ -155,16 +158,15 @@ def _record_page(rec: Record) -> str:
              ("mIoU", f"{100 * rec.metrics['miou']['mean']:.2f} ± {100 * rec.metrics['miou']['std']:.2f}"),
              ("pixel accuracy", f"{100 * rec.metrics['pixel_acc']['mean']:.2f}"),
              ("device", prov.get("device")), ("compute precision", prov.get("compute_precision")),
-             ("wall seconds", prov.get("wall_seconds")), ("git sha", prov.get("git_sha")),
-             ("ssl_segbench", prov.get("ssl_segbench")), ("packages", prov.get("packages")),
-             ("cache hit", prov.get("cache_hit"))]
+             ("ssl_segbench", prov.get("ssl_segbench")), ("packages", prov.get("packages"))]
     def shown(v) -> str:
         return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
 
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(shown(v))}</td></tr>" for k, v in facts)
     params = _esc(json.dumps(rec.protocol["params"], indent=1, sort_keys=True))
     body = (f"<h1>Record {_esc(rec.key)}</h1><table class=\"facts\">{rows}</table>"
-            f"<h2>Parameters</h2><pre>{params}</pre>")
+            f"<p>Run details (start time, wall seconds, git sha, cache state) are in the record file "
+            f"<code>{_esc(rec.key)}.json</code>.</p><h2>Parameters</h2><pre>{params}</pre>")
     return _page(f"record {rec.key}", body, depth=1)
 
 
