@@ -494,6 +494,8 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
         provenance={**environment(), "ssl_segbench": __version__, "device": device,
                     "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
                     "compute_precision": compute_precision(device), "batch_size": batch_size,
+                    # CPU kernels (AVX2 / AVX-512) and threads: they can move the last float bits of a number
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_threads": torch.get_num_threads(),
                     "extraction_ranks": plan.world.size,
                     "started": started, "wall_seconds": round(time.perf_counter() - t0, 3),
                     "shared_feature_pass_seconds": plan.seconds,
