@@ -164,6 +164,7 @@ def _cli(tmp_path, data, *extra):
                  "--param", "fs4.pyramid_levels=[1,2]", "--seeds", "2", "--results-dir", str(tmp_path), *extra])
 
 
+@pytest.mark.slow
 def test_cli_presets_write_records_and_masks_deterministically(small_synthetic, tmp_path):
     assert _cli(tmp_path / "a", small_synthetic, "--save-masks", str(tmp_path / "masks")) == 0
     assert _cli(tmp_path / "b", small_synthetic) == 0
@@ -193,6 +194,7 @@ def test_crf_goes_through_the_shared_scoring_path(tmp_path):
     assert res.info["crf"]["images_refined"] == 3 and res.info["crf"]["score_types"] == ["fs4 head logits"]
 
 
+@pytest.mark.slow
 def test_real_backbone_on_suim_sample_three_presets(shared, tmp_path):
     args = ["run", "--backbone", str(shared / "models" / "dinov2-small-imgfocus"), "--dataset", "suim",
             "--data-root", str(shared / "data" / "suim_sample"), "--results-dir", str(tmp_path / "res"),

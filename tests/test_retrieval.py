@@ -230,6 +230,7 @@ def _cli(data, results, *extra):
                  "--size", "64", "--protocol", "retrieval", "--results-dir", str(results), *extra])
 
 
+@pytest.mark.slow
 def test_same_records_whatever_the_batch_size_with_augmented_bounded_memory(small_synthetic, tmp_path, monkeypatch):
     """Every run extracts into a cache of its own, so batch sizes 1 and 5 really compute everything twice: the
     augmented crops (seeded per image and epoch) and the memory sampling (seeded per image) do not see batches."""
@@ -292,6 +293,7 @@ def _split_root(tmp_path, sample, layout: str) -> tuple:
     return tmp_path, len(train), len(evaluation)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset, sample", [("suim", "suim_sample"), ("voc", "voc_sample")])
 def test_real_backbone_on_the_shared_samples_beats_kmeans(shared, tmp_path, dataset, sample):
     """The shared DINOv2 ViT-S/14 on half of a shared sample as memory and the other half as queries (SUIM: 4 + 4
