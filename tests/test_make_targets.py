@@ -41,7 +41,9 @@ exit 0
 
 
 def _make_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TORCH")}
+    """The environment without an outer make's flags, a TORCH choice or a proxy (the index stand-in is local)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TORCH") and not k.lower().endswith("_proxy")}
     return {**env, "FAKE_TORCH": "", "FAIL_PIP": "", **extra}
 
 
