@@ -69,16 +69,16 @@ demo: install
 check: demo
 	$(BIN)/ssl-segbench check --baseline benchmarks/baseline_demo.json --results-dir $(DEMO_RESULTS)
 
-# `make test` leaves the tests marked `slow` (end-to-end runs: killed and concurrent runs, a Slurm cluster, torchrun,
-# real models, whole protocol suites) to `make test-slow`; CI (.ci/run) runs both. -rs lists why each skipped test was
-# skipped. Times: the whole suite took about 10 minutes on an idle 2-core machine and 43 on a busy one; the slow tests
-# are about 55 % of it (24 minutes measured file by file on the busy machine).
+# `make test` leaves the tests marked `slow` (runs that are killed or race each other, a Slurm cluster, torchrun, the
+# real DINOv2 of ../shared) to `make test-slow`; CI (.ci/run) runs both. -rs lists why each skipped test was skipped.
+# Times: the slow tests took 4.6 minutes together on a quiet 2-core machine and about 21 file by file on a busy one
+# (other sessions' tests on the same cores); the whole suite took about 10 and 43.
 test: install
-	@echo "make test: about 5 minutes on a 2-core machine (20 when it is busy); skip reasons are listed at the end; the slow end-to-end tests are left to \`make test-slow\` (about 6 minutes, 25 when busy)"
+	@echo "make test: about 6 minutes on a quiet 2-core machine (about 20 on a busy one); skip reasons are listed at the end; the slow end-to-end tests are left to \`make test-slow\` (about 5 minutes, 20 busy)"
 	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 test-slow: install
-	@echo "make test-slow: the slow end-to-end tests, about 6 minutes on a 2-core machine (25 when it is busy)"
+	@echo "make test-slow: the slow end-to-end tests, about 5 minutes on a quiet 2-core machine (about 20 on a busy one)"
 	$(BIN)/python -m pytest -q -rs -m slow
 
 bench: install

@@ -255,7 +255,6 @@ def _cli(tmp_path, data, *extra):
                  "--results-dir", str(tmp_path), *extra])
 
 
-@pytest.mark.slow
 def test_cli_writes_record_masks_reuses_embeddings_and_is_deterministic(small_synthetic, tmp_path):
     assert _cli(tmp_path / "a", small_synthetic, "--save-masks", str(tmp_path / "masks")) == 0
     assert _cli(tmp_path / "b", small_synthetic) == 0

@@ -164,7 +164,6 @@ def _cli(tmp_path, data, *extra):
                  "--param", "fs4.pyramid_levels=[1,2]", "--seeds", "2", "--results-dir", str(tmp_path), *extra])
 
 
-@pytest.mark.slow
 def test_cli_presets_write_records_and_masks_deterministically(small_synthetic, tmp_path):
     assert _cli(tmp_path / "a", small_synthetic, "--save-masks", str(tmp_path / "masks")) == 0
     assert _cli(tmp_path / "b", small_synthetic) == 0

@@ -297,7 +297,6 @@ def _records(root):
     return dict(iter_records(root))
 
 
-@pytest.mark.slow
 def test_end_to_end_on_synthetic_writes_records_and_masks(small_synthetic, tmp_path, monkeypatch):
     from ssl_segbench.cli import main
 

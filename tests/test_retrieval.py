@@ -230,7 +230,6 @@ def _cli(data, results, *extra):
                  "--size", "64", "--protocol", "retrieval", "--results-dir", str(results), *extra])
 
 
-@pytest.mark.slow
 def test_same_records_whatever_the_batch_size_with_augmented_bounded_memory(small_synthetic, tmp_path, monkeypatch):
     """Every run extracts into a cache of its own, so batch sizes 1 and 5 really compute everything twice: the
     augmented crops (seeded per image and epoch) and the memory sampling (seeded per image) do not see batches."""

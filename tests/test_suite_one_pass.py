@@ -65,7 +65,6 @@ def test_the_suite_is_one_pass_on_the_suim_sample(shared, tmp_path, forwards, mo
     assert {n: r.per_seed for n, r in again.items()} == {n: r.per_seed for n, r in first.items()}
 
 
-@pytest.mark.slow
 def test_the_suite_is_one_pass_on_synthetic_data(small_synthetic, tmp_path, forwards, monkeypatch):
     monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "cache"))
     args = ("random_vits16", "synthetic", small_synthetic, "--size", "64", "--param", "overcluster.k=20",
