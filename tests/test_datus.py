@@ -268,6 +268,7 @@ def test_cli_writes_record_masks_reuses_embeddings_and_is_deterministic(small_sy
     assert [p.stem for p in pngs] == [f"syn_test_{i:05d}" for i in range(8)]
 
 
+@pytest.mark.slow
 def test_real_backbone_on_suim_sample_all_three(shared, tmp_path):
     # 8 images of 16×16 DINOv2 tokens = 2048 tokens: K=500 overclusters or Leopart's 200 CBFE / 149 foreground
     # clusters would leave a handful of tokens per cluster, so K is scaled down to keep ~20+ tokens per cluster.

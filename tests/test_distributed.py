@@ -50,6 +50,7 @@ def one_process(small_synthetic, tmp_path_factory):
     return _cache_arrays(tmp / "cache"), _records(tmp / "res")
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_give_the_bytes_and_numbers_of_one_process(small_synthetic, tmp_path, one_process):
     cache, recs = one_process
     proc = subprocess.run([*_torchrun(2), *_args(small_synthetic, tmp_path / "res")], env=_env(tmp_path / "cache"),
@@ -77,6 +78,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_the_job_and_the_rerun_resumes_its_shard(crop_like_data, tmp_path):
     """Rank 1 is SIGKILLed once it has checkpointed part of its shard: torchrun stops the job with an error; the rerun
     resumes from the checkpointed rows and ends with the bytes of an uninterrupted one-process run."""
@@ -120,6 +122,7 @@ def crop_like_data(tmp_path_factory):
     return generate_synthetic(tmp_path_factory.mktemp("ddp") / "synthetic", n_train=40, n_test=40, seed=5)
 
 
+@pytest.mark.slow
 def test_a_sweep_cell_with_several_processes_runs_under_torchrun(small_synthetic, tmp_path, monkeypatch):
     from ssl_segbench.sweep import run_cell
 

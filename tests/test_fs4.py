@@ -193,6 +193,7 @@ def test_crf_goes_through_the_shared_scoring_path(tmp_path):
     assert res.info["crf"]["images_refined"] == 3 and res.info["crf"]["score_types"] == ["fs4 head logits"]
 
 
+@pytest.mark.slow
 def test_real_backbone_on_suim_sample_three_presets(shared, tmp_path):
     args = ["run", "--backbone", str(shared / "models" / "dinov2-small-imgfocus"), "--dataset", "suim",
             "--data-root", str(shared / "data" / "suim_sample"), "--results-dir", str(tmp_path / "res"),

@@ -1,10 +1,13 @@
 """The shared real DINOv2 ViT-S/14 on the real SUIM sample (skipped when ../shared is absent)."""
 from __future__ import annotations
 
+import pytest
+
 from ssl_segbench.cli import main
 from ssl_segbench.records import iter_records
 
 
+@pytest.mark.slow
 def test_dinov2_on_suim_sample_kmeans_then_linear_reuses_features(shared, tmp_path, monkeypatch):
     monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "cache"))  # a cold cache of its own
     args = ["run", "--backbone", str(shared / "models" / "dinov2-small-imgfocus"), "--dataset", "suim",

@@ -23,6 +23,7 @@ def _env(cache, **extra):
     return {**os.environ, "SSL_SEGBENCH_CACHE": str(cache), "SSL_SEGBENCH_CHECKPOINT_SECONDS": "0", **extra}
 
 
+@pytest.mark.slow
 def test_killed_mid_extraction_resumes_with_identical_numbers(small_synthetic, tmp_path):
     # uninterrupted reference
     subprocess.run(_cmd(small_synthetic, tmp_path / "ref-res"), env=_env(tmp_path / "ref-cache"), check=True,
@@ -54,6 +55,7 @@ def test_killed_mid_extraction_resumes_with_identical_numbers(small_synthetic, t
     assert any(m["resumed_from"] > 0 for m in metas), "the rerun should have resumed, not started over"
 
 
+@pytest.mark.slow
 def test_concurrent_runs_and_leaderboards_leave_valid_files(small_synthetic, tmp_path):
     env = _env(tmp_path / "cache", SSL_SEGBENCH_CHECKPOINT_SECONDS="20")
     runs = [subprocess.Popen(_cmd(small_synthetic, tmp_path / "res", "--overwrite", "always"), env=env,
@@ -95,6 +97,7 @@ def crop_data(tmp_path_factory):
     return generate_synthetic(tmp_path_factory.mktemp("crops") / "synthetic", n_train=20, n_test=30, seed=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol, entries", [("datus", "datus"), ("maskdistill", "pseudo/maskdistill-embeddings"),
                                                ("retrieval", "retrieval")])
 def test_a_run_killed_while_embedding_crops_resumes_from_its_entry(crop_data, tmp_path, protocol, entries):
@@ -123,6 +126,7 @@ def test_a_run_killed_while_embedding_crops_resumes_from_its_entry(crop_data, tm
     assert any(m["resumed_from"] > 0 for m in metas), "the rerun should have resumed the crop entry"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["datus", "maskdistill"])
 def test_two_concurrent_runs_embed_each_crop_entry_once(crop_data, tmp_path, protocol):
     env = _env(tmp_path / "cache", SSL_SEGBENCH_CHECKPOINT_SECONDS="20")

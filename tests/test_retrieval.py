@@ -292,6 +292,7 @@ def _split_root(tmp_path, sample, layout: str) -> tuple:
     return tmp_path, len(train), len(evaluation)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset, sample", [("suim", "suim_sample"), ("voc", "voc_sample")])
 def test_real_backbone_on_the_shared_samples_beats_kmeans(shared, tmp_path, dataset, sample):
     """The shared DINOv2 ViT-S/14 on half of a shared sample as memory and the other half as queries (SUIM: 4 + 4

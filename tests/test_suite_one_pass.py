@@ -51,6 +51,7 @@ def _check_one_pass(tmp_path, forwards, n_images, size):
     return recs
 
 
+@pytest.mark.slow
 def test_the_suite_is_one_pass_on_the_suim_sample(shared, tmp_path, forwards, monkeypatch):
     monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "cache"))
     args = (shared / "models" / "dinov2-small-imgfocus", "suim", shared / "data" / "suim_sample")

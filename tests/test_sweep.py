@@ -52,6 +52,7 @@ def _damaged_copy(data: Path, where: Path) -> tuple[Path, Path]:
     return copy, mask
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_missing_cells_only_and_status_names_a_failed_cell(grid_data, tmp_path, capsys):
     damaged, mask = _damaged_copy(grid_data[1], tmp_path / "damaged")
     f = _sweep_file(tmp_path / "grid.yaml", [grid_data[0], damaged], tmp_path / "res")
@@ -277,6 +278,7 @@ def _queue() -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in out.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_slurm_sweep_equals_local_and_reruns_only_a_killed_cell(slurm, grid_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "cache-local"))
     local = _sweep_file(tmp_path / "local.yaml", grid_data, tmp_path / "res-local")
