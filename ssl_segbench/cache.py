@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from .digest import sha256_hex
 from .errors import SegbenchError
 from .paths import checkpoint_seconds, inside, safe_component
 
@@ -40,7 +40,7 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 def json_digest(obj, length: int = 24) -> str:
     """sha256 of an object's sorted-key JSON, first `length` hex digits: the one key digest of the project (cache
     entries, record keys, leaderboard column ids)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+    return sha256_hex(json.dumps(obj, sort_keys=True, default=str), length)
 
 
 class CacheError(SegbenchError):

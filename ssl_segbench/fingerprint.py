@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from .atomic import write_json_atomic
+from .digest import sha256_hex
 from .paths import cache_dir, inside
 from .progress import progress_bar
 
@@ -26,11 +26,8 @@ _CHUNK = 1 << 20
 
 def sha256_file(path: Path) -> str:
     """sha256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return sha256_hex(iter(lambda: f.read(_CHUNK), b""))
 
 
 def _signature(st: os.stat_result) -> list[int]:
@@ -41,7 +38,7 @@ class Manifest:
     """Remembered digests of the files under one dataset root (any file may be added, e.g. a list file elsewhere)."""
 
     def __init__(self, root: Path):
-        key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]
+        key = sha256_hex(str(Path(root).resolve()), 24)
         self.path = inside(cache_dir(), Path("manifests") / f"{key}.json")
         self.root = str(Path(root).resolve())
         self.entries: dict[str, list] = self._read()
@@ -96,7 +93,6 @@ def content_sha256(header: dict, files: list[tuple[str, Path | None]], root: Pat
     ('-' for None). Digests come from the root's manifest; unknown or changed files are hashed (with a progress bar)."""
     manifest = Manifest(root)
     todo = [p for _, p in files if p is not None and manifest.known(p) is None]
-    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + b"\n")
     try:
         if todo:
             with progress_bar(len(todo), f"hashing {len(todo)} file(s) of {what} (once; remembered in the cache)") \
@@ -104,8 +100,8 @@ def content_sha256(header: dict, files: list[tuple[str, Path | None]], root: Pat
                 for p in todo:
                     manifest.digest(p)
                     advance()
-        for name, p in files:
-            h.update(name.encode() + b"\0" + (manifest.digest(p) if p is not None else "-").encode() + b"\n")
+        lines = [name.encode() + b"\0" + (manifest.digest(p) if p is not None else "-").encode() + b"\n"
+                 for name, p in files]
     finally:
         manifest.save()
-    return h.hexdigest()
+    return sha256_hex([json.dumps(header, sort_keys=True).encode() + b"\n", *lines])

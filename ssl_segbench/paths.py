@@ -15,11 +15,11 @@ to resolve inside its root before anything is written there.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
 
+from .digest import sha256_hex
 from .errors import SegbenchError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:@+=-]")
@@ -80,7 +80,7 @@ def safe_component(name: str, portable: bool = False) -> str:
     if name and not unsafe.search(name) and not name.startswith(".") and ".." not in name:
         return name
     plain = re.sub(r"\.{2,}", "_", unsafe.sub("_", name)).lstrip(".")[:80] or "_"
-    return f"{plain}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return f"{plain}-{sha256_hex(name, 8)}"
 
 
 def inside(root: str | Path, path: str | Path) -> Path:

@@ -2,12 +2,12 @@
 COCO-Stuff-15 (15 stuff supercategories over every val2017 image), which is a different benchmark with its own id."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..digest import sha256_hex
 from . import register_dataset
 from .base import DatasetError, Sample, SegmentationDataset
 from .labels import apply_lut, build_lut
@@ -87,7 +87,7 @@ class CocoStuff27(SegmentationDataset):
         text = path.read_bytes()
         lines = [Path(line.strip()).stem for line in text.decode().splitlines() if line.strip()]
         ids = list(dict.fromkeys(lines))
-        self.notes.append(f"image list: {path} ({len(ids)} ids, sha256 {hashlib.sha256(text).hexdigest()})")
+        self.notes.append(f"image list: {path} ({len(ids)} ids, sha256 {sha256_hex(text)})")
         if len(ids) != len(lines):
             self.notes.append(f"image list has {len(lines) - len(ids)} duplicate id(s), each used once")
         return self._pair_listed(ids, self.root / "images" / f"{self.split}2017",

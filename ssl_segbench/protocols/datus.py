@@ -49,7 +49,6 @@ clusters dropped) is not ported.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 
 import numpy as np
@@ -57,6 +56,7 @@ import torch
 from PIL import Image
 
 from ..cache import Entry, ensure, filling
+from ..digest import sha256_hex
 from ..metrics import match, remap, scores
 from ..paths import cache_dir
 from ..progress import progress_bar
@@ -206,9 +206,8 @@ class DatUSProtocol(Protocol):
         reference or a keyed `keys` entry (planted tests) they are computed in memory."""
         p = self.params
         ds = ctx.eval_set
-        h = hashlib.sha256()
-        for s, v in zip(segs, valid):
-            h.update(np.ascontiguousarray(s, dtype=np.int64).tobytes() + b"|" + v.astype(np.int64).tobytes() + b"\n")
+        segments_sha256 = sha256_hex(np.ascontiguousarray(s, dtype=np.int64).tobytes() + b"|"
+                                     + v.astype(np.int64).tobytes() + b"\n" for s, v in zip(segs, valid))
         entry_name = fs.keys.get("keys") if isinstance(fs.keys, dict) else None
         n = int(sum(len(v) for v in valid))
         if ctx.backbone_ref is None or not entry_name:
@@ -220,7 +219,7 @@ class DatUSProtocol(Protocol):
         ref = ctx.backbone_ref
         key = {"kind": "datus-segment-cls", "version": SEGMENT_CACHE_VERSION, "keys_entry": entry_name,
                "backbone": ref.spec.id, "source": ref.source, "revision": ref.revision, "layer": -1,
-               "segments_sha256": h.hexdigest(), "tau": p["tau"], "key_centering": p["key_centering"],
+               "segments_sha256": segments_sha256, "tau": p["tau"], "key_centering": p["key_centering"],
                "louvain_resolution": p["louvain_resolution"],
                "louvain_seed": p["louvain_seed"], "crop_resize": p["crop_resize"], "crop_size": p["crop_size"],
                "transform": ctx.transform.to_dict(),
