@@ -5,16 +5,11 @@ size, CRF, seeds) and its rows by backbone family and size, a provenance page pe
 (`plots.py`). Byte-stable: the same records give the same bytes (sorted everything, no dates, no random ids)."""
 from __future__ import annotations
 
-import ctypes
-import errno
 import html
 import json
-import os
-import re
-import shutil
 from pathlib import Path
 
-from .atomic import write_guard
+from .atomic import replacing_dir, write_guard
 from .figures import figure_path
 from .pages import DEMO_DATASETS, fmt_metric, page_name
 from .paths import safe_component
@@ -218,82 +213,16 @@ def render_site(records: list[Record], out_dir: Path, published: list[dict], reg
 
 
 def write_site(files: dict[str, bytes], site_dir: Path) -> list[Path]:
-    """Replace `site_dir` with exactly `files`. The site is built in `<site>.tmp-<pid>/` and swapped in with one
-    atomic exchange (`_swap`), so a reader sees the old site or the new one; a failed build (a full disk is a
-    WriteError) leaves the old site as it was and no temporary folder. Leftovers of a killed build are removed first."""
+    """Replace `site_dir` with exactly `files`, built beside it and exchanged with it in one step (`replacing_dir`), so
+    a reader sees the old site or the new one; a failed build (a full disk is a WriteError) leaves the old site as it
+    was and no temporary folder."""
     site_dir = Path(site_dir)
-    _remove_leftovers(site_dir)
-    tmp = site_dir.with_name(f"{site_dir.name}.tmp-{os.getpid()}")
-    try:
-        with write_guard(site_dir, "site"):
-            for rel, data in files.items():
-                path = tmp / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-            _swap(tmp, site_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # after a swap it holds the old site
+    with write_guard(site_dir, "site"), replacing_dir(site_dir) as tmp:
+        for rel, data in files.items():
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
     return [site_dir / rel for rel in sorted(files)]
-
-
-def _remove_leftovers(site_dir: Path) -> None:
-    """Delete `<site>.tmp[-pid]` and `<site>.old[-pid]` folders that a killed build left, except those of a build still
-    running (its process id is alive)."""
-    pattern = re.compile(rf"{re.escape(site_dir.name)}\.(tmp|old)(?:-(\d+))?")
-    if not site_dir.parent.is_dir():
-        return
-    for path in site_dir.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and not (match[2] and int(match[2]) != os.getpid() and _alive(int(match[2]))):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _swap(new: Path, target: Path) -> None:
-    """Put folder `new` at `target`, `target`'s old content ending at `new`. Where renameat2(RENAME_EXCHANGE) exists
-    (Linux 3.15+, glibc 2.28+, local file systems) the exchange is atomic: there is no moment without `target`.
-    Elsewhere the old folder is renamed away and the new one in: `target` is missing between those two renames."""
-    if not target.exists():
-        try:
-            os.rename(new, target)
-            return
-        except OSError as e:  # another build put a site there meanwhile: exchange with it
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-    if not _exchange(new, target):
-        old = target.with_name(f"{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except OSError:
-            os.rename(old, target)
-            raise
-        os.rename(old, new)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False where the call or the flag is unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError, TypeError):  # no such libc function (macOS, old glibc), or no libc (Windows)
-        return False
-    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
 
 
 CSS = """body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }

@@ -75,15 +75,15 @@ def test_a_failed_build_keeps_the_old_site_and_leaves_no_temporary_folder(tmp_pa
 def test_the_new_site_replaces_the_old_one_exactly(exchange, tmp_path, monkeypatch):
     """With the atomic exchange (Linux, which these tests run on) and with the fallback of two renames (where
     renameat2 is missing)."""
-    from ssl_segbench import site as site_module
+    from ssl_segbench import atomic
 
-    real, used = site_module._exchange, []
+    real, used = atomic._exchange, []
 
     def exchange_or_not(a, b):
         used.append(real(a, b) if exchange else False)
         return used[-1]
 
-    monkeypatch.setattr(site_module, "_exchange", exchange_or_not)
+    monkeypatch.setattr(atomic, "_exchange", exchange_or_not)
     site = tmp_path / "site"
     write_site({"index.html": b"old", "gone.html": b"stale"}, site)
     inode = site.stat().st_ino

@@ -7,15 +7,12 @@ classes only partly, local texture separates them well. Images are JPEGs and mas
 from __future__ import annotations
 
 import fcntl
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..atomic import write_guard
+from ..atomic import replacing_dir, write_guard
 from ..paths import cache_dir
 from . import register_dataset
 from .suim import SUIM
@@ -68,15 +65,8 @@ def generate_synthetic(root: str | Path, n_train: int = 120, n_test: int = 60, s
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed holder dies
             if (root / ".complete").exists():  # another process generated it meanwhile
                 return root
-            for stale in [*root.parent.glob(f"{root.name}.tmp-*"), root]:
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
-            try:
+            with replacing_dir(root) as tmp:  # an incomplete root left by a killed generator is replaced
                 _write_synthetic(tmp, n_train, n_test, size, seed)
-                os.rename(tmp, root)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
     return root
 
 
