@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SegbenchError
+from .registry import is_number
 from .setting import Setting
 
 SCHEMA = "ssl-segbench/record/v2"
@@ -41,7 +42,7 @@ MIN_POINTS_PER_CLUSTER = 100  # fitted tokens per cluster under many-to-one: few
 
 
 def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return is_number(x) and math.isfinite(x)
 
 
 def check_finite(metrics: dict, what: str) -> None:

@@ -91,7 +91,8 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
+    """An int or float that is not a bool (the same reason)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -132,7 +133,7 @@ def _validate(entry: object, where: str) -> BackboneSpec:
             raise bad(key, "must be a non-negative integer or absent")
     for key in ("mean", "std"):
         v = entry[key]
-        if not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)):
+        if not (isinstance(v, list) and len(v) == 3 and all(is_number(x) for x in v)):
             raise bad(key, "must be a list of 3 numbers")
         if key == "std" and min(v) <= 0:
             raise bad(key, "must be positive")

@@ -20,6 +20,7 @@ from pathlib import Path
 from .atomic import write_text_atomic
 from .errors import SegbenchError
 from .records import METRICS, RecordError, iter_records, require_results_dir
+from .registry import is_number
 
 SCHEMA = "ssl-segbench/baseline/v1"
 TOLERANCE_FLOOR = 0.002
@@ -70,8 +71,8 @@ def read_baseline(path: Path) -> dict:
             raise BaselineError(f"{where} needs a 'label' string and a non-empty 'metrics' mapping; regenerate the "
                                 "baseline with --update-baseline")
         for metric, m in entry["metrics"].items():
-            ok = isinstance(m, dict) and all(isinstance(m.get(f), (int, float)) and not isinstance(m.get(f), bool)
-                                             and math.isfinite(m[f]) and 0 <= m[f] <= 1 for f in ("mean", "std"))
+            ok = isinstance(m, dict) and all(is_number(m.get(f)) and math.isfinite(m[f]) and 0 <= m[f] <= 1
+                                             for f in ("mean", "std"))
             if not ok:
                 raise BaselineError(f"{where}, metric '{metric}': needs 'mean' and 'std' fractions in [0, 1], got "
                                     f"{m!r}; regenerate the baseline with --update-baseline")

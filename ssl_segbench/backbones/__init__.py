@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..paths import hub_offline
-from ..registry import BackboneSpec, did_you_mean, load_registry
+from ..registry import BackboneSpec, did_you_mean, is_number, load_registry
 from .base import FACETS, Backbone, BackboneError
 from .builtin import PixelsBackbone, random_init_model
 from .hf_backbone import VISION_TOWERS, HFBackbone, hf_spec_fields, model_class
@@ -311,7 +311,7 @@ def normalisation_problem(mean, std) -> str | None:
     """Why (mean, std) cannot normalise RGB input (None: they can): each must be 3 finite numbers, std above 0."""
     for key, v in (("mean", mean), ("std", std)):
         if not (isinstance(v, (list, tuple)) and len(v) == 3
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+                and all(is_number(x) and math.isfinite(x) for x in v)):
             return f"{key} {v!r} is not 3 finite numbers (one per RGB channel)"
     if min(std) <= 0:
         return f"std {list(std)!r} has a value <= 0"

@@ -32,6 +32,7 @@ from ..errors import SegbenchError
 from ..features import FeatureSet
 from ..metrics import confusion, image_stats, remap, scores, sparse
 from ..paths import PathError, inside, safe_component
+from ..registry import is_int, is_number
 from ..transforms import POLICIES, Transform
 
 
@@ -105,9 +106,9 @@ def _type_ok(value, allowed: tuple) -> bool:
             return True
         if t is bool and isinstance(value, bool):
             return True
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
+        if t is int and is_int(value):
             return True
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if t is float and is_number(value):
             return True
         if t not in (None, bool, int, float) and isinstance(value, t):
             return True

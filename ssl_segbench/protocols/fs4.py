@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from ..cluster import KMEANS_BACKENDS, kmeans, kmeans_backend, update_centroids
 from ..metrics import match
 from ..progress import progress_bar
+from ..registry import is_int
 from . import register_protocol
 from .base import (
     Context,
@@ -94,7 +95,7 @@ class FS4Protocol(Protocol):
         if not -1 <= p["cae_threshold"] <= 1:
             raise ProtocolError(f"fs4: cae_threshold is a cosine, in [-1, 1]; got {p['cae_threshold']!r}")
         levels = p["pyramid_levels"]
-        if not (levels and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in levels)
+        if not (levels and all(is_int(v) and v > 0 for v in levels)
                 and len(set(levels)) == len(levels)):
             raise ProtocolError(f"fs4: pyramid_levels must be distinct positive integers, e.g. [1, 2, 4]; got "
                                 f"{levels!r}")

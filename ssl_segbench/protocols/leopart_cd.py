@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from ..cluster import KMEANS_BACKENDS, Preprocess, assign, kmeans, kmeans_backend, sample_rows
 from ..metrics import match
 from ..progress import progress_bar
+from ..registry import is_int, is_number
 from . import register_protocol
 from .base import (
     Context,
@@ -127,8 +128,7 @@ class LeopartCDProtocol(Protocol):
                       "preferred_modules", allow_none=True)
         self.positive("niter", "nredo", "cbfe_k", "attn_mass")
         _check_cbfe_threshold(p["cbfe_threshold"])
-        if not p["distances"] or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                         for d in p["distances"]):
+        if not p["distances"] or not all(is_int(d) and d > 0 for d in p["distances"]):
             raise ProtocolError(f"leopart-cd: distances must be a list of positive integers, got {p['distances']!r}")
         if p["background_class"] < 0:
             raise ProtocolError(f"leopart-cd: background_class must be a class index, got {p['background_class']!r}")
@@ -283,7 +283,7 @@ class LeopartCDProtocol(Protocol):
             note["source"] = (f"{name} values for {[n for n in names if p[n] is None]}: backbone embed_dim "
                               f"{spec.embed_dim} {'≥' if key == 'vitb8' else '<'} 768")
             note["same_width_and_patch_as_source"] = bool(spec.embed_dim == dim and spec.patch_size == patch)
-        if not isinstance(hp["k"], int) or isinstance(hp["k"], bool) or hp["k"] < 1:
+        if not is_int(hp["k"]) or hp["k"] < 1:
             raise ProtocolError(f"leopart-cd: k must be a positive integer, got {hp['k']!r}")
         return hp, {"cd_hparams": {**hp, **note}}
 
@@ -360,7 +360,7 @@ def _check_cbfe_threshold(how) -> None:
     if isinstance(how, str):
         if how != "otsu":
             raise ProtocolError(f"leopart-cd: cbfe_threshold must be a number in [0, 1] or 'otsu', got {how!r}")
-    elif isinstance(how, bool) or not isinstance(how, (int, float)) or not 0 <= how <= 1:
+    elif not is_number(how) or not 0 <= how <= 1:
         raise ProtocolError(f"leopart-cd: cbfe_threshold must be a number in [0, 1] or 'otsu', got {how!r}")
 
 
