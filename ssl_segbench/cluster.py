@@ -12,14 +12,17 @@ from .cache import ArrayStore
 from .errors import SegbenchError
 
 
+def subsample_rows(x: np.ndarray, max_rows: int | None, rng: int | np.random.Generator = 0) -> np.ndarray:
+    """`x` itself, or `max_rows` of its rows drawn uniformly without replacement and kept in order (a memory map is
+    read in order): the one row subsampling. `rng` is a seed or a Generator, which then advances."""
+    if max_rows is None or len(x) <= max_rows:
+        return x
+    return x[np.sort(np.random.default_rng(rng).choice(len(x), size=max_rows, replace=False))]
+
+
 def sample_rows(store: ArrayStore, max_rows: int | None, seed: int) -> np.ndarray:
-    """All rows of a token entry as float32, or `max_rows` of them drawn uniformly without replacement (sorted, so the
-    memory map is read in order)."""
-    n = store.data.shape[0]
-    if max_rows is None or n <= max_rows:
-        return np.asarray(store.data, dtype=np.float32)
-    idx = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
-    return np.asarray(store.data[idx], dtype=np.float32)
+    """All rows of a token entry as float32, or `max_rows` of them (`subsample_rows`)."""
+    return np.asarray(subsample_rows(store.data, max_rows, seed), dtype=np.float32)
 
 
 @dataclass
@@ -106,8 +109,8 @@ def torch_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spher
     restart with the best objective of its last assignment. Sums go through a one-hot matrix product, which is
     deterministic on the GPU (atomic scatter-adds are not), so a seed gives the same centroids every time."""
     rng = np.random.default_rng(seed)
-    if max_points_per_centroid and len(x) > k * max_points_per_centroid:
-        x = x[np.sort(rng.choice(len(x), size=k * max_points_per_centroid, replace=False))]
+    if max_points_per_centroid:
+        x = subsample_rows(x, k * max_points_per_centroid, rng)
     xt = torch.from_numpy(x).to(device)
     best, best_obj = None, None
     for _ in range(nredo):

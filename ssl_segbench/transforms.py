@@ -25,6 +25,16 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so `--help` (whic
 POLICIES = ("shorter", "square", "pad")
 
 
+def normalise(img, mean, std) -> torch.Tensor:
+    """RGB image (PIL or uint8 array) → (3, H, W) float32 tensor of (pixel / 255 − mean) / std per channel: the one
+    input normalisation of the evaluation transform, the linear probe's crops and maskdistill's crops."""
+    import torch
+
+    x = (np.asarray(img, dtype=np.float32) / 255.0 - np.asarray(mean, dtype=np.float32)) / np.asarray(
+        std, dtype=np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
 class TransformError(SegbenchError):
     """A resize policy or size that cannot be used; the message says what can."""
 
@@ -75,9 +85,7 @@ class Transform:
         """PIL RGB → normalised (3, H, W) float tensor."""
         import torch
 
-        x = np.asarray(self._geometry(img, Image.BICUBIC), dtype=np.float32) / 255.0
-        x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-        t = torch.from_numpy(x.transpose(2, 0, 1).copy())
+        t = normalise(self._geometry(img, Image.BICUBIC), mean, std)
         oh, ow = self.output_size(*img.size)
         if t.shape[1:] != (oh, ow):
             t = torch.nn.functional.pad(t, (0, ow - t.shape[2], 0, oh - t.shape[1]))
@@ -133,8 +141,6 @@ class RandomResizedCropFlip:
               jitter: list[tuple[str, float]] = ()) -> tuple[torch.Tensor, np.ndarray]:
         """(normalised (3, size, size) image, (size, size) int64 labels) of one sampled crop, colour-jittered after
         the crop by `jitter` (`sample_jitter`)."""
-        import torch
-
         left, top, w, h = box
         region = (left, top, left + w, top + h)
         im = img.crop(region).resize((self.size, self.size), Image.BILINEAR)
@@ -142,9 +148,7 @@ class RandomResizedCropFlip:
         if flipped:
             im, lab = im.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT)
         im = color_jitter(im, jitter)
-        x = (np.asarray(im, dtype=np.float32) / 255.0 - np.asarray(mean, dtype=np.float32)) / np.asarray(
-            std, dtype=np.float32)
-        return torch.from_numpy(x.transpose(2, 0, 1).copy()), np.asarray(lab, dtype=np.int64)
+        return normalise(im, mean, std), np.asarray(lab, dtype=np.int64)
 
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")

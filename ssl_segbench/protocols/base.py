@@ -95,6 +95,14 @@ def matching_axis(params: dict) -> str:
     return params["matching"]
 
 
+def auto_matching(matching: str, k: int, n_classes: int, one_to_one: str = "hungarian-pixels") -> str:
+    """`matching` as given, or for 'auto': `one_to_one` (Hungarian) when the K clusters fit the `n_classes` classes,
+    else many-to-one (each cluster to its majority class)."""
+    if matching != "auto":
+        return matching
+    return one_to_one if k <= n_classes else "many-to-one"
+
+
 def kmeans_backend_axis(params: dict) -> str | None:
     """The k-means implementation, named where it is not the default faiss."""
     return None if params["kmeans_backend"] == "faiss" else f"{params['kmeans_backend']} k-means"
@@ -529,8 +537,16 @@ def eval_labels(labels: np.ndarray, eval_size: int | None) -> np.ndarray:
     """Ground truth at the evaluation resolution: as cached (transform resolution) or nearest-resized to a square."""
     if eval_size is None:
         return labels
-    t = torch.from_numpy(labels.astype(np.float32))[None, None]
-    return F.interpolate(t, size=(eval_size, eval_size), mode="nearest")[0, 0].long().numpy()
+    return upsample_nearest(labels, (eval_size, eval_size)).astype(np.int64)
+
+
+def upsample_nearest(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(h, w) label or mask grid → `shape` by nearest neighbour (torch's rule, as Leopart uses), in its own dtype."""
+    shape = tuple(int(v) for v in shape)
+    if grid.shape == shape:
+        return grid
+    t = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=shape, mode="nearest")[0, 0].numpy().astype(grid.dtype)
 
 
 def scores_to_labels(scores: torch.Tensor, size: tuple[int, int], upsample: str) -> torch.Tensor:

@@ -70,6 +70,7 @@ from .base import (
     ProtocolError,
     ProtocolResult,
     accumulate_confusion,
+    auto_matching,
     matching_axis,
     onehot_scorer,
     score_seeds,
@@ -117,8 +118,7 @@ class DatUSProtocol(Protocol):
             raise ProtocolError("datus: the run's transform is needed to map segments back to the original images")
         ds = ctx.eval_set
         k = p["k"] or ds.num_classes
-        matching = p["matching"] if p["matching"] != "auto" else (
-            "hungarian-pixels" if k <= ds.num_classes else "many-to-one")
+        matching = auto_matching(p["matching"], k, ds.num_classes)
         fs = ctx.get(ds, ("keys",))
         keys = fs["keys"]
 

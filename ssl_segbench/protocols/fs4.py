@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cluster import KMEANS_BACKENDS, kmeans, kmeans_backend, update_centroids
+from ..cluster import KMEANS_BACKENDS, kmeans, kmeans_backend, subsample_rows, update_centroids
 from ..metrics import match
 from ..progress import progress_bar
 from ..registry import is_int
@@ -52,6 +52,7 @@ from .base import (
     ProtocolError,
     ProtocolResult,
     accumulate_confusion,
+    auto_matching,
     kmeans_backend_axis,
     matching_axis,
     score_seeds,
@@ -106,8 +107,7 @@ class FS4Protocol(Protocol):
         p = self.params
         ds = ctx.eval_set
         k = p["k"] or ds.num_classes
-        matching = p["matching"] if p["matching"] != "auto" else \
-            ("hungarian-pixels" if k <= ds.num_classes else "many-to-one")
+        matching = auto_matching(p["matching"], k, ds.num_classes)
         fs = ctx.get(ds, ("tokens",))
         layout = Layout(fs["tokens"], p["pyramid_levels"] if p["pgg"] else [])
         with progress_bar(len(ds), f"fs4 embedding {ds.id}/{ds.split}" + (" (CAE)" if p["cae"] else "")) as adv:
@@ -279,8 +279,7 @@ def self_train(emb: torch.Tensor, layout: Layout, cells: list[torch.Tensor] | No
         log_prior = _log_prior(q, layout, device)
     else:
         fit = emb.cpu().numpy()
-        if p["max_fit_points"] is not None and len(fit) > p["max_fit_points"]:
-            fit = fit[np.sort(np.random.default_rng(0).choice(len(fit), size=p["max_fit_points"], replace=False))]
+        fit = subsample_rows(fit, p["max_fit_points"])
         centroids = torch.from_numpy(kmeans(fit, k, seed, p["niter"], p["nredo"], True, None,
                                             p["kmeans_backend"], device)).to(device)
         del fit

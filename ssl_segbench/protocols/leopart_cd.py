@@ -57,9 +57,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..cluster import KMEANS_BACKENDS, Preprocess, assign, kmeans, kmeans_backend, sample_rows
+from ..cluster import KMEANS_BACKENDS, Preprocess, assign, kmeans, kmeans_backend, sample_rows, subsample_rows
 from ..metrics import match
 from ..progress import progress_bar
 from ..registry import is_int, is_number
@@ -76,6 +75,7 @@ from .base import (
     matching_axis,
     onehot_scorer,
     score_seeds,
+    upsample_nearest,
 )
 
 # Leopart's published community-detection hyper-parameters, searched on VOC train mIoU (with labels).
@@ -178,7 +178,7 @@ class LeopartCDProtocol(Protocol):
         info["attention_foreground_fraction"] = round(float(np.mean([f.mean() for f in fg_attn])), 4)
 
         # 3. cluster-based foreground extraction
-        fit_x = _subsample(np.concatenate(x), p["max_fit_points"])
+        fit_x = subsample_rows(np.concatenate(x), p["max_fit_points"])
         if p["cbfe_k"] > len(fit_x):
             raise ProtocolError(f"leopart-cd: cbfe_k={p['cbfe_k']} clusters but only {len(fit_x)} tokens; lower "
                                 "it, e.g. --param leopart-cd.cbfe_k=50")
@@ -209,7 +209,7 @@ class LeopartCDProtocol(Protocol):
             if k > len(fg_x):
                 raise ProtocolError(f"leopart-cd: k={k} foreground clusters but CBFE kept only {len(fg_x)} foreground "
                                     "tokens; lower it, e.g. --param leopart-cd.k=20")
-            c_k = kmeans(_subsample(fg_x, p["max_fit_points"]), k, p["cluster_seed"], p["niter"], p["nredo"], False,
+            c_k = kmeans(subsample_rows(fg_x, p["max_fit_points"]), k, p["cluster_seed"], p["niter"], p["nredo"], False,
                          p["max_points_per_centroid"], p["kmeans_backend"], ctx.device)
             advance()
             maps = []
@@ -294,21 +294,6 @@ def _fit_rows(stores, max_rows: int | None) -> np.ndarray:
     if max_rows is None or total <= max_rows:
         return np.concatenate([np.asarray(s.data, dtype=np.float32) for s in stores])
     return np.concatenate([sample_rows(s, max(1, round(max_rows * s.data.shape[0] / total)), seed=0) for s in stores])
-
-
-def _subsample(x: np.ndarray, max_rows: int | None) -> np.ndarray:
-    if max_rows is None or len(x) <= max_rows:
-        return x
-    return x[np.sort(np.random.default_rng(0).choice(len(x), size=max_rows, replace=False))]
-
-
-def upsample_nearest(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(h, w) label or mask grid → `shape` by nearest neighbour (torch's rule, as Leopart and eval_labels use)."""
-    shape = tuple(int(v) for v in shape)
-    if grid.shape == shape:
-        return grid
-    t = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=shape, mode="nearest")[0, 0].numpy().astype(grid.dtype)
 
 
 def noisy_foreground(attn: np.ndarray, kernel: int = 7, sigma: float = 0.6, mass: float = 0.65,

@@ -80,6 +80,7 @@ from ..features import compute_precision
 from ..metrics import hungarian
 from ..paths import cache_dir
 from ..progress import progress_bar
+from ..transforms import normalise
 from . import register_protocol
 from .base import (
     Context,
@@ -89,6 +90,7 @@ from .base import (
     ProtocolError,
     ProtocolResult,
     accumulate_confusion,
+    auto_matching,
     matching_axis,
     onehot_scorer,
     score_seeds,
@@ -346,9 +348,7 @@ class MaskDistillProtocol(Protocol):
             info["k_effective"] = len(fit)
             info["note"] = f"only {len(fit)} masks to cluster: K lowered from {k} to {len(fit)}"
             k = len(fit)
-        matching = p["matching"]
-        if matching == "auto":
-            matching = "hungarian" if k <= c - 1 else "many-to-one"
+        matching = auto_matching(p["matching"], k, c - 1, "hungarian")
         info["matching"] = matching + ("" if bg is None else f" (label 0 fixed to class {bg})")
 
         assignments = []  # per seed: {split name: (n_images,) cluster ids}
@@ -477,8 +477,6 @@ def _embed_crops(entry: Entry, ds, boxes: np.ndarray, load, spec, p: dict, devic
     if spec.num_prefix_tokens == 0:
         raise ProtocolError(f"maskdistill embeds crops by their CLS token, but '{spec.id}' has none; name another "
                             "backbone with --param maskdistill.embed_backbone=ID")
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
     ps = spec.patch_size
     cs = p["crop_size"]
 
@@ -492,8 +490,7 @@ def _embed_crops(entry: Entry, ds, boxes: np.ndarray, load, spec, p: dict, devic
         im = ds.load_image(i).crop(tuple(int(v) for v in boxes[i]))
         if cs:
             im = im.resize((cs, cs), Image.BICUBIC)
-        x = (np.asarray(im, dtype=np.float32) / 255.0 - mean) / std
-        t = torch.from_numpy(x.transpose(2, 0, 1).copy())
+        t = normalise(im, spec.mean, spec.std)
         hh, ww = shape_of(boxes[i])
         return torch.nn.functional.pad(t, (0, ww - t.shape[2], 0, hh - t.shape[1]))
 
