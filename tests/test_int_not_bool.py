@@ -6,8 +6,8 @@ import json
 import pytest
 
 from ssl_segbench.protocols import ProtocolError, get_protocol
-from ssl_segbench.regression import BaselineError, read_baseline
 from ssl_segbench.registry import is_int, is_number
+from ssl_segbench.regression import BaselineError, read_baseline
 
 
 def test_bools_are_neither_ints_nor_numbers():
