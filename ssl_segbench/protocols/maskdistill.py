@@ -93,7 +93,7 @@ from .base import (
     onehot_scorer,
     score_seeds,
 )
-from .linear import _scorer, cached_steps, train_head, train_split_info
+from .training import cached_steps, conv_head_scorer, train_head, train_split_info
 
 STAGES = ("pseudo", "distill-linear", "distill-conv")
 MATCHINGS = ("auto", "hungarian", "many-to-one")
@@ -387,7 +387,7 @@ class MaskDistillProtocol(Protocol):
                                             tfs["tokens"].data.shape[1], cached_steps(tfs["tokens"], label_of, p),
                                             PSEUDO_IGNORE, p, seed, ctx.device, adv))
             with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
-                confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [_scorer(h) for h in heads], c,
+                confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads], c,
                                              n_labels, ds.ignore_index, p["upsample"], p["eval_size"], advance,
                                              on_labels=saver, per_image=per_image, score_type="distilled-head logits")
         info["scoring_seconds"] = round(time.perf_counter() - t0, 3)

@@ -55,7 +55,7 @@ from .base import (
     matching_axis,
     score_seeds,
 )
-from .linear import check_crop_ranges, check_train_split, split_candidates, train_split_info
+from .training import check_crop_ranges, check_train_split, split_candidates, train_split_info
 
 MEMORY_VERSION = "1"  # bump when the memory bank's contents could change
 AUGMENT_VERSION = "1"  # bump when the augmented crops could change
