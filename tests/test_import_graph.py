@@ -18,7 +18,7 @@ from pathlib import Path
 
 PACKAGE = "ssl_segbench"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
-SHARED_PROTOCOL_MODULES = {"base", "training"}
+SHARED_PROTOCOL_MODULES = {"base", "clustering", "training"}
 LAZY = re.compile(r"#\s*lazy:\s*\S")
 
 
