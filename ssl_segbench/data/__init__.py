@@ -6,20 +6,9 @@ from pathlib import Path
 
 from ..paths import data_dir, safe_component
 from ..registry import did_you_mean
-from .base import DatasetError, Sample, SegmentationDataset, voc_palette
+from .base import DATASETS, DatasetError, Sample, SegmentationDataset, register_dataset, voc_palette
 
-DATASETS: dict[str, type[SegmentationDataset]] = {}
 HF_PREFIX = "hf:"
-
-
-def register_dataset(cls: type[SegmentationDataset]) -> type[SegmentationDataset]:
-    """Class decorator: make a dataset available under its ``id``."""
-    if not cls.id or cls.id in DATASETS:
-        raise ValueError(f"dataset id {cls.id!r} is empty or registered twice")
-    if not cls.source or not cls.licence:
-        raise ValueError(f"dataset {cls.id!r} states no source or licence (where users download it, and its terms)")
-    DATASETS[cls.id] = cls
-    return cls
 
 
 def dataset_options(cls: type[SegmentationDataset]) -> list[str]:

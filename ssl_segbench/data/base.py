@@ -407,3 +407,17 @@ class SegmentationDataset:
         found = self.off_palette_pixels()
         return {"policy": self.off_palette, "rule": self.off_palette_rule, "pixels": sum(found.values()),
                 "n_masks": len(found), "masks": list(found)}
+
+
+# dataset id → loader class; loaders register themselves on import (data/__init__.py imports them all)
+DATASETS: dict[str, type[SegmentationDataset]] = {}
+
+
+def register_dataset(cls: type[SegmentationDataset]) -> type[SegmentationDataset]:
+    """Class decorator: make a dataset available under its ``id``."""
+    if not cls.id or cls.id in DATASETS:
+        raise ValueError(f"dataset id {cls.id!r} is empty or registered twice")
+    if not cls.source or not cls.licence:
+        raise ValueError(f"dataset {cls.id!r} states no source or licence (where users download it, and its terms)")
+    DATASETS[cls.id] = cls
+    return cls

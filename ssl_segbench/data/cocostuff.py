@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import register_dataset
-from .base import DatasetError, Sample, SegmentationDataset
+from .base import DatasetError, Sample, SegmentationDataset, register_dataset
 from .labels import apply_lut, build_lut
 
 COCOSTUFF27_CLASSES = (

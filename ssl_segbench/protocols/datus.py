@@ -61,7 +61,6 @@ from ..metrics import match, remap, scores
 from ..paths import cache_dir
 from ..progress import progress_bar
 from ..transforms import Transform
-from . import register_protocol
 from .base import (
     Context,
     LabelGrids,
@@ -72,6 +71,7 @@ from .base import (
     accumulate_confusion,
     matching_axis,
     onehot_scorer,
+    register_protocol,
     score_seeds,
 )
 

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from ..cluster import KMEANS_BACKENDS, kmeans, kmeans_backend, update_centroids
 from ..metrics import match
 from ..progress import progress_bar
-from . import register_protocol
 from .base import (
     Context,
     MaskSaver,
@@ -53,6 +52,7 @@ from .base import (
     accumulate_confusion,
     kmeans_backend_axis,
     matching_axis,
+    register_protocol,
     score_seeds,
 )
 

@@ -18,8 +18,7 @@ score by one positive number (`info.score_scale`), so it never changes the argma
 """
 from __future__ import annotations
 
-from . import register_protocol
-from .base import Context, ProtocolResult
+from .base import Context, ProtocolResult, register_protocol
 from .clustering import KMeansFamily, cluster_and_score
 
 

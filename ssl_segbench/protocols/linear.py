@@ -27,7 +27,6 @@ import torch
 from ..metrics import match
 from ..progress import progress_bar
 from ..transforms import RandomResizedCropFlip
-from . import register_protocol
 from .base import (
     Context,
     MaskSaver,
@@ -37,6 +36,7 @@ from .base import (
     accumulate_confusion,
     backbone_tokens,
     eval_labels,
+    register_protocol,
     score_seeds,
 )
 from .training import (

@@ -80,7 +80,6 @@ from ..features import compute_precision
 from ..metrics import hungarian
 from ..paths import cache_dir
 from ..progress import progress_bar
-from . import register_protocol
 from .base import (
     Context,
     LabelGrids,
@@ -91,6 +90,7 @@ from .base import (
     accumulate_confusion,
     matching_axis,
     onehot_scorer,
+    register_protocol,
     score_seeds,
 )
 from .training import cached_steps, conv_head_scorer, train_head, train_split_info

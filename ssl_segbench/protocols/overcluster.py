@@ -22,8 +22,15 @@ Deliberate departures from Leopart's code:
 """
 from __future__ import annotations
 
-from . import register_protocol
-from .base import Context, Protocol, ProtocolError, ProtocolResult, kmeans_backend_axis, matching_axis
+from .base import (
+    Context,
+    Protocol,
+    ProtocolError,
+    ProtocolResult,
+    kmeans_backend_axis,
+    matching_axis,
+    register_protocol,
+)
 from .clustering import KMeansFamily, cluster_and_score
 
 
