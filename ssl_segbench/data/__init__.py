@@ -26,7 +26,6 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
     ``hf:<org>/<name>`` opens a Hugging Face `datasets` dataset (root: a local copy, or None for the Hub / cache).
     """
     if dataset_id.startswith(HF_PREFIX):
-        from .hf import HFDataset
         cls, options = HFDataset, {**options, "repo": dataset_id[len(HF_PREFIX):]}
     elif dataset_id not in DATASETS:
         raise DatasetError(f"unknown dataset '{dataset_id}'."
@@ -54,6 +53,7 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
 
 # Loaders register themselves on import.
 from . import ade20k, camvid, cityscapes, cocostuff, folder, potsdam, suim, synthetic, voc  # noqa: E402,F401
+from .hf import HFDataset  # noqa: E402  (not registered: `hf:<org>/<name>` ids open it)
 
 __all__ = ["DATASETS", "DatasetError", "Sample", "SegmentationDataset", "dataset_options", "get_dataset",
            "register_dataset", "voc_palette"]

@@ -75,6 +75,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..backbones import BackboneRef
 from ..cache import Entry, ensure, filling, json_digest
 from ..features import compute_precision
 from ..metrics import hungarian
@@ -429,8 +430,6 @@ class MaskDistillProtocol(Protocol):
 def _embedder(ctx: Context, p: dict):
     """(the reference of the backbone that embeds the crops, a loader), without loading any weights."""
     if p["embed_backbone"]:
-        from ..backbones import BackboneRef
-
         ref = BackboneRef(p["embed_backbone"])
 
         def load():
