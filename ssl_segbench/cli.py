@@ -15,7 +15,6 @@ from .errors import SegbenchError
 from .pages import fmt_metric
 from .paths import data_dir, results_dir
 from .progress import console, out, quiet_libraries
-from .registry import BackboneSpec, default_registry_path, load_registry
 
 EPILOG = """examples:
   ssl-segbench run --backbone dino_vitb8 --dataset suim --data-root /data/SUIM
@@ -316,6 +315,8 @@ def _write_backbones(specs, fmt: str) -> None:
     import csv
     import dataclasses
 
+    from .registry import BackboneSpec  # lazy: start-up time (yaml)
+
     rows = [spec.to_dict() for spec in specs]
     if fmt == "json":
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
@@ -337,6 +338,8 @@ def _cmd_list(args) -> int:
             raise UsageError(f"{', '.join(given)}: option(s) of `list backbones` only; drop them from "
                              f"`list {args.what}`")
     if args.what == "backbones":
+        from .registry import default_registry_path, load_registry  # lazy: start-up time (yaml)
+
         registry = load_registry(args.registry)
         if not registry:
             raise UsageError(f"the registry {args.registry or default_registry_path()} lists no backbones: add "
