@@ -12,6 +12,8 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import SegbenchError
+from .pages import fmt_metric
+from .paths import data_dir, results_dir
 from .progress import console, out, quiet_libraries
 
 EPILOG = """examples:
@@ -67,8 +69,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _run_options() -> argparse.ArgumentParser:
     """The options `run` and `show` share (argparse parent): what to run on, and how."""
-    from .paths import data_dir
-    from .transforms import POLICIES
+    from .transforms import POLICIES  # lazy: start-up time (numpy)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--backbone", required=True,
@@ -110,7 +111,7 @@ def _run_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data.check import add_datasets_parser
+    from .data.check import add_datasets_parser  # lazy: start-up time (numpy)
 
     parser = argparse.ArgumentParser(
         prog="ssl-segbench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _tolerance(text: str) -> dict[str, float]:
     """'0.01' → every metric; 'miou=0.01,pixel_acc=0.005' → per metric."""
-    from .records import METRICS
+    from .records import METRICS  # lazy: start-up time (numpy)
 
     try:
         if "=" not in text:
@@ -215,8 +216,8 @@ def _tolerance(text: str) -> dict[str, float]:
 def _run_options_of(args, protocols: tuple[str, ...], **more):
     """RunOptions from the options `run` and `show` share: --param and --crf become protocol parameters, -o and
     --skip-bad dataset options."""
-    from .data.check import parse_options
-    from .runner import RunOptions
+    from .data.check import parse_options  # lazy: start-up time (numpy)
+    from .runner import RunOptions  # lazy: start-up time (torch)
 
     params: dict[str, dict] = {}
     for proto, name, value in args.param:
@@ -242,8 +243,8 @@ def run_options(args):
 def _cmd_run(args) -> int:
     from rich.table import Table
 
-    from . import distributed
-    from .runner import run
+    from . import distributed  # lazy: start-up time (torch)
+    from .runner import run  # lazy: start-up time (torch)
 
     opts = run_options(args)
 
@@ -254,8 +255,6 @@ def _cmd_run(args) -> int:
     results = run(opts, on_record=report)
     if not distributed.world().main:  # a helper rank of a data-parallel run: rank 0 reports
         return 0
-    from .pages import fmt_metric
-
     table = Table(title=f"{args.backbone} on {args.dataset}")
     for col in ("protocol", "mIoU (%)", "pixel acc (%)", "seeds", "cache hit", "seconds", "⚠ caveats"):
         table.add_column(col, overflow="fold")
@@ -316,7 +315,7 @@ def _write_backbones(specs, fmt: str) -> None:
     import csv
     import dataclasses
 
-    from .registry import BackboneSpec
+    from .registry import BackboneSpec  # lazy: start-up time (yaml)
 
     rows = [spec.to_dict() for spec in specs]
     if fmt == "json":
@@ -339,7 +338,7 @@ def _cmd_list(args) -> int:
             raise UsageError(f"{', '.join(given)}: option(s) of `list backbones` only; drop them from "
                              f"`list {args.what}`")
     if args.what == "backbones":
-        from .registry import default_registry_path, load_registry
+        from .registry import default_registry_path, load_registry  # lazy: start-up time (yaml)
 
         registry = load_registry(args.registry)
         if not registry:
@@ -357,11 +356,11 @@ def _cmd_list(args) -> int:
         table = _backbone_table(specs, "backbones (backbones.yaml)" + (f", family {args.family}" if args.family
                                                                          else ""), args.wide)
     elif args.what == "datasets":
-        from .data.check import run_list
+        from .data.check import run_list  # lazy: start-up time (numpy)
 
         return run_list(args, console=out)
     else:
-        from .protocols import PROTOCOLS
+        from .protocols import PROTOCOLS  # lazy: start-up time (torch)
 
         table = Table(title="protocols")
         for col in ("name", "version", "presets", "default seeds", "description"):
@@ -375,8 +374,7 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_leaderboard(args) -> int:
-    from .leaderboard import write
-    from .paths import results_dir
+    from .leaderboard import write  # lazy: start-up time (numpy)
 
     written, problems = write(args.results_dir or results_dir(), args.out, args.format, args.plots, args.published)
     for path in written:
@@ -391,8 +389,7 @@ def _cmd_leaderboard(args) -> int:
 def _cmd_compare(args) -> int:
     from rich.table import Table
 
-    from .compare import compare_pair, pairs
-    from .paths import results_dir
+    from .compare import compare_pair, pairs  # lazy: start-up time (numpy)
 
     for ra, rb in pairs(args.results_dir or results_dir(), args.a, args.b, args.dataset):
         res = compare_pair(ra, rb, n_boot=args.n_boot)
@@ -416,15 +413,15 @@ def _cmd_compare(args) -> int:
 def _cmd_show(args) -> int:
     import tempfile
 
-    from .figures import figure_path, prediction_grid
-    from .runner import run
+    from .figures import figure_path, prediction_grid  # lazy: start-up time (numpy)
+    from .runner import run  # lazy: start-up time (torch)
 
     with tempfile.TemporaryDirectory(prefix="ssl-segbench-show-") as tmp:
         opts = _run_options_of(args, (args.protocol,), seeds=[0], save_masks=Path(tmp), write_records=False)
         (_status, _path, rec), = run(opts)
-        from .data import get_dataset
-        from .protocols import PROTOCOLS
-        from .transforms import Transform
+        from .data import get_dataset  # lazy: start-up time (numpy)
+        from .protocols import PROTOCOLS  # lazy: start-up time (torch)
+        from .transforms import Transform  # lazy: start-up time (numpy)
 
         ds = get_dataset(args.dataset, args.data_root, rec.dataset["split"], **opts.dataset_options)
         transform = Transform(**rec.transform)
@@ -442,8 +439,7 @@ def _cmd_show(args) -> int:
 def _cmd_check(args) -> int:
     from rich.table import Table
 
-    from .paths import results_dir
-    from .regression import compare, gate_failed, read_baseline, write_baseline
+    from .regression import compare, gate_failed, read_baseline, write_baseline  # lazy: start-up time (numpy)
 
     results = args.results_dir or results_dir()
     if args.update_baseline:
@@ -475,7 +471,7 @@ def _cmd_check(args) -> int:
 def _cmd_sweep(args) -> int:
     from rich.table import Table
 
-    from .sweep import SweepError, load_sweep, run_sweep, status
+    from .sweep import SweepError, load_sweep, run_sweep, status  # lazy: start-up time (numpy)
 
     target = args.target
     if target[0] == "status":

@@ -37,6 +37,7 @@ def prediction_grid(dataset, transform, masks_dir: Path, out: Path, n: int, titl
     the same inputs give the same PNG bytes on every machine (no system fonts, no font cache)."""
     from PIL import Image, ImageDraw, ImageFont
 
+    # lazy: start-up time (torch): the leaderboard and site import figures
     from .protocols.base import label_image, sample_name
 
     rows = [i for i in range(len(dataset)) if (masks_dir / f"{sample_name(dataset, i)}.png").is_file()][:n]

@@ -26,9 +26,12 @@ from .errors import SegbenchError
 from .figures import figure_path
 from .pages import DEMO_DATASETS, fmt_metric, page_name
 from .paths import inside
+from .plots import write_plots
 from .published import footnote, load_published, measured_network, published_for, published_text, reported_for
 from .records import METRICS, Record, RecordError, iter_records, require_results_dir
+from .registry import load_registry
 from .setting import unique_labels
+from .site import render_site, write_site
 
 
 def collect(results_dir: Path) -> tuple[list[Record], list[str]]:
@@ -194,23 +197,17 @@ def write(results_dir: Path, out_dir: Path, fmt: str = "md", plots: bool = False
     """Regenerate the leaderboard under out_dir; returns (written paths, record problems). `md` also writes the static
     site (`<out_dir>/site/`, as `html` alone does); `plots` adds the plots to the markdown pages
     (`<out_dir>/plots/`); `published`: the published-numbers file (default the package's)."""
-    from .registry import load_registry
-
     records, problems = collect(results_dir)
     entries = load_published(published) if published is not None else load_published()
     out_dir = Path(out_dir)
     written = []
     if fmt in ("md", "html") and records:
-        from .site import render_site, write_site
-
         written += write_site(render_site(records, out_dir, entries, load_registry()), out_dir / "site")
     if fmt == "html":
         return written, problems
     if fmt == "md":
         files = render(records, entries, out_dir=out_dir)
         if plots and records:
-            from .plots import write_plots
-
             made = write_plots(records, load_registry())
             for (ds, caption), fname in sorted(made.items()):
                 page = f"{page_name(ds)}.md"

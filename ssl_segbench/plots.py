@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 
+from .pages import page_name
 from .records import Record
 from .setting import unique_labels
 
@@ -81,8 +82,6 @@ def rank_agreement(recs: list[Record], min_backbones: int = 3) -> tuple[list[str
 def write_plots(records: list[Record], registry: dict) -> PlotFiles:
     """The plots of every dataset, named after its page (`page_name`)."""
     import matplotlib
-
-    from .pages import page_name
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -66,13 +66,13 @@ class Claim:
     def protocol_made(self):
         """The claimed protocol, made from its preset and overrides (a ProtocolError when the claim names a preset or
         parameter the protocol lacks)."""
-        from .protocols import get_protocol
+        from .protocols import get_protocol  # lazy: start-up time (torch): the leaderboard imports published
 
         return get_protocol(self.protocol + (f":{self.preset}" if self.preset else ""), **self.overrides)
 
     def params_for(self, patch_size: int, device: str | None) -> dict:
         """The parameters a run of the claim records on `device` for a backbone of `patch_size`."""
-        from .runner import RunOptions, resolve_params
+        from .runner import RunOptions, resolve_params  # lazy: start-up time (torch)
 
         defaults = {f.name: f.default for f in fields(RunOptions) if f.name in _RUN_KEYS}
         run = {**defaults, **self.run}

@@ -142,6 +142,7 @@ class Setting:
         return Column(json_digest(ident, 8), tuple(self._axes()))
 
     def _axes(self):
+        # lazy: start-up time (torch): records import setting
         from .protocols import PROTOCOLS  # the protocol declares its own header axes
 
         p = self.params

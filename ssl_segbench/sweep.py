@@ -46,6 +46,7 @@ from . import yamlload
 from .atomic import write_json_atomic
 from .errors import SegbenchError
 from .paths import safe_component
+from .registry import is_int
 from .setting import Setting
 
 if TYPE_CHECKING:
@@ -140,8 +141,6 @@ def _names(where: str, value) -> list[str]:
 def _run_values(where: str, run: dict, problems: list[str]) -> dict:
     """The `run` section as RunOptions fields; a value of the wrong type is a problem (the values themselves are the
     runner's to check, as for `run`)."""
-    from .registry import is_int
-
     out = {}
     for key, value in run.items():
         if value is None:
@@ -187,7 +186,7 @@ def load_sweep(path: str | Path) -> Sweep:
     slurm = {**SLURM_DEFAULTS, **(form(_check_keys, f"{path}: slurm", doc.get("slurm"), set(SLURM_DEFAULTS)) or {})}
     results_dir = Path(doc.get("results_dir") or "results")
     work_dir = Path(doc.get("work_dir") or results_dir / ".sweeps" / safe_component(path.stem))
-    from .runner import RunOptions
+    from .runner import RunOptions  # lazy: start-up time (torch)
 
     common = _run_values(str(path), run, problems)
     shared = {proto: dict(form(_mapping, f"{path}: params.{proto}", values) or {}) for proto, values in params.items()}
@@ -217,7 +216,7 @@ def load_sweep(path: str | Path) -> Sweep:
                 results_dir=results_dir, params={proto: dict(shared[proto]) for proto in sorted(names & set(shared))},
                 dataset_options=dict(options), **common)))
     if set(shared) - used:
-        from .protocols import PROTOCOLS
+        from .protocols import PROTOCOLS  # lazy: start-up time (torch)
 
         for proto in sorted(set(shared) - used):
             problems.append(f"{path}: params.{proto}: no dataset of this sweep runs protocol '{proto}' (they run: "
@@ -251,7 +250,7 @@ def check_cells(sweep: Sweep, here: bool) -> None:
     """Check every cell as its run checks itself before any work (`runner.preflight`, no Hub access), all before
     anything starts: one error lists each problem with its sweep key and cells. `here`: the cells run on this
     machine (local executor), so their device must exist here."""
-    from .runner import preflight
+    from .runner import preflight  # lazy: start-up time (torch)
 
     found: dict[tuple[str, str], list[str]] = {}
     names, data = set(), {}
@@ -279,7 +278,7 @@ def check_cells(sweep: Sweep, here: bool) -> None:
 
 def missing_records(cell: Cell) -> list[Setting]:
     """The Settings of a cell's records that do not exist yet, planned by `ssl-segbench run`'s own planning."""
-    from .runner import run
+    from .runner import run  # lazy: start-up time (torch)
 
     planned = run(dataclasses.replace(cell.options, plan_only=True))
     return [setting for status, _, setting in planned if status == "pending"]

@@ -53,7 +53,7 @@ def raw_scores(monkeypatch):
 
         return score
 
-    monkeypatch.setattr("ssl_segbench.protocols.kmeans.centroid_scores", wrapped)
+    monkeypatch.setattr("ssl_segbench.protocols.clustering.centroid_scores", wrapped)
     return seen
 
 

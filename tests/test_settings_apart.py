@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ssl_segbench.metrics import confusion, hungarian, many_to_one, match_and_score, remap, scores
 from ssl_segbench.protocols.base import scores_to_labels
 from ssl_segbench.protocols.leopart_cd import ANGLES, communities, cooccurrence_matrix, graph_edges
-from ssl_segbench.protocols.linear import _scorer
+from ssl_segbench.protocols.training import conv_head_scorer
 
 
 def _labels(scores, size, upsample):
@@ -366,7 +366,7 @@ def test_isolated_clusters_own_or_shared_label():
 
 def test_linear_probe_logits_then_upsample_equals_upsample_then_classify():
     """A 1×1 convolution is affine per pixel and bilinear weights sum to 1, so upsampling the logits equals classifying
-    the upsampled tokens (checked in float64 to 1e-10 and float32 to 1e-5). Through the package, _scorer + bilinear
+    the upsampled tokens (checked in float64 to 1e-10 and float32 to 1e-5). Through the package, the scorer + bilinear
     scores_to_labels must equal the argmax of head(upsampled tokens) at every pixel (the reference's top-two margin is
     checked to exceed float32 noise, so no tie decides it); nearest upsampling of the token-level argmax differs on
     this data, so the test would catch upsampling the wrong thing."""
@@ -391,7 +391,7 @@ def test_linear_probe_logits_then_upsample_equals_upsample_then_classify():
     assert len(np.unique(expected)) > 1
 
     tokens_hwd = tokens[0].permute(1, 2, 0).numpy().copy()  # (h, w, D) float32, as the feature cache stores them
-    logits = _scorer(head)(torch.from_numpy(tokens_hwd)[None])[0]
+    logits = conv_head_scorer(head)(torch.from_numpy(tokens_hwd)[None])[0]
     assert tuple(logits.shape) == (c, h, w)
     np.testing.assert_array_equal(_labels(logits, size, "bilinear"), expected)
     nearest = _labels(logits, size, "nearest")

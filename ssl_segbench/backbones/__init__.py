@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..fingerprint import content_sha256
 from ..paths import hub_offline
 from ..registry import BackboneSpec, did_you_mean, is_number, load_registry
 from .base import FACETS, Backbone, BackboneError
@@ -363,8 +364,6 @@ def registry_match(name: str, registry: dict[str, BackboneSpec]) -> BackboneSpec
 def _local_revision(directory: Path) -> str:
     """Content identity of a local checkpoint directory: sha256 over its files' names and bytes (each file's digest
     remembered while the file is unchanged, as for datasets)."""
-    from ..fingerprint import content_sha256
-
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     digest = content_sha256({"kind": "checkpoint"}, [(f.relative_to(directory).as_posix(), f) for f in files],
                             directory, f"checkpoint {directory.name}")

@@ -26,6 +26,7 @@ import contextlib
 import json
 from pathlib import Path
 
+from ..fingerprint import Manifest, content_sha256
 from .base import BackboneError
 
 # files either library reads tensors from (safetensors, pickled torch, timm's big_vision npz); shard indexes are JSON
@@ -59,8 +60,6 @@ def weights_sha256(directory: Path | None, what: str) -> dict[str, str] | None:
     """sha256 of each weight file of a checkpoint directory (file name → hex digest), read from the files, never from
     a loaded model. Each digest is remembered in the cache while its file is unchanged (`fingerprint.Manifest`), so a
     large checkpoint is read once per machine, not once per run. None when no weight file is here."""
-    from ..fingerprint import Manifest, content_sha256
-
     files = weight_files(directory) if directory is not None else []
     if not files:
         return None

@@ -6,20 +6,9 @@ from pathlib import Path
 
 from ..paths import data_dir, safe_component
 from ..registry import did_you_mean
-from .base import DatasetError, Sample, SegmentationDataset, voc_palette
+from .base import DATASETS, DatasetError, Sample, SegmentationDataset, register_dataset, voc_palette
 
-DATASETS: dict[str, type[SegmentationDataset]] = {}
 HF_PREFIX = "hf:"
-
-
-def register_dataset(cls: type[SegmentationDataset]) -> type[SegmentationDataset]:
-    """Class decorator: make a dataset available under its ``id``."""
-    if not cls.id or cls.id in DATASETS:
-        raise ValueError(f"dataset id {cls.id!r} is empty or registered twice")
-    if not cls.source or not cls.licence:
-        raise ValueError(f"dataset {cls.id!r} states no source or licence (where users download it, and its terms)")
-    DATASETS[cls.id] = cls
-    return cls
 
 
 def dataset_options(cls: type[SegmentationDataset]) -> list[str]:
@@ -37,7 +26,6 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
     ``hf:<org>/<name>`` opens a Hugging Face `datasets` dataset (root: a local copy, or None for the Hub / cache).
     """
     if dataset_id.startswith(HF_PREFIX):
-        from .hf import HFDataset
         cls, options = HFDataset, {**options, "repo": dataset_id[len(HF_PREFIX):]}
     elif dataset_id not in DATASETS:
         raise DatasetError(f"unknown dataset '{dataset_id}'."
@@ -65,6 +53,7 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
 
 # Loaders register themselves on import.
 from . import ade20k, camvid, cityscapes, cocostuff, folder, potsdam, suim, synthetic, voc  # noqa: E402,F401
+from .hf import HFDataset  # noqa: E402  (not registered: `hf:<org>/<name>` ids open it)
 
 __all__ = ["DATASETS", "DatasetError", "Sample", "SegmentationDataset", "dataset_options", "get_dataset",
            "register_dataset", "voc_palette"]

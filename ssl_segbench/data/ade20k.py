@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import register_dataset
-from .base import Sample, SegmentationDataset
+from .base import Sample, SegmentationDataset, register_dataset
 from .labels import apply_lut, build_lut
 
 # First name of each class in objectInfo150.csv (CSAILVision/sceneparsing), classes 1..150 in order.

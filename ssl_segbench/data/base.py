@@ -15,7 +15,10 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 from PIL import Image
 
+from ..atomic import WriteError, write_json_atomic
 from ..errors import SegbenchError
+from ..fingerprint import content_sha256
+from ..paths import cache_dir, inside
 
 BAD_FILE_FIX = "Re-download or remove this file, or pass --skip-bad to leave it out."
 RESIZE_FIX = ("Re-extract the pair, pass --skip-bad to leave it out, or -o resize_masks=true to resize such masks to "
@@ -305,9 +308,6 @@ class SegmentationDataset:
         """{sample name: off-palette pixels}, in sample order, for every mask of the split that has any. Decoding
         every mask of a large split takes seconds, so the answer is remembered in the cache under the split's content
         digest (`digest`, default `content_sha256()`): an unchanged split is decoded for this once per machine."""
-        from ..atomic import WriteError, write_json_atomic
-        from ..paths import cache_dir, inside
-
         memo = inside(cache_dir(), Path("off_palette") / f"{digest or self.content_sha256()}.json")
         try:
             doc = json.loads(memo.read_text())
@@ -369,8 +369,6 @@ class SegmentationDataset:
 
     def _digest_content(self) -> str:
         """The content digest `content_sha256` returns, computed (datasets not made of files override this)."""
-        from ..fingerprint import content_sha256
-
         header = {"id": self.id, "version": self.version, "split": self.split, "decoding": self.decoding_identity()}
         files: list[tuple[str, Path | None]] = []
         for s in self.samples:
@@ -407,3 +405,17 @@ class SegmentationDataset:
         found = self.off_palette_pixels()
         return {"policy": self.off_palette, "rule": self.off_palette_rule, "pixels": sum(found.values()),
                 "n_masks": len(found), "masks": list(found)}
+
+
+# dataset id → loader class; loaders register themselves on import (data/__init__.py imports them all)
+DATASETS: dict[str, type[SegmentationDataset]] = {}
+
+
+def register_dataset(cls: type[SegmentationDataset]) -> type[SegmentationDataset]:
+    """Class decorator: make a dataset available under its ``id``."""
+    if not cls.id or cls.id in DATASETS:
+        raise ValueError(f"dataset id {cls.id!r} is empty or registered twice")
+    if not cls.source or not cls.licence:
+        raise ValueError(f"dataset {cls.id!r} states no source or licence (where users download it, and its terms)")
+    DATASETS[cls.id] = cls
+    return cls

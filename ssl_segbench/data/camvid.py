@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from . import register_dataset
-from .base import Sample, SegmentationDataset
+from .base import Sample, SegmentationDataset, register_dataset
 from .labels import apply_lut, build_lut
 
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
+from ..paths import data_dir, safe_component
 from ..progress import out
 from . import DATASETS, HF_PREFIX, dataset_options, get_dataset
 from .base import OFF_PALETTE_CHOICES, DatasetError, SegmentationDataset
@@ -165,8 +166,6 @@ def _options(cls) -> str:
 def run_list(args: argparse.Namespace, console: Console | None = None) -> int:
     """Handler of `list datasets`: every dataset id with its classes, splits, options, the folder it is read from
     when no --data-root is given, and where it is downloaded from under which licence."""
-    from ..paths import data_dir, safe_component
-
     console = console or out
     table = Table(title=f"datasets (default root: $SSL_SEGBENCH_DATA/<id>, now {data_dir()}/<id>)")
     for col in ("id", "classes", "splits", "options", "default root"):

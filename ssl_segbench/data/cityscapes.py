@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import register_dataset
-from .base import Sample, SegmentationDataset
+from .base import Sample, SegmentationDataset, register_dataset
 from .labels import apply_lut, build_lut
 
 # (labelId, name, trainId, colour) as in cityscapesScripts' labels.py; license plate (-1, trainId -1) is not drawn into

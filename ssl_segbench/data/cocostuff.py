@@ -8,8 +8,7 @@ import numpy as np
 from PIL import Image
 
 from ..digest import sha256_hex
-from . import register_dataset
-from .base import DatasetError, Sample, SegmentationDataset
+from .base import DatasetError, Sample, SegmentationDataset, register_dataset
 from .labels import apply_lut, build_lut
 
 COCOSTUFF27_CLASSES = (

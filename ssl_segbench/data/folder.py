@@ -15,8 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .. import yamlload
-from . import register_dataset
-from .base import ColourLabels, DatasetError, Sample, SegmentationDataset, is_rgb_file
+from .base import ColourLabels, DatasetError, Sample, SegmentationDataset, is_rgb_file, register_dataset
 from .labels import decode_colours
 
 _EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..fingerprint import content_sha256
 from .base import ColourLabels, DatasetError, Sample, SegmentationDataset
 from .folder import decode_user_mask, find_classes_file, read_classes_file
 
@@ -152,8 +153,6 @@ class HFDataset(SegmentationDataset):
     def _digest_content(self) -> str:
         """sha256 over the decoding options, the row names and the bytes of the split's Arrow files (through the
         manifest, as for file datasets); a split held only in memory falls back to its `datasets` fingerprint."""
-        from ..fingerprint import content_sha256
-
         ds = self._splits[self.split]
         arrow = [Path(f["filename"]) for f in ds.cache_files]
         header = {"id": self.id, "version": self.version, "split": self.split, "decoding": self.decoding_identity(),

@@ -21,8 +21,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from . import register_dataset
-from .base import BAD_FILE_FIX, ColourLabels, DatasetError, Sample, SegmentationDataset, is_rgb_file
+from .base import BAD_FILE_FIX, ColourLabels, DatasetError, Sample, SegmentationDataset, is_rgb_file, register_dataset
 from .labels import apply_lut, build_lut, decode_colours
 
 POTSDAM3_CLASSES = ("roads and cars", "buildings and clutter", "trees and vegetation")

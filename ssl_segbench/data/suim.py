@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from . import register_dataset
-from .base import ColourLabels, Sample, SegmentationDataset
+from .base import ColourLabels, Sample, SegmentationDataset, register_dataset
 
 SUIM_CLASSES = ("BW", "HD", "PF", "WR", "RO", "RI", "FV", "SR")
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")

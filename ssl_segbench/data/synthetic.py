@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..atomic import replacing_dir, write_guard
 from ..paths import cache_dir
-from . import register_dataset
+from .base import register_dataset
 from .suim import SUIM
 
 GENERATOR_VERSION = 1

@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import register_dataset
-from .base import ColourLabels, DatasetError, Sample, SegmentationDataset, is_rgb_file, voc_palette
+from .base import ColourLabels, DatasetError, Sample, SegmentationDataset, is_rgb_file, register_dataset, voc_palette
 from .labels import apply_lut, build_lut, decode_colours
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -2,17 +2,7 @@
 from __future__ import annotations
 
 from ..registry import did_you_mean
-from .base import Context, Protocol, ProtocolError
-
-PROTOCOLS: dict[str, type[Protocol]] = {}
-
-
-def register_protocol(cls: type[Protocol]) -> type[Protocol]:
-    if not cls.name or cls.name in PROTOCOLS:
-        raise ValueError(f"protocol name {cls.name!r} is empty or registered twice")
-    PROTOCOLS[cls.name] = cls
-    return cls
-
+from .base import PROTOCOLS, Context, Protocol, ProtocolError, register_protocol
 
 _LISTING = "ssl-segbench list protocols"
 

@@ -696,3 +696,14 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
         scope.seconds += time.perf_counter() - t0
         scope.score_types.add(score_type)
     return confs
+
+
+# protocol name → class; protocols register themselves on import (protocols/__init__.py imports them all)
+PROTOCOLS: dict[str, type[Protocol]] = {}
+
+
+def register_protocol(cls: type[Protocol]) -> type[Protocol]:
+    if not cls.name or cls.name in PROTOCOLS:
+        raise ValueError(f"protocol name {cls.name!r} is empty or registered twice")
+    PROTOCOLS[cls.name] = cls
+    return cls

@@ -61,7 +61,6 @@ from ..metrics import match, remap, scores
 from ..paths import cache_dir
 from ..progress import progress_bar
 from ..transforms import Transform
-from . import register_protocol
 from .base import (
     Context,
     LabelGrids,
@@ -73,6 +72,7 @@ from .base import (
     auto_matching,
     matching_axis,
     onehot_scorer,
+    register_protocol,
     score_seeds,
 )
 

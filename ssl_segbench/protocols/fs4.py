@@ -44,7 +44,6 @@ from ..cluster import KMEANS_BACKENDS, kmeans, kmeans_backend, subsample_rows, u
 from ..metrics import match
 from ..progress import progress_bar
 from ..registry import is_int
-from . import register_protocol
 from .base import (
     Context,
     MaskSaver,
@@ -55,6 +54,7 @@ from .base import (
     auto_matching,
     kmeans_backend_axis,
     matching_axis,
+    register_protocol,
     score_seeds,
 )
 

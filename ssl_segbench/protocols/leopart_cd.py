@@ -62,7 +62,6 @@ from ..cluster import KMEANS_BACKENDS, Preprocess, assign, kmeans, kmeans_backen
 from ..metrics import match
 from ..progress import progress_bar
 from ..registry import is_int, is_number
-from . import register_protocol
 from .base import (
     Context,
     LabelGrids,
@@ -74,6 +73,7 @@ from .base import (
     kmeans_backend_axis,
     matching_axis,
     onehot_scorer,
+    register_protocol,
     score_seeds,
     upsample_nearest,
 )

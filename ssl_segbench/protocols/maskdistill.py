@@ -75,13 +75,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..backbones import BackboneRef
 from ..cache import Entry, ensure, filling, json_digest
 from ..features import compute_precision
 from ..metrics import hungarian
 from ..paths import cache_dir
 from ..progress import progress_bar
 from ..transforms import normalise
-from . import register_protocol
 from .base import (
     Context,
     LabelGrids,
@@ -93,9 +93,10 @@ from .base import (
     auto_matching,
     matching_axis,
     onehot_scorer,
+    register_protocol,
     score_seeds,
 )
-from .linear import _scorer, cached_steps, train_head, train_split_info
+from .training import cached_steps, conv_head_scorer, train_head, train_split_info
 
 STAGES = ("pseudo", "distill-linear", "distill-conv")
 MATCHINGS = ("auto", "hungarian", "many-to-one")
@@ -387,7 +388,7 @@ class MaskDistillProtocol(Protocol):
                                             tfs["tokens"].data.shape[1], cached_steps(tfs["tokens"], label_of, p),
                                             PSEUDO_IGNORE, p, seed, ctx.device, adv))
             with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
-                confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [_scorer(h) for h in heads], c,
+                confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads], c,
                                              n_labels, ds.ignore_index, p["upsample"], p["eval_size"], advance,
                                              on_labels=saver, per_image=per_image, score_type="distilled-head logits")
         info["scoring_seconds"] = round(time.perf_counter() - t0, 3)
@@ -429,8 +430,6 @@ class MaskDistillProtocol(Protocol):
 def _embedder(ctx: Context, p: dict):
     """(the reference of the backbone that embeds the crops, a loader), without loading any weights."""
     if p["embed_backbone"]:
-        from ..backbones import BackboneRef
-
         ref = BackboneRef(p["embed_backbone"])
 
         def load():

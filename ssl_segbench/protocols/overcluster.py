@@ -7,9 +7,9 @@ Reproduces Leopart's overclustering evaluation (`experiments/overcluster/sup_ove
 default here. One record per K: the record's parameters carry it (`--param overcluster.k=100`).
 
 Default: the `kmeans` protocol's feature pipeline (L2-normalised last-layer patch tokens, faiss spherical k-means, best
-of 5 restarts, cosine scores bilinearly upsampled to label resolution), clustering and scoring shared with it through
-`kmeans.cluster_and_score`. Preset `leopart`: StandardScaler + PCA-50, Euclidean k-means (niter 100, nredo 5, faiss's
-256-points-per-centroid subsampling), 448 square input, nearest upsampling of the cluster map to 100×100.
+of 5 restarts, cosine scores bilinearly upsampled to label resolution), clustering and scoring shared with it
+through `clustering.cluster_and_score`. Preset `leopart`: StandardScaler + PCA-50, Euclidean k-means (niter 100, nredo
+5, faiss's 256-points-per-centroid subsampling), 448 square input, nearest upsampling of the cluster map to 100×100.
 
 Deliberate departures from Leopart's code:
 - mIoU averages over the classes present in ground truth or prediction (this project's definition, PROTOCOLS.md §9);
@@ -22,9 +22,16 @@ Deliberate departures from Leopart's code:
 """
 from __future__ import annotations
 
-from . import register_protocol
-from .base import Context, Protocol, ProtocolError, ProtocolResult, kmeans_backend_axis, matching_axis
-from .kmeans import KMeansProtocol, cluster_and_score
+from .base import (
+    Context,
+    Protocol,
+    ProtocolError,
+    ProtocolResult,
+    kmeans_backend_axis,
+    matching_axis,
+    register_protocol,
+)
+from .clustering import KMeansFamily, cluster_and_score
 
 
 @register_protocol
@@ -34,12 +41,12 @@ class OverclusterProtocol(Protocol):
     version = "1"
     description = "k-means overclustering (K=100/300/500) on eval-split patch tokens, many-to-one matching"
     default_seeds = 5
-    defaults = {**KMeansProtocol.defaults, "k": 500, "matching": "many-to-one"}
-    presets = {"leopart": {**KMeansProtocol.presets["leopart"], "matching": "many-to-one"}}
-    types = {**KMeansProtocol.types, "k": (int,)}
-    choices = {**KMeansProtocol.choices, "matching": ("many-to-one",)}  # Hungarian matching is the kmeans protocol
-    resolvers = KMeansProtocol.resolvers
-    check = KMeansProtocol.check
+    defaults = {**KMeansFamily.defaults, "k": 500, "matching": "many-to-one"}
+    presets = {"leopart": {**KMeansFamily.presets["leopart"], "matching": "many-to-one"}}
+    types = {**KMeansFamily.types, "k": (int,)}
+    choices = {**KMeansFamily.choices, "matching": ("many-to-one",)}  # Hungarian matching is the kmeans protocol
+    resolvers = KMeansFamily.resolvers
+    check = KMeansFamily.check
 
     def run(self, ctx: Context) -> ProtocolResult:
         p = self.params

@@ -43,7 +43,6 @@ from ..metrics import match
 from ..paths import cache_dir, checkpoint_seconds
 from ..progress import progress_bar
 from ..transforms import RandomResizedCropFlip, sample_jitter
-from . import register_protocol
 from .base import (
     Context,
     MaskSaver,
@@ -53,9 +52,10 @@ from .base import (
     accumulate_confusion,
     backbone_tokens,
     matching_axis,
+    register_protocol,
     score_seeds,
 )
-from .linear import check_crop_ranges, check_train_split, split_candidates, train_split_info
+from .training import check_crop_ranges, check_train_split, split_candidates, train_split_info
 
 MEMORY_VERSION = "1"  # bump when the memory bank's contents could change
 AUGMENT_VERSION = "1"  # bump when the augmented crops could change
