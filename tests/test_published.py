@@ -240,3 +240,20 @@ def test_hummingbird_numbers_are_same_protocol_beside_exactly_the_trainaug_prese
     assert "37.2† (+3.8)" not in page  # the fixed-scoring variant is another column: no difference shown
     assert "44.9†" not in page  # ViT-B/16's number, but its record's memory came from train
     assert "patch axis" in page  # the footnote lists the deviations
+
+
+def test_a_missing_or_malformed_published_file_is_refused_naming_it_and_nothing_is_written(small_synthetic, tmp_path):
+    _cli(tmp_path, "run", "--backbone", "pixels", "--dataset", "synthetic", "--data-root", str(small_synthetic),
+         "--size", "64", "--protocol", "kmeans", "--seeds", "1", "--results-dir", str(tmp_path / "res"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"published": [_entry(0.2, {"name": "kmeans", "version": "1"}, split="test",
+                                                        dataset="synthetic", **{"class": "exact"})]}))
+    env = {**os.environ, "SSL_SEGBENCH_CACHE": str(tmp_path / "cache")}
+    for path, expected in ((tmp_path / "absent.yaml", "not found: pass an existing file to --published"),
+                           (bad, "class must be one of")):
+        proc = subprocess.run([sys.executable, "-m", "ssl_segbench", "leaderboard", "--results-dir",
+                               str(tmp_path / "res"), "--out", str(tmp_path / "lb"), "--published", str(path)],
+                              env=env, capture_output=True, text=True, cwd=tmp_path)
+        err = " ".join(proc.stderr.split())
+        assert proc.returncode == 2 and str(path) in err and expected in err and "Traceback" not in err, err
+        assert not (tmp_path / "lb").exists()
