@@ -14,18 +14,59 @@ from scipy.optimize import linear_sum_assignment
 
 def confusion(gt: np.ndarray, pred: np.ndarray, num_classes: int, num_preds: int,
               ignore_index: int = 255) -> np.ndarray:
-    """(num_classes, num_preds) int64 pixel counts of gt == c and pred == k; ignore pixels are skipped."""
-    gt = np.asarray(gt).ravel()
-    pred = np.asarray(pred).ravel()
-    if gt.shape != pred.shape:
+    """(num_classes, num_preds) int64 pixel counts of gt == c and pred == k over two label arrays of equal size;
+    ignore pixels are skipped (one `ConfusionAccumulator` update)."""
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    if gt.size != pred.size:
         raise ValueError(f"ground truth has {gt.size} pixels but prediction has {pred.size}")
+    acc = ConfusionAccumulator(num_classes, num_preds, ignore_index)
+    acc.update(gt.reshape(1, -1), pred.reshape(1, -1))
+    return acc.compute()
+
+
+class ConfusionAccumulator:
+    """A dataset-level (C, K) confusion built batch by batch, its state kept in the object as torchmetrics keeps a
+    metric's: `update` counts a batch of label maps, `compute` gives the total. With `per_image`, every image's own
+    confusion is kept too (`sparse` form, in update order) for bootstrap intervals over images (`image_stats`)."""
+
+    def __init__(self, num_classes: int, num_preds: int, ignore_index: int = 255, per_image: bool = False):
+        self.num_classes, self.num_preds, self.ignore_index = num_classes, num_preds, ignore_index
+        self.total = np.zeros((num_classes, num_preds), dtype=np.int64)
+        self.images: list | None = [] if per_image else None
+
+    def update(self, gt, pred) -> None:
+        """Count (B, H, W) ground-truth and predicted label maps (torch tensors, on any device, or arrays) in one
+        bincount; ignore pixels are skipped, any other label outside 0..C-1 or prediction outside 0..K-1 is refused
+        (ValueError)."""
+        confs = _confusions_batch(gt, pred, self.num_classes, self.num_preds, self.ignore_index)
+        self.total += confs.sum(0)
+        if self.images is not None:
+            self.images.extend(sparse(c) for c in confs)
+
+    def compute(self) -> np.ndarray:
+        """The (C, K) int64 confusion of everything counted so far."""
+        return self.total.copy()
+
+
+def _confusions_batch(gt, pred, num_classes: int, num_preds: int, ignore_index: int) -> np.ndarray:
+    """(B, ...) label maps → (B, C, K) int64 confusions, one bincount for the batch on the maps' device (ignore pixels
+    go to a spare bin)."""
+    import torch  # lazy: start-up time (torch); `compare` reads this module and needs no torch
+
+    gt, pred = torch.as_tensor(gt), torch.as_tensor(pred)
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth is {tuple(gt.shape)} but prediction is {tuple(pred.shape)}")
+    b = gt.shape[0]
+    gt, pred = gt.reshape(b, -1).to(torch.int64), pred.reshape(b, -1).to(torch.int64)
     keep = gt != ignore_index
-    gt, pred = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
-    if gt.size and (gt.min() < 0 or gt.max() >= num_classes):
+    if bool((keep & ((gt < 0) | (gt >= num_classes))).any()):
         raise ValueError(f"ground-truth labels outside 0..{num_classes - 1} (ignore {ignore_index})")
-    if pred.size and (pred.min() < 0 or pred.max() >= num_preds):
+    if bool(((pred < 0) | (pred >= num_preds)).any()):
         raise ValueError(f"predicted labels outside 0..{num_preds - 1}")
-    return np.bincount(gt * num_preds + pred, minlength=num_classes * num_preds).reshape(num_classes, num_preds)
+    cells = b * num_classes * num_preds
+    flat = (torch.arange(b, device=gt.device)[:, None] * num_classes + gt) * num_preds + pred
+    counts = torch.bincount(torch.where(keep, flat, cells).reshape(-1), minlength=cells + 1)[:cells]
+    return counts.reshape(b, num_classes, num_preds).cpu().numpy().astype(np.int64)
 
 
 def hungarian(conf: np.ndarray, objective: str = "pixels") -> np.ndarray:

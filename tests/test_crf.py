@@ -104,32 +104,6 @@ def test_missing_package_is_a_clear_error(monkeypatch, tmp_path):
         get_protocol("kmeans", crf=True).run(ctx)
 
 
-def test_accumulate_confusion_crf_equals_the_serial_path(tmp_path):
-    _needs_crf()
-    from stores import feature_set
-
-    from ssl_segbench.crf import CRFParams, refine_scores
-    from ssl_segbench.protocols.base import accumulate_confusion
-
-    rng = np.random.default_rng(3)
-    tokens = [rng.normal(size=(4, 6, 3)).astype(np.float32) for _ in range(3)]
-    labels = [rng.integers(0, 3, size=(16, 24)) for _ in range(3)]
-    images = [rng.integers(0, 255, size=(16, 24, 3), dtype=np.uint8) for _ in range(3)]
-    fs = feature_set(tmp_path / "fs", tokens, labels)
-
-    def score(x):
-        return x.permute(0, 3, 1, 2)
-
-    seen = {}
-    confs = accumulate_confusion(fs["tokens"], fs.labels, [score], 3, 3, 255, "bilinear", None, crf=True,
-                                 images=lambda i: images[i], on_labels=lambda i, j, lab: seen.__setitem__(i, lab))
-    for i in range(3):
-        x = torch.from_numpy(np.asarray(fs["tokens"].image(i), dtype=np.float32))[None]
-        ref = refine_scores(images[i], score(x)[0].numpy(), "bilinear", CRFParams.from_param(True))
-        assert np.array_equal(seen[i], ref)
-    assert confs[0].sum() == 3 * 16 * 24
-
-
 def test_crf_flag_reaches_kmeans_through_the_shared_path(small_synthetic, tmp_path):
     _needs_crf()
     from ssl_segbench.cli import main

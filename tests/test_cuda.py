@@ -24,14 +24,14 @@ def _planted(rng, n=6, k=5, dim=12):
 @pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
 def test_prediction_on_the_gpu_equals_the_cpu(tmp_path, upsample):
     from ssl_segbench.cluster import centroid_scores
-    from ssl_segbench.protocols.base import accumulate_confusion
+    from ssl_segbench.protocols.base import Predictions, Scoring, count_confusions
 
     rng = np.random.default_rng(0)
     tokens, labels, centres = _planted(rng)
     fs = feature_set(tmp_path / "fs", tokens, labels)
     fn = centroid_scores(centres, spherical=False)
-    out = {dev: accumulate_confusion(fs["tokens"], fs.labels, [fn], 5, 5, 255, upsample, None, crf=False, device=dev)
-           for dev in ("cpu", "cuda")}
+    out = {dev: count_confusions(Predictions(fs["tokens"], fs.labels, [fn], 5, upsample, None, Scoring(device=dev)),
+                                 5, 255)[0] for dev in ("cpu", "cuda")}
     np.testing.assert_array_equal(out["cpu"][0], out["cuda"][0])
 
 

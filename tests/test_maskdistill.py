@@ -11,7 +11,7 @@ from ssl_segbench.data.base import SegmentationDataset
 from ssl_segbench.features import FeatureSet
 from ssl_segbench.metrics import remap, scores
 from ssl_segbench.protocols import Context, ProtocolError, get_protocol
-from ssl_segbench.protocols.base import accumulate_confusion
+from ssl_segbench.protocols.base import Predictions, Scoring, count_confusions
 from ssl_segbench.protocols.maskdistill import (
     _head,
     box_to_original,
@@ -151,7 +151,8 @@ def test_distilled_head_beats_chance_on_noisy_pseudo_labels(tmp_path, kind):
              conv_hidden=32)
     head = train_head(lambda d: _head(kind, d, 4, p["conv_hidden"]), train["tokens"].data.shape[1],
                       cached_steps(train["tokens"], train.labels.labels, p), -1, p, 0, "cpu", lambda n=1: None)
-    (conf,) = accumulate_confusion(ev["tokens"], ev.labels, [conv_head_scorer(head)], 4, 4, 255, "bilinear", None)
+    (conf,), _ = count_confusions(Predictions(ev["tokens"], ev.labels, [conv_head_scorer(head)], 4, "bilinear", None,
+                                              Scoring()), 4, 255)
     noisy_acc = np.mean([(a == b).mean() for a, b in zip(tr_noisy, tr_truth)])
     sc = scores(remap(conf, match_labels(conf, "hungarian", None), 4))
     assert noisy_acc < 0.75  # the labels it learnt from were ~70 % right; chance is 25 %

@@ -121,7 +121,7 @@ def test_bad_values_are_refused_when_the_protocol_is_made(overrides, message):
 
 @pytest.mark.parametrize("upsample,eval_size", [("nearest", None), ("nearest", 10), ("bilinear", None)])
 def test_batched_prediction_equals_a_per_pixel_reference(tmp_path, upsample, eval_size):
-    """accumulate_confusion scores images in batches of equal shapes; its confusions, per-image confusions and label
+    """The prediction stream scores images in batches of equal shapes; its confusions, per-image confusions and label
     maps must equal a brute-force per-pixel loop: nearest upsampling = the nearest centroid of the token each label
     pixel falls in; bilinear = the argmax of the per-image upsampled scores. Grids of three sizes interleave (so
     batches break on shape) and ignore pixels are planted."""
@@ -130,7 +130,7 @@ def test_batched_prediction_equals_a_per_pixel_reference(tmp_path, upsample, eva
 
     from ssl_segbench.cluster import centroid_scores
     from ssl_segbench.metrics import confusion
-    from ssl_segbench.protocols.base import accumulate_confusion
+    from ssl_segbench.protocols.base import Predictions, Scoring, count_confusions
 
     rng = np.random.default_rng(5)
     grids = [(3, 4), (3, 4), (5, 2), (3, 4), (4, 4), (4, 4)]
@@ -140,10 +140,10 @@ def test_batched_prediction_equals_a_per_pixel_reference(tmp_path, upsample, eva
         lab[rng.random(lab.shape) < 0.1] = 255
     cents = rng.normal(size=(5, 6)).astype(np.float32)
     fs = feature_set(tmp_path / "fs", tokens, labels)
-    seen, per_image = {}, []
-    (conf,) = accumulate_confusion(fs["tokens"], fs.labels, [centroid_scores(cents, spherical=False)], 4, 5, 255,
-                                   upsample, eval_size, on_labels=lambda i, j, lab: seen.__setitem__(i, lab),
-                                   per_image=per_image, crf=False)
+    seen = {}
+    stream = Predictions(fs["tokens"], fs.labels, [centroid_scores(cents, spherical=False)], 5, upsample, eval_size,
+                         Scoring())
+    (conf,), per_image = count_confusions(stream, 4, 255, on_labels=lambda i, j, lab: seen.__setitem__(i, lab))
 
     expected = np.zeros((4, 5), np.int64)
     for i, (t, lab) in enumerate(zip(tokens, labels)):

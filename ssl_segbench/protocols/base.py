@@ -7,7 +7,6 @@ exactly when their parameters are equal.
 from __future__ import annotations
 
 import collections
-import contextvars
 import copy
 import functools
 import math
@@ -30,7 +29,7 @@ from ..crf import CRFError, CRFParams, pool_map, refine_scores, require_crf
 from ..data import SegmentationDataset
 from ..errors import SegbenchError
 from ..features import FeatureSet
-from ..metrics import confusion, image_stats, remap, scores, sparse
+from ..metrics import ConfusionAccumulator, image_stats, remap, scores
 from ..paths import PathError, inside, safe_component
 from ..registry import is_int, is_number
 from ..transforms import POLICIES, Transform
@@ -62,6 +61,7 @@ class Context:
     layer: int = -1
     train_note: str | None = None  # how the train split was chosen, when the protocol asked for one
     resized_masks: dict = field(default_factory=dict)  # split → names of samples whose mask was resized (labels)
+    scoring: Scoring | None = None  # how scores become labels (CRF, device): set by Protocol.run from the parameters
     _backbone: Backbone | None = None
 
     def backbone(self) -> Backbone:
@@ -166,8 +166,26 @@ class Protocol:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "run" in cls.__dict__:  # every protocol's run gets the scoring scope (CRF) of its own parameters
-            cls.run = _scoped(cls.__dict__["run"])
+        if "run" in cls.__dict__:  # an own run would skip check_data and the CRF setting of `Protocol.run`
+            raise TypeError(f"{cls.__name__} defines run(); a protocol implements evaluate(ctx), which Protocol.run "
+                            "calls")
+
+    def run(self, ctx: Context) -> ProtocolResult:
+        """Run this protocol on `ctx`, the one entry point: `crf=true` without the CRF package is refused, then
+        `check_data` (for callers other than the runner, which checks while planning), then `ctx.scoring` gets the
+        scoring setting of the parameters (CRF, its temperature, the device) that the protocol gives every
+        `Predictions` stream, then the protocol's `evaluate`. With the CRF on, the record's `info.crf` says what it
+        did, and a run that refined nothing through the stream is refused."""
+        try:
+            ctx.scoring = Scoring(CRFParams.from_param(self.params["crf"]), float(self.params["crf_temperature"]),
+                                  str(ctx.device), (ctx.eval_set, ctx.train_set))
+        except CRFError as e:
+            raise ProtocolError(f"protocol '{self.name}' with crf=true: {e}") from None
+        self.check_data(ctx.eval_set, ctx.train_set, ctx.transform)
+        result = self.evaluate(ctx)
+        if ctx.scoring.crf is not None:
+            result.info["crf"] = ctx.scoring.record(self.name)
+        return result
 
     @classmethod
     def column_axes(cls, params: dict) -> dict[str, str]:
@@ -310,7 +328,9 @@ class Protocol:
         it reads the evaluation split only. The runner opens the first available one into `ctx.train_set`."""
         return None
 
-    def run(self, ctx: Context) -> ProtocolResult:
+    def evaluate(self, ctx: Context) -> ProtocolResult:
+        """The protocol's own work, called by `run`: fit what it fits, score through `Predictions` with
+        `ctx.scoring`, return per-seed scores."""
         raise NotImplementedError
 
 
@@ -332,67 +352,46 @@ def backbone_tokens(ctx: Context, images: list[torch.Tensor], what: str) -> torc
 
 
 @dataclass
-class _Scoring:
-    """What the shared scoring path needs to know about the protocol run it serves: its CRF setting, the temperature
-    that turns its scores into unaries, and its context (for the images the CRF compares labels against)."""
+class Scoring:
+    """A protocol run's scoring setting, given explicitly to every `Predictions` stream: the CRF parameters (None:
+    plain argmax), the temperature of the CRF's unaries, the device scores are computed on, and the datasets whose
+    images the CRF compares labels against. The streams tally here what the CRF did, for the record's `info.crf`."""
 
-    crf: CRFParams | None
-    temperature: float
-    ctx: Context
+    crf: CRFParams | None = None
+    temperature: float = 1.0
+    device: str = "cpu"
+    datasets: tuple = ()
     refined: int = 0
     seconds: float = 0.0
     score_types: set = field(default_factory=set)
+
+    def __post_init__(self):
+        if self.crf is not None:
+            require_crf()  # a missing package stops the run before any work (CRFError)
 
     def images_for(self, labels: ArrayStore, eval_size: int | None) -> Callable[[int], np.ndarray]:
         """The RGB images, at label resolution, of the split whose cached labels these are (found by the label entry's
         key: dataset id, split and content digest; drawn with the transform the labels were made with)."""
         key = labels.meta.get("key", {})
-        for ds in (self.ctx.eval_set, self.ctx.train_set):
+        for ds in self.datasets:
             if ds is None or key.get("dataset") != ds.id or key.get("split") != ds.split:
                 continue
             if key.get("content_sha256") == ds.content_sha256() and "transform" in key:
                 transform = Transform(**key["transform"])
                 return functools.partial(label_image, ds, transform, eval_size=eval_size)
         raise ProtocolError("crf: cannot tell which images these labels belong to (their cache key names no dataset "
-                            "of this run); pass images= to accumulate_confusion")
+                            "of this run); pass images= to Predictions")
 
-
-_SCORING: contextvars.ContextVar[_Scoring | None] = contextvars.ContextVar("ssl_segbench_scoring", default=None)
-
-
-def _scoped(run):
-    """Wrap Protocol.run: the protocol's `crf` parameter reaches accumulate_confusion through a context variable, so
-    every protocol that scores through it supports CRF without passing it along; the resolved CRF parameters go into
-    the result's info."""
-
-    @functools.wraps(run)
-    def wrapper(self, ctx: Context) -> ProtocolResult:
-        crf = CRFParams.from_param(self.params.get("crf"))  # validated when the protocol was made
-        if crf is not None:
-            try:
-                require_crf()
-            except CRFError as e:
-                raise ProtocolError(f"protocol '{self.name}' with crf=true: {e}") from None
-        self.check_data(ctx.eval_set, ctx.train_set, ctx.transform)
-        scope = _Scoring(crf, float(self.params["crf_temperature"]), ctx)
-        token = _SCORING.set(scope)
-        try:
-            result = run(self, ctx)
-        finally:
-            _SCORING.reset(token)
-        if crf is not None:
-            if not scope.refined:
-                raise ProtocolError(f"protocol '{self.name}' was run with crf=true but scored nothing through the "
-                                    "shared CRF path (accumulate_confusion)")
-            result.info["crf"] = {**crf.to_dict(), "package": "pydensecrf2",
-                                                    "unaries": "softmax(scores / crf_temperature), upsampled",
-                                                    "crf_temperature": scope.temperature,
-                                                    "score_types": sorted(scope.score_types),
-                                                    "images_refined": scope.refined,
-                                                    "seconds": round(scope.seconds, 3)}
-        return result
-
-    return wrapper
+    def record(self, protocol: str) -> dict:
+        """The record's `info.crf` block. A protocol run with the CRF on that refined nothing is refused: its record
+        would name a CRF that never ran."""
+        if not self.refined:
+            raise ProtocolError(f"protocol '{protocol}' was run with crf=true but scored nothing through the shared "
+                                "CRF path (Predictions)")
+        return {**self.crf.to_dict(), "package": "pydensecrf2",
+                "unaries": "softmax(scores / crf_temperature), upsampled", "crf_temperature": self.temperature,
+                "score_types": sorted(self.score_types), "images_refined": self.refined,
+                "seconds": round(self.seconds, 3)}
 
 
 def label_image(dataset: SegmentationDataset, transform: Transform, i: int, eval_size: int | None = None) -> np.ndarray:
@@ -478,7 +477,7 @@ class MaskSaver:
 
 
 class LabelGrids:
-    """Duck-typed token store for accumulate_confusion that scores HARD label maps: image i → an (h, w, S) float
+    """Duck-typed token store for Predictions that scores HARD label maps: image i → an (h, w, S) float
     array holding one label grid per scoring function (seed) in its last axis; pair it with `onehot_scorer`."""
 
     def __init__(self, grids: list[np.ndarray]):
@@ -558,21 +557,6 @@ def scores_to_labels(scores: torch.Tensor, size: tuple[int, int], upsample: str)
     raise ProtocolError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
 
 
-def _confusions_batch(gt: torch.Tensor, pred: torch.Tensor, num_classes: int, num_preds: int,
-                      ignore_index: int) -> np.ndarray:
-    """(B, H, W) labels → (B, C, K) int64 confusions, one bincount for the batch (ignore pixels go to a spare bin)."""
-    b = gt.shape[0]
-    keep = gt != ignore_index
-    if bool((keep & ((gt < 0) | (gt >= num_classes))).any()):
-        raise ValueError(f"ground-truth labels outside 0..{num_classes - 1} (ignore {ignore_index})")
-    if bool(((pred < 0) | (pred >= num_preds)).any()):
-        raise ValueError(f"predicted labels outside 0..{num_preds - 1}")
-    cells = b * num_classes * num_preds
-    flat = (torch.arange(b, device=gt.device)[:, None, None] * num_classes + gt) * num_preds + pred
-    counts = torch.bincount(torch.where(keep, flat, cells).reshape(-1), minlength=cells + 1)[:cells]
-    return counts.reshape(b, num_classes, num_preds).cpu().numpy().astype(np.int64)
-
-
 def _batches(tokens, labels, eval_size: int | None, budget: int) -> Iterator[list[int]]:
     """Consecutive images whose token grids and label maps have the same shapes, at most `budget` label pixels per
     batch (so B × K × H × W upsampled scores stay bounded)."""
@@ -589,113 +573,106 @@ def _batches(tokens, labels, eval_size: int | None, budget: int) -> Iterator[lis
         yield batch
 
 
-def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list[Callable[[torch.Tensor],
-                                                                                          torch.Tensor]],
-                         num_classes: int, num_preds: int, ignore_index: int, upsample: str,
-                         eval_size: int | None, advance=lambda n=1: None,
-                         prepare: Callable[[np.ndarray], np.ndarray] | None = None, *,
-                         crf: CRFParams | bool | dict | None = None,
-                         images: Callable[[int], np.ndarray] | None = None,
-                         on_labels: Callable[[int, int, np.ndarray], None] | None = None,
-                         per_image: list | None = None, score_type: str = "scores",
-                         temperature: float | None = None, device: str | None = None) -> list[np.ndarray]:
-    """For each scoring function (one per seed): dataset-level (C, K) confusion of its upsampled argmax predictions.
-    A scoring function maps (B, h, w, D) tokens (a torch tensor) to (B, K, h, w) scores; images of equal shapes are
-    scored, upsampled, argmaxed and counted in batches on `device` (default: the running protocol's; the GPU when
-    the run has one), with no Python loop over pixels. `prepare` maps tokens (numpy, (B, h, w, D)) once before all
-    scoring functions see them. A score that is NaN or infinite stops the run (ProtocolError): an argmax over it
-    would be a number without meaning.
+@dataclass
+class Predictions:
+    """The prediction stream: every scoring function's label maps over a split. A scoring function maps (B, h, w, D)
+    tokens (a torch tensor on `scoring.device`) to (B, K, h, w) scores, K ≤ `num_preds`; iterating yields (image
+    indices, scoring-function index j, ground truth, labels), both (B, H, W) torch tensors at the evaluation
+    resolution, in dataset order for each j. `prepare` maps tokens (numpy, (B, h, w, D)) once before all scoring
+    functions see them; a NaN or infinite score stops the run (ProtocolError): an argmax over it would be a number
+    without meaning.
 
-    CRF: `crf=None` takes the running protocol's `crf` parameter, False turns it off, True / CRFParams / a dict turn
-    it on. Then each prediction is the dense CRF of softmax(upsampled scores / temperature) (`temperature=None`: the
-    protocol's `crf_temperature`; `score_type` names what the scores are, for the record) against the RGB image at
-    label resolution (`images(i)`, by default read from the split the labels belong to), computed in a bounded process
-    pool (crf.pool_map; $SSL_SEGBENCH_CRF_WORKERS, $SSL_SEGBENCH_CRF_TIMEOUT). `on_labels(i, j, labels)` sees every
-    final label map (image i, scoring function j), e.g. to save it. A `per_image` list receives, per scoring function,
-    each image's confusion in `metrics.sparse` form (for bootstrap intervals over images)."""
-    scope = _SCORING.get()
-    if crf is None:
-        params = scope.crf if scope is not None else None
-    else:
-        params = crf if isinstance(crf, CRFParams) else CRFParams.from_param(crf)
-    if temperature is None:
-        temperature = scope.temperature if scope is not None else 1.0
-    if device is None:
-        device = str(scope.ctx.device) if scope is not None else "cpu"
+    Without a CRF, images of equal shapes are scored, upsampled (`scores_to_labels`) and argmaxed together, with no
+    Python loop over pixels and at most 2^26 upsampled scores per batch. With `scoring.crf`, each label map is the
+    dense CRF of softmax(upsampled scores / temperature) against the RGB image at label resolution (`images(i)`,
+    by default `scoring.images_for` the labels), one image at a time, computed in a bounded process pool
+    (crf.pool_map; $SSL_SEGBENCH_CRF_WORKERS, $SSL_SEGBENCH_CRF_TIMEOUT); `score_type` names the scores in the
+    record."""
 
-    def scored(fn, x: torch.Tensor, first: int) -> torch.Tensor:
+    tokens: ArrayStore
+    labels: ArrayStore
+    score_fns: list[Callable[[torch.Tensor], torch.Tensor]]
+    num_preds: int
+    upsample: str
+    eval_size: int | None
+    scoring: Scoring
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None
+    score_type: str = "scores"
+    images: Callable[[int], np.ndarray] | None = None
+
+    def __iter__(self) -> Iterator[tuple[list[int], int, torch.Tensor, torch.Tensor]]:
+        if not isinstance(self.scoring, Scoring):
+            raise ProtocolError(f"Predictions needs the run's Scoring, got {self.scoring!r}: run protocols with "
+                                "Protocol.run, which sets ctx.scoring")
+        return self._argmax() if self.scoring.crf is None else self._refined()
+
+    def _scored(self, fn, x: torch.Tensor, first: int) -> torch.Tensor:
         sc = fn(x)
         if not bool(torch.isfinite(sc).all()):
             raise ProtocolError(f"scores of an image from image {first} on contain NaN or infinite values (a diverged "
                                 "head or broken features); refusing to turn them into labels")
         return sc
 
-    def tokens_of(idx: list[int]) -> torch.Tensor:
-        x = np.stack([np.asarray(tokens.image(i), dtype=np.float32) for i in idx])
-        if prepare is not None:
-            x = prepare(x)
-        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    def _tokens(self, idx: list[int]) -> torch.Tensor:
+        x = np.stack([np.asarray(self.tokens.image(i), dtype=np.float32) for i in idx])
+        if self.prepare is not None:
+            x = self.prepare(x)
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.scoring.device)
 
-    confs = [np.zeros((num_classes, num_preds), dtype=np.int64) for _ in score_fns]
-    if per_image is not None:
-        per_image[:] = [[] for _ in score_fns]
+    def _argmax(self) -> Iterator[tuple[list[int], int, torch.Tensor, torch.Tensor]]:
+        budget = max(1, (1 << 26) // max(self.num_preds, 1))  # label pixels per batch: ≤ 64 M upsampled scores
+        for idx in _batches(self.tokens, self.labels, self.eval_size, budget):
+            gt = np.stack([eval_labels(self.labels.labels(i), self.eval_size) for i in idx])
+            gt = torch.from_numpy(gt).to(self.scoring.device)
+            x = self._tokens(idx)
+            for j, fn in enumerate(self.score_fns):
+                yield idx, j, gt, scores_to_labels(self._scored(fn, x, idx[0]), tuple(gt.shape[1:]), self.upsample)
 
-    def add(j: int, conf: np.ndarray) -> None:
-        confs[j] += conf
-        if per_image is not None:
-            per_image[j].append(sparse(conf))
+    def _refined(self) -> Iterator[tuple[list[int], int, torch.Tensor, torch.Tensor]]:
+        if self.upsample not in ("bilinear", "nearest"):
+            raise ProtocolError(f"upsample must be 'bilinear' or 'nearest', got {self.upsample!r}")
+        scoring = self.scoring
+        images = self.images or scoring.images_for(self.labels, self.eval_size)
+        pending: collections.deque = collections.deque()
 
-    if params is None:
-        budget = max(1, (1 << 26) // max(num_preds, 1))  # label pixels per batch: ≤ 64 M upsampled scores
-        for idx in _batches(tokens, labels, eval_size, budget):
-            gt = torch.from_numpy(np.stack([eval_labels(labels.labels(i), eval_size) for i in idx])).to(device)
-            x = tokens_of(idx)
-            for j, fn in enumerate(score_fns):
-                pred = scores_to_labels(scored(fn, x, idx[0]), tuple(gt.shape[1:]), upsample)
-                for conf in _confusions_batch(gt, pred, num_classes, num_preds, ignore_index):
-                    add(j, conf)
-                if on_labels is not None:
-                    for b, i in enumerate(idx):
-                        on_labels(i, j, pred[b].cpu().numpy())
-            advance(len(idx))
-        return confs
+        def tasks():
+            for i in range(len(self.tokens)):
+                gt = eval_labels(self.labels.labels(i), self.eval_size)
+                img = images(i)
+                if tuple(img.shape[:2]) != tuple(gt.shape):
+                    raise ProtocolError(f"crf: image {i} is {img.shape[:2]} but its labels are {gt.shape}")
+                x = self._tokens([i])
+                for j, fn in enumerate(self.score_fns):
+                    pending.append((i, j, gt))
+                    sc = self._scored(fn, x, i)[0].float().cpu().numpy() / scoring.temperature
+                    yield img, sc, self.upsample, scoring.crf
 
-    if upsample not in ("bilinear", "nearest"):
-        raise ProtocolError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-    try:
-        require_crf()
-    except CRFError as e:
-        raise ProtocolError(str(e)) from None
-    if images is None:
-        if scope is None:
-            raise ProtocolError("crf outside a protocol run needs images= (RGB at label resolution)")
-        images = scope.images_for(labels, eval_size)
-    pending: collections.deque = collections.deque()
+        t0 = time.perf_counter()
+        for pred in pool_map(refine_scores, tasks()):
+            i, j, gt = pending.popleft()
+            yield [i], j, torch.from_numpy(np.stack([gt])), torch.from_numpy(pred[None])
+        scoring.refined += len(self.tokens) * len(self.score_fns)
+        scoring.seconds += time.perf_counter() - t0
+        scoring.score_types.add(self.score_type)
 
-    def tasks():
-        for i in range(len(tokens)):
-            gt = eval_labels(labels.labels(i), eval_size)
-            img = images(i)
-            if tuple(img.shape[:2]) != tuple(gt.shape):
-                raise ProtocolError(f"crf: image {i} is {img.shape[:2]} but its labels are {gt.shape}")
-            x = tokens_of([i])
-            for j, fn in enumerate(score_fns):
-                pending.append((i, j, gt))
-                yield img, scored(fn, x, i)[0].float().cpu().numpy() / temperature, upsample, params
 
-    t0 = time.perf_counter()
-    for pred in pool_map(refine_scores, tasks()):
-        i, j, gt = pending.popleft()
-        add(j, confusion(gt, pred, num_classes, num_preds, ignore_index))
+def count_confusions(stream: Predictions, num_classes: int, ignore_index: int,
+                     on_labels: Callable[[int, int, np.ndarray], None] | None = None,
+                     advance: Callable[[int], None] = lambda n=1: None) -> tuple[list[np.ndarray], list[list]]:
+    """What most protocols take from a stream: per scoring function, the (C, K) confusion over `num_classes` classes
+    (`ignore_index` pixels skipped) and each image's own confusion (`metrics.sparse`, for `image_stats`).
+    `on_labels(i, j, labels)` sees every label map (image i, scoring function j), e.g. a MaskSaver; `advance(n)`
+    counts images done."""
+    accs = [ConfusionAccumulator(num_classes, stream.num_preds, ignore_index, per_image=True)
+            for _ in stream.score_fns]
+    for idx, j, gt, pred in stream:
+        accs[j].update(gt, pred)
         if on_labels is not None:
-            on_labels(i, j, pred)
-        if j == len(score_fns) - 1:
-            advance()
-    if scope is not None:
-        scope.refined += len(tokens) * len(score_fns)
-        scope.seconds += time.perf_counter() - t0
-        scope.score_types.add(score_type)
-    return confs
+            for b, i in enumerate(idx):
+                on_labels(i, j, pred[b].cpu().numpy())
+        if j == len(accs) - 1:
+            advance(len(idx))
+    return [a.compute() for a in accs], [a.images for a in accs]
 
 
 # protocol name → class; protocols register themselves on import (protocols/__init__.py imports them all)

@@ -11,9 +11,10 @@ from ..progress import progress_bar
 from .base import (
     Context,
     MaskSaver,
+    Predictions,
     Protocol,
     ProtocolResult,
-    accumulate_confusion,
+    count_confusions,
     kmeans_backend_axis,
     matching_axis,
     score_seeds,
@@ -63,12 +64,12 @@ def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> Proto
                        p["kmeans_backend"], ctx.device)
             score_fns.append(centroid_scores(c, p["spherical"], scale))
             advance()
-    per_image, saver = [], MaskSaver(ctx)
+    saver = MaskSaver(ctx)
     with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
-        confs = accumulate_confusion(fs["tokens"], fs.labels, score_fns, ds.num_classes, k, ds.ignore_index,
-                                     p["upsample"], p["eval_size"], advance,
-                                     prepare=lambda t: pre(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], -1),
-                                     on_labels=saver, per_image=per_image, score_type=score_type(p))
+        stream = Predictions(fs["tokens"], fs.labels, score_fns, k, p["upsample"], p["eval_size"], ctx.scoring,
+                             prepare=lambda t: pre(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], -1),
+                             score_type=score_type(p))
+        confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
     per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver)
     info = {"k": k, "fit_points": int(len(x)), "feature_dim": int(x.shape[1]), "score_scale": round(scale, 6)}
     return ProtocolResult(per_seed, info, [c.tolist() for c in confs], stats)

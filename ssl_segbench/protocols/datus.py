@@ -65,11 +65,12 @@ from .base import (
     Context,
     LabelGrids,
     MaskSaver,
+    Predictions,
     Protocol,
     ProtocolError,
     ProtocolResult,
-    accumulate_confusion,
     auto_matching,
+    count_confusions,
     matching_axis,
     onehot_scorer,
     register_protocol,
@@ -112,7 +113,7 @@ class DatUSProtocol(Protocol):
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         return {"eval": ("keys",)}
 
-    def run(self, ctx: Context) -> ProtocolResult:
+    def evaluate(self, ctx: Context) -> ProtocolResult:
         p = self.params
         if ctx.transform is None:
             raise ProtocolError("datus: the run's transform is needed to map segments back to the original images")
@@ -168,12 +169,11 @@ class DatUSProtocol(Protocol):
         grids = LabelGrids([np.stack([np.where(vm >= 0, cl[np.maximum(vm, 0)], k) for cl in clusters], -1)
                             .astype(np.float32) for vm in vmaps])
         fns = [onehot_scorer(j, k + 1, p["mask_confidence"]) for j in range(len(ctx.seeds))]
-        per_image: list = []
         saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
-            confs = accumulate_confusion(grids, fs.labels, fns, ds.num_classes, k + 1, ds.ignore_index, "nearest",
-                                         p["eval_size"], advance, on_labels=saver, per_image=per_image,
-                                         score_type="hard pseudo labels (mask_confidence)")
+            stream = Predictions(grids, fs.labels, fns, k + 1, "nearest", p["eval_size"], ctx.scoring,
+                                 score_type="hard pseudo labels (mask_confidence)")
+            confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: noise_mapping(conf, matching), saver,
                                       extra=lambda j, conf, m: {"cluster_to_class": m[:-1].tolist(),
                                                                 "noise_excluded": noise_excluded(conf, m)})

@@ -47,11 +47,12 @@ from ..registry import is_int
 from .base import (
     Context,
     MaskSaver,
+    Predictions,
     Protocol,
     ProtocolError,
     ProtocolResult,
-    accumulate_confusion,
     auto_matching,
+    count_confusions,
     kmeans_backend_axis,
     matching_axis,
     register_protocol,
@@ -103,7 +104,7 @@ class FS4Protocol(Protocol):
         if p["k"] is not None and p["k"] < 2:
             raise ProtocolError(f"fs4: k must be at least 2, got {p['k']}")
 
-    def run(self, ctx: Context) -> ProtocolResult:
+    def evaluate(self, ctx: Context) -> ProtocolResult:
         p = self.params
         ds = ctx.eval_set
         k = p["k"] or ds.num_classes
@@ -122,11 +123,11 @@ class FS4Protocol(Protocol):
                 head, fact = self_train(emb, layout, cells, k, p, seed, ctx.device, adv)
                 heads.append(head)
                 facts.append(fact)
-        per_image, saver = [], MaskSaver(ctx)
+        saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
-            confs = accumulate_confusion(EmbeddedTokens(emb, layout), fs.labels, [head_scorer(h) for h in heads],
-                                         ds.num_classes, k, ds.ignore_index, p["upsample"], p["eval_size"], advance,
-                                         on_labels=saver, per_image=per_image, score_type="fs4 head logits")
+            stream = Predictions(EmbeddedTokens(emb, layout), fs.labels, [head_scorer(h) for h in heads], k,
+                                 p["upsample"], p["eval_size"], ctx.scoring, score_type="fs4 head logits")
+            confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver,
                                       extra=lambda j, conf, mapping: facts[j])
         info = {"k": k, "matching": matching, "tokens": int(len(emb)), "feature_dim": int(emb.shape[1]),
@@ -249,7 +250,7 @@ def embed_split(tokens, p: dict, device: str, advance) -> torch.Tensor:
 
 
 class EmbeddedTokens:
-    """Token store over the embedded rows, for accumulate_confusion (the head is scored on what it was trained on)."""
+    """Token store over the embedded rows, for Predictions (the head is scored on what it was trained on)."""
 
     def __init__(self, emb: torch.Tensor, layout: Layout):
         self.emb, self.layout = emb, layout

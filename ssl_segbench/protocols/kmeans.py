@@ -29,7 +29,7 @@ class KMeansProtocol(KMeansFamily):
     description = "k-means with K = classes on eval-split patch tokens, Hungarian matching"
     default_seeds = 5
 
-    def run(self, ctx: Context) -> ProtocolResult:
+    def evaluate(self, ctx: Context) -> ProtocolResult:
         p = self.params
         ds = ctx.eval_set
         k = p["k"] or ds.num_classes

@@ -66,10 +66,11 @@ from .base import (
     Context,
     LabelGrids,
     MaskSaver,
+    Predictions,
     Protocol,
     ProtocolError,
     ProtocolResult,
-    accumulate_confusion,
+    count_confusions,
     kmeans_backend_axis,
     matching_axis,
     onehot_scorer,
@@ -140,7 +141,7 @@ class LeopartCDProtocol(Protocol):
     def train_split_wanted(self) -> list[str] | None:
         return ["default"] if self.params["fit_splits"] == "eval+train" else None
 
-    def run(self, ctx: Context) -> ProtocolResult:
+    def evaluate(self, ctx: Context) -> ProtocolResult:
         p = self.params
         ds = ctx.eval_set
         if p["unmatched"] == "background" and not p["background_class"] < ds.num_classes:
@@ -236,12 +237,11 @@ class LeopartCDProtocol(Protocol):
         # resolution): scored as hard labels, nothing is resized
         grids = LabelGrids([np.stack([m[maps[n]] for m in merged], -1).astype(np.float32) for n in ev])
         fns = [onehot_scorer(j, n_labels[j], p["mask_confidence"]) for j in range(len(ctx.seeds))]
-        per_image: list = []
         saver = MaskSaver(ctx)
         with progress_bar(len(ev), f"scoring merged labels on {ds.id}/{ds.split}") as advance:
-            confs = accumulate_confusion(grids, feats[0].labels, fns, ds.num_classes, max(n_labels), ds.ignore_index,
-                                         "nearest", p["eval_size"], advance, on_labels=saver, per_image=per_image,
-                                         score_type="hard merged labels (mask_confidence)")
+            stream = Predictions(grids, feats[0].labels, fns, max(n_labels), "nearest", p["eval_size"], ctx.scoring,
+                                 score_type="hard merged labels (mask_confidence)")
+            confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         def mapping_of(j: int, conf: np.ndarray) -> np.ndarray:
             """Seed j's merged labels matched to classes; the columns beyond its labels (other seeds merged into
             more) hold no pixels."""

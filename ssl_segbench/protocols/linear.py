@@ -30,11 +30,12 @@ from ..transforms import RandomResizedCropFlip
 from .base import (
     Context,
     MaskSaver,
+    Predictions,
     Protocol,
     ProtocolError,
     ProtocolResult,
-    accumulate_confusion,
     backbone_tokens,
+    count_confusions,
     eval_labels,
     register_protocol,
     score_seeds,
@@ -82,7 +83,7 @@ class LinearProtocol(Protocol):
     def train_split_wanted(self) -> list[str]:
         return split_candidates(self.params["train_split"])
 
-    def run(self, ctx: Context) -> ProtocolResult:
+    def evaluate(self, ctx: Context) -> ProtocolResult:
         p = self.params
         ds = ctx.eval_set
         if p["variant"] == "augmented" and ctx.transform is None:
@@ -109,12 +110,11 @@ class LinearProtocol(Protocol):
                                 images=len(train_set) * p["epochs"] * len(ctx.seeds),
                                 augmentation=f"RandomResizedCrop({ctx.transform.size}, scale {p['aug_scale']}, "
                                              f"ratio {p['aug_ratio']}) + flip p {p['aug_flip']}")
-        per_image, saver = [], MaskSaver(ctx)
+        saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
-            confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads],
-                                         ds.num_classes, ds.num_classes, ds.ignore_index, p["upsample"], p["eval_size"],
-                                         advance,
-                                         on_labels=saver, per_image=per_image, score_type="linear-head logits")
+            stream = Predictions(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads], ds.num_classes,
+                                 p["upsample"], p["eval_size"], ctx.scoring, score_type="linear-head logits")
+            confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, "identity"), saver,
                                       record_mapping=False)
         return ProtocolResult(per_seed, info, [c.tolist() for c in confs], stats)

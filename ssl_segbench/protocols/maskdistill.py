@@ -86,11 +86,12 @@ from .base import (
     Context,
     LabelGrids,
     MaskSaver,
+    Predictions,
     Protocol,
     ProtocolError,
     ProtocolResult,
-    accumulate_confusion,
     auto_matching,
+    count_confusions,
     matching_axis,
     onehot_scorer,
     register_protocol,
@@ -309,7 +310,7 @@ class MaskDistillProtocol(Protocol):
         p = self.params
         return ["default"] if p["stage"] != "pseudo" or p["fit_set"] == "all" else None
 
-    def run(self, ctx: Context) -> ProtocolResult:
+    def evaluate(self, ctx: Context) -> ProtocolResult:
         p = dict(self.params)
         if p["upsample"] == "auto":
             p["upsample"] = "nearest" if p["stage"] == "pseudo" else "bilinear"
@@ -367,16 +368,15 @@ class MaskDistillProtocol(Protocol):
         evalfs = splits["eval"][1]
         n_labels = k + 1
         saver = MaskSaver(ctx, self.masks_subdir(p))
-        per_image: list = []
         t0 = time.perf_counter()
         if not distill:
             grids = LabelGrids([np.stack([grid("eval", i, s) for s in range(len(ctx.seeds))], -1).astype(np.float32)
                             for i in range(len(ds))])
             fns = [onehot_scorer(j, n_labels, p["mask_confidence"]) for j in range(len(ctx.seeds))]
             with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
-                confs = accumulate_confusion(grids, evalfs.labels, fns, c, n_labels, ds.ignore_index, p["upsample"],
-                                             p["eval_size"], advance, on_labels=saver, per_image=per_image,
-                                             score_type="hard pseudo labels (mask_confidence)")
+                stream = Predictions(grids, evalfs.labels, fns, n_labels, p["upsample"], p["eval_size"], ctx.scoring,
+                                     score_type="hard pseudo labels (mask_confidence)")
+                confs, per_image = count_confusions(stream, c, ds.ignore_index, saver, advance)
         else:
             tname = "train" if "train" in splits else "eval"
             tds, tfs = splits[tname]
@@ -388,9 +388,9 @@ class MaskDistillProtocol(Protocol):
                                             tfs["tokens"].data.shape[1], cached_steps(tfs["tokens"], label_of, p),
                                             PSEUDO_IGNORE, p, seed, ctx.device, adv))
             with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
-                confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads], c,
-                                             n_labels, ds.ignore_index, p["upsample"], p["eval_size"], advance,
-                                             on_labels=saver, per_image=per_image, score_type="distilled-head logits")
+                stream = Predictions(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads], n_labels,
+                                     p["upsample"], p["eval_size"], ctx.scoring, score_type="distilled-head logits")
+                confs, per_image = count_confusions(stream, c, ds.ignore_index, saver, advance)
         info["scoring_seconds"] = round(time.perf_counter() - t0, 3)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match_labels(conf, matching, bg), saver)
         if saver.written:

@@ -48,7 +48,7 @@ class OverclusterProtocol(Protocol):
     resolvers = KMeansFamily.resolvers
     check = KMeansFamily.check
 
-    def run(self, ctx: Context) -> ProtocolResult:
+    def evaluate(self, ctx: Context) -> ProtocolResult:
         p = self.params
         k = p["k"]
         ds = ctx.eval_set

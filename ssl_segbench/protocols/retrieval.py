@@ -46,11 +46,12 @@ from ..transforms import RandomResizedCropFlip, sample_jitter
 from .base import (
     Context,
     MaskSaver,
+    Predictions,
     Protocol,
     ProtocolError,
     ProtocolResult,
-    accumulate_confusion,
     backbone_tokens,
+    count_confusions,
     matching_axis,
     register_protocol,
     score_seeds,
@@ -155,7 +156,7 @@ class RetrievalProtocol(Protocol):
     def train_split_wanted(self) -> list[str]:
         return split_candidates(self.params["train_split"])
 
-    def run(self, ctx: Context) -> ProtocolResult:
+    def evaluate(self, ctx: Context) -> ProtocolResult:
         p = self.params
         ds = ctx.eval_set  # a train split exists and differs from it (`check_data`, run first)
         train, info = train_split_info(ctx)
@@ -170,11 +171,11 @@ class RetrievalProtocol(Protocol):
                    for seed in ctx.seeds]
         evalfs = ctx.get(ds, ("tokens",))
         matching = "identity" if p["matching"] == "none" else p["matching"]
-        per_image, saver = [], MaskSaver(ctx)
+        saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"retrieving labels for {ds.id}/{ds.split}") as advance:
-            confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, scorers, ds.num_classes, ds.num_classes,
-                                         ds.ignore_index, p["upsample"], p["eval_size"], advance, on_labels=saver,
-                                         per_image=per_image, score_type="retrieved label distributions")
+            stream = Predictions(evalfs["tokens"], evalfs.labels, scorers, ds.num_classes, p["upsample"],
+                                 p["eval_size"], ctx.scoring, score_type="retrieved label distributions")
+            confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver,
                                       record_mapping=matching != "identity")
         for s, sc in zip(per_seed, scorers):
@@ -395,7 +396,7 @@ def memory_bank(ctx: Context, views: list[View], num_classes: int, ignore_index:
 
 
 class Scorer:
-    """Scoring function for accumulate_confusion: (B, h, w, D) query tokens → (B, C, h, w) retrieved label
+    """Scoring function for Predictions: (B, h, w, D) query tokens → (B, C, h, w) retrieved label
     distributions (step 3 of the module docstring). On a GPU the bank is searched there: with faiss-gpu when it is
     installed, else by torch (the bank held in GPU memory as float16 when it fits in half of what is free, else
     streamed in chunks); on the CPU with faiss."""
