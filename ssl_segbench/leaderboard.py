@@ -1,5 +1,6 @@
 """Leaderboards generated from records (never edited by hand): markdown per dataset, a cross-dataset summary, or flat
-CSV / JSON for other tools.
+CSV / JSON for other tools. The markdown and the static site (`site`) are two renderings of one board model
+(`board.build`, built once per run): grouping, columns, row order, published matches and caveats are decided there.
 
 A column is a record's `Setting` without its backbone (`Setting.column`: evaluation data, train data, protocol,
 version, parameters, layer, seeds), so numbers produced under different settings never share a column; its header
