@@ -97,8 +97,8 @@ class SplitBoard:
     reported: tuple[dict, ...]
 
     @property
-    def n_images(self) -> list[int]:
-        return sorted({n for n, _ in self.images})
+    def n_images(self) -> tuple[int, ...]:
+        return tuple(sorted({n for n, _ in self.images}))
 
     @property
     def has_caveats(self) -> bool:
@@ -177,28 +177,22 @@ class Boards:
     records: tuple[Record, ...]
 
 
-def _grouped(records, key) -> dict[str, list[Record]]:
+def _grouped(records, field: str) -> dict[str, list[Record]]:
+    """Records by their identity's `field` (dataset, split), each group in input order."""
     out: dict[str, list[Record]] = {}
     for r in records:
-        out.setdefault(key(r), []).append(r)
+        out.setdefault(r.identity[field], []).append(r)
     return out
 
 
 def build(records: list[Record], published: list[dict], registry: dict) -> Boards:
     """The boards of `records`: published entries matched once per record, backbone facts from `registry`."""
-    pages = tuple(Board(ds, DEMO_DATASETS.get(ds), tuple(_split_board(ds, split, srecs, published, registry)
-                                                         for split, srecs in sorted(_grouped(recs, _split).items())),
-                        tuple(recs))
-                  for ds, recs in sorted(_grouped(records, _dataset).items()))
-    return Boards(pages, _summary(pages), tuple(records))
-
-
-def _dataset(rec: Record) -> str:
-    return rec.identity["dataset"]
-
-
-def _split(rec: Record) -> str:
-    return rec.identity["split"]
+    pages = []
+    for ds, recs in sorted(_grouped(records, "dataset").items()):
+        splits = tuple(_split_board(ds, split, srecs, published, registry)
+                       for split, srecs in sorted(_grouped(recs, "split").items()))
+        pages.append(Board(ds, DEMO_DATASETS.get(ds), splits, tuple(recs)))
+    return Boards(tuple(pages), _summary(tuple(pages)), tuple(records))
 
 
 def _split_board(dataset: str, split: str, recs: list[Record], published: list[dict], registry: dict) -> SplitBoard:

@@ -95,7 +95,7 @@ def test_the_model_of_two_splits_with_a_missing_cell_a_published_entry_and_a_cav
     assert [row.label for row in train.rows] == ["pixels @ aaaaaaaaaaaa"] and train.has_caveats
     assert train.rows[0].cells[0].caveats == ("1 seed (no spread)",) and train.rows[0].cells[0].record is r["pxtrain"]
     assert train.reported == () and train.footnotes == ()
-    assert val.images == ((200, "f" * 12),) and val.n_images == [200]
+    assert val.images == ((200, "f" * 12),) and val.n_images == (200,)
     # the summary grid: per (dataset/split, protocol) the column holding the most backbones (plain kmeans: 2 of 3)
     s = boards.summary
     assert [(c.dataset, c.split, c.spec, c.column_id) for c in s.columns] == [
