@@ -90,7 +90,8 @@ def _entry(root: Path, key: dict) -> Entry:
 
 
 class _TorchView(torch.utils.data.Dataset):
-    """Transformed (image, labels) pairs for a DataLoader; labels are decoded only when the label entry is missing."""
+    """Transformed (image, index, labels, mask resized?) items for a DataLoader (image and index first, as `embed`
+    takes them); labels are decoded only when the label entry is missing."""
 
     def __init__(self, dataset, transform, mean, std, with_labels):
         self.dataset, self.transform, self.mean, self.std, self.with_labels = dataset, transform, mean, std, with_labels
@@ -106,7 +107,7 @@ class _TorchView(torch.utils.data.Dataset):
             y = self.transform.labels(mask, self.dataset.ignore_index)
         else:
             y = np.zeros((0, 0), dtype=np.int64)
-        return x, torch.from_numpy(y), i, resized
+        return x, i, torch.from_numpy(y), resized
 
 
 def _prefetched(iterable):
@@ -289,7 +290,7 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
                 batches = embed(backbone, batches, layer, facets, device, amp, name_of, half=True)
             else:
                 batches = (({}, batch) for batch in batches)
-            for out, (_x, y, idx, was_resized) in batches:
+            for out, (_x, idx, y, was_resized) in batches:
                 for f, v in out.items():
                     if f in ("attn", "attn_logits"):
                         v = v.permute(0, 2, 3, 1)
