@@ -11,6 +11,10 @@ Refusals, each before anything looks complete: a batch with a NaN or infinite va
 stops extraction with an error naming the backbone, layer, facet and first bad image, and the partial entries are
 removed; so are they after a bad file or a write error (the cache checks and reserves disk space first). Keys hold the
 dataset's content digest (not its file names) and the compute precision (bf16 autocast on CUDA, fp32 otherwise).
+
+Every other backbone pass (crop embeddings, augmented views) goes through the same batched pass (`embed`: autocast,
+the same refusal naming its first bad item), keys its cache entries with the same backbone fields (`backbone_key`)
+and, for one-row-per-crop entries, fills them through `fill_rows` (checkpointed, resumable).
 """
 from __future__ import annotations
 
