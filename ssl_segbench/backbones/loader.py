@@ -50,9 +50,8 @@ class Loader:
     def pin(self, spec: BackboneSpec) -> tuple[str, str | None]:
         """(source, resolved revision): a local directory's path and content digest, or the Hub id and the commit the
         cache serves."""
-        local = Path(spec.repo_id.removeprefix("local-dir:"))
-        if local.is_dir():
-            return spec.repo_id, local_revision(local)
+        if spec.repo_id.startswith("local-dir:") or Path(spec.repo_id).is_dir():
+            return spec.repo_id, local_revision(Path(spec.repo_id.removeprefix("local-dir:")))
         source = self.source_prefix + spec.repo_id + (f"@{spec.revision}" if spec.revision else "")
         try:
             return source, resolve_revision(spec.repo_id, spec.revision, spec=spec)
@@ -66,6 +65,7 @@ class Loader:
         raise NotImplementedError
 
     def backbone(self, spec: BackboneSpec, source: str, revision: str | None, model) -> Backbone:
+        """`model` behind the one dense interface (its `backbone_class`), which checks it against the spec."""
         return self.backbone_class(model, spec, source, revision)
 
     def fill_spec(self, spec: BackboneSpec, model) -> BackboneSpec:
