@@ -691,12 +691,8 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
     return confs
 
 
-# protocol name → class; protocols register themselves on import (protocols/__init__.py imports them all)
-PROTOCOLS: dict[str, type[Protocol]] = {}
+# protocol name → class; each protocol module registers its class (protocols/__init__.py discovers the modules)
+from ..plugins import Registry  # noqa: E402  (here with the registry it makes)
 
-
-def register_protocol(cls: type[Protocol]) -> type[Protocol]:
-    if not cls.name or cls.name in PROTOCOLS:
-        raise ValueError(f"protocol name {cls.name!r} is empty or registered twice")
-    PROTOCOLS[cls.name] = cls
-    return cls
+PROTOCOLS = Registry("protocol", "name", "register_protocol", ProtocolError, "ssl-segbench list protocols")
+register_protocol = PROTOCOLS.register
