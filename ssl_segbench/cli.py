@@ -13,7 +13,7 @@ from rich.markup import escape
 from . import __version__
 from .errors import SegbenchError
 from .pages import fmt_metric
-from .paths import data_dir, results_dir
+from .paths import results_dir
 from .progress import console, out, quiet_libraries
 
 EPILOG = """examples:
@@ -68,18 +68,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _run_options() -> argparse.ArgumentParser:
-    """The options `run` and `show` share (argparse parent): what to run on, and how."""
+    """The options `run` and `show` share (argparse parent): what to run on (the dataset options of `datasets check`
+    too, declared once in data/check.py), and how."""
+    from .data.check import dataset_arguments  # lazy: start-up time (numpy)
     from .transforms import POLICIES  # lazy: start-up time (numpy)
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, parents=[dataset_arguments("synthetic")])
     common.add_argument("--backbone", required=True,
                         help="registry id (see `list backbones`), a local checkpoint directory, "
                              "hf-hub:org/name[@rev] (timm) or org/name[@rev] (transformers)")
-    common.add_argument("--dataset", default="synthetic", help="dataset id (see `list datasets`)")
-    common.add_argument("--data-root",
-                        help=f"dataset root in its native layout (default: $SSL_SEGBENCH_DATA/<dataset id>, now "
-                             f"{data_dir()}/<dataset id>; synthetic: generated)")
-    common.add_argument("--split", help="evaluation split (default: the dataset's evaluation split)")
     common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (N below the number of GPUs)")
     common.add_argument("--batch-size", type=int, help="images per backbone call (default: 64 on GPU, 16 on CPU)")
     common.add_argument("--workers", type=int,
@@ -102,12 +99,14 @@ def _run_options() -> argparse.ArgumentParser:
                         help="dense-CRF post-processing of every protocol's label maps (pip install '.[crf]'); "
                              "unaries softmax(scores / PROTO.crf_temperature); recorded as parameters, so CRF and "
                              "non-CRF results never share a column")
-    common.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
-                        help="dataset option, repeatable (e.g. curated_list=PATH, resize_masks=true; see "
-                             "`list datasets`)")
-    common.add_argument("--skip-bad", action="store_true",
-                        help="leave unreadable or malformed samples out (the record counts them) instead of failing")
     return common
+
+
+def _results_option() -> argparse.ArgumentParser:
+    """--results-dir, declared once for the commands that read or write records (argparse parent)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--results-dir", type=Path, help="records root (default: $SSL_SEGBENCH_RESULTS or ./results)")
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,14 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark frozen self-supervised ViT patch features on unsupervised semantic segmentation.")
     parser.add_argument("--version", action="version", version=f"ssl-segbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    common = _run_options()
+    common, results = _run_options(), _results_option()
 
     run = sub.add_parser("run", help="extract (cached) features and run protocols, writing one record each",
-                         parents=[common], formatter_class=_HelpFormatter)
+                         parents=[common, results], formatter_class=_HelpFormatter)
     run.add_argument("--protocol", default="kmeans,linear",
                      help="comma list of protocols, each optionally with a preset: kmeans:leopart,linear")
     run.add_argument("--seeds", type=_seeds, help="seed count or comma list (default: per protocol, kmeans 5)")
-    run.add_argument("--results-dir", type=Path, help="records root (default: $SSL_SEGBENCH_RESULTS or ./results)")
     run.add_argument("--overwrite", choices=("skip", "always"), default="skip",
                      help="what to do when a record with the same key exists")
     run.add_argument("--save-masks", type=Path, metavar="DIR",
@@ -143,9 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_datasets_parser(sub)
 
-    lb = sub.add_parser("leaderboard", help="regenerate markdown leaderboards from records",
+    lb = sub.add_parser("leaderboard", help="regenerate markdown leaderboards from records", parents=[results],
                         formatter_class=_HelpFormatter)
-    lb.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
     lb.add_argument("--out", type=Path, default=Path("leaderboards"), help="output directory")
     lb.add_argument("--format", choices=("md", "html", "csv", "json"), default="md",
                     help="md: a page per dataset + README.md summary, and the static site in OUT/site/; html: the "
@@ -158,11 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "format and classes: ssl_segbench/published.py)")
 
     cmp_ = sub.add_parser("compare", help="two backbones side by side: per-class IoU and paired-bootstrap significance",
-                          formatter_class=_HelpFormatter)
+                          parents=[results], formatter_class=_HelpFormatter)
     cmp_.add_argument("a", help="backbone id (as in the records)")
     cmp_.add_argument("b", help="backbone id (as in the records)")
     cmp_.add_argument("--dataset", help="only this dataset")
-    cmp_.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
     cmp_.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the images")
 
     show = sub.add_parser("show", help="PNG grid of images, ground truth and predictions (linked from the leaderboard)",
@@ -187,9 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         sw.add_argument(flag, type=kind, help=f"slurm: {what} (default: the file's slurm section)")
 
     chk = sub.add_parser("check", help="CI gate: compare records with a committed baseline; non-zero on regression",
-                         formatter_class=_HelpFormatter)
+                         parents=[results], formatter_class=_HelpFormatter)
     chk.add_argument("--baseline", type=Path, required=True, help="baseline JSON file")
-    chk.add_argument("--results-dir", type=Path, help="records root (default $SSL_SEGBENCH_RESULTS or ./results)")
     chk.add_argument("--tolerance", type=_tolerance, default={},
                      help="absolute tolerance, for all metrics (0.01) or per metric (miou=0.01,pixel_acc=0.005); "
                           "default max(0.002, 2 × the baseline's std over seeds)")
@@ -216,7 +211,7 @@ def _tolerance(text: str) -> dict[str, float]:
 def _run_options_of(args, protocols: tuple[str, ...], **more):
     """RunOptions from the options `run` and `show` share: --param and --crf become protocol parameters, -o and
     --skip-bad dataset options."""
-    from .data.check import parse_options  # lazy: start-up time (numpy)
+    from .data.check import dataset_options_of  # lazy: start-up time (numpy)
     from .runner import RunOptions  # lazy: start-up time (torch)
 
     params: dict[str, dict] = {}
@@ -225,13 +220,10 @@ def _run_options_of(args, protocols: tuple[str, ...], **more):
     if args.crf:
         for spec in protocols:  # every protocol has a `crf` parameter (tested)
             params.setdefault(spec.partition(":")[0], {})["crf"] = True
-    dataset_options = parse_options(args.option)
-    if args.skip_bad:
-        dataset_options["skip_bad"] = True
     return RunOptions(backbone=args.backbone, dataset=args.dataset, protocols=protocols, data_root=args.data_root,
                       split=args.split, device=args.device, batch_size=args.batch_size, workers=args.workers,
                       layer=args.layer, resize=args.resize, size=args.size, registry=args.registry, params=params,
-                      dataset_options=dataset_options, mean=args.mean, std=args.std, **more)
+                      dataset_options=dataset_options_of(args), mean=args.mean, std=args.std, **more)
 
 
 def run_options(args):

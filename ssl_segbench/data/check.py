@@ -143,14 +143,39 @@ def parse_options(pairs: list[str] | None) -> dict:
     return options
 
 
+def dataset_arguments(dataset_default: str | None = None) -> argparse.ArgumentParser:
+    """The dataset options of `run`, `show` and `datasets check`, declared once (an argparse parent): which dataset,
+    where, which split, its loader options. With no `dataset_default`, --dataset is required."""
+    where = str(data_dir()).replace("%", "%%")  # argparse %-formats help texts
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--dataset", default=dataset_default, required=dataset_default is None,
+                        help="dataset id (see `list datasets`) or hf:<org>/<name>")
+    parent.add_argument("--data-root",
+                        help=f"dataset root in its native layout (default: the folder `list datasets` shows: "
+                             f"$SSL_SEGBENCH_DATA/<dataset id>, now {where}/<dataset id>; synthetic: generated)")
+    parent.add_argument("--split", help="split to read (default: the dataset's evaluation split)")
+    parent.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                        help="dataset option, repeatable (e.g. curated_list=PATH, resize_masks=true, revision=SHA; "
+                             "`list datasets` names each dataset's)")
+    parent.add_argument("--skip-bad", action="store_true",
+                        help="leave unreadable or malformed samples out instead of failing (a record counts them, "
+                             "`datasets check` lists them)")
+    return parent
+
+
+def dataset_options_of(args: argparse.Namespace) -> dict:
+    """The loader options of parsed `dataset_arguments`: each -o KEY=VALUE, and skip_bad=True from --skip-bad."""
+    options = parse_options(args.option)
+    if args.skip_bad:
+        options["skip_bad"] = True
+    return options
+
+
 def run_check(args: argparse.Namespace, console: Console | None = None) -> int:
     """Handler of `datasets check`: 2 if the dataset cannot be opened, 1 if files are bad, 0 if clean."""
     console = console or out
     try:
-        options = parse_options(args.option)
-        if args.skip_bad:
-            options["skip_bad"] = True
-        dataset = get_dataset(args.dataset, args.data_root, args.split, **options)
+        dataset = get_dataset(args.dataset, args.data_root, args.split, **dataset_options_of(args))
     except DatasetError as e:
         console.print(f"[red]cannot open '{escape(args.dataset)}':[/red] {escape(str(e))}", highlight=False)
         return EXIT_UNOPENABLE
@@ -189,13 +214,7 @@ def add_datasets_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     """Add `datasets check` to a CLI (it sets ``func(args) -> exit code``); datasets are listed by `list datasets`."""
     parser = subparsers.add_parser("datasets", help="check a dataset on disk (list them with `list datasets`)")
     sub = parser.add_subparsers(dest="datasets_command", required=True)
-    check = sub.add_parser("check", help="validate layout, masks and labels of a split; print a class histogram")
-    check.add_argument("--dataset", required=True, help="dataset id (see `list datasets`) or hf:<org>/<name>")
-    check.add_argument("--data-root", default=None,
-                       help="dataset root in its distributed layout (default: $SSL_SEGBENCH_DATA/<dataset id>)")
-    check.add_argument("--split", default=None, help="split to check (default: the dataset's evaluation split)")
-    check.add_argument("--skip-bad", action="store_true", help="leave bad samples out instead of failing")
-    check.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
-                       help="dataset option, repeatable (e.g. curated_list=PATH, revision=SHA, mask_column=label)")
+    check = sub.add_parser("check", help="validate layout, masks and labels of a split; print a class histogram",
+                           parents=[dataset_arguments()])
     check.set_defaults(func=run_check)
     return parser
