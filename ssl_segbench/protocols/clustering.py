@@ -3,6 +3,9 @@
 pipeline and its CRF unaries."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 
 from ..cluster import KMEANS_BACKENDS, Preprocess, centroid_scores, kmeans, kmeans_backend, sample_rows
@@ -13,6 +16,7 @@ from .base import (
     MaskSaver,
     Protocol,
     ProtocolResult,
+    SharedParams,
     accumulate_confusion,
     kmeans_backend_axis,
     matching_axis,
@@ -20,20 +24,30 @@ from .base import (
 )
 
 
+@dataclass(frozen=True)
+class KMeansParams(SharedParams):
+    """Parameters of k-means on patch tokens (kmeans.py's docstring)."""
+
+    k: int | None = None  # None: number of classes
+    standardize: bool = False
+    pca_dim: int | None = None
+    l2_normalize: bool = True
+    spherical: bool = True
+    niter: int = 100
+    nredo: int = 5
+    max_points_per_centroid: int | None = None
+    max_fit_points: int | None = 2_000_000
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    matching: Literal["hungarian-pixels", "hungarian-iou"] = "hungarian-pixels"
+    crf_temperature: float = 0.5
+    kmeans_backend: Literal[KMEANS_BACKENDS] = "auto"
+
+
 class KMeansFamily(Protocol):
     """Parameters, presets and checks of k-means on the evaluation split's tokens (not registered: `kmeans` and
     `overcluster` are)."""
     axes = {"matching": matching_axis, "kmeans": kmeans_backend_axis}
-    defaults = {
-        "k": None,  # None: number of classes
-        "standardize": False, "pca_dim": None, "l2_normalize": True, "spherical": True,
-        "niter": 100, "nredo": 5, "max_points_per_centroid": None, "max_fit_points": 2_000_000,
-        "upsample": "bilinear", "matching": "hungarian-pixels", "crf_temperature": 0.5, "kmeans_backend": "auto",
-    }
-    types = {"k": (int, None), "pca_dim": (int, None), "max_points_per_centroid": (int, None),
-             "max_fit_points": (int, None)}
-    choices = {"upsample": ("bilinear", "nearest"), "matching": ("hungarian-pixels", "hungarian-iou"),
-               "kmeans_backend": KMEANS_BACKENDS}
+    Params = KMeansParams
     resolvers = {"kmeans_backend": kmeans_backend}
     presets = {
         "leopart": {"resize": "square", "size": 448, "standardize": True, "pca_dim": 50, "l2_normalize": False,

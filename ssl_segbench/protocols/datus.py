@@ -50,6 +50,8 @@ clusters dropped) is not ported.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -68,6 +70,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     accumulate_confusion,
     auto_matching,
     matching_axis,
@@ -79,6 +82,24 @@ from .base import (
 SEGMENT_CACHE_VERSION = 1
 
 
+@dataclass(frozen=True)
+class DatUSParams(SharedParams):
+    """Parameters of DatUS² (module docstring): K, key centring, segment discovery (tau, Louvain), the crops whose
+    CLS embeds a segment, PCA and k-means restarts, matching, and the CRF's confidence in the hard pseudo labels."""
+
+    k: int | None = None  # None: number of classes
+    key_centering: Literal["none", "image-mean"] = "image-mean"
+    tau: int = 5
+    louvain_resolution: float = 1.0
+    louvain_seed: int = 0
+    crop_resize: int = 256
+    crop_size: int = 224
+    pca_dim: int | None = None
+    n_init: int = 10
+    matching: Literal["auto", "hungarian-pixels", "hungarian-iou", "many-to-one"] = "auto"
+    mask_confidence: float = 0.7  # CRF: the hard pseudo labels as unaries, mask_confidence on the label
+
+
 @register_protocol
 class DatUSProtocol(Protocol):
     name = "datus"
@@ -86,24 +107,14 @@ class DatUSProtocol(Protocol):
     version = "1"
     description = "DatUS² pseudo masks: key-affinity Louvain segments, CLS of segment crops, k-means, matching"
     default_seeds = 5
-    defaults = {
-        "k": None,  # None: number of classes
-        "key_centering": "image-mean", "tau": 5, "louvain_resolution": 1.0, "louvain_seed": 0,
-        "crop_resize": 256, "crop_size": 224,
-        "pca_dim": None, "n_init": 10,
-        "matching": "auto",
-        "mask_confidence": 0.7,  # CRF: the hard pseudo labels as unaries, mask_confidence on the label
-    }
+    Params = DatUSParams
     presets = {"datus": {"resize": "square", "size": 224, "key_centering": "none"}}  # the paper's settings
-    choices = {"matching": ("auto", "hungarian-pixels", "hungarian-iou", "many-to-one"),
-               "key_centering": ("none", "image-mean")}
-    types = {"k": (int, None), "pca_dim": (int, None)}
 
     def check(self) -> None:
         self.positive("k", "pca_dim", allow_none=True)
         self.positive("crop_resize", "crop_size", "n_init", "louvain_resolution")
-        if self.params["tau"] < 0:
-            raise ProtocolError(f"datus: tau must be >= 0, got {self.params['tau']!r}")
+        if self.p.tau < 0:
+            raise ProtocolError(f"datus: tau must be >= 0, got {self.p.tau!r}")
         self.fraction("mask_confidence")
 
     def backbone_facets(self) -> set[str]:

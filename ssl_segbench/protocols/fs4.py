@@ -36,6 +36,9 @@ GPU when the run has one, and deterministic there too (segment sums are one-hot 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,6 +53,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     accumulate_confusion,
     auto_matching,
     kmeans_backend_axis,
@@ -61,6 +65,34 @@ from .base import (
 _ROWS = 1 << 16  # rows per chunk when scoring or assigning the whole split
 
 
+@dataclass(frozen=True)
+class FS4Params(SharedParams):
+    """Parameters of the FS⁴ reconstruction (module docstring; the GUESSes are in docs/fs4.md): K, CAE (step 2), PGG
+    (3), self-training (4), the k-means that starts it without PGG, upsampling and matching (5)."""
+
+    k: int | None = None  # None: number of classes
+    cae: bool = True
+    cae_radius: int = 2
+    cae_threshold: float = 0.5
+    cae_temperature: float = 0.1
+    pgg: bool = True
+    pyramid_levels: list = field(default_factory=lambda: [1, 2, 4])
+    temperature: float = 0.1
+    pgg_prior: float = 1.0
+    pgg_weight: float = 1.0
+    rounds: int = 3
+    cluster_iters: int = 10
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    niter: int = 100
+    nredo: int = 5
+    max_fit_points: int | None = 2_000_000
+    kmeans_backend: Literal[KMEANS_BACKENDS] = "auto"
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    matching: Literal["auto", "hungarian-pixels", "hungarian-iou", "many-to-one"] = "auto"
+
+
 @register_protocol
 class FS4Protocol(Protocol):
     name = "fs4"
@@ -68,17 +100,7 @@ class FS4Protocol(Protocol):
     version = "1"
     description = "FS⁴ reconstruction: PGG pseudo labels + CAE + bootstrapped head, Hungarian (guesses recorded)"
     default_seeds = 5
-    defaults = {
-        "k": None,  # None: number of classes
-        "cae": True, "cae_radius": 2, "cae_threshold": 0.5, "cae_temperature": 0.1,
-        "pgg": True, "pyramid_levels": [1, 2, 4], "temperature": 0.1, "pgg_prior": 1.0, "pgg_weight": 1.0,
-        "rounds": 3, "cluster_iters": 10, "steps": 100, "batch_size": 8, "lr": 1e-3,
-        "niter": 100, "nredo": 5, "max_fit_points": 2_000_000, "kmeans_backend": "auto",
-        "upsample": "bilinear", "matching": "auto",
-    }
-    types = {"k": (int, None), "max_fit_points": (int, None)}
-    choices = {"upsample": ("bilinear", "nearest"), "kmeans_backend": KMEANS_BACKENDS,
-               "matching": ("auto", "hungarian-pixels", "hungarian-iou", "many-to-one")}
+    Params = FS4Params
     resolvers = {"kmeans_backend": kmeans_backend}
     presets = {
         "no-cae": {"cae": False},
@@ -87,21 +109,22 @@ class FS4Protocol(Protocol):
     }
 
     def check(self) -> None:
-        p = self.params
+        p = self.p
         self.positive("k", "max_fit_points", allow_none=True)
         self.positive("temperature", "cae_temperature", "lr", "rounds", "batch_size", "niter", "nredo")
-        for key in ("cae_radius", "cluster_iters", "steps", "pgg_prior", "pgg_weight"):
-            if not p[key] >= 0:
-                raise ProtocolError(f"fs4: {key} must be >= 0, got {p[key]!r}")
-        if not -1 <= p["cae_threshold"] <= 1:
-            raise ProtocolError(f"fs4: cae_threshold is a cosine, in [-1, 1]; got {p['cae_threshold']!r}")
-        levels = p["pyramid_levels"]
+        for key, value in (("cae_radius", p.cae_radius), ("cluster_iters", p.cluster_iters), ("steps", p.steps),
+                           ("pgg_prior", p.pgg_prior), ("pgg_weight", p.pgg_weight)):
+            if not value >= 0:
+                raise ProtocolError(f"fs4: {key} must be >= 0, got {value!r}")
+        if not -1 <= p.cae_threshold <= 1:
+            raise ProtocolError(f"fs4: cae_threshold is a cosine, in [-1, 1]; got {p.cae_threshold!r}")
+        levels = p.pyramid_levels
         if not (levels and all(is_int(v) and v > 0 for v in levels)
                 and len(set(levels)) == len(levels)):
             raise ProtocolError(f"fs4: pyramid_levels must be distinct positive integers, e.g. [1, 2, 4]; got "
                                 f"{levels!r}")
-        if p["k"] is not None and p["k"] < 2:
-            raise ProtocolError(f"fs4: k must be at least 2, got {p['k']}")
+        if p.k is not None and p.k < 2:
+            raise ProtocolError(f"fs4: k must be at least 2, got {p.k}")
 
     def run(self, ctx: Context) -> ProtocolResult:
         p = self.params

@@ -55,6 +55,9 @@ Deliberate departures from Leopart's code:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import numpy as np
 import torch
 
@@ -69,6 +72,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     accumulate_confusion,
     kmeans_backend_axis,
     matching_axis,
@@ -87,6 +91,41 @@ CD_HPARAMS_NOTE = ("found by Leopart with labels: an optuna TPE search (300 tria
 ANGLES = tuple(i * np.pi / 4 for i in range(8))
 
 
+@dataclass(frozen=True)
+class LeopartCDParams(SharedParams):
+    """Parameters of Leopart's community detection (PROTOCOLS.md §4): the fit splits, standardisation + PCA and
+    k-means, the attention foreground, cluster-based foreground extraction (CBFE), the foreground clusters and
+    co-occurrence graph (k, markov_time, weight_threshold: None takes Leopart's values for the nearest backbone),
+    matching, and the CRF's confidence in the hard merged labels."""
+
+    eval_size: int | None = 100
+    fit_splits: Literal["eval", "eval+train"] = "eval+train"
+    standardize: bool = True
+    pca_dim: int | None = 50
+    max_fit_points: int | None = 2_000_000
+    niter: int = 100
+    nredo: int = 5
+    max_points_per_centroid: int | None = None
+    cluster_seed: int = 0
+    kmeans_backend: Literal[KMEANS_BACKENDS] = "auto"
+    attn_blur_kernel: int = 7
+    attn_blur_sigma: float = 0.6
+    attn_mass: float = 0.65
+    attn_drop_upto: int = 2
+    cbfe_k: int = 200
+    cbfe_threshold: float | str = 0.5
+    k: int | None = None
+    markov_time: float | None = None
+    weight_threshold: float | None = None
+    preferred_modules: int | None = None
+    distances: list = field(default_factory=lambda: [1, 2])
+    matching: Literal["hungarian-iou", "hungarian-pixels"] = "hungarian-iou"
+    isolated_clusters: Literal["own-label", "shared-label"] = "own-label"
+    unmatched: Literal["wrong", "background"] = "wrong"
+    background_class: int = 0
+    mask_confidence: float = 0.7  # CRF: the hard merged labels as unaries, mask_confidence on the label
+
+
 @register_protocol
 class LeopartCDProtocol(Protocol):
     name = "leopart-cd"
@@ -94,19 +133,7 @@ class LeopartCDProtocol(Protocol):
     version = "1"
     description = "Leopart CBFE + cluster co-occurrence community detection (infomap), Hungarian matching"
     default_seeds = 10
-    defaults = {
-        "eval_size": 100,
-        "fit_splits": "eval+train",
-        "standardize": True, "pca_dim": 50, "max_fit_points": 2_000_000,
-        "niter": 100, "nredo": 5, "max_points_per_centroid": None, "cluster_seed": 0, "kmeans_backend": "auto",
-        "attn_blur_kernel": 7, "attn_blur_sigma": 0.6, "attn_mass": 0.65, "attn_drop_upto": 2,
-        "cbfe_k": 200, "cbfe_threshold": 0.5,
-        "k": None, "markov_time": None, "weight_threshold": None, "preferred_modules": None,
-        "distances": [1, 2],
-        "matching": "hungarian-iou",
-        "isolated_clusters": "own-label", "unmatched": "wrong", "background_class": 0,
-        "mask_confidence": 0.7,  # CRF: the hard merged labels as unaries, mask_confidence on the label
-    }
+    Params = LeopartCDParams
     resolvers = {"kmeans_backend": kmeans_backend}
     presets = {
         "leopart": {"resize": "square", "size": 448, "eval_size": 100, "max_points_per_centroid": 256,
@@ -114,24 +141,18 @@ class LeopartCDProtocol(Protocol):
         "vits16": dict(CD_HPARAMS["vits16"]),
         "vitb8": dict(CD_HPARAMS["vitb8"]),
     }
-    choices = {"matching": ("hungarian-iou", "hungarian-pixels"), "fit_splits": ("eval", "eval+train"),
-               "isolated_clusters": ("own-label", "shared-label"), "unmatched": ("wrong", "background"),
-               "kmeans_backend": KMEANS_BACKENDS}
-    types = {"pca_dim": (int, None), "max_fit_points": (int, None), "max_points_per_centroid": (int, None),
-             "cbfe_threshold": (float, str), "k": (int, None), "markov_time": (float, None),
-             "weight_threshold": (float, None), "preferred_modules": (int, None)}
 
     def check(self) -> None:
-        p = self.params
+        p = self.p
         self.fraction("mask_confidence", 0.5, 1.0)
         self.positive("pca_dim", "max_fit_points", "max_points_per_centroid", "k", "markov_time",
                       "preferred_modules", allow_none=True)
         self.positive("niter", "nredo", "cbfe_k", "attn_mass")
-        _check_cbfe_threshold(p["cbfe_threshold"])
-        if not p["distances"] or not all(is_int(d) and d > 0 for d in p["distances"]):
-            raise ProtocolError(f"leopart-cd: distances must be a list of positive integers, got {p['distances']!r}")
-        if p["background_class"] < 0:
-            raise ProtocolError(f"leopart-cd: background_class must be a class index, got {p['background_class']!r}")
+        _check_cbfe_threshold(p.cbfe_threshold)
+        if not p.distances or not all(is_int(d) and d > 0 for d in p.distances):
+            raise ProtocolError(f"leopart-cd: distances must be a list of positive integers, got {p.distances!r}")
+        if p.background_class < 0:
+            raise ProtocolError(f"leopart-cd: background_class must be a class index, got {p.background_class!r}")
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         facets = ("tokens", "attn")
@@ -266,7 +287,7 @@ class LeopartCDProtocol(Protocol):
         its two backbones."""
         p = self.params
         names = ("k", "markov_time", "weight_threshold")
-        hp = {n: p[n] for n in names}
+        hp = {"k": p["k"], "markov_time": p["markov_time"], "weight_threshold": p["weight_threshold"]}
         note = {"found_with_labels": CD_HPARAMS_NOTE}
         if all(v is not None for v in hp.values()):
             note["source"] = "parameters" + (f" (preset '{self.preset}')" if self.preset in CD_HPARAMS else "")

@@ -19,7 +19,8 @@ no train split at all the probe trains on the evaluation images themselves, and 
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     accumulate_confusion,
     backbone_tokens,
     eval_labels,
@@ -51,28 +53,44 @@ from .training import (
 )
 
 
+@dataclass(frozen=True)
+class LinearParams(SharedParams):
+    """Parameters of the linear probe (module docstring): variant, train split, Leopart's SGD recipe, the label size
+    it trains against, upsampling, and the RandomResizedCrop + flip of the augmented variant."""
+
+    variant: Literal["cached-features", "augmented"] = "cached-features"
+    train_split: str | list = "default"
+    epochs: int = 25
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_step: int = 20
+    batch_size: int = 60
+    train_size: int = 100
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    aug_scale: list = field(default_factory=lambda: [0.8, 1.0])
+    aug_ratio: list = field(default_factory=lambda: [0.75, 4 / 3])
+    aug_flip: float = 0.5
+
+
 @register_protocol
 class LinearProtocol(Protocol):
     name = "linear"
     version = "1"
     description = "linear probe on frozen patch tokens (train split → eval split)"
     default_seeds = 1
-    defaults = {"variant": "cached-features", "train_split": "default", "epochs": 25, "lr": 0.01, "momentum": 0.9,
-                "weight_decay": 1e-4, "lr_step": 20, "batch_size": 60, "train_size": 100, "upsample": "bilinear",
-                "aug_scale": [0.8, 1.0], "aug_ratio": [0.75, 4 / 3], "aug_flip": 0.5}
+    Params = LinearParams
     presets = {"leopart": {"resize": "square", "size": 448, "eval_size": 100, "train_split": ["trainaug", "default"]},
                "leopart-augmented": {"resize": "square", "size": 448, "eval_size": 100,
                                      "train_split": ["trainaug", "default"], "variant": "augmented"}}
-    choices = {"variant": ("cached-features", "augmented"), "upsample": ("bilinear", "nearest")}
-    types = {"train_split": (str, list)}
 
     def check(self) -> None:
-        p = self.params
+        p = self.p
         self.positive("epochs", "lr", "lr_step", "batch_size", "train_size")
-        check_train_split(self.name, p["train_split"])
-        check_crop_ranges(self.name, p)
-        if not 0 <= p["aug_flip"] <= 1:
-            raise ProtocolError(f"linear: aug_flip must be a probability in [0, 1], got {p['aug_flip']!r}")
+        check_train_split(self.name, p.train_split)
+        check_crop_ranges(self.name, aug_scale=p.aug_scale, aug_ratio=p.aug_ratio)
+        if not 0 <= p.aug_flip <= 1:
+            raise ProtocolError(f"linear: aug_flip must be a probability in [0, 1], got {p.aug_flip!r}")
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         if self.params["variant"] == "augmented":  # trains on fresh backbone passes (a second pass of its own)

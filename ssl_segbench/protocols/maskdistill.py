@@ -70,6 +70,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -89,6 +91,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     accumulate_confusion,
     auto_matching,
     matching_axis,
@@ -247,6 +250,42 @@ def _head(kind: str, dim: int, n_out: int, hidden: int) -> torch.nn.Module:
                                torch.nn.ReLU(inplace=True), torch.nn.Conv2d(hidden, n_out, kernel_size=1))
 
 
+@dataclass(frozen=True)
+class MaskDistillParams(SharedParams):
+    """Parameters of MaskDistill (module docstring): the stage, object-mask discovery (step 1), the crops' embedding
+    backbone and size (2), clustering (3), matching and upsampling (4), the distilled head's training (5) and the
+    CRF's confidence in the hard pseudo labels (7)."""
+
+    stage: Literal[STAGES] = "pseudo"
+    cls_map: Literal["softmax", "raw-logits"] = "softmax"
+    heads: int = 5
+    mass: float = 0.5
+    topk: float = 0.4
+    proposals: Literal["topk", "topk-in-mass"] = "topk"
+    connectivity: Literal[4, 8] = 4
+    center_keys: bool = True
+    embed_backbone: str | None = None
+    crop_size: int | None = None
+    fit_set: Literal["all", "eval"] = "all"
+    whiten: Literal[WHITENING] = "std"
+    k: int | None = None
+    overcluster: int = 1
+    kmeans_batch_size: int = 1000
+    kmeans_n_init: int = 3
+    background_class: int | None = 0
+    matching: Literal[MATCHINGS] = "auto"
+    upsample: Literal["auto", "nearest", "bilinear"] = "auto"
+    epochs: int = 25
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_step: int = 20
+    batch_size: int = 60
+    train_size: int = 100
+    conv_hidden: int = 256
+    mask_confidence: float = 0.7
+
+
 @register_protocol
 class MaskDistillProtocol(Protocol):
     name = "maskdistill"
@@ -255,18 +294,7 @@ class MaskDistillProtocol(Protocol):
     description = "MaskDistill object-mask pseudo labels (CLS attention + key affinity, crop-CLS k-means), or a " \
                   "light head distilled from them"
     default_seeds = 1
-    defaults = {
-        "stage": "pseudo",  # 'pseudo' | 'distill-linear' | 'distill-conv'
-        "cls_map": "softmax", "heads": 5, "mass": 0.5, "topk": 0.4, "proposals": "topk", "connectivity": 4,
-        "center_keys": True,
-        "embed_backbone": None, "crop_size": None,
-        "fit_set": "all", "whiten": "std", "k": None, "overcluster": 1, "kmeans_batch_size": 1000,
-        "kmeans_n_init": 3,
-        "background_class": 0, "matching": "auto", "upsample": "auto",
-        "epochs": 25, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lr_step": 20, "batch_size": 60,
-        "train_size": 100, "conv_hidden": 256,
-        "mask_confidence": 0.7,
-    }
+    Params = MaskDistillParams
     _original = {"resize": "pad", "size": 640, "center_keys": False, "cls_map": "raw-logits"}  # the released code
     presets = {
         "original": dict(_original),
@@ -275,23 +303,18 @@ class MaskDistillProtocol(Protocol):
         "original-distill-linear": {**_original, "stage": "distill-linear"},
         "original-distill-conv": {**_original, "stage": "distill-conv"},
     }
-    choices = {"stage": STAGES, "matching": MATCHINGS, "whiten": WHITENING, "fit_set": ("all", "eval"),
-               "connectivity": (4, 8), "proposals": ("topk", "topk-in-mass"), "cls_map": ("softmax", "raw-logits"),
-               "upsample": ("auto", "nearest", "bilinear")}
-    types = {"embed_backbone": (str, None), "crop_size": (int, None), "k": (int, None),
-             "background_class": (int, None)}
 
     def check(self) -> None:
-        p = self.params
-        if not 0 < p["topk"] <= 1 or not 0 < p["mass"] <= 1:
+        p = self.p
+        if not 0 < p.topk <= 1 or not 0 < p.mass <= 1:
             raise ProtocolError("maskdistill: topk and mass are fractions in (0, 1]")
         self.positive("heads", "overcluster", "kmeans_batch_size", "kmeans_n_init", "epochs",
                       "lr", "lr_step", "batch_size", "train_size", "conv_hidden")
         self.positive("k", "crop_size", allow_none=True)
         self.fraction("mask_confidence")
-        if p["background_class"] is not None and p["background_class"] < 0:
+        if p.background_class is not None and p.background_class < 0:
             raise ProtocolError(f"maskdistill: background_class must be a class index or null, got "
-                                f"{p['background_class']!r}")
+                                f"{p.background_class!r}")
 
     def backbone_facets(self) -> set[str]:
         return super().backbone_facets() | {"cls"}  # the CLS of every object crop
@@ -310,9 +333,8 @@ class MaskDistillProtocol(Protocol):
         return ["default"] if p["stage"] != "pseudo" or p["fit_set"] == "all" else None
 
     def run(self, ctx: Context) -> ProtocolResult:
-        p = dict(self.params)
-        if p["upsample"] == "auto":
-            p["upsample"] = "nearest" if p["stage"] == "pseudo" else "bilinear"
+        p = self.params
+        upsample = p["upsample"] if p["upsample"] != "auto" else "nearest" if p["stage"] == "pseudo" else "bilinear"
         ds = ctx.eval_set
         if ctx.transform is None:
             raise ProtocolError("maskdistill maps mask boxes back to the original images and needs the run's transform")
@@ -322,7 +344,7 @@ class MaskDistillProtocol(Protocol):
             raise ProtocolError(f"maskdistill: background_class {bg} is not a class of '{ds.id}' (0..{c - 1}); use "
                                 "None for datasets without a background class")
         distill = p["stage"] != "pseudo"
-        info: dict = {"stage": p["stage"], "upsample": p["upsample"]}
+        info: dict = {"stage": p["stage"], "upsample": upsample}
         train_set = ctx.train_set
         if distill:
             info.update(train_split_info(ctx)[1])
@@ -366,7 +388,7 @@ class MaskDistillProtocol(Protocol):
 
         evalfs = splits["eval"][1]
         n_labels = k + 1
-        saver = MaskSaver(ctx, self.masks_subdir(p))
+        saver = MaskSaver(ctx, self.masks_subdir(self.params))
         per_image: list = []
         t0 = time.perf_counter()
         if not distill:
@@ -374,7 +396,7 @@ class MaskDistillProtocol(Protocol):
                             for i in range(len(ds))])
             fns = [onehot_scorer(j, n_labels, p["mask_confidence"]) for j in range(len(ctx.seeds))]
             with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
-                confs = accumulate_confusion(grids, evalfs.labels, fns, c, n_labels, ds.ignore_index, p["upsample"],
+                confs = accumulate_confusion(grids, evalfs.labels, fns, c, n_labels, ds.ignore_index, upsample,
                                              p["eval_size"], advance, on_labels=saver, per_image=per_image,
                                              score_type="hard pseudo labels (mask_confidence)")
         else:
@@ -389,7 +411,7 @@ class MaskDistillProtocol(Protocol):
                                             PSEUDO_IGNORE, p, seed, ctx.device, adv))
             with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
                 confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads], c,
-                                             n_labels, ds.ignore_index, p["upsample"], p["eval_size"], advance,
+                                             n_labels, ds.ignore_index, upsample, p["eval_size"], advance,
                                              on_labels=saver, per_image=per_image, score_type="distilled-head logits")
         info["scoring_seconds"] = round(time.perf_counter() - t0, 3)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match_labels(conf, matching, bg), saver)
@@ -407,8 +429,9 @@ class MaskDistillProtocol(Protocol):
         mask_key = {"kind": "maskdistill-masks", "version": CACHE_VERSION, "dataset": ds.id, "split": ds.split,
                     "cls_map": fs[cls_facet].meta.get("key"), "keys": fs["keys"].meta.get("key"),
                     "transform": ctx.transform.to_dict(),
-                    "mask": {f: p[f] for f in ("cls_map", "heads", "mass", "topk", "proposals", "connectivity",
-                                               "center_keys")}}
+                    "mask": {"cls_map": p["cls_map"], "heads": p["heads"], "mass": p["mass"], "topk": p["topk"],
+                             "proposals": p["proposals"], "connectivity": p["connectivity"],
+                             "center_keys": p["center_keys"]}}
         masks_entry = Entry.at(cache_dir(), "pseudo", "maskdistill-masks", ds.id, ds.split, mask_key)
         emb_key = {"kind": "maskdistill-embeddings", "version": CACHE_VERSION, "masks": json_digest(mask_key),
                    "embed": embed_key, "crop_size": p["crop_size"]}

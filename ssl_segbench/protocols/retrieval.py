@@ -30,7 +30,8 @@ for (the reference's README numbers used ScaNN).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     accumulate_confusion,
     backbone_tokens,
     matching_axis,
@@ -67,6 +69,34 @@ def memory_axis(params: dict) -> str:
     return f"memory {params['memory_size'] or 'all'}" + (f" ({params['augment']} aug)" if params.get("augment") else "")
 
 
+@dataclass(frozen=True)
+class RetrievalParams(SharedParams):
+    """Parameters of dense retrieval (module docstring): neighbours and softmax temperature, the memory bank (size,
+    ignore handling, augmentation epochs and their crops and colour jitter), the search index, the train split, the
+    upsampling and how the input size fits the patch size."""
+
+    k: int = 30
+    temperature: float = 0.02
+    memory_size: int | None = None
+    ignore: Literal["drop", "background"] = "drop"
+    matching: Literal["none", "hungarian-iou"] = "none"
+    augment: int = 0
+    aug_seed: int = 0
+    aug_scale: list = field(default_factory=lambda: [0.5, 2.0])
+    aug_ratio: list = field(default_factory=lambda: [0.75, 4 / 3])
+    aug_jitter: float = 0.1
+    aug_jitter_p: float = 0.5
+    index: Literal[INDEXES] = "exact"
+    ivf_lists: int = 1024
+    ivf_probe: int = 32
+    hnsw_m: int = 32
+    hnsw_ef: int = 128
+    train_split: str | list = "default"
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    size_fit: Literal["exact", "floor"] = "exact"
+    crf_temperature: float = 0.1
+
+
 @register_protocol
 class RetrievalProtocol(Protocol):
     name = "retrieval"
@@ -74,16 +104,7 @@ class RetrievalProtocol(Protocol):
     version = "1"
     description = "dense k-NN retrieval of train patch labels (Hummingbird), scored directly (no matching)"
     default_seeds = 1
-    defaults = {
-        "k": 30, "temperature": 0.02, "memory_size": None, "ignore": "drop", "matching": "none",
-        "augment": 0, "aug_seed": 0, "aug_scale": [0.5, 2.0], "aug_ratio": [0.75, 4 / 3], "aug_jitter": 0.1,
-        "aug_jitter_p": 0.5,
-        "index": "exact", "ivf_lists": 1024, "ivf_probe": 32, "hnsw_m": 32, "hnsw_ef": 128,
-        "train_split": "default", "upsample": "bilinear", "size_fit": "exact", "crf_temperature": 0.1,
-    }
-    types = {"memory_size": (int, None), "train_split": (str, list)}
-    choices = {"ignore": ("drop", "background"), "matching": ("none", "hungarian-iou"), "index": INDEXES,
-               "upsample": ("bilinear", "nearest"), "size_fit": ("exact", "floor")}
+    Params = RetrievalParams
     presets = {f"hummingbird-{m}": {"resize": "square", "size": 512, "size_fit": "floor", "augment": 2,
                                     "memory_size": m * 1024, "ignore": "background", "matching": "hungarian-iou",
                                     "train_split": ["trainaug", "default"]}
@@ -91,22 +112,22 @@ class RetrievalProtocol(Protocol):
     preset_groups = {"hummingbird": tuple(f"hummingbird-{m}" for m in MEMORY_MULTIPLES)}
 
     def check(self) -> None:
-        p = self.params
+        p = self.p
         self.positive("k", "temperature", "ivf_lists", "ivf_probe", "hnsw_m", "hnsw_ef")
         self.positive("memory_size", allow_none=True)
-        if not p["augment"] >= 0:
-            raise ProtocolError(f"retrieval: augment is a number of epochs (>= 0), got {p['augment']!r}")
-        check_train_split(self.name, p["train_split"])
-        check_crop_ranges(self.name, p)
-        if not (0 <= p["aug_jitter"] < 1 and 0 <= p["aug_jitter_p"] <= 1):
+        if not p.augment >= 0:
+            raise ProtocolError(f"retrieval: augment is a number of epochs (>= 0), got {p.augment!r}")
+        check_train_split(self.name, p.train_split)
+        check_crop_ranges(self.name, aug_scale=p.aug_scale, aug_ratio=p.aug_ratio)
+        if not (0 <= p.aug_jitter < 1 and 0 <= p.aug_jitter_p <= 1):
             raise ProtocolError("retrieval: aug_jitter must be in [0, 1) and aug_jitter_p a probability")
         # faiss probes at most every list, and an HNSW search of breadth ef finds at most ef neighbours: beyond those
         # bounds two values would give one result under two columns
-        if p["index"] == "ivf" and p["ivf_probe"] > p["ivf_lists"]:
-            raise ProtocolError(f"retrieval: ivf_probe={p['ivf_probe']} exceeds ivf_lists={p['ivf_lists']} (faiss "
+        if p.index == "ivf" and p.ivf_probe > p.ivf_lists:
+            raise ProtocolError(f"retrieval: ivf_probe={p.ivf_probe} exceeds ivf_lists={p.ivf_lists} (faiss "
                                 "would probe every list, an exact search); set ivf_probe <= ivf_lists")
-        if p["index"] == "hnsw" and p["k"] > p["hnsw_ef"]:
-            raise ProtocolError(f"retrieval: k={p['k']} exceeds hnsw_ef={p['hnsw_ef']} (an HNSW search of breadth "
+        if p.index == "hnsw" and p.k > p.hnsw_ef:
+            raise ProtocolError(f"retrieval: k={p.k} exceeds hnsw_ef={p.hnsw_ef} (an HNSW search of breadth "
                                 "ef finds at most ef neighbours); set hnsw_ef >= k")
 
     def check_data(self, eval_set, train_set, transform) -> None:
@@ -267,10 +288,10 @@ def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
 def check_bank(rows: int, train, p: dict) -> None:
     """Refuse a `k` (or IVF list count) beyond the built bank's rows: search would silently use fewer neighbours
     (lists) than the record states."""
-    for key, what in (("k", "neighbours"), ("ivf_lists", "IVF lists")):
-        if p[key] > rows and (key == "k" or p["index"] == "ivf"):
+    for key, value, what in (("k", p["k"], "neighbours"), ("ivf_lists", p["ivf_lists"], "IVF lists")):
+        if value > rows and (key == "k" or p["index"] == "ivf"):
             kept = "" if p["memory_size"] is None else f" chosen by memory_size={p['memory_size']}"
-            raise ProtocolError(f"retrieval: {key}={p[key]} {what}, but the memory bank of {train.id}/{train.split} "
+            raise ProtocolError(f"retrieval: {key}={value} {what}, but the memory bank of {train.id}/{train.split} "
                                 f"holds {rows} rows (its train patches with a labelled pixel{kept}); set --param "
                                 f"retrieval.{key}=N with N <= {rows}")
 

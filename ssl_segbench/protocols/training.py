@@ -29,10 +29,9 @@ def split_candidates(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def check_crop_ranges(protocol: str, p: dict) -> None:
-    """`aug_scale` and `aug_ratio` of a RandomResizedCrop: [low, high] with 0 < low <= high."""
-    for key in ("aug_scale", "aug_ratio"):
-        v = p[key]
+def check_crop_ranges(protocol: str, **ranges) -> None:
+    """The ranges of a RandomResizedCrop (`aug_scale`, `aug_ratio`), each [low, high] with 0 < low <= high."""
+    for key, v in ranges.items():
         if not (len(v) == 2 and all(is_number(t) for t in v)
                 and 0 < v[0] <= v[1]):
             raise ProtocolError(f"{protocol}: {key} must be [low, high] with 0 < low <= high, got {v!r}")
