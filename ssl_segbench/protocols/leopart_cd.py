@@ -286,10 +286,10 @@ class LeopartCDProtocol(Protocol):
         """k, markov time and weight threshold: the parameters where given, else Leopart's values for the nearest of
         its two backbones."""
         p = self.params
-        names = ("k", "markov_time", "weight_threshold")
         hp = {"k": p["k"], "markov_time": p["markov_time"], "weight_threshold": p["weight_threshold"]}
+        missing = [n for n, v in hp.items() if v is None]
         note = {"found_with_labels": CD_HPARAMS_NOTE}
-        if all(v is not None for v in hp.values()):
+        if not missing:
             note["source"] = "parameters" + (f" (preset '{self.preset}')" if self.preset in CD_HPARAMS else "")
         else:
             if ctx.backbone_ref is None:
@@ -298,10 +298,9 @@ class LeopartCDProtocol(Protocol):
             spec = ctx.backbone_ref.spec
             key = "vitb8" if spec.embed_dim >= 768 else "vits16"
             name, dim, patch = _CD_SOURCE[key]
-            for n in names:
-                if hp[n] is None:
-                    hp[n] = CD_HPARAMS[key][n]
-            note["source"] = (f"{name} values for {[n for n in names if p[n] is None]}: backbone embed_dim "
+            for n in missing:
+                hp[n] = CD_HPARAMS[key][n]
+            note["source"] = (f"{name} values for {missing}: backbone embed_dim "
                               f"{spec.embed_dim} {'≥' if key == 'vitb8' else '<'} 768")
             note["same_width_and_patch_as_source"] = bool(spec.embed_dim == dim and spec.patch_size == patch)
         if not is_int(hp["k"]) or hp["k"] < 1:
