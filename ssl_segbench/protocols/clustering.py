@@ -64,23 +64,23 @@ class KMeansFamily(Protocol):
 def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> ProtocolResult:
     """Fit k-means per seed on the split's tokens, predict every image, match and score (shared with overclustering)."""
     ds = ctx.eval_set
-    fit = sample_rows(fs["tokens"], p["max_fit_points"], seed=0)
-    pre = Preprocess.fit(fit, p["standardize"], p["pca_dim"], p["l2_normalize"])
+    fit = sample_rows(fs["tokens"], p.max_fit_points, seed=0)
+    pre = Preprocess.fit(fit, p.standardize, p.pca_dim, p.l2_normalize)
     x = pre(fit)
     del fit
     # Euclidean scores are measured on features of unit mean squared norm (module docstring); cosine needs nothing
-    scale = 1.0 if p["spherical"] else max(float(np.mean(np.einsum("nd,nd->n", x, x))), 1e-12)
+    scale = 1.0 if p.spherical else max(float(np.mean(np.einsum("nd,nd->n", x, x))), 1e-12)
     score_fns = []
     with progress_bar(len(ctx.seeds), f"k-means K={k} on {len(x)} tokens") as advance:
         for seed in ctx.seeds:
-            c = kmeans(x, k, seed, p["niter"], p["nredo"], p["spherical"], p["max_points_per_centroid"],
-                       p["kmeans_backend"], ctx.device)
-            score_fns.append(centroid_scores(c, p["spherical"], scale))
+            c = kmeans(x, k, seed, p.niter, p.nredo, p.spherical, p.max_points_per_centroid,
+                       p.kmeans_backend, ctx.device)
+            score_fns.append(centroid_scores(c, p.spherical, scale))
             advance()
     per_image, saver = [], MaskSaver(ctx)
     with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
         confs = accumulate_confusion(fs["tokens"], fs.labels, score_fns, ds.num_classes, k, ds.ignore_index,
-                                     p["upsample"], p["eval_size"], advance,
+                                     p.upsample, p.eval_size, advance,
                                      prepare=lambda t: pre(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], -1),
                                      on_labels=saver, per_image=per_image, score_type=score_type(p))
     per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver)
@@ -90,6 +90,6 @@ def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> Proto
 
 def score_type(p: dict) -> str:
     """What the centroid scores are, for the record of the CRF's unaries."""
-    if p["spherical"]:
-        return "cosine similarity to centroids" if p["l2_normalize"] else "inner product with centroids"
+    if p.spherical:
+        return "cosine similarity to centroids" if p.l2_normalize else "inner product with centroids"
     return "-0.5 squared distance to centroids, features at unit mean squared norm"

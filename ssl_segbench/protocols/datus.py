@@ -124,12 +124,12 @@ class DatUSProtocol(Protocol):
         return {"eval": ("keys",)}
 
     def run(self, ctx: Context) -> ProtocolResult:
-        p = self.params
+        p = self.p
         if ctx.transform is None:
             raise ProtocolError("datus: the run's transform is needed to map segments back to the original images")
         ds = ctx.eval_set
-        k = p["k"] or ds.num_classes
-        matching = auto_matching(p["matching"], k, ds.num_classes)
+        k = p.k or ds.num_classes
+        matching = auto_matching(p.matching, k, ds.num_classes)
         fs = ctx.get(ds, ("keys",))
         keys = fs["keys"]
 
@@ -137,30 +137,30 @@ class DatUSProtocol(Protocol):
         segs, positive = [], []
         with progress_bar(len(ds), f"DatUS² segment discovery on {ds.id}/{ds.split}") as advance:
             for i in range(len(ds)):
-                seg, pos = discover_segments(keys.image(i), p["louvain_resolution"], p["louvain_seed"],
-                                             p["key_centering"] == "image-mean")
+                seg, pos = discover_segments(keys.image(i), p.louvain_resolution, p.louvain_seed,
+                                             p.key_centering == "image-mean")
                 segs.append(seg)
                 positive.append(pos)
                 advance()
-        valid = [np.flatnonzero(np.bincount(s.ravel()) > p["tau"]) for s in segs]
+        valid = [np.flatnonzero(np.bincount(s.ravel()) > p.tau) for s in segs]
         discovery_s = time.perf_counter() - t0
         if not any(len(v) for v in valid):
             hint = ""
-            if np.mean(positive) > 0.99 and p["key_centering"] == "none":
+            if np.mean(positive) > 0.99 and p.key_centering == "none":
                 hint = (f" {100 * np.mean(positive):.1f} % of the key affinities are positive: this backbone's keys "
                         "share one dominant component, the graph A > 0 is complete and Louvain leaves every patch "
                         "alone. Subtracting each image's mean key leaves attention unchanged and removes it: "
                         "--param datus.key_centering=image-mean")
-            raise ProtocolError(f"datus: no segment of more than tau={p['tau']} patches in {len(ds)} images.{hint}")
+            raise ProtocolError(f"datus: no segment of more than tau={p.tau} patches in {len(ds)} images.{hint}")
         emb, emb_info = self._embeddings(ctx, fs, segs, valid)
         n_valid = len(emb)
         if n_valid < k:
-            raise ProtocolError(f"datus: k={k} clusters but only {n_valid} valid segments (> tau={p['tau']} patches) "
+            raise ProtocolError(f"datus: k={k} clusters but only {n_valid} valid segments (> tau={p.tau} patches) "
                                 f"in {len(ds)} images; lower datus.k or datus.tau")
-        if p["mask_confidence"] * (k + 1) <= 1:
-            raise ProtocolError(f"datus: mask_confidence {p['mask_confidence']} does not exceed 1/{k + 1}: the pseudo "
+        if p.mask_confidence * (k + 1) <= 1:
+            raise ProtocolError(f"datus: mask_confidence {p.mask_confidence} does not exceed 1/{k + 1}: the pseudo "
                                 "label would not be the most likely one")
-        z = reduce_dims(emb, p["pca_dim"])
+        z = reduce_dims(emb, p.pca_dim)
 
         # per image: patch grid of global valid-segment indices, -1 = noise
         vmaps, start = [], 0
@@ -173,17 +173,17 @@ class DatUSProtocol(Protocol):
         clusters = []
         with progress_bar(len(ctx.seeds), f"k-means K={k} on {n_valid} segments") as advance:
             for seed in ctx.seeds:
-                clusters.append(cluster_segments(z, k, seed, p["n_init"]))
+                clusters.append(cluster_segments(z, k, seed, p.n_init))
                 advance()
         # per image: the patch-grid pseudo mask of every seed (noise = label k), scored as hard labels
         grids = LabelGrids([np.stack([np.where(vm >= 0, cl[np.maximum(vm, 0)], k) for cl in clusters], -1)
                             .astype(np.float32) for vm in vmaps])
-        fns = [onehot_scorer(j, k + 1, p["mask_confidence"]) for j in range(len(ctx.seeds))]
+        fns = [onehot_scorer(j, k + 1, p.mask_confidence) for j in range(len(ctx.seeds))]
         per_image: list = []
         saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
             confs = accumulate_confusion(grids, fs.labels, fns, ds.num_classes, k + 1, ds.ignore_index, "nearest",
-                                         p["eval_size"], advance, on_labels=saver, per_image=per_image,
+                                         p.eval_size, advance, on_labels=saver, per_image=per_image,
                                          score_type="hard pseudo labels (mask_confidence)")
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: noise_mapping(conf, matching), saver,
                                       extra=lambda j, conf, m: {"cluster_to_class": m[:-1].tolist(),
@@ -206,7 +206,7 @@ class DatUSProtocol(Protocol):
                                for m in ("miou", "pixel_acc", "mf1")},
         }
         if ctx.save_masks is not None:
-            res = f"{p['eval_size']}x{p['eval_size']}" if p["eval_size"] else "label resolution"
+            res = f"{p.eval_size}x{p.eval_size}" if p.eval_size else "label resolution"
             info["saved_masks"] = (f"{ctx.save_masks}: seed {ctx.seeds[0]}, class space after matching, {res}, "
                                    "noise and unmatched clusters = ignore index")
         return ProtocolResult(per_seed, info, confs, stats)
@@ -215,7 +215,7 @@ class DatUSProtocol(Protocol):
         """(N, D) L2-normalised CLS embeddings of the valid segments, in image order: a cache entry (locked,
         checkpointed and resumable), computed in one batched backbone pass when missing. Without a backbone
         reference or a keyed `keys` entry (planted tests) they are computed in memory."""
-        p = self.params
+        p = self.p
         ds = ctx.eval_set
         segments_sha256 = sha256_hex(np.ascontiguousarray(s, dtype=np.int64).tobytes() + b"|"
                                      + v.astype(np.int64).tobytes() + b"\n" for s, v in zip(segs, valid))
@@ -224,15 +224,15 @@ class DatUSProtocol(Protocol):
         if ctx.backbone_ref is None or not entry_name:
             t0 = time.perf_counter()
             emb = np.zeros((n, ctx.backbone().spec.embed_dim), dtype=np.float32)
-            embed_segments(ctx, segs, valid, p["crop_resize"], p["crop_size"], _Rows(emb))
+            embed_segments(ctx, segs, valid, p.crop_resize, p.crop_size, _Rows(emb))
             ctx.record_pass("datus segment-crop embeddings", True, split=ds.split, crops=n)
             return emb, {"cache": "computed", "crops": n, "seconds": round(time.perf_counter() - t0, 3)}
         ref = ctx.backbone_ref
         key = {"kind": "datus-segment-cls", "version": SEGMENT_CACHE_VERSION, "keys_entry": entry_name,
                "backbone": ref.spec.id, "source": ref.source, "revision": ref.revision, "layer": -1,
-               "segments_sha256": segments_sha256, "tau": p["tau"], "key_centering": p["key_centering"],
-               "louvain_resolution": p["louvain_resolution"],
-               "louvain_seed": p["louvain_seed"], "crop_resize": p["crop_resize"], "crop_size": p["crop_size"],
+               "segments_sha256": segments_sha256, "tau": p.tau, "key_centering": p.key_centering,
+               "louvain_resolution": p.louvain_resolution,
+               "louvain_seed": p.louvain_seed, "crop_resize": p.crop_resize, "crop_size": p.crop_size,
                "transform": ctx.transform.to_dict(),
                "autocast": "bfloat16" if str(ctx.device).startswith("cuda") else "none"}
         entry = Entry.at(cache_dir(), "datus", ref.spec.id, ds.id, ds.split, key)
@@ -241,7 +241,7 @@ class DatUSProtocol(Protocol):
             t0 = time.perf_counter()
             writer = entry.writer([(1, 1)] * n, ref.spec.embed_dim, np.float32, per_item=True)
             with filling([writer]):
-                embed_segments(ctx, segs, valid, p["crop_resize"], p["crop_size"], writer)
+                embed_segments(ctx, segs, valid, p.crop_resize, p.crop_size, writer)
                 writer.commit({"seconds": round(time.perf_counter() - t0, 3), "device": str(ctx.device)})
 
         computed = bool(ensure([entry], compute))

@@ -127,20 +127,20 @@ class FS4Protocol(Protocol):
             raise ProtocolError(f"fs4: k must be at least 2, got {p.k}")
 
     def run(self, ctx: Context) -> ProtocolResult:
-        p = self.params
+        p = self.p
         ds = ctx.eval_set
-        k = p["k"] or ds.num_classes
-        matching = auto_matching(p["matching"], k, ds.num_classes)
+        k = p.k or ds.num_classes
+        matching = auto_matching(p.matching, k, ds.num_classes)
         fs = ctx.get(ds, ("tokens",))
-        layout = Layout(fs["tokens"], p["pyramid_levels"] if p["pgg"] else [])
-        with progress_bar(len(ds), f"fs4 embedding {ds.id}/{ds.split}" + (" (CAE)" if p["cae"] else "")) as adv:
+        layout = Layout(fs["tokens"], p.pyramid_levels if p.pgg else [])
+        with progress_bar(len(ds), f"fs4 embedding {ds.id}/{ds.split}" + (" (CAE)" if p.cae else "")) as adv:
             emb = embed_split(fs["tokens"], p, ctx.device, adv)
-        cells = layout.cell_features(emb) if p["pgg"] else None
+        cells = layout.cell_features(emb) if p.pgg else None
         if cells is not None and sum(len(c) for c in cells) < k:
             raise ProtocolError(f"fs4: PGG clusters {sum(len(c) for c in cells)} cells of {len(ds)} images into "
                                 f"k={k} groups; lower k or pass --param fs4.pgg=false")
         heads, facts = [], []
-        with progress_bar(len(ctx.seeds) * p["rounds"], f"fs4 self-training K={k} on {len(emb)} tokens") as adv:
+        with progress_bar(len(ctx.seeds) * p.rounds, f"fs4 self-training K={k} on {len(emb)} tokens") as adv:
             for seed in ctx.seeds:
                 head, fact = self_train(emb, layout, cells, k, p, seed, ctx.device, adv)
                 heads.append(head)
@@ -148,7 +148,7 @@ class FS4Protocol(Protocol):
         per_image, saver = [], MaskSaver(ctx)
         with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
             confs = accumulate_confusion(EmbeddedTokens(emb, layout), fs.labels, [head_scorer(h) for h in heads],
-                                         ds.num_classes, k, ds.ignore_index, p["upsample"], p["eval_size"], advance,
+                                         ds.num_classes, k, ds.ignore_index, p.upsample, p.eval_size, advance,
                                          on_labels=saver, per_image=per_image, score_type="fs4 head logits")
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver,
                                       extra=lambda j, conf, mapping: facts[j])
@@ -259,13 +259,13 @@ def cae(x: torch.Tensor, radius: int, threshold: float, temperature: float) -> t
 
 
 def embed_split(tokens, p: dict, device: str, advance) -> torch.Tensor:
-    """The split's tokens as (N, D) float32 rows on `device`: L2-normalised, then CAE'd per image when p['cae']."""
+    """The split's tokens as (N, D) float32 rows on `device`: L2-normalised, then CAE'd per image when p.cae."""
     out = torch.empty(tokens.data.shape, dtype=torch.float32, device=device)
     for i in range(len(tokens)):
         off, (h, w) = int(tokens.index[i, 0]), tokens.grid(i)
         x = F.normalize(torch.from_numpy(np.asarray(tokens.image(i), dtype=np.float32)).to(device), dim=-1)
-        if p["cae"]:
-            x = cae(x[None], p["cae_radius"], p["cae_threshold"], p["cae_temperature"])[0]
+        if p.cae:
+            x = cae(x[None], p.cae_radius, p.cae_threshold, p.cae_temperature)[0]
         out[off: off + h * w] = x.reshape(h * w, -1)
         advance()
     return out
@@ -292,30 +292,30 @@ def self_train(emb: torch.Tensor, layout: Layout, cells: list[torch.Tensor] | No
                device: str, advance) -> tuple[torch.nn.Linear, dict]:
     """Steps 3 and 4 of the module docstring for one seed: the trained head (CPU, eval mode) and facts for the
     record (how many targets changed from one round to the next, the largest cluster's share, clusters used)."""
-    tau = p["temperature"]
+    tau = p.temperature
     rng = np.random.default_rng(seed)
     if cells is not None:
         allcells = torch.cat(cells).cpu().numpy()
-        centroids = torch.from_numpy(kmeans(allcells, k, seed, p["niter"], p["nredo"], True, None,
-                                            p["kmeans_backend"], device)).to(device)
+        centroids = torch.from_numpy(kmeans(allcells, k, seed, p.niter, p.nredo, True, None,
+                                            p.kmeans_backend, device)).to(device)
         q = [torch.softmax(c @ centroids.T / tau, dim=1) for c in cells]
         log_prior = _log_prior(q, layout, device)
     else:
         fit = emb.cpu().numpy()
-        fit = subsample_rows(fit, p["max_fit_points"])
-        centroids = torch.from_numpy(kmeans(fit, k, seed, p["niter"], p["nredo"], True, None,
-                                            p["kmeans_backend"], device)).to(device)
+        fit = subsample_rows(fit, p.max_fit_points)
+        centroids = torch.from_numpy(kmeans(fit, k, seed, p.niter, p.nredo, True, None,
+                                            p.kmeans_backend, device)).to(device)
         del fit
         q, log_prior = None, None
     head = torch.nn.Linear(emb.shape[1], k).to(device)
-    opt = torch.optim.Adam(head.parameters(), lr=p["lr"])
-    order = _image_order(len(layout), p["batch_size"], rng)
+    opt = torch.optim.Adam(head.parameters(), lr=p.lr)
+    order = _image_order(len(layout), p.batch_size, rng)
     changed, targets = [], None
-    for r in range(p["rounds"]):
+    for r in range(p.rounds):
         mu = centroids if r == 0 else update_centroids(emb, _argmax_head(head, emb), k, True)
-        for _ in range(p["cluster_iters"]):
-            mu = update_centroids(emb, _assign(emb, mu, tau, log_prior, p["pgg_prior"]), k, True)
-        new = _assign(emb, mu, tau, log_prior, p["pgg_prior"])
+        for _ in range(p.cluster_iters):
+            mu = update_centroids(emb, _assign(emb, mu, tau, log_prior, p.pgg_prior), k, True)
+        new = _assign(emb, mu, tau, log_prior, p.pgg_prior)
         if r == 0:  # the head starts as the nearest-centroid classifier of the first clustering
             with torch.no_grad():
                 head.weight.copy_(mu / tau)
@@ -368,22 +368,22 @@ def _image_order(n: int, batch: int, rng: np.random.Generator):
 
 def _fit_head(head: torch.nn.Linear, opt, emb: torch.Tensor, targets: torch.Tensor, layout: Layout,
               q: list[torch.Tensor] | None, p: dict, order) -> None:
-    """p['steps'] Adam steps on CE(head, targets) + pgg_weight · PGG consistency (module docstring, step 4)."""
+    """p.steps Adam steps on CE(head, targets) + pgg_weight · PGG consistency (module docstring, step 4)."""
     device = emb.device
     head.train()
-    for _ in range(p["steps"]):
+    for _ in range(p.steps):
         idx = next(order)
         rows = layout.rows(idx).to(device)
         logits = head(emb[rows])
         loss = F.cross_entropy(logits, targets[rows])
-        if q is not None and p["pgg_weight"]:
+        if q is not None and p.pgg_weight:
             prob = torch.softmax(logits, dim=1)
             terms = []
             for level, lv in enumerate(layout.levels):
                 glob = (torch.tensor(idx)[:, None] * lv * lv + torch.arange(lv * lv)[None]).reshape(-1).to(device)
                 mean = layout.pool(prob, idx, level)
                 terms.append(-(q[level][glob] * torch.log(mean.clamp(min=1e-12))).sum(1).mean())
-            loss = loss + p["pgg_weight"] * torch.stack(terms).mean()
+            loss = loss + p.pgg_weight * torch.stack(terms).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -93,25 +93,25 @@ class LinearProtocol(Protocol):
             raise ProtocolError(f"linear: aug_flip must be a probability in [0, 1], got {p.aug_flip!r}")
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
-        if self.params["variant"] == "augmented":  # trains on fresh backbone passes (a second pass of its own)
+        if self.p.variant == "augmented":  # trains on fresh backbone passes (a second pass of its own)
             return {"eval": ("tokens",)}
         return {"eval": ("tokens",), "train": ("tokens",)}
 
     def train_split_wanted(self) -> list[str]:
-        return split_candidates(self.params["train_split"])
+        return split_candidates(self.p.train_split)
 
     def run(self, ctx: Context) -> ProtocolResult:
-        p = self.params
+        p = self.p
         ds = ctx.eval_set
-        if p["variant"] == "augmented" and ctx.transform is None:
+        if p.variant == "augmented" and ctx.transform is None:
             raise ProtocolError("linear: variant=augmented crops train images at the run's input size, but the run "
                                 "gave no transform")
         train_set, info = train_split_info(ctx)
         evalfs = ctx.get(ds, ("tokens",))
         heads = []
-        with progress_bar(len(ctx.seeds) * p["epochs"], f"linear probe ({p['variant']}) on "
+        with progress_bar(len(ctx.seeds) * p.epochs, f"linear probe ({p.variant}) on "
                                                          f"{train_set.id}/{train_set.split}") as adv:
-            if p["variant"] == "cached-features":
+            if p.variant == "cached-features":
                 train = ctx.get(train_set, ("tokens",))
                 steps = cached_steps(train["tokens"], train.labels.labels, p)
                 for seed in ctx.seeds:
@@ -124,13 +124,13 @@ class LinearProtocol(Protocol):
                     heads.append(train_head(_linear_head(ds.num_classes), dim, steps, ds.ignore_index, p, seed,
                                             ctx.device, adv))
                 ctx.record_pass("augmented training", True, split=train_set.split, facets=["tokens"],
-                                images=len(train_set) * p["epochs"] * len(ctx.seeds),
-                                augmentation=f"RandomResizedCrop({ctx.transform.size}, scale {p['aug_scale']}, "
-                                             f"ratio {p['aug_ratio']}) + flip p {p['aug_flip']}")
+                                images=len(train_set) * p.epochs * len(ctx.seeds),
+                                augmentation=f"RandomResizedCrop({ctx.transform.size}, scale {p.aug_scale}, "
+                                             f"ratio {p.aug_ratio}) + flip p {p.aug_flip}")
         per_image, saver = [], MaskSaver(ctx)
         with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
             confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads],
-                                         ds.num_classes, ds.num_classes, ds.ignore_index, p["upsample"], p["eval_size"],
+                                         ds.num_classes, ds.num_classes, ds.ignore_index, p.upsample, p.eval_size,
                                          advance,
                                          on_labels=saver, per_image=per_image, score_type="linear-head logits")
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, "identity"), saver,
@@ -143,21 +143,21 @@ def _linear_head(num_classes: int) -> Callable[[int], torch.nn.Module]:
 
 
 def augmented_steps(ctx: Context, ds, p: dict, seed: int) -> Steps:
-    """Batches of p["batch_size"] freshly augmented train images (module docstring) through the backbone: tokens of
-    the run's layer and labels at p["train_size"]²."""
-    aug = RandomResizedCropFlip(ctx.transform.size, tuple(p["aug_scale"]), tuple(p["aug_ratio"]), p["aug_flip"])
+    """Batches of p.batch_size freshly augmented train images (module docstring) through the backbone: tokens of
+    the run's layer and labels at p.train_size²."""
+    aug = RandomResizedCropFlip(ctx.transform.size, tuple(p.aug_scale), tuple(p.aug_ratio), p.aug_flip)
     spec = ctx.backbone().spec
 
     def steps(epoch: int, rng: np.random.Generator):
         order = rng.permutation(len(ds))
-        for start in range(0, len(order), p["batch_size"]):
+        for start in range(0, len(order), p.batch_size):
             xs, ys = [], []
-            for i in order[start: start + p["batch_size"]]:
+            for i in order[start: start + p.batch_size]:
                 img = ds.load_image(int(i))
                 box, flipped = aug.sample(np.random.default_rng([seed, epoch, int(i)]), *img.size)
                 x, y = aug.apply(img, ds.load_mask(int(i)), box, flipped, spec.mean, spec.std)
                 xs.append(x)
-                ys.append(eval_labels(y, p["train_size"]))
+                ys.append(eval_labels(y, p.train_size))
             t = backbone_tokens(ctx, xs, f"augmented images of {ds.id}/{ds.split} (linear, epoch {epoch})")
             yield [(t.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(ys)))]
 

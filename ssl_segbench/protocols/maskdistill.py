@@ -321,7 +321,7 @@ class MaskDistillProtocol(Protocol):
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         # tokens too in the pseudo stage: the distilled stages then find everything in the cache
-        facets = (_CLS_FACET[self.params["cls_map"]], "keys", "tokens")
+        facets = (_CLS_FACET[self.p.cls_map], "keys", "tokens")
         return {"eval": facets, "train": facets} if self.train_split_wanted() else {"eval": facets}
 
     @classmethod
@@ -329,26 +329,26 @@ class MaskDistillProtocol(Protocol):
         return None if params["stage"] == "pseudo" else params["stage"]  # distilled heads' maps apart from the masks
 
     def train_split_wanted(self) -> list[str] | None:
-        p = self.params
-        return ["default"] if p["stage"] != "pseudo" or p["fit_set"] == "all" else None
+        p = self.p
+        return ["default"] if p.stage != "pseudo" or p.fit_set == "all" else None
 
     def run(self, ctx: Context) -> ProtocolResult:
-        p = self.params
-        upsample = p["upsample"] if p["upsample"] != "auto" else "nearest" if p["stage"] == "pseudo" else "bilinear"
+        p = self.p
+        upsample = p.upsample if p.upsample != "auto" else "nearest" if p.stage == "pseudo" else "bilinear"
         ds = ctx.eval_set
         if ctx.transform is None:
             raise ProtocolError("maskdistill maps mask boxes back to the original images and needs the run's transform")
         c = ds.num_classes
-        bg = p["background_class"]
+        bg = p.background_class
         if bg is not None and not 0 <= bg < c:
             raise ProtocolError(f"maskdistill: background_class {bg} is not a class of '{ds.id}' (0..{c - 1}); use "
                                 "None for datasets without a background class")
-        distill = p["stage"] != "pseudo"
-        info: dict = {"stage": p["stage"], "upsample": upsample}
+        distill = p.stage != "pseudo"
+        info: dict = {"stage": p.stage, "upsample": upsample}
         train_set = ctx.train_set
         if distill:
             info.update(train_split_info(ctx)[1])
-        use_train = train_set is not None and (distill or p["fit_set"] == "all")
+        use_train = train_set is not None and (distill or p.fit_set == "all")
         needed = self.facets_needed()
         splits = {"eval": (ds, ctx.get(ds, needed["eval"]))}
         if use_train:
@@ -362,21 +362,21 @@ class MaskDistillProtocol(Protocol):
         info["embed_backbone"] = entries["eval"]["embed_key"]
         info["pseudo_seconds"] = {name: e["seconds"] for name, e in entries.items()}
 
-        fit_names = [n for n in ("train", "eval") if n in entries and (n == "eval" or p["fit_set"] == "all")]
+        fit_names = [n for n in ("train", "eval") if n in entries and (n == "eval" or p.fit_set == "all")]
         info["fit_set"] = "+".join(f"{splits[n][0].split}" for n in fit_names)
         fit = np.concatenate([entries[n]["embeddings"] for n in fit_names])
-        k = p["k"] or (c - 1) * p["overcluster"]
+        k = p.k or (c - 1) * p.overcluster
         info["k"] = k
         if len(fit) < k:
             info["k_effective"] = len(fit)
             info["note"] = f"only {len(fit)} masks to cluster: K lowered from {k} to {len(fit)}"
             k = len(fit)
-        matching = auto_matching(p["matching"], k, c - 1, "hungarian")
+        matching = auto_matching(p.matching, k, c - 1, "hungarian")
         info["matching"] = matching + ("" if bg is None else f" (label 0 fixed to class {bg})")
 
         assignments = []  # per seed: {split name: (n_images,) cluster ids}
         for seed in ctx.seeds:
-            ids = cluster_embeddings(fit, k, seed, p["whiten"], p["kmeans_batch_size"], p["kmeans_n_init"])
+            ids = cluster_embeddings(fit, k, seed, p.whiten, p.kmeans_batch_size, p.kmeans_n_init)
             out, start = {}, 0
             for n in fit_names:
                 out[n] = ids[start: start + len(entries[n]["boxes"])]
@@ -394,24 +394,24 @@ class MaskDistillProtocol(Protocol):
         if not distill:
             grids = LabelGrids([np.stack([grid("eval", i, s) for s in range(len(ctx.seeds))], -1).astype(np.float32)
                             for i in range(len(ds))])
-            fns = [onehot_scorer(j, n_labels, p["mask_confidence"]) for j in range(len(ctx.seeds))]
+            fns = [onehot_scorer(j, n_labels, p.mask_confidence) for j in range(len(ctx.seeds))]
             with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
                 confs = accumulate_confusion(grids, evalfs.labels, fns, c, n_labels, ds.ignore_index, upsample,
-                                             p["eval_size"], advance, on_labels=saver, per_image=per_image,
+                                             p.eval_size, advance, on_labels=saver, per_image=per_image,
                                              score_type="hard pseudo labels (mask_confidence)")
         else:
             tname = "train" if "train" in splits else "eval"
             tds, tfs = splits[tname]
             heads = []
-            with progress_bar(len(ctx.seeds) * p["epochs"], f"{p['stage']} on {tds.id}/{tds.split}") as adv:
+            with progress_bar(len(ctx.seeds) * p.epochs, f"{p.stage} on {tds.id}/{tds.split}") as adv:
                 for s, seed in enumerate(ctx.seeds):
                     label_of = _PseudoLabels(tds, tfs, ctx.transform, lambda i, s=s, n=tname: grid(n, i, s))
-                    heads.append(train_head(lambda dim: _head(p["stage"], dim, n_labels, p["conv_hidden"]),
+                    heads.append(train_head(lambda dim: _head(p.stage, dim, n_labels, p.conv_hidden),
                                             tfs["tokens"].data.shape[1], cached_steps(tfs["tokens"], label_of, p),
                                             PSEUDO_IGNORE, p, seed, ctx.device, adv))
             with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
                 confs = accumulate_confusion(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads], c,
-                                             n_labels, ds.ignore_index, upsample, p["eval_size"], advance,
+                                             n_labels, ds.ignore_index, upsample, p.eval_size, advance,
                                              on_labels=saver, per_image=per_image, score_type="distilled-head logits")
         info["scoring_seconds"] = round(time.perf_counter() - t0, 3)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match_labels(conf, matching, bg), saver)
@@ -425,16 +425,16 @@ class MaskDistillProtocol(Protocol):
         entry of its own: locked, checkpointed, resumable."""
         embed_ref, load = _embedder(ctx, p)
         embed_key = _embed_identity(embed_ref, ctx.device)
-        cls_facet = _CLS_FACET[p["cls_map"]]
+        cls_facet = _CLS_FACET[p.cls_map]
         mask_key = {"kind": "maskdistill-masks", "version": CACHE_VERSION, "dataset": ds.id, "split": ds.split,
                     "cls_map": fs[cls_facet].meta.get("key"), "keys": fs["keys"].meta.get("key"),
                     "transform": ctx.transform.to_dict(),
-                    "mask": {"cls_map": p["cls_map"], "heads": p["heads"], "mass": p["mass"], "topk": p["topk"],
-                             "proposals": p["proposals"], "connectivity": p["connectivity"],
-                             "center_keys": p["center_keys"]}}
+                    "mask": {"cls_map": p.cls_map, "heads": p.heads, "mass": p.mass, "topk": p.topk,
+                             "proposals": p.proposals, "connectivity": p.connectivity,
+                             "center_keys": p.center_keys}}
         masks_entry = Entry.at(cache_dir(), "pseudo", "maskdistill-masks", ds.id, ds.split, mask_key)
         emb_key = {"kind": "maskdistill-embeddings", "version": CACHE_VERSION, "masks": json_digest(mask_key),
-                   "embed": embed_key, "crop_size": p["crop_size"]}
+                   "embed": embed_key, "crop_size": p.crop_size}
         emb_entry = Entry.at(cache_dir(), "pseudo", "maskdistill-embeddings", ds.id, ds.split, emb_key)
         masks_done = ensure([masks_entry], lambda _: _compute_masks(masks_entry, ctx, ds, fs, p))
         mstore = masks_entry.open()
@@ -452,8 +452,8 @@ class MaskDistillProtocol(Protocol):
 
 def _embedder(ctx: Context, p: dict):
     """(the reference of the backbone that embeds the crops, a loader), without loading any weights."""
-    if p["embed_backbone"]:
-        ref = BackboneRef(p["embed_backbone"])
+    if p.embed_backbone:
+        ref = BackboneRef(p.embed_backbone)
 
         def load():
             return ref.load(ctx.device)
@@ -480,9 +480,9 @@ def _compute_masks(entry: Entry, ctx: Context, ds, fs, p: dict) -> None:
     boxes = []
     with filling([writer]), progress_bar(n, f"object masks {ds.id}/{ds.split}") as advance:
         for i in range(n):
-            m = object_mask(np.asarray(fs[_CLS_FACET[p["cls_map"]]].image(i), dtype=np.float32),
+            m = object_mask(np.asarray(fs[_CLS_FACET[p.cls_map]].image(i), dtype=np.float32),
                             np.asarray(fs["keys"].image(i), dtype=np.float32),
-                            p["heads"], p["mass"], p["topk"], p["proposals"], p["connectivity"], p["center_keys"])
+                            p.heads, p.mass, p.topk, p.proposals, p.connectivity, p.center_keys)
             writer.write(i, m.reshape(-1, 1).astype(np.uint8))
             boxes.append(box_to_original(patch_box(m), ctx.transform, *ds.image_size(i)))
             advance()
@@ -500,7 +500,7 @@ def _embed_crops(entry: Entry, ds, boxes: np.ndarray, load, spec, p: dict, devic
         raise ProtocolError(f"maskdistill embeds crops by their CLS token, but '{spec.id}' has none; name another "
                             "backbone with --param maskdistill.embed_backbone=ID")
     ps = spec.patch_size
-    cs = p["crop_size"]
+    cs = p.crop_size
 
     def shape_of(box):
         if cs:

@@ -58,12 +58,12 @@ class OverclusterProtocol(Protocol):
     check = KMeansFamily.check
 
     def run(self, ctx: Context) -> ProtocolResult:
-        p = self.params
-        k = p["k"]
+        p = self.p
+        k = p.k
         ds = ctx.eval_set
         fs = ctx.get(ds, ("tokens",))
         n_tokens = int(fs["tokens"].data.shape[0])
-        fit_points = min(n_tokens, p["max_fit_points"] or n_tokens)
+        fit_points = min(n_tokens, p.max_fit_points or n_tokens)
         if k > fit_points:
             raise ProtocolError(f"overcluster: k={k} clusters but only {fit_points} tokens to fit them on "
                                 f"({len(ds)} images of {ds.id}/{ds.split}); lower it, e.g. --param overcluster.k=100")

@@ -56,17 +56,17 @@ def _batch(store, label_of, idx, train_size: int):
 
 
 def cached_steps(tokens, label_of: Callable[[int], np.ndarray], p: dict) -> Steps:
-    """Batches of p["batch_size"] images in a random order per epoch, from cached (h, w, D) tokens and `label_of(i)`
-    ((H, W) labels, resized nearest to p["train_size"]²); images of one grid size share a forward pass."""
+    """Batches of p.batch_size images in a random order per epoch, from cached (h, w, D) tokens and `label_of(i)`
+    ((H, W) labels, resized nearest to p.train_size²); images of one grid size share a forward pass."""
     grids = [tokens.grid(i) for i in range(len(tokens))]
 
     def steps(epoch: int, rng: np.random.Generator):
         order = rng.permutation(len(tokens))
-        for start in range(0, len(order), p["batch_size"]):
+        for start in range(0, len(order), p.batch_size):
             by_grid: dict[tuple, list[int]] = {}
-            for i in order[start: start + p["batch_size"]]:
+            for i in order[start: start + p.batch_size]:
                 by_grid.setdefault(grids[i], []).append(int(i))
-            yield [_batch(tokens, label_of, idx, p["train_size"]) for idx in by_grid.values()]
+            yield [_batch(tokens, label_of, idx, p.train_size) for idx in by_grid.values()]
 
     return steps
 
@@ -79,10 +79,10 @@ def train_head(make_head: Callable[[int], torch.nn.Module], dim: int, steps: Ste
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     head = make_head(dim).to(device)
-    opt = torch.optim.SGD(head.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=p["lr_step"], gamma=0.1)
+    opt = torch.optim.SGD(head.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=p.lr_step, gamma=0.1)
     head.train()
-    for epoch in range(p["epochs"]):
+    for epoch in range(p.epochs):
         for groups in steps(epoch, rng):
             opt.zero_grad()
             loss_sum, n_valid = 0.0, 0
