@@ -61,7 +61,7 @@ class KMeansFamily(Protocol):
         self.positive("niter", "nredo")
 
 
-def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> ProtocolResult:
+def cluster_and_score(ctx: Context, fs, k: int, p: KMeansParams, matching: str) -> ProtocolResult:
     """Fit k-means per seed on the split's tokens, predict every image, match and score (shared with overclustering)."""
     ds = ctx.eval_set
     fit = sample_rows(fs["tokens"], p.max_fit_points, seed=0)
@@ -88,7 +88,7 @@ def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> Proto
     return ProtocolResult(per_seed, info, [c.tolist() for c in confs], stats)
 
 
-def score_type(p: dict) -> str:
+def score_type(p: KMeansParams) -> str:
     """What the centroid scores are, for the record of the CRF's unaries."""
     if p.spherical:
         return "cosine similarity to centroids" if p.l2_normalize else "inner product with centroids"

@@ -258,7 +258,7 @@ def cae(x: torch.Tensor, radius: int, threshold: float, temperature: float) -> t
     return F.normalize(num / den[..., None], dim=-1)
 
 
-def embed_split(tokens, p: dict, device: str, advance) -> torch.Tensor:
+def embed_split(tokens, p: FS4Params, device: str, advance) -> torch.Tensor:
     """The split's tokens as (N, D) float32 rows on `device`: L2-normalised, then CAE'd per image when p.cae."""
     out = torch.empty(tokens.data.shape, dtype=torch.float32, device=device)
     for i in range(len(tokens)):
@@ -288,7 +288,7 @@ class EmbeddedTokens:
         return self.emb[off: off + h * w].reshape(h, w, -1).cpu().numpy()
 
 
-def self_train(emb: torch.Tensor, layout: Layout, cells: list[torch.Tensor] | None, k: int, p: dict, seed: int,
+def self_train(emb: torch.Tensor, layout: Layout, cells: list[torch.Tensor] | None, k: int, p: FS4Params, seed: int,
                device: str, advance) -> tuple[torch.nn.Linear, dict]:
     """Steps 3 and 4 of the module docstring for one seed: the trained head (CPU, eval mode) and facts for the
     record (how many targets changed from one round to the next, the largest cluster's share, clusters used)."""
@@ -367,7 +367,7 @@ def _image_order(n: int, batch: int, rng: np.random.Generator):
 
 
 def _fit_head(head: torch.nn.Linear, opt, emb: torch.Tensor, targets: torch.Tensor, layout: Layout,
-              q: list[torch.Tensor] | None, p: dict, order) -> None:
+              q: list[torch.Tensor] | None, p: FS4Params, order) -> None:
     """p.steps Adam steps on CE(head, targets) + pgg_weight · PGG consistency (module docstring, step 4)."""
     device = emb.device
     head.train()

@@ -142,7 +142,7 @@ def _linear_head(num_classes: int) -> Callable[[int], torch.nn.Module]:
     return lambda dim: torch.nn.Conv2d(dim, num_classes, kernel_size=1)
 
 
-def augmented_steps(ctx: Context, ds, p: dict, seed: int) -> Steps:
+def augmented_steps(ctx: Context, ds, p: LinearParams, seed: int) -> Steps:
     """Batches of p.batch_size freshly augmented train images (module docstring) through the backbone: tokens of
     the run's layer and labels at p.train_size²."""
     aug = RandomResizedCropFlip(ctx.transform.size, tuple(p.aug_scale), tuple(p.aug_ratio), p.aug_flip)

@@ -420,7 +420,7 @@ class MaskDistillProtocol(Protocol):
         return ProtocolResult(per_seed, info, [cf.tolist() for cf in confs], stats)
 
     # --- masks + embeddings of one split, cached --------------------------------------------------------------
-    def _entry(self, ctx: Context, ds, fs, p: dict) -> dict:
+    def _entry(self, ctx: Context, ds, fs, p: MaskDistillParams) -> dict:
         """Object masks (from cached features) and their crop embeddings (a backbone pass) of one split, each a cache
         entry of its own: locked, checkpointed, resumable."""
         embed_ref, load = _embedder(ctx, p)
@@ -450,7 +450,7 @@ class MaskDistillProtocol(Protocol):
                 "seconds": {"masks": mstore.meta["mask_seconds"], "embed": estore.meta["embed_seconds"]}}
 
 
-def _embedder(ctx: Context, p: dict):
+def _embedder(ctx: Context, p: MaskDistillParams):
     """(the reference of the backbone that embeds the crops, a loader), without loading any weights."""
     if p.embed_backbone:
         ref = BackboneRef(p.embed_backbone)
@@ -472,7 +472,7 @@ def _embed_identity(ref, device) -> dict:
             "patch_size": s.patch_size, "precision": compute_precision(device)}
 
 
-def _compute_masks(entry: Entry, ctx: Context, ds, fs, p: dict) -> None:
+def _compute_masks(entry: Entry, ctx: Context, ds, fs, p: MaskDistillParams) -> None:
     """One object mask per image (module docstring, step 1) and its box in the original image."""
     t0 = time.perf_counter()
     n = len(ds)
@@ -490,7 +490,8 @@ def _compute_masks(entry: Entry, ctx: Context, ds, fs, p: dict) -> None:
                       arrays={"boxes": np.asarray(boxes, dtype=np.int64).reshape(-1, 4)})
 
 
-def _embed_crops(entry: Entry, ds, boxes: np.ndarray, load, spec, p: dict, device: str, batch_size: int) -> None:
+def _embed_crops(entry: Entry, ds, boxes: np.ndarray, load, spec, p: MaskDistillParams, device: str,
+                 batch_size: int) -> None:
     """CLS token of each box's crop of the original image into `entry`, one row per image; crops of one padded shape
     are batched together (`batch_size`, the run's), in a fixed order (by shape, then image), so a checkpoint after any
     batch can be resumed."""

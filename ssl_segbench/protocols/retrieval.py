@@ -226,7 +226,7 @@ def cached_view(fs) -> View:
     return View(fs["tokens"], fs.labels, "cached train features")
 
 
-def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
+def augmented_views(ctx: Context, ds, p: RetrievalParams) -> list[View]:
     """`augment` epochs of augmented crops of the train split through the backbone, each a cache entry pair (tokens,
     labels) keyed by everything that determines it (backbone, layer, data content, size, augmentation, aug_seed,
     epoch, precision); computed once, in batches of `ctx.batch_size`, checkpointed and resumable."""
@@ -285,7 +285,7 @@ def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
     return views
 
 
-def check_bank(rows: int, train, p: dict) -> None:
+def check_bank(rows: int, train, p: RetrievalParams) -> None:
     """Refuse a `k` (or IVF list count) beyond the built bank's rows: search would silently use fewer neighbours
     (lists) than the record states."""
     for key, value, what in (("k", p.k, "neighbours"), ("ivf_lists", p.ivf_lists, "IVF lists")):
@@ -296,7 +296,7 @@ def check_bank(rows: int, train, p: dict) -> None:
                                 f"retrieval.{key}=N with N <= {rows}")
 
 
-def bank_bound(train, transform, p: dict) -> tuple[int, str]:
+def bank_bound(train, transform, p: RetrievalParams) -> tuple[int, str]:
     """The most rows a memory bank of `train` can hold, known before extraction, and how it arises: every patch of
     every view (augmented crops are size × size; cached features have the transform's grid, under `pad` each image's
     own, read from its header), at most the per-view quota of a bounded memory. Patches without a labelled pixel are
@@ -364,7 +364,7 @@ class Bank:
                 "cache": "computed" if self.computed else "hit"}
 
 
-def memory_bank(ctx: Context, views: list[View], num_classes: int, ignore_index: int, p: dict,
+def memory_bank(ctx: Context, views: list[View], num_classes: int, ignore_index: int, p: RetrievalParams,
                 seed: int | None) -> Bank:
     """The bank of steps 1-2 of the module docstring, a cache entry pair keyed by its views, class count, ignore
     handling, memory size and seed."""
@@ -421,7 +421,7 @@ class Scorer:
     installed, else by torch (the bank held in GPU memory as float16 when it fits in half of what is free, else
     streamed in chunks); on the CPU with faiss."""
 
-    def __init__(self, bank: Bank, p: dict, device: str):
+    def __init__(self, bank: Bank, p: RetrievalParams, device: str):
         self.bank, self.k, self.temperature = bank, p.k, p.temperature
         self.device = str(device)
         self.index = None

@@ -3,7 +3,7 @@
 SGD recipe (PROTOCOLS.md §3)."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -14,6 +14,19 @@ from .base import Context, ProtocolError, eval_labels
 
 # per SGD step: groups of (tokens (B, D, h, w), labels (B, S, S)) that together make one batch
 Steps = Callable[[int, np.random.Generator], Iterator[list[tuple[torch.Tensor, torch.Tensor]]]]
+
+
+class TrainingParams(Protocol):
+    """The parameters the helpers below read: Leopart's SGD recipe, the batch size and the label size heads train
+    against (fields of `linear.LinearParams` and `maskdistill.MaskDistillParams`)."""
+
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_step: int
+    batch_size: int
+    train_size: int
 
 
 def check_train_split(protocol: str, value) -> None:
@@ -55,7 +68,7 @@ def _batch(store, label_of, idx, train_size: int):
     return x, y
 
 
-def cached_steps(tokens, label_of: Callable[[int], np.ndarray], p: dict) -> Steps:
+def cached_steps(tokens, label_of: Callable[[int], np.ndarray], p: TrainingParams) -> Steps:
     """Batches of p.batch_size images in a random order per epoch, from cached (h, w, D) tokens and `label_of(i)`
     ((H, W) labels, resized nearest to p.train_size²); images of one grid size share a forward pass."""
     grids = [tokens.grid(i) for i in range(len(tokens))]
@@ -71,8 +84,8 @@ def cached_steps(tokens, label_of: Callable[[int], np.ndarray], p: dict) -> Step
     return steps
 
 
-def train_head(make_head: Callable[[int], torch.nn.Module], dim: int, steps: Steps, ignore_index: int, p: dict,
-               seed: int, device: str, advance) -> torch.nn.Module:
+def train_head(make_head: Callable[[int], torch.nn.Module], dim: int, steps: Steps, ignore_index: int,
+               p: TrainingParams, seed: int, device: str, advance) -> torch.nn.Module:
     """Train `make_head(dim)` on the batches `steps(epoch, rng)` yields, with CE on bilinearly upsampled logits and
     SGD (p: lr, momentum, weight_decay, epochs, lr_step); seeded by `seed` (weights and batch order). Returns the head
     on the CPU in eval mode."""
