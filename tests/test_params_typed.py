@@ -150,6 +150,25 @@ def test_every_attribute_read_of_the_parameters_names_a_field_of_its_module():
         == ["3: nred0"]
 
 
+def _keyed_reads(source: str) -> list[int]:
+    """Lines that index the parameters by key (`p[...]`, `self.p[...]`, `self.params[...]`): a protocol module reads
+    the typed object by attribute (base.py, which keeps the plain dict for records and resolvers, is not checked)."""
+    def is_params(node) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "p") or (
+            isinstance(node, ast.Attribute) and node.attr in ("p", "params")
+            and isinstance(node.value, ast.Name) and node.value.id == "self")
+
+    return [n.lineno for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Subscript) and is_params(n.value)]
+
+
+def test_no_protocol_module_reads_its_parameters_by_key():
+    folder = Path(importlib.import_module("ssl_segbench.protocols").__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        if path.name != "base.py":
+            assert _keyed_reads(path.read_text()) == [], path.name
+    assert _keyed_reads('def f(self, p):\n    return p["k"], self.params["k"], p.k\n') == [2, 2]
+
+
 def test_training_helpers_read_only_fields_both_training_protocols_have():
     for cls in (PROTOCOLS["linear"].Params, PROTOCOLS["maskdistill"].Params):
         hints = {f.name: f.type for f in dataclasses.fields(cls)}
