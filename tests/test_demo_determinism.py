@@ -38,7 +38,7 @@ def _blobs(n: int = 12_000, d: int = 96, k: int = 8, seed: int = 0) -> np.ndarra
 def _demo_kmeans(x: np.ndarray, threads: int) -> tuple[bytes, bytes]:
     """The demo's k-means (the kmeans protocol's defaults: L2-normalised rows, spherical, 100 iterations, best of 5
     restarts, faiss on the CPU) and the nearest-centroid labels, fitted with both libraries set to `threads`."""
-    p = KMeansProtocol.defaults
+    p = KMeansProtocol.all_defaults()
     before = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
@@ -57,7 +57,7 @@ def test_demo_kmeans_gives_the_same_bytes_under_1_and_2_threads():
     (c1, l1), (c2, l2) = (_demo_kmeans(x, t) for t in THREADS)
     assert c1 == c2 and l1 == l2
     # the comparison sees a change: another restart seed moves the centroids
-    p = KMeansProtocol.defaults
+    p = KMeansProtocol.all_defaults()
     y = Preprocess.fit(x, False, None, True)(x)
     assert kmeans(y, 8, 1, p["niter"], p["nredo"], True, None, "faiss").tobytes() != c1
 

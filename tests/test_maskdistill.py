@@ -147,9 +147,8 @@ def test_distilled_head_beats_chance_on_noisy_pseudo_labels(tmp_path, kind):
     ev_tok, ev_truth, _ = make(8)
     train = feature_set(tmp_path / "train", tr_tok, tr_noisy)
     ev = feature_set(tmp_path / "eval", ev_tok, ev_truth)
-    p = dict(get_protocol("maskdistill").params, epochs=40, lr=0.1, lr_step=30, batch_size=8, train_size=24,
-             conv_hidden=32)
-    head = train_head(lambda d: _head(kind, d, 4, p["conv_hidden"]), train["tokens"].data.shape[1],
+    p = get_protocol("maskdistill", epochs=40, lr=0.1, lr_step=30, batch_size=8, train_size=24, conv_hidden=32).p
+    head = train_head(lambda d: _head(kind, d, 4, p.conv_hidden), train["tokens"].data.shape[1],
                       cached_steps(train["tokens"], train.labels.labels, p), -1, p, 0, "cpu", lambda n=1: None)
     (conf,), _ = count_confusions(Predictions(ev["tokens"], ev.labels, [conv_head_scorer(head)], 4, "bilinear", None,
                                               Scoring()), 4, 255)

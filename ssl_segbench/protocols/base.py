@@ -14,9 +14,10 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+import types
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator, Literal, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -84,11 +85,39 @@ class Context:
         self.passes.append({"kind": kind, "computed": bool(computed), **facts})
 
 
-SHARED_DEFAULTS = {"resize": None, "size": None, "eval_size": None, "crf": False, "crf_temperature": 1.0}
-# allowed types of a parameter: a tuple of types, None meaning the value may be None; float accepts int, bool is never
-# an int; parameters without an entry here or in the protocol's `types` take the type of their default
-_SHARED_TYPES = {"size": (int, None), "eval_size": (int, None), "crf": (bool, dict)}
-_SHARED_CHOICES = {"resize": (None, *POLICIES)}
+@dataclass(frozen=True)
+class SharedParams:
+    """The parameters of every protocol: the resize policy and input size it fixes (None: the run's), the evaluation
+    size (None: label resolution), the dense CRF and its temperature. Each protocol's parameters subclass it, a field
+    per parameter (a redefined field keeps its place). A field's annotation is its rule, checked when the protocol is
+    made (`param_rules`): `Literal[...]` lists the allowed values; otherwise the allowed types, where None allows
+    None, float accepts an int, and bool is never an int."""
+
+    resize: Literal[(None, *POLICIES)] = None
+    size: int | None = None
+    eval_size: int | None = None
+    crf: bool | dict = False
+    crf_temperature: float = 1.0
+
+
+@functools.cache
+def param_rules(params_type: type[SharedParams]) -> dict[str, tuple[str, tuple]]:
+    """Field name → ('choices', the allowed values) or ('types', the allowed types, None for None) of a parameters
+    dataclass, in field order, read from its annotations once per class."""
+    hints = get_type_hints(params_type)
+    rules = {}
+    for f in fields(params_type):
+        hint = hints[f.name]
+        if get_origin(hint) is Literal:
+            rules[f.name] = ("choices", get_args(hint))
+            continue
+        parts = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+        allowed = tuple(None if t is type(None) else t for t in parts)
+        if not all(t is None or (isinstance(t, type) and get_origin(t) is None) for t in allowed):
+            raise TypeError(f"{params_type.__name__}.{f.name}: annotate a parameter with Literal[...] or plain types "
+                            f"(e.g. int | None), got {hint}")
+        rules[f.name] = ("types", allowed)
+    return rules
 
 
 def matching_axis(params: dict) -> str:
@@ -143,20 +172,19 @@ class ProtocolResult:
 
 
 class Protocol:
-    """A named, versioned protocol. Parameters are the shared ones (`SHARED_DEFAULTS`) plus the protocol's `defaults`;
-    `choices` enumerates allowed values, `types` the allowed types where the default does not show them (a default of
-    None, or several types), and `check` adds the protocol's own range rules. All of it is checked when the protocol
-    is made, so a bad value stops a run before any work."""
+    """A named, versioned protocol. Its parameters are the fields of `Params`, a frozen dataclass subclassing
+    `SharedParams` (defaults, and the allowed values or types in the annotations); `check` adds the protocol's own
+    range rules. All of it is checked once, when the protocol is made, so a bad value stops a run before any work.
+    `params` is the plain dict (what the record stores, presets, resolvers and `--param` act on) and `p` the same
+    values as a `Params` instance, which the protocol's code reads (`p.k`: a mistyped name is an AttributeError)."""
 
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     description: ClassVar[str] = ""
-    defaults: ClassVar[dict] = {}
+    Params: ClassVar[type[SharedParams]] = SharedParams
     presets: ClassVar[dict[str, dict]] = {}
     # a name that stands for several presets, each its own column: `--protocol name:group` runs them all
     preset_groups: ClassVar[dict[str, tuple[str, ...]]] = {}
-    choices: ClassVar[dict[str, tuple]] = {}
-    types: ClassVar[dict[str, tuple]] = {}
     # parameters whose value 'auto' depends on the machine: name → resolver(value, device) giving the concrete value
     resolvers: ClassVar[dict[str, Callable[[object, str], object]]] = {}
     default_seeds: ClassVar[int] = 1
@@ -203,7 +231,9 @@ class Protocol:
 
     @classmethod
     def all_defaults(cls) -> dict:
-        return {**SHARED_DEFAULTS, **cls.defaults}
+        """Every parameter's default, in field order (the shared ones first)."""
+        return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                for f in fields(cls.Params)}
 
     def __init__(self, preset: str | None = None, **overrides):
         params = copy.deepcopy(self.all_defaults())
@@ -229,33 +259,24 @@ class Protocol:
         self.params = params
         self.validate()
 
-    def allowed(self, key: str) -> tuple[str, tuple]:
-        """('choices' | 'types', the allowed values or types) of a parameter."""
-        for kind, table in (("choices", {**_SHARED_CHOICES, **self.choices}),
-                            ("types", {**_SHARED_TYPES, **self.types})):
-            if key in table:
-                return kind, table[key]
-        default = self.all_defaults()[key]
-        if default is None:
-            raise TypeError(f"protocol '{self.name}': parameter '{key}' defaults to None; declare its type in `types`")
-        return "types", (type(default),)
-
     def validate(self) -> None:
-        """Every parameter's type or choice, the shared ranges, then the protocol's own `check`."""
+        """Every parameter's type or choice (`param_rules`), then `p` made from `params`, the shared ranges and the
+        protocol's own `check`."""
+        rules = param_rules(self.Params)
         for key, value in self.params.items():
-            kind, allowed = self.allowed(key)
+            kind, allowed = rules[key]
             if kind == "choices" and not _is_choice(value, allowed):
                 raise ProtocolError(f"{self.name}: {key} must be one of {allowed}, got {value!r}")
             if kind == "types" and not _type_ok(value, allowed):
                 raise ProtocolError(f"{self.name}: {key} must be {_type_name(allowed)}, got {value!r}")
-        p = self.params
-        for key in ("size", "eval_size"):
-            if p[key] is not None and p[key] < 1:
-                raise ProtocolError(f"{self.name}: {key} must be a positive integer, got {p[key]!r}")
-        if not p["crf_temperature"] > 0:
-            raise ProtocolError(f"{self.name}: crf_temperature must be > 0, got {p['crf_temperature']!r}")
+        self.p = p = self.Params(**self.params)
+        for key, v in (("size", p.size), ("eval_size", p.eval_size)):
+            if v is not None and v < 1:
+                raise ProtocolError(f"{self.name}: {key} must be a positive integer, got {v!r}")
+        if not p.crf_temperature > 0:
+            raise ProtocolError(f"{self.name}: crf_temperature must be > 0, got {p.crf_temperature!r}")
         try:
-            CRFParams.from_param(p["crf"])
+            CRFParams.from_param(p.crf)
         except CRFError as e:
             raise ProtocolError(f"protocol '{self.name}': {e}") from None
         self.check()
@@ -264,21 +285,21 @@ class Protocol:
         """The protocol's own rules on its parameters (ranges, combinations); raise ProtocolError."""
 
     def positive(self, *keys: str, allow_none: bool = False) -> None:
-        """Each of `keys` must be > 0 (or None when `allow_none`)."""
+        """Each of the parameters `keys` must be > 0 (or None when `allow_none`)."""
         for key in keys:
-            v = self.params[key]
+            v = getattr(self.p, key)
             if (v is None and not allow_none) or (v is not None and not v > 0):
                 raise ProtocolError(f"{self.name}: {key} must be > 0, got {v!r}")
 
     def fraction(self, key: str, low: float = 0.0, high: float = 1.0) -> None:
-        """params[key] must lie in (low, high)."""
-        v = self.params[key]
+        """The parameter `key` must lie in (low, high)."""
+        v = getattr(self.p, key)
         if not low < v < high:
             raise ProtocolError(f"{self.name}: {key} must be in ({low:g}, {high:g}), got {v!r}")
 
     def for_device(self, device: str) -> "Protocol":
         """This protocol with its machine-dependent parameters (`resolvers`) made concrete for `device`, so that the
-        record's parameters, and with them its identity, name what actually ran."""
+        record's parameters, and with them its identity, name what actually ran; validated (and `p` made) again."""
         new = copy.copy(self)
         new.params = {**self.params, **{k: f(self.params[k], device) for k, f in self.resolvers.items()}}
         new.validate()

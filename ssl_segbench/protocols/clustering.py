@@ -3,6 +3,9 @@
 pipeline and its CRF unaries."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 
 from ..cluster import KMEANS_BACKENDS, Preprocess, centroid_scores, kmeans, kmeans_backend, sample_rows
@@ -14,6 +17,7 @@ from .base import (
     Predictions,
     Protocol,
     ProtocolResult,
+    SharedParams,
     count_confusions,
     kmeans_backend_axis,
     matching_axis,
@@ -21,20 +25,30 @@ from .base import (
 )
 
 
+@dataclass(frozen=True)
+class KMeansParams(SharedParams):
+    """Parameters of k-means on patch tokens (kmeans.py's docstring)."""
+
+    k: int | None = None  # None: number of classes
+    standardize: bool = False
+    pca_dim: int | None = None
+    l2_normalize: bool = True
+    spherical: bool = True
+    niter: int = 100
+    nredo: int = 5
+    max_points_per_centroid: int | None = None
+    max_fit_points: int | None = 2_000_000
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    matching: Literal["hungarian-pixels", "hungarian-iou"] = "hungarian-pixels"
+    crf_temperature: float = 0.5
+    kmeans_backend: Literal[KMEANS_BACKENDS] = "auto"
+
+
 class KMeansFamily(Protocol):
     """Parameters, presets and checks of k-means on the evaluation split's tokens (not registered: `kmeans` and
     `overcluster` are)."""
     axes = {"matching": matching_axis, "kmeans": kmeans_backend_axis}
-    defaults = {
-        "k": None,  # None: number of classes
-        "standardize": False, "pca_dim": None, "l2_normalize": True, "spherical": True,
-        "niter": 100, "nredo": 5, "max_points_per_centroid": None, "max_fit_points": 2_000_000,
-        "upsample": "bilinear", "matching": "hungarian-pixels", "crf_temperature": 0.5, "kmeans_backend": "auto",
-    }
-    types = {"k": (int, None), "pca_dim": (int, None), "max_points_per_centroid": (int, None),
-             "max_fit_points": (int, None)}
-    choices = {"upsample": ("bilinear", "nearest"), "matching": ("hungarian-pixels", "hungarian-iou"),
-               "kmeans_backend": KMEANS_BACKENDS}
+    Params = KMeansParams
     resolvers = {"kmeans_backend": kmeans_backend}
     presets = {
         "leopart": {"resize": "square", "size": 448, "standardize": True, "pca_dim": 50, "l2_normalize": False,
@@ -48,25 +62,25 @@ class KMeansFamily(Protocol):
         self.positive("niter", "nredo")
 
 
-def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> ProtocolResult:
+def cluster_and_score(ctx: Context, fs, k: int, p: KMeansParams, matching: str) -> ProtocolResult:
     """Fit k-means per seed on the split's tokens, predict every image, match and score (shared with overclustering)."""
     ds = ctx.eval_set
-    fit = sample_rows(fs["tokens"], p["max_fit_points"], seed=0)
-    pre = Preprocess.fit(fit, p["standardize"], p["pca_dim"], p["l2_normalize"])
+    fit = sample_rows(fs["tokens"], p.max_fit_points, seed=0)
+    pre = Preprocess.fit(fit, p.standardize, p.pca_dim, p.l2_normalize)
     x = pre(fit)
     del fit
     # Euclidean scores are measured on features of unit mean squared norm (module docstring); cosine needs nothing
-    scale = 1.0 if p["spherical"] else max(float(np.mean(np.einsum("nd,nd->n", x, x))), 1e-12)
+    scale = 1.0 if p.spherical else max(float(np.mean(np.einsum("nd,nd->n", x, x))), 1e-12)
     score_fns = []
     with progress_bar(len(ctx.seeds), f"k-means K={k} on {len(x)} tokens") as advance:
         for seed in ctx.seeds:
-            c = kmeans(x, k, seed, p["niter"], p["nredo"], p["spherical"], p["max_points_per_centroid"],
-                       p["kmeans_backend"], ctx.device)
-            score_fns.append(centroid_scores(c, p["spherical"], scale))
+            c = kmeans(x, k, seed, p.niter, p.nredo, p.spherical, p.max_points_per_centroid,
+                       p.kmeans_backend, ctx.device)
+            score_fns.append(centroid_scores(c, p.spherical, scale))
             advance()
     saver = MaskSaver(ctx)
     with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
-        stream = Predictions(fs["tokens"], fs.labels, score_fns, k, p["upsample"], p["eval_size"], ctx.scoring,
+        stream = Predictions(fs["tokens"], fs.labels, score_fns, k, p.upsample, p.eval_size, ctx.scoring,
                              prepare=lambda t: pre(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], -1),
                              score_type=score_type(p))
         confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
@@ -75,8 +89,8 @@ def cluster_and_score(ctx: Context, fs, k: int, p: dict, matching: str) -> Proto
     return ProtocolResult(per_seed, info, [c.tolist() for c in confs], stats)
 
 
-def score_type(p: dict) -> str:
+def score_type(p: KMeansParams) -> str:
     """What the centroid scores are, for the record of the CRF's unaries."""
-    if p["spherical"]:
-        return "cosine similarity to centroids" if p["l2_normalize"] else "inner product with centroids"
+    if p.spherical:
+        return "cosine similarity to centroids" if p.l2_normalize else "inner product with centroids"
     return "-0.5 squared distance to centroids, features at unit mean squared norm"

@@ -50,6 +50,8 @@ clusters dropped) is not ported.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -70,6 +72,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     auto_matching,
     count_confusions,
     matching_axis,
@@ -81,6 +84,24 @@ from .base import (
 SEGMENT_CACHE_VERSION = 2  # 2: the backbone's key fields are features.backbone_key's
 
 
+@dataclass(frozen=True)
+class DatUSParams(SharedParams):
+    """Parameters of DatUS² (module docstring): K, key centring, segment discovery (tau, Louvain), the crops whose
+    CLS embeds a segment, PCA and k-means restarts, matching, and the CRF's confidence in the hard pseudo labels."""
+
+    k: int | None = None  # None: number of classes
+    key_centering: Literal["none", "image-mean"] = "image-mean"
+    tau: int = 5
+    louvain_resolution: float = 1.0
+    louvain_seed: int = 0
+    crop_resize: int = 256
+    crop_size: int = 224
+    pca_dim: int | None = None
+    n_init: int = 10
+    matching: Literal["auto", "hungarian-pixels", "hungarian-iou", "many-to-one"] = "auto"
+    mask_confidence: float = 0.7  # CRF: the hard pseudo labels as unaries, mask_confidence on the label
+
+
 @register_protocol
 class DatUSProtocol(Protocol):
     name = "datus"
@@ -88,24 +109,14 @@ class DatUSProtocol(Protocol):
     version = "1"
     description = "DatUS² pseudo masks: key-affinity Louvain segments, CLS of segment crops, k-means, matching"
     default_seeds = 5
-    defaults = {
-        "k": None,  # None: number of classes
-        "key_centering": "image-mean", "tau": 5, "louvain_resolution": 1.0, "louvain_seed": 0,
-        "crop_resize": 256, "crop_size": 224,
-        "pca_dim": None, "n_init": 10,
-        "matching": "auto",
-        "mask_confidence": 0.7,  # CRF: the hard pseudo labels as unaries, mask_confidence on the label
-    }
+    Params = DatUSParams
     presets = {"datus": {"resize": "square", "size": 224, "key_centering": "none"}}  # the paper's settings
-    choices = {"matching": ("auto", "hungarian-pixels", "hungarian-iou", "many-to-one"),
-               "key_centering": ("none", "image-mean")}
-    types = {"k": (int, None), "pca_dim": (int, None)}
 
     def check(self) -> None:
         self.positive("k", "pca_dim", allow_none=True)
         self.positive("crop_resize", "crop_size", "n_init", "louvain_resolution")
-        if self.params["tau"] < 0:
-            raise ProtocolError(f"datus: tau must be >= 0, got {self.params['tau']!r}")
+        if self.p.tau < 0:
+            raise ProtocolError(f"datus: tau must be >= 0, got {self.p.tau!r}")
         self.fraction("mask_confidence")
 
     def backbone_facets(self) -> set[str]:
@@ -115,12 +126,12 @@ class DatUSProtocol(Protocol):
         return {"eval": ("keys",)}
 
     def evaluate(self, ctx: Context) -> ProtocolResult:
-        p = self.params
+        p = self.p
         if ctx.transform is None:
             raise ProtocolError("datus: the run's transform is needed to map segments back to the original images")
         ds = ctx.eval_set
-        k = p["k"] or ds.num_classes
-        matching = auto_matching(p["matching"], k, ds.num_classes)
+        k = p.k or ds.num_classes
+        matching = auto_matching(p.matching, k, ds.num_classes)
         fs = ctx.get(ds, ("keys",))
         keys = fs["keys"]
 
@@ -128,30 +139,30 @@ class DatUSProtocol(Protocol):
         segs, positive = [], []
         with progress_bar(len(ds), f"DatUS² segment discovery on {ds.id}/{ds.split}") as advance:
             for i in range(len(ds)):
-                seg, pos = discover_segments(keys.image(i), p["louvain_resolution"], p["louvain_seed"],
-                                             p["key_centering"] == "image-mean")
+                seg, pos = discover_segments(keys.image(i), p.louvain_resolution, p.louvain_seed,
+                                             p.key_centering == "image-mean")
                 segs.append(seg)
                 positive.append(pos)
                 advance()
-        valid = [np.flatnonzero(np.bincount(s.ravel()) > p["tau"]) for s in segs]
+        valid = [np.flatnonzero(np.bincount(s.ravel()) > p.tau) for s in segs]
         discovery_s = time.perf_counter() - t0
         if not any(len(v) for v in valid):
             hint = ""
-            if np.mean(positive) > 0.99 and p["key_centering"] == "none":
+            if np.mean(positive) > 0.99 and p.key_centering == "none":
                 hint = (f" {100 * np.mean(positive):.1f} % of the key affinities are positive: this backbone's keys "
                         "share one dominant component, the graph A > 0 is complete and Louvain leaves every patch "
                         "alone. Subtracting each image's mean key leaves attention unchanged and removes it: "
                         "--param datus.key_centering=image-mean")
-            raise ProtocolError(f"datus: no segment of more than tau={p['tau']} patches in {len(ds)} images.{hint}")
+            raise ProtocolError(f"datus: no segment of more than tau={p.tau} patches in {len(ds)} images.{hint}")
         emb, emb_info = self._embeddings(ctx, fs, segs, valid)
         n_valid = len(emb)
         if n_valid < k:
-            raise ProtocolError(f"datus: k={k} clusters but only {n_valid} valid segments (> tau={p['tau']} patches) "
+            raise ProtocolError(f"datus: k={k} clusters but only {n_valid} valid segments (> tau={p.tau} patches) "
                                 f"in {len(ds)} images; lower datus.k or datus.tau")
-        if p["mask_confidence"] * (k + 1) <= 1:
-            raise ProtocolError(f"datus: mask_confidence {p['mask_confidence']} does not exceed 1/{k + 1}: the pseudo "
+        if p.mask_confidence * (k + 1) <= 1:
+            raise ProtocolError(f"datus: mask_confidence {p.mask_confidence} does not exceed 1/{k + 1}: the pseudo "
                                 "label would not be the most likely one")
-        z = reduce_dims(emb, p["pca_dim"])
+        z = reduce_dims(emb, p.pca_dim)
 
         # per image: patch grid of global valid-segment indices, -1 = noise
         vmaps, start = [], 0
@@ -164,15 +175,15 @@ class DatUSProtocol(Protocol):
         clusters = []
         with progress_bar(len(ctx.seeds), f"k-means K={k} on {n_valid} segments") as advance:
             for seed in ctx.seeds:
-                clusters.append(cluster_segments(z, k, seed, p["n_init"]))
+                clusters.append(cluster_segments(z, k, seed, p.n_init))
                 advance()
         # per image: the patch-grid pseudo mask of every seed (noise = label k), scored as hard labels
         grids = LabelGrids([np.stack([np.where(vm >= 0, cl[np.maximum(vm, 0)], k) for cl in clusters], -1)
                             .astype(np.float32) for vm in vmaps])
-        fns = [onehot_scorer(j, k + 1, p["mask_confidence"]) for j in range(len(ctx.seeds))]
+        fns = [onehot_scorer(j, k + 1, p.mask_confidence) for j in range(len(ctx.seeds))]
         saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
-            stream = Predictions(grids, fs.labels, fns, k + 1, "nearest", p["eval_size"], ctx.scoring,
+            stream = Predictions(grids, fs.labels, fns, k + 1, "nearest", p.eval_size, ctx.scoring,
                                  score_type="hard pseudo labels (mask_confidence)")
             confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: noise_mapping(conf, matching), saver,
@@ -196,7 +207,7 @@ class DatUSProtocol(Protocol):
                                for m in ("miou", "pixel_acc", "mf1")},
         }
         if ctx.save_masks is not None:
-            res = f"{p['eval_size']}x{p['eval_size']}" if p["eval_size"] else "label resolution"
+            res = f"{p.eval_size}x{p.eval_size}" if p.eval_size else "label resolution"
             info["saved_masks"] = (f"{ctx.save_masks}: seed {ctx.seeds[0]}, class space after matching, {res}, "
                                    "noise and unmatched clusters = ignore index")
         return ProtocolResult(per_seed, info, confs, stats)
@@ -205,7 +216,7 @@ class DatUSProtocol(Protocol):
         """(N, D) L2-normalised CLS embeddings of the valid segments, in image order: a cache entry (locked,
         checkpointed and resumable), computed in one batched backbone pass when missing. Without a backbone
         reference or a keyed `keys` entry (planted tests) they are computed in memory."""
-        p = self.params
+        p = self.p
         ds = ctx.eval_set
         segments_sha256 = sha256_hex(np.ascontiguousarray(s, dtype=np.int64).tobytes() + b"|"
                                      + v.astype(np.int64).tobytes() + b"\n" for s, v in zip(segs, valid))
@@ -213,7 +224,7 @@ class DatUSProtocol(Protocol):
         n = int(sum(len(v) for v in valid))
 
         def rows(start: int):
-            return segment_cls(ctx, segs, valid, p["crop_resize"], p["crop_size"], start)
+            return segment_cls(ctx, segs, valid, p.crop_resize, p.crop_size, start)
 
         if ctx.backbone_ref is None or not entry_name:
             t0 = time.perf_counter()
@@ -225,9 +236,9 @@ class DatUSProtocol(Protocol):
         ref = ctx.backbone_ref
         key = {"kind": "datus-segment-cls", "version": SEGMENT_CACHE_VERSION, "keys_entry": entry_name,
                **backbone_key(ref, compute_precision(ctx.device)), "layer": -1,
-               "segments_sha256": segments_sha256, "tau": p["tau"], "key_centering": p["key_centering"],
-               "louvain_resolution": p["louvain_resolution"],
-               "louvain_seed": p["louvain_seed"], "crop_resize": p["crop_resize"], "crop_size": p["crop_size"],
+               "segments_sha256": segments_sha256, "tau": p.tau, "key_centering": p.key_centering,
+               "louvain_resolution": p.louvain_resolution,
+               "louvain_seed": p.louvain_seed, "crop_resize": p.crop_resize, "crop_size": p.crop_size,
                "transform": ctx.transform.to_dict()}
         entry = Entry.at(cache_dir(), "datus", ref.spec.id, ds.id, ds.split, key)
         computed = bool(ensure([entry], lambda _todo: fill_rows(entry, n, ref.spec.embed_dim, rows,

@@ -36,6 +36,9 @@ GPU when the run has one, and deterministic there too (segment sums are one-hot 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     auto_matching,
     count_confusions,
     kmeans_backend_axis,
@@ -62,6 +66,34 @@ from .base import (
 _ROWS = 1 << 16  # rows per chunk when scoring or assigning the whole split
 
 
+@dataclass(frozen=True)
+class FS4Params(SharedParams):
+    """Parameters of the FS⁴ reconstruction (module docstring; the GUESSes are in docs/fs4.md): K, CAE (step 2), PGG
+    (3), self-training (4), the k-means that starts it without PGG, upsampling and matching (5)."""
+
+    k: int | None = None  # None: number of classes
+    cae: bool = True
+    cae_radius: int = 2
+    cae_threshold: float = 0.5
+    cae_temperature: float = 0.1
+    pgg: bool = True
+    pyramid_levels: list = field(default_factory=lambda: [1, 2, 4])
+    temperature: float = 0.1
+    pgg_prior: float = 1.0
+    pgg_weight: float = 1.0
+    rounds: int = 3
+    cluster_iters: int = 10
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    niter: int = 100
+    nredo: int = 5
+    max_fit_points: int | None = 2_000_000
+    kmeans_backend: Literal[KMEANS_BACKENDS] = "auto"
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    matching: Literal["auto", "hungarian-pixels", "hungarian-iou", "many-to-one"] = "auto"
+
+
 @register_protocol
 class FS4Protocol(Protocol):
     name = "fs4"
@@ -69,17 +101,7 @@ class FS4Protocol(Protocol):
     version = "1"
     description = "FS⁴ reconstruction: PGG pseudo labels + CAE + bootstrapped head, Hungarian (guesses recorded)"
     default_seeds = 5
-    defaults = {
-        "k": None,  # None: number of classes
-        "cae": True, "cae_radius": 2, "cae_threshold": 0.5, "cae_temperature": 0.1,
-        "pgg": True, "pyramid_levels": [1, 2, 4], "temperature": 0.1, "pgg_prior": 1.0, "pgg_weight": 1.0,
-        "rounds": 3, "cluster_iters": 10, "steps": 100, "batch_size": 8, "lr": 1e-3,
-        "niter": 100, "nredo": 5, "max_fit_points": 2_000_000, "kmeans_backend": "auto",
-        "upsample": "bilinear", "matching": "auto",
-    }
-    types = {"k": (int, None), "max_fit_points": (int, None)}
-    choices = {"upsample": ("bilinear", "nearest"), "kmeans_backend": KMEANS_BACKENDS,
-               "matching": ("auto", "hungarian-pixels", "hungarian-iou", "many-to-one")}
+    Params = FS4Params
     resolvers = {"kmeans_backend": kmeans_backend}
     presets = {
         "no-cae": {"cae": False},
@@ -88,37 +110,38 @@ class FS4Protocol(Protocol):
     }
 
     def check(self) -> None:
-        p = self.params
+        p = self.p
         self.positive("k", "max_fit_points", allow_none=True)
         self.positive("temperature", "cae_temperature", "lr", "rounds", "batch_size", "niter", "nredo")
-        for key in ("cae_radius", "cluster_iters", "steps", "pgg_prior", "pgg_weight"):
-            if not p[key] >= 0:
-                raise ProtocolError(f"fs4: {key} must be >= 0, got {p[key]!r}")
-        if not -1 <= p["cae_threshold"] <= 1:
-            raise ProtocolError(f"fs4: cae_threshold is a cosine, in [-1, 1]; got {p['cae_threshold']!r}")
-        levels = p["pyramid_levels"]
+        for key, value in (("cae_radius", p.cae_radius), ("cluster_iters", p.cluster_iters), ("steps", p.steps),
+                           ("pgg_prior", p.pgg_prior), ("pgg_weight", p.pgg_weight)):
+            if not value >= 0:
+                raise ProtocolError(f"fs4: {key} must be >= 0, got {value!r}")
+        if not -1 <= p.cae_threshold <= 1:
+            raise ProtocolError(f"fs4: cae_threshold is a cosine, in [-1, 1]; got {p.cae_threshold!r}")
+        levels = p.pyramid_levels
         if not (levels and all(is_int(v) and v > 0 for v in levels)
                 and len(set(levels)) == len(levels)):
             raise ProtocolError(f"fs4: pyramid_levels must be distinct positive integers, e.g. [1, 2, 4]; got "
                                 f"{levels!r}")
-        if p["k"] is not None and p["k"] < 2:
-            raise ProtocolError(f"fs4: k must be at least 2, got {p['k']}")
+        if p.k is not None and p.k < 2:
+            raise ProtocolError(f"fs4: k must be at least 2, got {p.k}")
 
     def evaluate(self, ctx: Context) -> ProtocolResult:
-        p = self.params
+        p = self.p
         ds = ctx.eval_set
-        k = p["k"] or ds.num_classes
-        matching = auto_matching(p["matching"], k, ds.num_classes)
+        k = p.k or ds.num_classes
+        matching = auto_matching(p.matching, k, ds.num_classes)
         fs = ctx.get(ds, ("tokens",))
-        layout = Layout(fs["tokens"], p["pyramid_levels"] if p["pgg"] else [])
-        with progress_bar(len(ds), f"fs4 embedding {ds.id}/{ds.split}" + (" (CAE)" if p["cae"] else "")) as adv:
+        layout = Layout(fs["tokens"], p.pyramid_levels if p.pgg else [])
+        with progress_bar(len(ds), f"fs4 embedding {ds.id}/{ds.split}" + (" (CAE)" if p.cae else "")) as adv:
             emb = embed_split(fs["tokens"], p, ctx.device, adv)
-        cells = layout.cell_features(emb) if p["pgg"] else None
+        cells = layout.cell_features(emb) if p.pgg else None
         if cells is not None and sum(len(c) for c in cells) < k:
             raise ProtocolError(f"fs4: PGG clusters {sum(len(c) for c in cells)} cells of {len(ds)} images into "
                                 f"k={k} groups; lower k or pass --param fs4.pgg=false")
         heads, facts = [], []
-        with progress_bar(len(ctx.seeds) * p["rounds"], f"fs4 self-training K={k} on {len(emb)} tokens") as adv:
+        with progress_bar(len(ctx.seeds) * p.rounds, f"fs4 self-training K={k} on {len(emb)} tokens") as adv:
             for seed in ctx.seeds:
                 head, fact = self_train(emb, layout, cells, k, p, seed, ctx.device, adv)
                 heads.append(head)
@@ -126,7 +149,7 @@ class FS4Protocol(Protocol):
         saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
             stream = Predictions(EmbeddedTokens(emb, layout), fs.labels, [head_scorer(h) for h in heads], k,
-                                 p["upsample"], p["eval_size"], ctx.scoring, score_type="fs4 head logits")
+                                 p.upsample, p.eval_size, ctx.scoring, score_type="fs4 head logits")
             confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver,
                                       extra=lambda j, conf, mapping: facts[j])
@@ -236,14 +259,14 @@ def cae(x: torch.Tensor, radius: int, threshold: float, temperature: float) -> t
     return F.normalize(num / den[..., None], dim=-1)
 
 
-def embed_split(tokens, p: dict, device: str, advance) -> torch.Tensor:
-    """The split's tokens as (N, D) float32 rows on `device`: L2-normalised, then CAE'd per image when p['cae']."""
+def embed_split(tokens, p: FS4Params, device: str, advance) -> torch.Tensor:
+    """The split's tokens as (N, D) float32 rows on `device`: L2-normalised, then CAE'd per image when p.cae."""
     out = torch.empty(tokens.data.shape, dtype=torch.float32, device=device)
     for i in range(len(tokens)):
         off, (h, w) = int(tokens.index[i, 0]), tokens.grid(i)
         x = F.normalize(torch.from_numpy(np.asarray(tokens.image(i), dtype=np.float32)).to(device), dim=-1)
-        if p["cae"]:
-            x = cae(x[None], p["cae_radius"], p["cae_threshold"], p["cae_temperature"])[0]
+        if p.cae:
+            x = cae(x[None], p.cae_radius, p.cae_threshold, p.cae_temperature)[0]
         out[off: off + h * w] = x.reshape(h * w, -1)
         advance()
     return out
@@ -266,34 +289,34 @@ class EmbeddedTokens:
         return self.emb[off: off + h * w].reshape(h, w, -1).cpu().numpy()
 
 
-def self_train(emb: torch.Tensor, layout: Layout, cells: list[torch.Tensor] | None, k: int, p: dict, seed: int,
+def self_train(emb: torch.Tensor, layout: Layout, cells: list[torch.Tensor] | None, k: int, p: FS4Params, seed: int,
                device: str, advance) -> tuple[torch.nn.Linear, dict]:
     """Steps 3 and 4 of the module docstring for one seed: the trained head (CPU, eval mode) and facts for the
     record (how many targets changed from one round to the next, the largest cluster's share, clusters used)."""
-    tau = p["temperature"]
+    tau = p.temperature
     rng = np.random.default_rng(seed)
     if cells is not None:
         allcells = torch.cat(cells).cpu().numpy()
-        centroids = torch.from_numpy(kmeans(allcells, k, seed, p["niter"], p["nredo"], True, None,
-                                            p["kmeans_backend"], device)).to(device)
+        centroids = torch.from_numpy(kmeans(allcells, k, seed, p.niter, p.nredo, True, None,
+                                            p.kmeans_backend, device)).to(device)
         q = [torch.softmax(c @ centroids.T / tau, dim=1) for c in cells]
         log_prior = _log_prior(q, layout, device)
     else:
         fit = emb.cpu().numpy()
-        fit = subsample_rows(fit, p["max_fit_points"])
-        centroids = torch.from_numpy(kmeans(fit, k, seed, p["niter"], p["nredo"], True, None,
-                                            p["kmeans_backend"], device)).to(device)
+        fit = subsample_rows(fit, p.max_fit_points)
+        centroids = torch.from_numpy(kmeans(fit, k, seed, p.niter, p.nredo, True, None,
+                                            p.kmeans_backend, device)).to(device)
         del fit
         q, log_prior = None, None
     head = torch.nn.Linear(emb.shape[1], k).to(device)
-    opt = torch.optim.Adam(head.parameters(), lr=p["lr"])
-    order = _image_order(len(layout), p["batch_size"], rng)
+    opt = torch.optim.Adam(head.parameters(), lr=p.lr)
+    order = _image_order(len(layout), p.batch_size, rng)
     changed, targets = [], None
-    for r in range(p["rounds"]):
+    for r in range(p.rounds):
         mu = centroids if r == 0 else update_centroids(emb, _argmax_head(head, emb), k, True)
-        for _ in range(p["cluster_iters"]):
-            mu = update_centroids(emb, _assign(emb, mu, tau, log_prior, p["pgg_prior"]), k, True)
-        new = _assign(emb, mu, tau, log_prior, p["pgg_prior"])
+        for _ in range(p.cluster_iters):
+            mu = update_centroids(emb, _assign(emb, mu, tau, log_prior, p.pgg_prior), k, True)
+        new = _assign(emb, mu, tau, log_prior, p.pgg_prior)
         if r == 0:  # the head starts as the nearest-centroid classifier of the first clustering
             with torch.no_grad():
                 head.weight.copy_(mu / tau)
@@ -345,23 +368,23 @@ def _image_order(n: int, batch: int, rng: np.random.Generator):
 
 
 def _fit_head(head: torch.nn.Linear, opt, emb: torch.Tensor, targets: torch.Tensor, layout: Layout,
-              q: list[torch.Tensor] | None, p: dict, order) -> None:
-    """p['steps'] Adam steps on CE(head, targets) + pgg_weight · PGG consistency (module docstring, step 4)."""
+              q: list[torch.Tensor] | None, p: FS4Params, order) -> None:
+    """p.steps Adam steps on CE(head, targets) + pgg_weight · PGG consistency (module docstring, step 4)."""
     device = emb.device
     head.train()
-    for _ in range(p["steps"]):
+    for _ in range(p.steps):
         idx = next(order)
         rows = layout.rows(idx).to(device)
         logits = head(emb[rows])
         loss = F.cross_entropy(logits, targets[rows])
-        if q is not None and p["pgg_weight"]:
+        if q is not None and p.pgg_weight:
             prob = torch.softmax(logits, dim=1)
             terms = []
             for level, lv in enumerate(layout.levels):
                 glob = (torch.tensor(idx)[:, None] * lv * lv + torch.arange(lv * lv)[None]).reshape(-1).to(device)
                 mean = layout.pool(prob, idx, level)
                 terms.append(-(q[level][glob] * torch.log(mean.clamp(min=1e-12))).sum(1).mean())
-            loss = loss + p["pgg_weight"] * torch.stack(terms).mean()
+            loss = loss + p.pgg_weight * torch.stack(terms).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

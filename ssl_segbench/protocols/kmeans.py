@@ -30,8 +30,8 @@ class KMeansProtocol(KMeansFamily):
     default_seeds = 5
 
     def evaluate(self, ctx: Context) -> ProtocolResult:
-        p = self.params
+        p = self.p
         ds = ctx.eval_set
-        k = p["k"] or ds.num_classes
+        k = p.k or ds.num_classes
         fs = ctx.get(ds, ("tokens",))
-        return cluster_and_score(ctx, fs, k, p, p["matching"])
+        return cluster_and_score(ctx, fs, k, p, p.matching)

@@ -55,6 +55,9 @@ Deliberate departures from Leopart's code:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import numpy as np
 import torch
 
@@ -70,6 +73,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     count_confusions,
     kmeans_backend_axis,
     matching_axis,
@@ -88,6 +92,41 @@ CD_HPARAMS_NOTE = ("found by Leopart with labels: an optuna TPE search (300 tria
 ANGLES = tuple(i * np.pi / 4 for i in range(8))
 
 
+@dataclass(frozen=True)
+class LeopartCDParams(SharedParams):
+    """Parameters of Leopart's community detection (PROTOCOLS.md §4): the fit splits, standardisation + PCA and
+    k-means, the attention foreground, cluster-based foreground extraction (CBFE), the foreground clusters and
+    co-occurrence graph (k, markov_time, weight_threshold: None takes Leopart's values for the nearest backbone),
+    matching, and the CRF's confidence in the hard merged labels."""
+
+    eval_size: int | None = 100
+    fit_splits: Literal["eval", "eval+train"] = "eval+train"
+    standardize: bool = True
+    pca_dim: int | None = 50
+    max_fit_points: int | None = 2_000_000
+    niter: int = 100
+    nredo: int = 5
+    max_points_per_centroid: int | None = None
+    cluster_seed: int = 0
+    kmeans_backend: Literal[KMEANS_BACKENDS] = "auto"
+    attn_blur_kernel: int = 7
+    attn_blur_sigma: float = 0.6
+    attn_mass: float = 0.65
+    attn_drop_upto: int = 2
+    cbfe_k: int = 200
+    cbfe_threshold: float | str = 0.5
+    k: int | None = None
+    markov_time: float | None = None
+    weight_threshold: float | None = None
+    preferred_modules: int | None = None
+    distances: list = field(default_factory=lambda: [1, 2])
+    matching: Literal["hungarian-iou", "hungarian-pixels"] = "hungarian-iou"
+    isolated_clusters: Literal["own-label", "shared-label"] = "own-label"
+    unmatched: Literal["wrong", "background"] = "wrong"
+    background_class: int = 0
+    mask_confidence: float = 0.7  # CRF: the hard merged labels as unaries, mask_confidence on the label
+
+
 @register_protocol
 class LeopartCDProtocol(Protocol):
     name = "leopart-cd"
@@ -95,19 +134,7 @@ class LeopartCDProtocol(Protocol):
     version = "1"
     description = "Leopart CBFE + cluster co-occurrence community detection (infomap), Hungarian matching"
     default_seeds = 10
-    defaults = {
-        "eval_size": 100,
-        "fit_splits": "eval+train",
-        "standardize": True, "pca_dim": 50, "max_fit_points": 2_000_000,
-        "niter": 100, "nredo": 5, "max_points_per_centroid": None, "cluster_seed": 0, "kmeans_backend": "auto",
-        "attn_blur_kernel": 7, "attn_blur_sigma": 0.6, "attn_mass": 0.65, "attn_drop_upto": 2,
-        "cbfe_k": 200, "cbfe_threshold": 0.5,
-        "k": None, "markov_time": None, "weight_threshold": None, "preferred_modules": None,
-        "distances": [1, 2],
-        "matching": "hungarian-iou",
-        "isolated_clusters": "own-label", "unmatched": "wrong", "background_class": 0,
-        "mask_confidence": 0.7,  # CRF: the hard merged labels as unaries, mask_confidence on the label
-    }
+    Params = LeopartCDParams
     resolvers = {"kmeans_backend": kmeans_backend}
     presets = {
         "leopart": {"resize": "square", "size": 448, "eval_size": 100, "max_points_per_centroid": 256,
@@ -115,45 +142,39 @@ class LeopartCDProtocol(Protocol):
         "vits16": dict(CD_HPARAMS["vits16"]),
         "vitb8": dict(CD_HPARAMS["vitb8"]),
     }
-    choices = {"matching": ("hungarian-iou", "hungarian-pixels"), "fit_splits": ("eval", "eval+train"),
-               "isolated_clusters": ("own-label", "shared-label"), "unmatched": ("wrong", "background"),
-               "kmeans_backend": KMEANS_BACKENDS}
-    types = {"pca_dim": (int, None), "max_fit_points": (int, None), "max_points_per_centroid": (int, None),
-             "cbfe_threshold": (float, str), "k": (int, None), "markov_time": (float, None),
-             "weight_threshold": (float, None), "preferred_modules": (int, None)}
 
     def check(self) -> None:
-        p = self.params
+        p = self.p
         self.fraction("mask_confidence", 0.5, 1.0)
         self.positive("pca_dim", "max_fit_points", "max_points_per_centroid", "k", "markov_time",
                       "preferred_modules", allow_none=True)
         self.positive("niter", "nredo", "cbfe_k", "attn_mass")
-        _check_cbfe_threshold(p["cbfe_threshold"])
-        if not p["distances"] or not all(is_int(d) and d > 0 for d in p["distances"]):
-            raise ProtocolError(f"leopart-cd: distances must be a list of positive integers, got {p['distances']!r}")
-        if p["background_class"] < 0:
-            raise ProtocolError(f"leopart-cd: background_class must be a class index, got {p['background_class']!r}")
+        _check_cbfe_threshold(p.cbfe_threshold)
+        if not p.distances or not all(is_int(d) and d > 0 for d in p.distances):
+            raise ProtocolError(f"leopart-cd: distances must be a list of positive integers, got {p.distances!r}")
+        if p.background_class < 0:
+            raise ProtocolError(f"leopart-cd: background_class must be a class index, got {p.background_class!r}")
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         facets = ("tokens", "attn")
-        return {"eval": facets, "train": facets} if self.params["fit_splits"] == "eval+train" else {"eval": facets}
+        return {"eval": facets, "train": facets} if self.p.fit_splits == "eval+train" else {"eval": facets}
 
     def train_split_wanted(self) -> list[str] | None:
-        return ["default"] if self.params["fit_splits"] == "eval+train" else None
+        return ["default"] if self.p.fit_splits == "eval+train" else None
 
     def evaluate(self, ctx: Context) -> ProtocolResult:
-        p = self.params
+        p = self.p
         ds = ctx.eval_set
-        if p["unmatched"] == "background" and not p["background_class"] < ds.num_classes:
-            raise ProtocolError(f"leopart-cd: background_class {p['background_class']} is not a class of '{ds.id}' "
+        if p.unmatched == "background" and not p.background_class < ds.num_classes:
+            raise ProtocolError(f"leopart-cd: background_class {p.background_class} is not a class of '{ds.id}' "
                                 f"(0..{ds.num_classes - 1})")
         hp, info = self._cd_hparams(ctx)
         k = hp["k"]
-        preferred = p["preferred_modules"] or max(ds.num_classes - 1, 1)
+        preferred = p.preferred_modules or max(ds.num_classes - 1, 1)
         info.update({"k": k, "preferred_modules": preferred, "infomap_seeds": [s + 1 for s in ctx.seeds]})
 
         splits = [("eval", ds)]
-        if p["fit_splits"] == "eval+train":
+        if p.fit_splits == "eval+train":
             if ctx.train_set is None:
                 info["fit_splits"] = f"eval only ({ds.split}): {ctx.train_note or 'no train split under this root'}"
             else:
@@ -163,40 +184,40 @@ class LeopartCDProtocol(Protocol):
         images = [(si, i) for si, fs in enumerate(feats) for i in range(len(fs["tokens"]))]
 
         def work_shape(si: int, i: int) -> tuple[int, int]:
-            s = p["eval_size"]
+            s = p.eval_size
             return (s, s) if s else tuple(feats[si].labels.labels(i).shape)
 
         # 1. standardisation + PCA on all fit tokens
-        pre = Preprocess.fit(_fit_rows([fs["tokens"] for fs in feats], p["max_fit_points"]),
-                             p["standardize"], p["pca_dim"], False)
+        pre = Preprocess.fit(_fit_rows([fs["tokens"] for fs in feats], p.max_fit_points),
+                             p.standardize, p.pca_dim, False)
         x = [pre(np.asarray(feats[si]["tokens"].image(i), dtype=np.float32).reshape(
             -1, feats[si]["tokens"].data.shape[1])) for si, i in images]
         grids = [tuple(feats[si]["tokens"].image(i).shape[:2]) for si, i in images]
 
         # 2. noisy foreground from attention
-        fg_attn = [noisy_foreground(feats[si]["attn"].image(i), p["attn_blur_kernel"], p["attn_blur_sigma"],
-                                    p["attn_mass"], p["attn_drop_upto"]) for si, i in images]
+        fg_attn = [noisy_foreground(feats[si]["attn"].image(i), p.attn_blur_kernel, p.attn_blur_sigma,
+                                    p.attn_mass, p.attn_drop_upto) for si, i in images]
         info["attention_foreground_fraction"] = round(float(np.mean([f.mean() for f in fg_attn])), 4)
 
         # 3. cluster-based foreground extraction
-        fit_x = subsample_rows(np.concatenate(x), p["max_fit_points"])
-        if p["cbfe_k"] > len(fit_x):
-            raise ProtocolError(f"leopart-cd: cbfe_k={p['cbfe_k']} clusters but only {len(fit_x)} tokens; lower "
+        fit_x = subsample_rows(np.concatenate(x), p.max_fit_points)
+        if p.cbfe_k > len(fit_x):
+            raise ProtocolError(f"leopart-cd: cbfe_k={p.cbfe_k} clusters but only {len(fit_x)} tokens; lower "
                                 "it, e.g. --param leopart-cd.cbfe_k=50")
         with progress_bar(2 + len(ctx.seeds), f"leopart-cd on {len(images)} images") as advance:
-            c_fg = kmeans(fit_x, p["cbfe_k"], p["cluster_seed"], p["niter"], p["nredo"], True,
-                          p["max_points_per_centroid"], p["kmeans_backend"], ctx.device)
+            c_fg = kmeans(fit_x, p.cbfe_k, p.cluster_seed, p.niter, p.nredo, True,
+                          p.max_points_per_centroid, p.kmeans_backend, ctx.device)
             advance()
             cbfe_maps = [assign(xi, c_fg, True, ctx.device).reshape(g) for xi, g in zip(x, grids)]
             fg_tokens = [np.zeros(g, dtype=bool) for g in grids]
             info["cbfe"] = {}
             for si, (sname, sset) in enumerate(splits):
                 idx = [n for n, (s, _) in enumerate(images) if s == si]
-                precs = cluster_precisions([cbfe_maps[n] for n in idx], [fg_attn[n] for n in idx], p["cbfe_k"],
+                precs = cluster_precisions([cbfe_maps[n] for n in idx], [fg_attn[n] for n in idx], p.cbfe_k,
                                            [work_shape(*images[n]) for n in idx])
-                thr = cbfe_threshold(precs, p["cbfe_threshold"])
+                thr = cbfe_threshold(precs, p.cbfe_threshold)
                 fg_ids = np.flatnonzero(np.nan_to_num(precs, nan=-1.0) >= thr)
-                is_fg = np.zeros(p["cbfe_k"], dtype=bool)
+                is_fg = np.zeros(p.cbfe_k, dtype=bool)
                 is_fg[fg_ids] = True
                 for n in idx:
                     fg_tokens[n] = is_fg[cbfe_maps[n]]
@@ -210,8 +231,8 @@ class LeopartCDProtocol(Protocol):
             if k > len(fg_x):
                 raise ProtocolError(f"leopart-cd: k={k} foreground clusters but CBFE kept only {len(fg_x)} foreground "
                                     "tokens; lower it, e.g. --param leopart-cd.k=20")
-            c_k = kmeans(subsample_rows(fg_x, p["max_fit_points"]), k, p["cluster_seed"], p["niter"], p["nredo"], False,
-                         p["max_points_per_centroid"], p["kmeans_backend"], ctx.device)
+            c_k = kmeans(subsample_rows(fg_x, p.max_fit_points), k, p.cluster_seed, p.niter, p.nredo, False,
+                         p.max_points_per_centroid, p.kmeans_backend, ctx.device)
             advance()
             maps = []
             for n, (xi, f, g) in enumerate(zip(x, fg_tokens, grids)):
@@ -220,7 +241,7 @@ class LeopartCDProtocol(Protocol):
                 maps.append(upsample_nearest(m, work_shape(*images[n])))
 
             # 5. co-occurrence graph (all fit images)
-            adj = cooccurrence_matrix(maps, k + 1, p["distances"])
+            adj = cooccurrence_matrix(maps, k + 1, p.distances)
             edges = graph_edges(adj, hp["weight_threshold"])
             in_graph = {a for e in edges for a in e[:2]}
             info["graph"] = {"nodes": k + 1, "edges": len(edges), "isolated_nodes": k + 1 - len(in_graph)}
@@ -230,24 +251,24 @@ class LeopartCDProtocol(Protocol):
             merged = []
             for seed in ctx.seeds:
                 merged.append(communities(edges, k + 1, hp["markov_time"], preferred, seed + 1,
-                                          shared_isolated=p["isolated_clusters"] == "shared-label"))
+                                          shared_isolated=p.isolated_clusters == "shared-label"))
                 advance()
         n_labels = [int(m.max()) + 1 for m in merged]
         # the merged label maps are at the working resolution, which is the ground truth's (eval_size or label
         # resolution): scored as hard labels, nothing is resized
         grids = LabelGrids([np.stack([m[maps[n]] for m in merged], -1).astype(np.float32) for n in ev])
-        fns = [onehot_scorer(j, n_labels[j], p["mask_confidence"]) for j in range(len(ctx.seeds))]
+        fns = [onehot_scorer(j, n_labels[j], p.mask_confidence) for j in range(len(ctx.seeds))]
         saver = MaskSaver(ctx)
         with progress_bar(len(ev), f"scoring merged labels on {ds.id}/{ds.split}") as advance:
-            stream = Predictions(grids, feats[0].labels, fns, max(n_labels), "nearest", p["eval_size"], ctx.scoring,
+            stream = Predictions(grids, feats[0].labels, fns, max(n_labels), "nearest", p.eval_size, ctx.scoring,
                                  score_type="hard merged labels (mask_confidence)")
             confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         def mapping_of(j: int, conf: np.ndarray) -> np.ndarray:
             """Seed j's merged labels matched to classes; the columns beyond its labels (other seeds merged into
             more) hold no pixels."""
-            mapping = match(conf[:, : n_labels[j]], p["matching"])
-            if p["unmatched"] == "background":  # Leopart's PredsmIoU: unmatched predictions become background
-                mapping[mapping < 0] = p["background_class"]
+            mapping = match(conf[:, : n_labels[j]], p.matching)
+            if p.unmatched == "background":  # Leopart's PredsmIoU: unmatched predictions become background
+                mapping[mapping < 0] = p.background_class
             return np.concatenate([mapping, np.full(conf.shape[1] - n_labels[j], -1, dtype=mapping.dtype)])
 
         per_seed, stats = score_seeds(confs, per_image, mapping_of, saver, extra=lambda j, conf, m: {
@@ -255,8 +276,8 @@ class LeopartCDProtocol(Protocol):
             "merged_label_of_cluster": merged[j].tolist()})
         confs = [conf[:, : n_labels[j]].tolist() for j, conf in enumerate(confs)]
         if ctx.save_masks is not None:
-            res = f"{p['eval_size']}x{p['eval_size']}" if p["eval_size"] else "label resolution"
-            unmatched = "background class" if p["unmatched"] == "background" else "ignore index"
+            res = f"{p.eval_size}x{p.eval_size}" if p.eval_size else "label resolution"
+            unmatched = "background class" if p.unmatched == "background" else "ignore index"
             info["saved_masks"] = (f"{ctx.save_masks}: seed {ctx.seeds[0]}, class space after matching, {res}, "
                                    f"unmatched labels = {unmatched}")
         return ProtocolResult(per_seed, info, confs, stats)
@@ -264,11 +285,11 @@ class LeopartCDProtocol(Protocol):
     def _cd_hparams(self, ctx: Context) -> tuple[dict, dict]:
         """k, markov time and weight threshold: the parameters where given, else Leopart's values for the nearest of
         its two backbones."""
-        p = self.params
-        names = ("k", "markov_time", "weight_threshold")
-        hp = {n: p[n] for n in names}
+        p = self.p
+        hp = {"k": p.k, "markov_time": p.markov_time, "weight_threshold": p.weight_threshold}
+        missing = [n for n, v in hp.items() if v is None]
         note = {"found_with_labels": CD_HPARAMS_NOTE}
-        if all(v is not None for v in hp.values()):
+        if not missing:
             note["source"] = "parameters" + (f" (preset '{self.preset}')" if self.preset in CD_HPARAMS else "")
         else:
             if ctx.backbone_ref is None:
@@ -277,10 +298,9 @@ class LeopartCDProtocol(Protocol):
             spec = ctx.backbone_ref.spec
             key = "vitb8" if spec.embed_dim >= 768 else "vits16"
             name, dim, patch = _CD_SOURCE[key]
-            for n in names:
-                if hp[n] is None:
-                    hp[n] = CD_HPARAMS[key][n]
-            note["source"] = (f"{name} values for {[n for n in names if p[n] is None]}: backbone embed_dim "
+            for n in missing:
+                hp[n] = CD_HPARAMS[key][n]
+            note["source"] = (f"{name} values for {missing}: backbone embed_dim "
                               f"{spec.embed_dim} {'≥' if key == 'vitb8' else '<'} 768")
             note["same_width_and_patch_as_source"] = bool(spec.embed_dim == dim and spec.patch_size == patch)
         if not is_int(hp["k"]) or hp["k"] < 1:

@@ -19,7 +19,8 @@ no train split at all the probe trains on the evaluation images themselves, and 
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     backbone_tokens,
     count_confusions,
     eval_labels,
@@ -52,49 +54,65 @@ from .training import (
 )
 
 
+@dataclass(frozen=True)
+class LinearParams(SharedParams):
+    """Parameters of the linear probe (module docstring): variant, train split, Leopart's SGD recipe, the label size
+    it trains against, upsampling, and the RandomResizedCrop + flip of the augmented variant."""
+
+    variant: Literal["cached-features", "augmented"] = "cached-features"
+    train_split: str | list = "default"
+    epochs: int = 25
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_step: int = 20
+    batch_size: int = 60
+    train_size: int = 100
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    aug_scale: list = field(default_factory=lambda: [0.8, 1.0])
+    aug_ratio: list = field(default_factory=lambda: [0.75, 4 / 3])
+    aug_flip: float = 0.5
+
+
 @register_protocol
 class LinearProtocol(Protocol):
     name = "linear"
     version = "1"
     description = "linear probe on frozen patch tokens (train split → eval split)"
     default_seeds = 1
-    defaults = {"variant": "cached-features", "train_split": "default", "epochs": 25, "lr": 0.01, "momentum": 0.9,
-                "weight_decay": 1e-4, "lr_step": 20, "batch_size": 60, "train_size": 100, "upsample": "bilinear",
-                "aug_scale": [0.8, 1.0], "aug_ratio": [0.75, 4 / 3], "aug_flip": 0.5}
+    Params = LinearParams
     presets = {"leopart": {"resize": "square", "size": 448, "eval_size": 100, "train_split": ["trainaug", "default"]},
                "leopart-augmented": {"resize": "square", "size": 448, "eval_size": 100,
                                      "train_split": ["trainaug", "default"], "variant": "augmented"}}
-    choices = {"variant": ("cached-features", "augmented"), "upsample": ("bilinear", "nearest")}
-    types = {"train_split": (str, list)}
 
     def check(self) -> None:
-        p = self.params
+        p = self.p
         self.positive("epochs", "lr", "lr_step", "batch_size", "train_size")
-        check_train_split(self.name, p["train_split"])
-        check_crop_ranges(self.name, p)
-        if not 0 <= p["aug_flip"] <= 1:
-            raise ProtocolError(f"linear: aug_flip must be a probability in [0, 1], got {p['aug_flip']!r}")
+        check_train_split(self.name, p.train_split)
+        check_crop_ranges(self.name, aug_scale=p.aug_scale, aug_ratio=p.aug_ratio)
+        if not 0 <= p.aug_flip <= 1:
+            raise ProtocolError(f"linear: aug_flip must be a probability in [0, 1], got {p.aug_flip!r}")
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
-        if self.params["variant"] == "augmented":  # trains on fresh backbone passes (a second pass of its own)
+        if self.p.variant == "augmented":  # trains on fresh backbone passes (a second pass of its own)
             return {"eval": ("tokens",)}
         return {"eval": ("tokens",), "train": ("tokens",)}
 
     def train_split_wanted(self) -> list[str]:
-        return split_candidates(self.params["train_split"])
+        return split_candidates(self.p.train_split)
 
     def evaluate(self, ctx: Context) -> ProtocolResult:
-        p = self.params
+        p = self.p
         ds = ctx.eval_set
-        if p["variant"] == "augmented" and ctx.transform is None:
+        if p.variant == "augmented" and ctx.transform is None:
             raise ProtocolError("linear: variant=augmented crops train images at the run's input size, but the run "
                                 "gave no transform")
         train_set, info = train_split_info(ctx)
         evalfs = ctx.get(ds, ("tokens",))
         heads = []
-        with progress_bar(len(ctx.seeds) * p["epochs"], f"linear probe ({p['variant']}) on "
+        with progress_bar(len(ctx.seeds) * p.epochs, f"linear probe ({p.variant}) on "
                                                          f"{train_set.id}/{train_set.split}") as adv:
-            if p["variant"] == "cached-features":
+            if p.variant == "cached-features":
                 train = ctx.get(train_set, ("tokens",))
                 steps = cached_steps(train["tokens"], train.labels.labels, p)
                 for seed in ctx.seeds:
@@ -107,13 +125,13 @@ class LinearProtocol(Protocol):
                     heads.append(train_head(_linear_head(ds.num_classes), dim, steps, ds.ignore_index, p, seed,
                                             ctx.device, adv))
                 ctx.record_pass("augmented training", True, split=train_set.split, facets=["tokens"],
-                                images=len(train_set) * p["epochs"] * len(ctx.seeds),
-                                augmentation=f"RandomResizedCrop({ctx.transform.size}, scale {p['aug_scale']}, "
-                                             f"ratio {p['aug_ratio']}) + flip p {p['aug_flip']}")
+                                images=len(train_set) * p.epochs * len(ctx.seeds),
+                                augmentation=f"RandomResizedCrop({ctx.transform.size}, scale {p.aug_scale}, "
+                                             f"ratio {p.aug_ratio}) + flip p {p.aug_flip}")
         saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
             stream = Predictions(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads], ds.num_classes,
-                                 p["upsample"], p["eval_size"], ctx.scoring, score_type="linear-head logits")
+                                 p.upsample, p.eval_size, ctx.scoring, score_type="linear-head logits")
             confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, "identity"), saver,
                                       record_mapping=False)
@@ -124,22 +142,22 @@ def _linear_head(num_classes: int) -> Callable[[int], torch.nn.Module]:
     return lambda dim: torch.nn.Conv2d(dim, num_classes, kernel_size=1)
 
 
-def augmented_steps(ctx: Context, ds, p: dict, seed: int) -> Steps:
-    """Batches of p["batch_size"] freshly augmented train images (module docstring) through the backbone: tokens of
-    the run's layer and labels at p["train_size"]²."""
-    aug = RandomResizedCropFlip(ctx.transform.size, tuple(p["aug_scale"]), tuple(p["aug_ratio"]), p["aug_flip"])
+def augmented_steps(ctx: Context, ds, p: LinearParams, seed: int) -> Steps:
+    """Batches of p.batch_size freshly augmented train images (module docstring) through the backbone: tokens of
+    the run's layer and labels at p.train_size²."""
+    aug = RandomResizedCropFlip(ctx.transform.size, tuple(p.aug_scale), tuple(p.aug_ratio), p.aug_flip)
     spec = ctx.backbone().spec
 
     def steps(epoch: int, rng: np.random.Generator):
         order = rng.permutation(len(ds))
-        for start in range(0, len(order), p["batch_size"]):
+        for start in range(0, len(order), p.batch_size):
             xs, ys = [], []
-            for i in order[start: start + p["batch_size"]]:
+            for i in order[start: start + p.batch_size]:
                 img = ds.load_image(int(i))
                 box, flipped = aug.sample(np.random.default_rng([seed, epoch, int(i)]), *img.size)
                 x, y = aug.apply(img, ds.load_mask(int(i)), box, flipped, spec.mean, spec.std)
                 xs.append(x)
-                ys.append(eval_labels(y, p["train_size"]))
+                ys.append(eval_labels(y, p.train_size))
             t = backbone_tokens(ctx, xs, lambda j, first=start, epoch=epoch: (
                 f"the augmented crop of image '{ds.samples[int(order[first + j])].name}' of {ds.id}/{ds.split} "
                 f"(linear, epoch {epoch})"))

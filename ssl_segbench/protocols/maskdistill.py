@@ -70,6 +70,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -90,6 +92,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     auto_matching,
     count_confusions,
     matching_axis,
@@ -249,6 +252,42 @@ def _head(kind: str, dim: int, n_out: int, hidden: int) -> torch.nn.Module:
                                torch.nn.ReLU(inplace=True), torch.nn.Conv2d(hidden, n_out, kernel_size=1))
 
 
+@dataclass(frozen=True)
+class MaskDistillParams(SharedParams):
+    """Parameters of MaskDistill (module docstring): the stage, object-mask discovery (step 1), the crops' embedding
+    backbone and size (2), clustering (3), matching and upsampling (4), the distilled head's training (5) and the
+    CRF's confidence in the hard pseudo labels (7)."""
+
+    stage: Literal[STAGES] = "pseudo"
+    cls_map: Literal["softmax", "raw-logits"] = "softmax"
+    heads: int = 5
+    mass: float = 0.5
+    topk: float = 0.4
+    proposals: Literal["topk", "topk-in-mass"] = "topk"
+    connectivity: Literal[4, 8] = 4
+    center_keys: bool = True
+    embed_backbone: str | None = None
+    crop_size: int | None = None
+    fit_set: Literal["all", "eval"] = "all"
+    whiten: Literal[WHITENING] = "std"
+    k: int | None = None
+    overcluster: int = 1
+    kmeans_batch_size: int = 1000
+    kmeans_n_init: int = 3
+    background_class: int | None = 0
+    matching: Literal[MATCHINGS] = "auto"
+    upsample: Literal["auto", "nearest", "bilinear"] = "auto"
+    epochs: int = 25
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_step: int = 20
+    batch_size: int = 60
+    train_size: int = 100
+    conv_hidden: int = 256
+    mask_confidence: float = 0.7
+
+
 @register_protocol
 class MaskDistillProtocol(Protocol):
     name = "maskdistill"
@@ -257,18 +296,7 @@ class MaskDistillProtocol(Protocol):
     description = "MaskDistill object-mask pseudo labels (CLS attention + key affinity, crop-CLS k-means), or a " \
                   "light head distilled from them"
     default_seeds = 1
-    defaults = {
-        "stage": "pseudo",  # 'pseudo' | 'distill-linear' | 'distill-conv'
-        "cls_map": "softmax", "heads": 5, "mass": 0.5, "topk": 0.4, "proposals": "topk", "connectivity": 4,
-        "center_keys": True,
-        "embed_backbone": None, "crop_size": None,
-        "fit_set": "all", "whiten": "std", "k": None, "overcluster": 1, "kmeans_batch_size": 1000,
-        "kmeans_n_init": 3,
-        "background_class": 0, "matching": "auto", "upsample": "auto",
-        "epochs": 25, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lr_step": 20, "batch_size": 60,
-        "train_size": 100, "conv_hidden": 256,
-        "mask_confidence": 0.7,
-    }
+    Params = MaskDistillParams
     _original = {"resize": "pad", "size": 640, "center_keys": False, "cls_map": "raw-logits"}  # the released code
     presets = {
         "original": dict(_original),
@@ -277,30 +305,25 @@ class MaskDistillProtocol(Protocol):
         "original-distill-linear": {**_original, "stage": "distill-linear"},
         "original-distill-conv": {**_original, "stage": "distill-conv"},
     }
-    choices = {"stage": STAGES, "matching": MATCHINGS, "whiten": WHITENING, "fit_set": ("all", "eval"),
-               "connectivity": (4, 8), "proposals": ("topk", "topk-in-mass"), "cls_map": ("softmax", "raw-logits"),
-               "upsample": ("auto", "nearest", "bilinear")}
-    types = {"embed_backbone": (str, None), "crop_size": (int, None), "k": (int, None),
-             "background_class": (int, None)}
 
     def check(self) -> None:
-        p = self.params
-        if not 0 < p["topk"] <= 1 or not 0 < p["mass"] <= 1:
+        p = self.p
+        if not 0 < p.topk <= 1 or not 0 < p.mass <= 1:
             raise ProtocolError("maskdistill: topk and mass are fractions in (0, 1]")
         self.positive("heads", "overcluster", "kmeans_batch_size", "kmeans_n_init", "epochs",
                       "lr", "lr_step", "batch_size", "train_size", "conv_hidden")
         self.positive("k", "crop_size", allow_none=True)
         self.fraction("mask_confidence")
-        if p["background_class"] is not None and p["background_class"] < 0:
+        if p.background_class is not None and p.background_class < 0:
             raise ProtocolError(f"maskdistill: background_class must be a class index or null, got "
-                                f"{p['background_class']!r}")
+                                f"{p.background_class!r}")
 
     def backbone_facets(self) -> set[str]:
         return super().backbone_facets() | {"cls"}  # the CLS of every object crop
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         # tokens too in the pseudo stage: the distilled stages then find everything in the cache
-        facets = (_CLS_FACET[self.params["cls_map"]], "keys", "tokens")
+        facets = (_CLS_FACET[self.p.cls_map], "keys", "tokens")
         return {"eval": facets, "train": facets} if self.train_split_wanted() else {"eval": facets}
 
     @classmethod
@@ -308,27 +331,26 @@ class MaskDistillProtocol(Protocol):
         return None if params["stage"] == "pseudo" else params["stage"]  # distilled heads' maps apart from the masks
 
     def train_split_wanted(self) -> list[str] | None:
-        p = self.params
-        return ["default"] if p["stage"] != "pseudo" or p["fit_set"] == "all" else None
+        p = self.p
+        return ["default"] if p.stage != "pseudo" or p.fit_set == "all" else None
 
     def evaluate(self, ctx: Context) -> ProtocolResult:
-        p = dict(self.params)
-        if p["upsample"] == "auto":
-            p["upsample"] = "nearest" if p["stage"] == "pseudo" else "bilinear"
+        p = self.p
+        upsample = p.upsample if p.upsample != "auto" else "nearest" if p.stage == "pseudo" else "bilinear"
         ds = ctx.eval_set
         if ctx.transform is None:
             raise ProtocolError("maskdistill maps mask boxes back to the original images and needs the run's transform")
         c = ds.num_classes
-        bg = p["background_class"]
+        bg = p.background_class
         if bg is not None and not 0 <= bg < c:
             raise ProtocolError(f"maskdistill: background_class {bg} is not a class of '{ds.id}' (0..{c - 1}); use "
                                 "None for datasets without a background class")
-        distill = p["stage"] != "pseudo"
-        info: dict = {"stage": p["stage"], "upsample": p["upsample"]}
+        distill = p.stage != "pseudo"
+        info: dict = {"stage": p.stage, "upsample": upsample}
         train_set = ctx.train_set
         if distill:
             info.update(train_split_info(ctx)[1])
-        use_train = train_set is not None and (distill or p["fit_set"] == "all")
+        use_train = train_set is not None and (distill or p.fit_set == "all")
         needed = self.facets_needed()
         splits = {"eval": (ds, ctx.get(ds, needed["eval"]))}
         if use_train:
@@ -342,21 +364,21 @@ class MaskDistillProtocol(Protocol):
         info["embed_backbone"] = entries["eval"]["embed_key"]
         info["pseudo_seconds"] = {name: e["seconds"] for name, e in entries.items()}
 
-        fit_names = [n for n in ("train", "eval") if n in entries and (n == "eval" or p["fit_set"] == "all")]
+        fit_names = [n for n in ("train", "eval") if n in entries and (n == "eval" or p.fit_set == "all")]
         info["fit_set"] = "+".join(f"{splits[n][0].split}" for n in fit_names)
         fit = np.concatenate([entries[n]["embeddings"] for n in fit_names])
-        k = p["k"] or (c - 1) * p["overcluster"]
+        k = p.k or (c - 1) * p.overcluster
         info["k"] = k
         if len(fit) < k:
             info["k_effective"] = len(fit)
             info["note"] = f"only {len(fit)} masks to cluster: K lowered from {k} to {len(fit)}"
             k = len(fit)
-        matching = auto_matching(p["matching"], k, c - 1, "hungarian")
+        matching = auto_matching(p.matching, k, c - 1, "hungarian")
         info["matching"] = matching + ("" if bg is None else f" (label 0 fixed to class {bg})")
 
         assignments = []  # per seed: {split name: (n_images,) cluster ids}
         for seed in ctx.seeds:
-            ids = cluster_embeddings(fit, k, seed, p["whiten"], p["kmeans_batch_size"], p["kmeans_n_init"])
+            ids = cluster_embeddings(fit, k, seed, p.whiten, p.kmeans_batch_size, p.kmeans_n_init)
             out, start = {}, 0
             for n in fit_names:
                 out[n] = ids[start: start + len(entries[n]["boxes"])]
@@ -368,29 +390,29 @@ class MaskDistillProtocol(Protocol):
 
         evalfs = splits["eval"][1]
         n_labels = k + 1
-        saver = MaskSaver(ctx, self.masks_subdir(p))
+        saver = MaskSaver(ctx, self.masks_subdir(self.params))
         t0 = time.perf_counter()
         if not distill:
             grids = LabelGrids([np.stack([grid("eval", i, s) for s in range(len(ctx.seeds))], -1).astype(np.float32)
                             for i in range(len(ds))])
-            fns = [onehot_scorer(j, n_labels, p["mask_confidence"]) for j in range(len(ctx.seeds))]
+            fns = [onehot_scorer(j, n_labels, p.mask_confidence) for j in range(len(ctx.seeds))]
             with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
-                stream = Predictions(grids, evalfs.labels, fns, n_labels, p["upsample"], p["eval_size"], ctx.scoring,
+                stream = Predictions(grids, evalfs.labels, fns, n_labels, upsample, p.eval_size, ctx.scoring,
                                      score_type="hard pseudo labels (mask_confidence)")
                 confs, per_image = count_confusions(stream, c, ds.ignore_index, saver, advance)
         else:
             tname = "train" if "train" in splits else "eval"
             tds, tfs = splits[tname]
             heads = []
-            with progress_bar(len(ctx.seeds) * p["epochs"], f"{p['stage']} on {tds.id}/{tds.split}") as adv:
+            with progress_bar(len(ctx.seeds) * p.epochs, f"{p.stage} on {tds.id}/{tds.split}") as adv:
                 for s, seed in enumerate(ctx.seeds):
                     label_of = _PseudoLabels(tds, tfs, ctx.transform, lambda i, s=s, n=tname: grid(n, i, s))
-                    heads.append(train_head(lambda dim: _head(p["stage"], dim, n_labels, p["conv_hidden"]),
+                    heads.append(train_head(lambda dim: _head(p.stage, dim, n_labels, p.conv_hidden),
                                             tfs["tokens"].data.shape[1], cached_steps(tfs["tokens"], label_of, p),
                                             PSEUDO_IGNORE, p, seed, ctx.device, adv))
             with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
                 stream = Predictions(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads], n_labels,
-                                     p["upsample"], p["eval_size"], ctx.scoring, score_type="distilled-head logits")
+                                     upsample, p.eval_size, ctx.scoring, score_type="distilled-head logits")
                 confs, per_image = count_confusions(stream, c, ds.ignore_index, saver, advance)
         info["scoring_seconds"] = round(time.perf_counter() - t0, 3)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match_labels(conf, matching, bg), saver)
@@ -399,20 +421,21 @@ class MaskDistillProtocol(Protocol):
         return ProtocolResult(per_seed, info, [cf.tolist() for cf in confs], stats)
 
     # --- masks + embeddings of one split, cached --------------------------------------------------------------
-    def _entry(self, ctx: Context, ds, fs, p: dict) -> dict:
+    def _entry(self, ctx: Context, ds, fs, p: MaskDistillParams) -> dict:
         """Object masks (from cached features) and their crop embeddings (a backbone pass) of one split, each a cache
         entry of its own: locked, checkpointed, resumable."""
         embed_ref, load = _embedder(ctx, p)
         embed_key = _embed_identity(embed_ref, ctx.device)
-        cls_facet = _CLS_FACET[p["cls_map"]]
+        cls_facet = _CLS_FACET[p.cls_map]
         mask_key = {"kind": "maskdistill-masks", "version": CACHE_VERSION, "dataset": ds.id, "split": ds.split,
                     "cls_map": fs[cls_facet].meta.get("key"), "keys": fs["keys"].meta.get("key"),
                     "transform": ctx.transform.to_dict(),
-                    "mask": {f: p[f] for f in ("cls_map", "heads", "mass", "topk", "proposals", "connectivity",
-                                               "center_keys")}}
+                    "mask": {"cls_map": p.cls_map, "heads": p.heads, "mass": p.mass, "topk": p.topk,
+                             "proposals": p.proposals, "connectivity": p.connectivity,
+                             "center_keys": p.center_keys}}
         masks_entry = Entry.at(cache_dir(), "pseudo", "maskdistill-masks", ds.id, ds.split, mask_key)
         emb_key = {"kind": "maskdistill-embeddings", "version": CACHE_VERSION, "masks": json_digest(mask_key),
-                   "embed": embed_key, "crop_size": p["crop_size"]}
+                   "embed": embed_key, "crop_size": p.crop_size}
         emb_entry = Entry.at(cache_dir(), "pseudo", "maskdistill-embeddings", ds.id, ds.split, emb_key)
         masks_done = ensure([masks_entry], lambda _: _compute_masks(masks_entry, ctx, ds, fs, p))
         mstore = masks_entry.open()
@@ -428,10 +451,10 @@ class MaskDistillProtocol(Protocol):
                 "seconds": {"masks": mstore.meta["mask_seconds"], "embed": estore.meta["seconds"]}}
 
 
-def _embedder(ctx: Context, p: dict):
+def _embedder(ctx: Context, p: MaskDistillParams):
     """(the reference of the backbone that embeds the crops, a loader), without loading any weights."""
-    if p["embed_backbone"]:
-        ref = BackboneRef(p["embed_backbone"])
+    if p.embed_backbone:
+        ref = BackboneRef(p.embed_backbone)
 
         def load():
             return ref.load(ctx.device)
@@ -448,7 +471,7 @@ def _embed_identity(ref, device) -> dict:
     return {**backbone_key(ref, compute_precision(device)), "patch_size": ref.spec.patch_size}
 
 
-def _compute_masks(entry: Entry, ctx: Context, ds, fs, p: dict) -> None:
+def _compute_masks(entry: Entry, ctx: Context, ds, fs, p: MaskDistillParams) -> None:
     """One object mask per image (module docstring, step 1) and its box in the original image."""
     t0 = time.perf_counter()
     n = len(ds)
@@ -456,9 +479,9 @@ def _compute_masks(entry: Entry, ctx: Context, ds, fs, p: dict) -> None:
     boxes = []
     with filling([writer]), progress_bar(n, f"object masks {ds.id}/{ds.split}") as advance:
         for i in range(n):
-            m = object_mask(np.asarray(fs[_CLS_FACET[p["cls_map"]]].image(i), dtype=np.float32),
+            m = object_mask(np.asarray(fs[_CLS_FACET[p.cls_map]].image(i), dtype=np.float32),
                             np.asarray(fs["keys"].image(i), dtype=np.float32),
-                            p["heads"], p["mass"], p["topk"], p["proposals"], p["connectivity"], p["center_keys"])
+                            p.heads, p.mass, p.topk, p.proposals, p.connectivity, p.center_keys)
             writer.write(i, m.reshape(-1, 1).astype(np.uint8))
             boxes.append(box_to_original(patch_box(m), ctx.transform, *ds.image_size(i)))
             advance()
@@ -466,7 +489,8 @@ def _compute_masks(entry: Entry, ctx: Context, ds, fs, p: dict) -> None:
                       arrays={"boxes": np.asarray(boxes, dtype=np.int64).reshape(-1, 4)})
 
 
-def _embed_crops(entry: Entry, ds, boxes: np.ndarray, load, spec, p: dict, device: str, batch_size: int) -> None:
+def _embed_crops(entry: Entry, ds, boxes: np.ndarray, load, spec, p: MaskDistillParams, device: str,
+                 batch_size: int) -> None:
     """CLS token of each box's crop of the original image into `entry`, one row per image; crops of one padded shape
     are batched together (`batch_size`, the run's), in a fixed order (by shape, then image), so a checkpoint after any
     batch can be resumed."""
@@ -476,7 +500,7 @@ def _embed_crops(entry: Entry, ds, boxes: np.ndarray, load, spec, p: dict, devic
         raise ProtocolError(f"maskdistill embeds crops by their CLS token, but '{spec.id}' has none; name another "
                             "backbone with --param maskdistill.embed_backbone=ID")
     ps = spec.patch_size
-    cs = p["crop_size"]
+    cs = p.crop_size
 
     def shape_of(box):
         if cs:

@@ -22,6 +22,9 @@ Deliberate departures from Leopart's code:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from .base import (
     Context,
     Protocol,
@@ -31,7 +34,15 @@ from .base import (
     matching_axis,
     register_protocol,
 )
-from .clustering import KMeansFamily, cluster_and_score
+from .clustering import KMeansFamily, KMeansParams, cluster_and_score
+
+
+@dataclass(frozen=True)
+class OverclusterParams(KMeansParams):
+    """The k-means parameters with K required (500 by default) and many-to-one matching (Hungarian is `kmeans`)."""
+
+    k: int = 500
+    matching: Literal["many-to-one"] = "many-to-one"
 
 
 @register_protocol
@@ -41,20 +52,18 @@ class OverclusterProtocol(Protocol):
     version = "1"
     description = "k-means overclustering (K=100/300/500) on eval-split patch tokens, many-to-one matching"
     default_seeds = 5
-    defaults = {**KMeansFamily.defaults, "k": 500, "matching": "many-to-one"}
+    Params = OverclusterParams
     presets = {"leopart": {**KMeansFamily.presets["leopart"], "matching": "many-to-one"}}
-    types = {**KMeansFamily.types, "k": (int,)}
-    choices = {**KMeansFamily.choices, "matching": ("many-to-one",)}  # Hungarian matching is the kmeans protocol
     resolvers = KMeansFamily.resolvers
     check = KMeansFamily.check
 
     def evaluate(self, ctx: Context) -> ProtocolResult:
-        p = self.params
-        k = p["k"]
+        p = self.p
+        k = p.k
         ds = ctx.eval_set
         fs = ctx.get(ds, ("tokens",))
         n_tokens = int(fs["tokens"].data.shape[0])
-        fit_points = min(n_tokens, p["max_fit_points"] or n_tokens)
+        fit_points = min(n_tokens, p.max_fit_points or n_tokens)
         if k > fit_points:
             raise ProtocolError(f"overcluster: k={k} clusters but only {fit_points} tokens to fit them on "
                                 f"({len(ds)} images of {ds.id}/{ds.split}); lower it, e.g. --param overcluster.k=100")

@@ -30,7 +30,8 @@ for (the reference's README numbers used ScaNN).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ from .base import (
     Protocol,
     ProtocolError,
     ProtocolResult,
+    SharedParams,
     backbone_tokens,
     count_confusions,
     matching_axis,
@@ -68,6 +70,34 @@ def memory_axis(params: dict) -> str:
     return f"memory {params['memory_size'] or 'all'}" + (f" ({params['augment']} aug)" if params.get("augment") else "")
 
 
+@dataclass(frozen=True)
+class RetrievalParams(SharedParams):
+    """Parameters of dense retrieval (module docstring): neighbours and softmax temperature, the memory bank (size,
+    ignore handling, augmentation epochs and their crops and colour jitter), the search index, the train split, the
+    upsampling and how the input size fits the patch size."""
+
+    k: int = 30
+    temperature: float = 0.02
+    memory_size: int | None = None
+    ignore: Literal["drop", "background"] = "drop"
+    matching: Literal["none", "hungarian-iou"] = "none"
+    augment: int = 0
+    aug_seed: int = 0
+    aug_scale: list = field(default_factory=lambda: [0.5, 2.0])
+    aug_ratio: list = field(default_factory=lambda: [0.75, 4 / 3])
+    aug_jitter: float = 0.1
+    aug_jitter_p: float = 0.5
+    index: Literal[INDEXES] = "exact"
+    ivf_lists: int = 1024
+    ivf_probe: int = 32
+    hnsw_m: int = 32
+    hnsw_ef: int = 128
+    train_split: str | list = "default"
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    size_fit: Literal["exact", "floor"] = "exact"
+    crf_temperature: float = 0.1
+
+
 @register_protocol
 class RetrievalProtocol(Protocol):
     name = "retrieval"
@@ -75,16 +105,7 @@ class RetrievalProtocol(Protocol):
     version = "1"
     description = "dense k-NN retrieval of train patch labels (Hummingbird), scored directly (no matching)"
     default_seeds = 1
-    defaults = {
-        "k": 30, "temperature": 0.02, "memory_size": None, "ignore": "drop", "matching": "none",
-        "augment": 0, "aug_seed": 0, "aug_scale": [0.5, 2.0], "aug_ratio": [0.75, 4 / 3], "aug_jitter": 0.1,
-        "aug_jitter_p": 0.5,
-        "index": "exact", "ivf_lists": 1024, "ivf_probe": 32, "hnsw_m": 32, "hnsw_ef": 128,
-        "train_split": "default", "upsample": "bilinear", "size_fit": "exact", "crf_temperature": 0.1,
-    }
-    types = {"memory_size": (int, None), "train_split": (str, list)}
-    choices = {"ignore": ("drop", "background"), "matching": ("none", "hungarian-iou"), "index": INDEXES,
-               "upsample": ("bilinear", "nearest"), "size_fit": ("exact", "floor")}
+    Params = RetrievalParams
     presets = {f"hummingbird-{m}": {"resize": "square", "size": 512, "size_fit": "floor", "augment": 2,
                                     "memory_size": m * 1024, "ignore": "background", "matching": "hungarian-iou",
                                     "train_split": ["trainaug", "default"]}
@@ -92,22 +113,22 @@ class RetrievalProtocol(Protocol):
     preset_groups = {"hummingbird": tuple(f"hummingbird-{m}" for m in MEMORY_MULTIPLES)}
 
     def check(self) -> None:
-        p = self.params
+        p = self.p
         self.positive("k", "temperature", "ivf_lists", "ivf_probe", "hnsw_m", "hnsw_ef")
         self.positive("memory_size", allow_none=True)
-        if not p["augment"] >= 0:
-            raise ProtocolError(f"retrieval: augment is a number of epochs (>= 0), got {p['augment']!r}")
-        check_train_split(self.name, p["train_split"])
-        check_crop_ranges(self.name, p)
-        if not (0 <= p["aug_jitter"] < 1 and 0 <= p["aug_jitter_p"] <= 1):
+        if not p.augment >= 0:
+            raise ProtocolError(f"retrieval: augment is a number of epochs (>= 0), got {p.augment!r}")
+        check_train_split(self.name, p.train_split)
+        check_crop_ranges(self.name, aug_scale=p.aug_scale, aug_ratio=p.aug_ratio)
+        if not (0 <= p.aug_jitter < 1 and 0 <= p.aug_jitter_p <= 1):
             raise ProtocolError("retrieval: aug_jitter must be in [0, 1) and aug_jitter_p a probability")
         # faiss probes at most every list, and an HNSW search of breadth ef finds at most ef neighbours: beyond those
         # bounds two values would give one result under two columns
-        if p["index"] == "ivf" and p["ivf_probe"] > p["ivf_lists"]:
-            raise ProtocolError(f"retrieval: ivf_probe={p['ivf_probe']} exceeds ivf_lists={p['ivf_lists']} (faiss "
+        if p.index == "ivf" and p.ivf_probe > p.ivf_lists:
+            raise ProtocolError(f"retrieval: ivf_probe={p.ivf_probe} exceeds ivf_lists={p.ivf_lists} (faiss "
                                 "would probe every list, an exact search); set ivf_probe <= ivf_lists")
-        if p["index"] == "hnsw" and p["k"] > p["hnsw_ef"]:
-            raise ProtocolError(f"retrieval: k={p['k']} exceeds hnsw_ef={p['hnsw_ef']} (an HNSW search of breadth "
+        if p.index == "hnsw" and p.k > p.hnsw_ef:
+            raise ProtocolError(f"retrieval: k={p.k} exceeds hnsw_ef={p.hnsw_ef} (an HNSW search of breadth "
                                 "ef finds at most ef neighbours); set hnsw_ef >= k")
 
     def check_data(self, eval_set, train_set, transform) -> None:
@@ -115,7 +136,7 @@ class RetrievalProtocol(Protocol):
         give every train view at least one patch, and `k` must not exceed the most rows the bank can hold
         (`bank_bound`); `run` checks k against the bank's actual rows (which drop the patches without a labelled
         pixel) once it is built."""
-        p = self.params
+        p = self.p
         if train_set is None:
             wanted = ", ".join(self.train_split_wanted())
             raise ProtocolError(f"retrieval: the memory bank needs labelled train images other than the evaluation "
@@ -125,56 +146,56 @@ class RetrievalProtocol(Protocol):
             raise ProtocolError(f"retrieval: train split '{train_set.split}' has the same content as the evaluation "
                                 f"split '{eval_set.split}': every query would find itself; point train_split at "
                                 "other images")
-        n_views = len(train_set) * max(p["augment"], 1)
-        if p["memory_size"] is not None and p["memory_size"] < n_views:
-            raise ProtocolError(f"retrieval: memory_size={p['memory_size']} gives each of the {n_views} train views "
+        n_views = len(train_set) * max(p.augment, 1)
+        if p.memory_size is not None and p.memory_size < n_views:
+            raise ProtocolError(f"retrieval: memory_size={p.memory_size} gives each of the {n_views} train views "
                                 f"no patch; set memory_size >= {n_views} or leave it unbounded (null)")
         if transform is None:  # a context without one (a direct `run`): only the built bank is checked
             return
         least = (transform.size // transform.patch_size) ** 2  # patches of the smallest view
-        quota = least if p["memory_size"] is None else min(least, p["memory_size"] // n_views)
-        if p["k"] > n_views * quota:  # else k fits whatever the grids, and no image header is read
+        quota = least if p.memory_size is None else min(least, p.memory_size // n_views)
+        if p.k > n_views * quota:  # else k fits whatever the grids, and no image header is read
             bound, how = bank_bound(train_set, transform, p)
-            if p["k"] > bound:
-                raise ProtocolError(f"retrieval: k={p['k']} neighbours, but the memory bank of {train_set.id}/"
+            if p.k > bound:
+                raise ProtocolError(f"retrieval: k={p.k} neighbours, but the memory bank of {train_set.id}/"
                                     f"{train_set.split} can hold at most {bound} rows ({how}); set --param "
                                     f"retrieval.k=N with N <= {bound}")
 
     def input_size(self, patch_size: int) -> int | None:
         """`size_fit: floor` rounds the size down to a multiple of the patch size (the reference's 512 for /16, 504
         for /14); the resolved size is the recorded one."""
-        size = self.params["size"]
-        if size and self.params["size_fit"] == "floor":
+        size = self.p.size
+        if size and self.p.size_fit == "floor":
             return size // patch_size * patch_size
         return size
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
-        if self.params["augment"]:  # the memory comes from augmented crops (a pass of its own, cached)
+        if self.p.augment:  # the memory comes from augmented crops (a pass of its own, cached)
             return {"eval": ("tokens",)}
         return {"eval": ("tokens",), "train": ("tokens",)}
 
     def train_split_wanted(self) -> list[str]:
-        return split_candidates(self.params["train_split"])
+        return split_candidates(self.p.train_split)
 
     def evaluate(self, ctx: Context) -> ProtocolResult:
-        p = self.params
+        p = self.p
         ds = ctx.eval_set  # a train split exists and differs from it (`check_data`, run first)
         train, info = train_split_info(ctx)
-        views = augmented_views(ctx, train, p) if p["augment"] else [cached_view(ctx.get(train, ("tokens",)))]
+        views = augmented_views(ctx, train, p) if p.augment else [cached_view(ctx.get(train, ("tokens",)))]
         banks = {}
         for seed in ctx.seeds:
-            bank_seed = seed if p["memory_size"] is not None else None  # an unbounded memory has nothing to draw
+            bank_seed = seed if p.memory_size is not None else None  # an unbounded memory has nothing to draw
             if bank_seed not in banks:
                 banks[bank_seed] = memory_bank(ctx, views, ds.num_classes, ds.ignore_index, p, bank_seed)
         check_bank(min(b.rows for b in banks.values()), train, p)
-        scorers = [Scorer(banks[seed if p["memory_size"] is not None else None], p, ctx.device)
+        scorers = [Scorer(banks[seed if p.memory_size is not None else None], p, ctx.device)
                    for seed in ctx.seeds]
         evalfs = ctx.get(ds, ("tokens",))
-        matching = "identity" if p["matching"] == "none" else p["matching"]
+        matching = "identity" if p.matching == "none" else p.matching
         saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"retrieving labels for {ds.id}/{ds.split}") as advance:
-            stream = Predictions(evalfs["tokens"], evalfs.labels, scorers, ds.num_classes, p["upsample"],
-                                 p["eval_size"], ctx.scoring, score_type="retrieved label distributions")
+            stream = Predictions(evalfs["tokens"], evalfs.labels, scorers, ds.num_classes, p.upsample,
+                                 p.eval_size, ctx.scoring, score_type="retrieved label distributions")
             confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver,
                                       record_mapping=matching != "identity")
@@ -206,7 +227,7 @@ def cached_view(fs) -> View:
     return View(fs["tokens"], fs.labels, "cached train features")
 
 
-def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
+def augmented_views(ctx: Context, ds, p: RetrievalParams) -> list[View]:
     """`augment` epochs of augmented crops of the train split through the backbone, each a cache entry pair (tokens,
     labels) keyed by everything that determines it (backbone, layer, data content, size, augmentation, aug_seed,
     epoch, precision); computed once, in batches of `ctx.batch_size`, checkpointed and resumable."""
@@ -215,14 +236,14 @@ def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
                             "backbone or transform")
     ref = ctx.backbone_ref
     size, patch = ctx.transform.size, ref.spec.patch_size
-    aug = RandomResizedCropFlip(size, tuple(p["aug_scale"]), tuple(p["aug_ratio"]), flip=0.0)
+    aug = RandomResizedCropFlip(size, tuple(p.aug_scale), tuple(p.aug_ratio), flip=0.0)
     views = []
-    for epoch in range(p["augment"]):
+    for epoch in range(p.augment):
         key = {"kind": "retrieval-augmented", "version": AUGMENT_VERSION,
                **backbone_key(ref, compute_precision(str(ctx.device))), "layer": ctx.layer, "dataset": ds.id,
                "split": ds.split, "content_sha256": ds.content_sha256(), "size": size,
-               "aug_scale": p["aug_scale"], "aug_ratio": p["aug_ratio"], "aug_jitter": p["aug_jitter"],
-               "aug_jitter_p": p["aug_jitter_p"], "aug_seed": p["aug_seed"], "epoch": epoch}
+               "aug_scale": p.aug_scale, "aug_ratio": p.aug_ratio, "aug_jitter": p.aug_jitter,
+               "aug_jitter_p": p.aug_jitter_p, "aug_seed": p.aug_seed, "epoch": epoch}
         tok = Entry.at(cache_dir(), "retrieval", ref.spec.id, ds.id, ds.split, {**key, "facet": "tokens"})
         lab = Entry.at(cache_dir(), "retrieval", ref.spec.id, ds.id, ds.split, {**key, "facet": "labels"})
 
@@ -240,9 +261,9 @@ def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
                     xs, ys = [], []
                     for i in idx:
                         img, mask = ds.load_image(i), ds.load_mask(i)
-                        rng = np.random.default_rng([p["aug_seed"], epoch, i])
+                        rng = np.random.default_rng([p.aug_seed, epoch, i])
                         box, flipped = aug.sample(rng, *img.size)
-                        jitter = sample_jitter(rng, p["aug_jitter"], p["aug_jitter_p"])
+                        jitter = sample_jitter(rng, p.aug_jitter, p.aug_jitter_p)
                         x, y = aug.apply(img, mask, box, flipped, ref.spec.mean, ref.spec.std, jitter)
                         xs.append(x)
                         ys.append(y)
@@ -266,30 +287,30 @@ def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
     return views
 
 
-def check_bank(rows: int, train, p: dict) -> None:
+def check_bank(rows: int, train, p: RetrievalParams) -> None:
     """Refuse a `k` (or IVF list count) beyond the built bank's rows: search would silently use fewer neighbours
     (lists) than the record states."""
-    for key, what in (("k", "neighbours"), ("ivf_lists", "IVF lists")):
-        if p[key] > rows and (key == "k" or p["index"] == "ivf"):
-            kept = "" if p["memory_size"] is None else f" chosen by memory_size={p['memory_size']}"
-            raise ProtocolError(f"retrieval: {key}={p[key]} {what}, but the memory bank of {train.id}/{train.split} "
+    for key, value, what in (("k", p.k, "neighbours"), ("ivf_lists", p.ivf_lists, "IVF lists")):
+        if value > rows and (key == "k" or p.index == "ivf"):
+            kept = "" if p.memory_size is None else f" chosen by memory_size={p.memory_size}"
+            raise ProtocolError(f"retrieval: {key}={value} {what}, but the memory bank of {train.id}/{train.split} "
                                 f"holds {rows} rows (its train patches with a labelled pixel{kept}); set --param "
                                 f"retrieval.{key}=N with N <= {rows}")
 
 
-def bank_bound(train, transform, p: dict) -> tuple[int, str]:
+def bank_bound(train, transform, p: RetrievalParams) -> tuple[int, str]:
     """The most rows a memory bank of `train` can hold, known before extraction, and how it arises: every patch of
     every view (augmented crops are size × size; cached features have the transform's grid, under `pad` each image's
     own, read from its header), at most the per-view quota of a bounded memory. Patches without a labelled pixel are
     dropped as well, but their number is known only after extraction."""
-    n, epochs, ps = len(train), max(p["augment"], 1), transform.patch_size
-    if p["augment"] or transform.policy != "pad":
+    n, epochs, ps = len(train), max(p.augment, 1), transform.patch_size
+    if p.augment or transform.policy != "pad":
         grids = [(transform.size // ps) ** 2] * n
     else:
         grids = [(h // ps) * (w // ps) for h, w in (transform.output_size(*train.image_size(i)) for i in range(n))]
-    quota = None if p["memory_size"] is None else p["memory_size"] // (n * epochs)
+    quota = None if p.memory_size is None else p.memory_size // (n * epochs)
     bound = epochs * sum(x if quota is None else min(quota, x) for x in grids)
-    how = f"{n} train images" + (f" × {epochs} augmented epochs" if p["augment"] else "")
+    how = f"{n} train images" + (f" × {epochs} augmented epochs" if p.augment else "")
     how += f": {epochs * sum(grids)} patches" + ("" if quota is None else f", at most {quota} per view by memory_size")
     return bound, how
 
@@ -345,15 +366,15 @@ class Bank:
                 "cache": "computed" if self.computed else "hit"}
 
 
-def memory_bank(ctx: Context, views: list[View], num_classes: int, ignore_index: int, p: dict,
+def memory_bank(ctx: Context, views: list[View], num_classes: int, ignore_index: int, p: RetrievalParams,
                 seed: int | None) -> Bank:
     """The bank of steps 1-2 of the module docstring, a cache entry pair keyed by its views, class count, ignore
     handling, memory size and seed."""
     n_items = sum(len(v.tokens) for v in views)
-    quota = None if p["memory_size"] is None else p["memory_size"] // n_items  # >= 1: RetrievalProtocol.check_data
+    quota = None if p.memory_size is None else p.memory_size // n_items  # >= 1: RetrievalProtocol.check_data
     key = {"kind": "retrieval-memory", "version": MEMORY_VERSION, "views": [v.identity() for v in views],
-           "num_classes": num_classes, "ignore_index": ignore_index, "ignore": p["ignore"],
-           "memory_size": p["memory_size"], "seed": seed}
+           "num_classes": num_classes, "ignore_index": ignore_index, "ignore": p.ignore,
+           "memory_size": p.memory_size, "seed": seed}
     group = ctx.backbone_ref.spec.id if ctx.backbone_ref is not None else "local"
     ds = ctx.train_set
     tok = Entry.at(cache_dir(), "retrieval", group, ds.id, ds.split, {**key, "facet": "memory-tokens"})
@@ -361,7 +382,7 @@ def memory_bank(ctx: Context, views: list[View], num_classes: int, ignore_index:
 
     def distributions(view: View, i: int):
         return patch_distributions(view.labels.labels(i), view.tokens.grid(i), num_classes, ignore_index,
-                                   p["ignore"])
+                                   p.ignore)
 
     def compute(_todo):
         chosen = []
@@ -402,14 +423,14 @@ class Scorer:
     installed, else by torch (the bank held in GPU memory as float16 when it fits in half of what is free, else
     streamed in chunks); on the CPU with faiss."""
 
-    def __init__(self, bank: Bank, p: dict, device: str):
-        self.bank, self.k, self.temperature = bank, p["k"], p["temperature"]
+    def __init__(self, bank: Bank, p: RetrievalParams, device: str):
+        self.bank, self.k, self.temperature = bank, p.k, p.temperature
         self.device = str(device)
         self.index = None
-        if p["index"] != "exact":
-            self.index = ApproximateIndex(p["index"], p["ivf_lists"], p["ivf_probe"], p["hnsw_m"],
-                                          p["hnsw_ef"]).build(bank.tokens.data)
-            self.search = f"faiss {p['index']} (approximate)"
+        if p.index != "exact":
+            self.index = ApproximateIndex(p.index, p.ivf_lists, p.ivf_probe, p.hnsw_m,
+                                          p.hnsw_ef).build(bank.tokens.data)
+            self.search = f"faiss {p.index} (approximate)"
             self.rows = bank.tokens.data
         elif gpu_backend(self.device) == "faiss-gpu":
             self.rows = bank.tokens.data

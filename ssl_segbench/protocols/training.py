@@ -3,7 +3,7 @@
 SGD recipe (PROTOCOLS.md §3)."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -14,6 +14,19 @@ from .base import Context, ProtocolError, eval_labels
 
 # per SGD step: groups of (tokens (B, D, h, w), labels (B, S, S)) that together make one batch
 Steps = Callable[[int, np.random.Generator], Iterator[list[tuple[torch.Tensor, torch.Tensor]]]]
+
+
+class TrainingParams(Protocol):
+    """The parameters the helpers below read: Leopart's SGD recipe, the batch size and the label size heads train
+    against (fields of `linear.LinearParams` and `maskdistill.MaskDistillParams`)."""
+
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_step: int
+    batch_size: int
+    train_size: int
 
 
 def check_train_split(protocol: str, value) -> None:
@@ -29,10 +42,9 @@ def split_candidates(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def check_crop_ranges(protocol: str, p: dict) -> None:
-    """`aug_scale` and `aug_ratio` of a RandomResizedCrop: [low, high] with 0 < low <= high."""
-    for key in ("aug_scale", "aug_ratio"):
-        v = p[key]
+def check_crop_ranges(protocol: str, **ranges) -> None:
+    """The ranges of a RandomResizedCrop (`aug_scale`, `aug_ratio`), each [low, high] with 0 < low <= high."""
+    for key, v in ranges.items():
         if not (len(v) == 2 and all(is_number(t) for t in v)
                 and 0 < v[0] <= v[1]):
             raise ProtocolError(f"{protocol}: {key} must be [low, high] with 0 < low <= high, got {v!r}")
@@ -56,34 +68,34 @@ def _batch(store, label_of, idx, train_size: int):
     return x, y
 
 
-def cached_steps(tokens, label_of: Callable[[int], np.ndarray], p: dict) -> Steps:
-    """Batches of p["batch_size"] images in a random order per epoch, from cached (h, w, D) tokens and `label_of(i)`
-    ((H, W) labels, resized nearest to p["train_size"]²); images of one grid size share a forward pass."""
+def cached_steps(tokens, label_of: Callable[[int], np.ndarray], p: TrainingParams) -> Steps:
+    """Batches of p.batch_size images in a random order per epoch, from cached (h, w, D) tokens and `label_of(i)`
+    ((H, W) labels, resized nearest to p.train_size²); images of one grid size share a forward pass."""
     grids = [tokens.grid(i) for i in range(len(tokens))]
 
     def steps(epoch: int, rng: np.random.Generator):
         order = rng.permutation(len(tokens))
-        for start in range(0, len(order), p["batch_size"]):
+        for start in range(0, len(order), p.batch_size):
             by_grid: dict[tuple, list[int]] = {}
-            for i in order[start: start + p["batch_size"]]:
+            for i in order[start: start + p.batch_size]:
                 by_grid.setdefault(grids[i], []).append(int(i))
-            yield [_batch(tokens, label_of, idx, p["train_size"]) for idx in by_grid.values()]
+            yield [_batch(tokens, label_of, idx, p.train_size) for idx in by_grid.values()]
 
     return steps
 
 
-def train_head(make_head: Callable[[int], torch.nn.Module], dim: int, steps: Steps, ignore_index: int, p: dict,
-               seed: int, device: str, advance) -> torch.nn.Module:
+def train_head(make_head: Callable[[int], torch.nn.Module], dim: int, steps: Steps, ignore_index: int,
+               p: TrainingParams, seed: int, device: str, advance) -> torch.nn.Module:
     """Train `make_head(dim)` on the batches `steps(epoch, rng)` yields, with CE on bilinearly upsampled logits and
     SGD (p: lr, momentum, weight_decay, epochs, lr_step); seeded by `seed` (weights and batch order). Returns the head
     on the CPU in eval mode."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     head = make_head(dim).to(device)
-    opt = torch.optim.SGD(head.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=p["lr_step"], gamma=0.1)
+    opt = torch.optim.SGD(head.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=p.lr_step, gamma=0.1)
     head.train()
-    for epoch in range(p["epochs"]):
+    for epoch in range(p.epochs):
         for groups in steps(epoch, rng):
             opt.zero_grad()
             loss_sum, n_valid = 0.0, 0
