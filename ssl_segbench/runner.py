@@ -24,6 +24,7 @@ from .backbones import BackboneRef, looks_like_path, normalisation_problem, regi
 from .data import HF_PREFIX, DatasetError, SegmentationDataset, get_dataset
 from .distributed import SINGLE, World
 from .errors import SegbenchError
+from .extras import require
 from .features import FeatureSet, compute_precision, extract, loader_workers
 from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
@@ -207,6 +208,9 @@ def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol
         raise ProtocolError(f"no protocol given; known: {', '.join(sorted(PROTOCOLS))}")
     for name in names:
         protocol_class(name)  # a mistyped name is an error suggesting the close ones
+    for name in names:  # a protocol's optional packages (its extra), before any backbone pass
+        for module in PROTOCOLS[name].requires:
+            require(module, f"protocol '{name}'")
     specs = tuple(member for spec in specs for member in _expand_group(spec))
     for name in params:
         if name not in names:

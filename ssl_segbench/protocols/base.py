@@ -163,6 +163,9 @@ class Protocol:
     # the parameters that name a column in its header, besides the shared ones (geometry, evaluation size, CRF):
     # header axis name → its text from the parameters (None: not shown); `Setting.column` reads them
     axes: ClassVar[dict[str, Callable[[dict], str | None]]] = {}
+    # the optional packages (import names, `extras.OPTIONAL`) this protocol imports: the runner checks them while
+    # planning, so a missing extra is refused before any backbone pass
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
