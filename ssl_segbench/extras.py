@@ -3,9 +3,9 @@ dependency, so that a training environment installs only what the core flow need
 
 `require` is the one way the package imports such a package: it returns the module, or raises `MissingExtraError`
 naming the feature, the missing package and the install command of its extra. Protocols list what they need in
-`Protocol.requires`, which the runner checks while it plans a run, so a missing extra stops the run before any backbone
-pass. pyproject.toml's `[project.optional-dependencies]` lists the same packages (tests/test_extras.py holds the two
-equal)."""
+`Protocol.requires` (and the CRF's package when their `crf` parameter is on: `Protocol.optional_packages`), which the
+runner checks while it plans a run, so a missing extra stops the run before any backbone pass. pyproject.toml's
+`[project.optional-dependencies]` lists the same packages (tests/test_extras.py holds the two equal)."""
 from __future__ import annotations
 
 import importlib
@@ -21,7 +21,10 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "sklearn": ("scikit-learn", "pseudo"),
     "submitit": ("submitit", "slurm"),
     "matplotlib": ("matplotlib", "site"),
+    "pydensecrf": ("pydensecrf2", "crf"),
 }
+# extras that `all` leaves out, and why
+NOT_IN_ALL = {"crf": "it builds from source and needs a C++ compiler, so 'ssl-segbench[all]' leaves it out"}
 
 
 class MissingExtraError(SegbenchError):
@@ -39,6 +42,6 @@ def require(module: str, feature: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
+        hint = NOT_IN_ALL.get(extra, f"or {install_command('all')} for every optional feature")
         raise MissingExtraError(f"{feature} needs {package}, which cannot be imported here ({e}): install it with "
-                                f"{install_command(extra)} (or {install_command('all')} for every optional "
-                                "feature)") from None
+                                f"{install_command(extra)} ({hint})") from None

@@ -208,9 +208,6 @@ def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol
         raise ProtocolError(f"no protocol given; known: {', '.join(sorted(PROTOCOLS))}")
     for name in names:
         protocol_class(name)  # a mistyped name is an error suggesting the close ones
-    for name in names:  # a protocol's optional packages (its extra), before any backbone pass
-        for module in PROTOCOLS[name].requires:
-            require(module, f"protocol '{name}'")
     specs = tuple(member for spec in specs for member in _expand_group(spec))
     for name in params:
         if name not in names:
@@ -218,7 +215,11 @@ def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol
             raise ProtocolError(f"--param {name}.{next(iter(params[name]), 'KEY')}=...: '{name}' is not among this "
                                 f"run's protocols ({', '.join(names)}){known}; write --param PROTOCOL.KEY=VALUE with "
                                 "one of them")
-    return [get_protocol(spec, **params.get(spec.partition(":")[0], {})) for spec in dict.fromkeys(specs)]
+    protocols = [get_protocol(spec, **params.get(spec.partition(":")[0], {})) for spec in dict.fromkeys(specs)]
+    for proto in protocols:  # their optional packages (extras), before any backbone pass
+        for module, feature in proto.optional_packages().items():
+            require(module, feature)
+    return protocols
 
 
 CLS_FACETS = {"cls", "attn", "attn_logits"}

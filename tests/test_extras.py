@@ -21,7 +21,7 @@ import yaml
 
 from ssl_segbench import runner
 from ssl_segbench.cli import main
-from ssl_segbench.extras import OPTIONAL, MissingExtraError, require
+from ssl_segbench.extras import NOT_IN_ALL, OPTIONAL, MissingExtraError, require
 from ssl_segbench.protocols import PROTOCOLS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,19 +73,28 @@ def _run_args(tmp_path, data, protocol: str) -> list[str]:
 
 # --- each feature without its extra, through the CLI -----------------------------------------------------------------
 
-@pytest.mark.parametrize("protocols, blocked, package", [
-    ("kmeans,leopart-cd", "infomap", "infomap"),  # the whole run is refused, not stopped after kmeans
-    ("leopart-cd", "skimage", "scikit-image"),
-    ("datus", "sknetwork", "scikit-network"),
-    ("datus", "sklearn", "scikit-learn"),
-    ("maskdistill", "sklearn", "scikit-learn"),
+@pytest.mark.parametrize("protocols, blocked, expected", [
+    # the whole run is refused, not stopped after kmeans
+    ("kmeans,leopart-cd", "infomap", "protocol 'leopart-cd' needs infomap"),
+    ("leopart-cd", "skimage", "protocol 'leopart-cd' needs scikit-image"),
+    ("datus", "sknetwork", "protocol 'datus' needs scikit-network"),
+    ("datus", "sklearn", "protocol 'datus' needs scikit-learn"),
+    ("maskdistill", "sklearn", "protocol 'maskdistill' needs scikit-learn"),
 ])
 def test_a_pseudo_mask_protocol_without_its_extra_is_refused_while_planning(
-        protocols, blocked, package, small_synthetic, tmp_path, capsys, monkeypatch, no_backbone_pass):
+        protocols, blocked, expected, small_synthetic, tmp_path, capsys, monkeypatch, no_backbone_pass):
     _block(monkeypatch, blocked)
-    name = protocols.split(",")[-1]
-    _refused(capsys, _run_args(tmp_path, small_synthetic, protocols),
-             f"protocol '{name}' needs {package}", "pip install 'ssl-segbench[pseudo]'")
+    _refused(capsys, _run_args(tmp_path, small_synthetic, protocols), expected, "pip install 'ssl-segbench[pseudo]'",
+             "or pip install 'ssl-segbench[all]' for every optional feature")
+    assert not _files(tmp_path / "res") and not _files(tmp_path / "cache")
+
+
+def test_crf_without_its_package_is_refused_while_planning_not_after_extraction(
+        small_synthetic, tmp_path, capsys, monkeypatch, no_backbone_pass):
+    _block(monkeypatch, "pydensecrf")
+    _refused(capsys, [*_run_args(tmp_path, small_synthetic, "kmeans,linear"), "--crf"],
+             "protocol 'kmeans' with crf=true (--crf) needs pydensecrf2", "pip install 'ssl-segbench[crf]'",
+             "needs a C++ compiler, so 'ssl-segbench[all]' leaves it out")
     assert not _files(tmp_path / "res") and not _files(tmp_path / "cache")
 
 
@@ -149,7 +158,7 @@ def test_the_core_run_works_with_every_optional_package_absent_and_gives_the_sam
     """`run --backbone pixels --dataset synthetic --protocol kmeans` in a process where no optional package can be
     imported from its start (the fresh `pip install ssl-segbench` without extras); its metrics equal those of the
     same run with every package present."""
-    tops = sorted({*OPTIONAL, "pydensecrf"})
+    tops = sorted(OPTIONAL)
     env = {**os.environ, "SSL_SEGBENCH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     light = subprocess.run([sys.executable, "-c", _BLOCKED_RUN.format(tops=tops),
                             *_run_args(tmp_path / "light", small_synthetic, "kmeans")],
@@ -204,15 +213,15 @@ def test_pyproject_extras_are_the_table_and_the_core_dependencies_cover_every_ot
         assert not packages & core, f"{extra}: {packages & core} is also a core dependency"
     (everything,) = extras["all"]  # every extra but crf (built from source)
     name, _, listed = everything.rstrip("]").partition("[")
-    assert name == "ssl-segbench" and set(listed.split(",")) == set(by_extra), everything
-    assert "crf" in extras and "crf" not in by_extra
+    assert name == "ssl-segbench" and set(listed.split(",")) == set(by_extra) - set(NOT_IN_ALL) == {
+        "pseudo", "slurm", "site"}, everything
     pinned = {_norm(line.split("==")[0]) for line in (ROOT / "constraints.txt").read_text().splitlines()
               if "==" in line and not line.startswith("#")}
     assert core | set().union(*by_extra.values()) <= pinned, "constraints.txt must pin every dependency"
     # every third-party module the package imports comes from a core dependency (optional ones through require)
     distributions = importlib.metadata.packages_distributions()
     third_party = set().union(*(imp for imp, _ in map(_imports_and_requires, PACKAGE.rglob("*.py"))))
-    third_party -= {*sys.stdlib_module_names, "ssl_segbench", "pydensecrf"}
+    third_party -= {*sys.stdlib_module_names, "ssl_segbench"}
     missing = {top: distributions.get(top) for top in third_party
                if not {_norm(d) for d in distributions.get(top, [])} & core}
     assert not missing, f"imported but not a core dependency: {missing}"
