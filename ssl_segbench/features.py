@@ -11,6 +11,10 @@ Refusals, each before anything looks complete: a batch with a NaN or infinite va
 stops extraction with an error naming the backbone, layer, facet and first bad image, and the partial entries are
 removed; so are they after a bad file or a write error (the cache checks and reserves disk space first). Keys hold the
 dataset's content digest (not its file names) and the compute precision (bf16 autocast on CUDA, fp32 otherwise).
+
+Every other backbone pass (crop embeddings, augmented views) goes through the same batched pass (`embed`: autocast,
+the same refusal naming its first bad item), keys its cache entries with the same backbone fields (`backbone_key`)
+and, for one-row-per-crop entries, fills them through `fill_rows` (checkpointed, resumable).
 """
 from __future__ import annotations
 
@@ -71,12 +75,18 @@ def label_key(dataset: SegmentationDataset, transform: Transform) -> dict:
             "ignore_index": dataset.ignore_index}
 
 
+def backbone_key(ref: BackboneRef, precision: str) -> dict:
+    """The backbone's fields of every cache key holding its outputs (features, crop embeddings, augmented views):
+    which weights (id, source, resolved revision), the input normalisation and the arithmetic (`compute_precision`)."""
+    s = ref.spec
+    return {"backbone": s.id, "source": ref.source, "revision": ref.revision, "mean": list(s.mean),
+            "std": list(s.std), "precision": precision}
+
+
 def feature_key(ref: BackboneRef, dataset: SegmentationDataset, transform: Transform, layer: int, facet: str,
                 precision: str = "fp32") -> dict:
-    return {"kind": "features", "version": CACHE_VERSION, "backbone": ref.spec.id, "source": ref.source,
-            "revision": ref.revision, "mean": list(ref.spec.mean), "std": list(ref.spec.std),
-            **_dataset_key(dataset), "transform": transform.to_dict(), "layer": layer, "facet": facet,
-            "dtype": "float16", "precision": precision}
+    return {"kind": "features", "version": CACHE_VERSION, **backbone_key(ref, precision), **_dataset_key(dataset),
+            "transform": transform.to_dict(), "layer": layer, "facet": facet, "dtype": "float16"}
 
 
 def _entry(root: Path, key: dict) -> Entry:
@@ -84,7 +94,8 @@ def _entry(root: Path, key: dict) -> Entry:
 
 
 class _TorchView(torch.utils.data.Dataset):
-    """Transformed (image, labels) pairs for a DataLoader; labels are decoded only when the label entry is missing."""
+    """Transformed (image, index, labels, mask resized?) items for a DataLoader (image and index first, as `embed`
+    takes them); labels are decoded only when the label entry is missing."""
 
     def __init__(self, dataset, transform, mean, std, with_labels):
         self.dataset, self.transform, self.mean, self.std, self.with_labels = dataset, transform, mean, std, with_labels
@@ -100,7 +111,7 @@ class _TorchView(torch.utils.data.Dataset):
             y = self.transform.labels(mask, self.dataset.ignore_index)
         else:
             y = np.zeros((0, 0), dtype=np.int64)
-        return x, torch.from_numpy(y), i, resized
+        return x, i, torch.from_numpy(y), resized
 
 
 def _prefetched(iterable):
@@ -162,11 +173,65 @@ def extract(ref: BackboneRef, dataset: SegmentationDataset, transform: Transform
                       keys={f: entries[f].path.name for f in facets}, computed=computed)
 
 
-def _first_bad(v: torch.Tensor | np.ndarray) -> int | None:
+def _first_bad(v: torch.Tensor) -> int | None:
     """Index (along the batch axis) of the first sample holding a NaN or infinite value, or None."""
-    finite = torch.isfinite(v) if isinstance(v, torch.Tensor) else torch.from_numpy(np.isfinite(v))
-    bad = (~finite).reshape(finite.shape[0], -1).any(1)
+    bad = (~torch.isfinite(v)).reshape(v.shape[0], -1).any(1)
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
+def embed(backbone, batches, layer: int, facets, device: str, amp: bool = True, name_of=str, half: bool = False):
+    """The one batched backbone pass: for each batch, a tuple (images (B, 3, H, W), B item ids, anything else),
+    yield (facet → CPU output, the batch). Outputs are float32, or float16 with `half` (what the feature cache
+    stores: converted on the device, so half the bytes cross to the host); bf16 autocast on CUDA with `amp`, as
+    `compute_precision` says. A NaN or infinite output, or with `half` one beyond float16's range, raises
+    BackboneError naming the backbone, layer, facet and first bad item (`name_of(id)`): the caller's partial cache
+    entries are then removed (`cache.filling`)."""
+    use_amp = amp and str(device).startswith("cuda")
+    for batch in batches:
+        images, ids = batch[0], batch[1]
+        outputs = {}
+        with torch.inference_mode():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                out = backbone(images.to(device, non_blocking=True), layer, tuple(facets))
+            for f, v in out.items():
+                v = v.float()
+                kept = v.to(torch.float16) if half else v
+                bad = _first_bad(kept)
+                if bad is not None:
+                    _refuse_non_finite(backbone, layer, f, name_of(int(ids[bad])),
+                                       overflow=half and _first_bad(v) is None)
+                outputs[f] = kept.cpu()
+        yield outputs, batch
+
+
+def fill_rows(entry: Entry, n: int, width: int, rows, what: str, extra: dict) -> None:
+    """Fill `entry` with one float32 row per item (crop embeddings): `rows(done)` yields (item ids, (B, width)
+    array) pairs in a fixed order, from item `done` on (the earlier ones were written before an interruption). The
+    entry is checkpointed between batches, so a killed run resumes; a refusal removes it (`cache.filling`); it is
+    committed with `extra` and the seconds taken."""
+    t0 = time.perf_counter()
+    writer = entry.writer([(1, 1)] * n, width, np.float32, per_item=True)
+    with filling([writer]):
+        if writer.done < n:
+            done = writer.done
+            with progress_bar(n, what + (f" (resuming at item {done})" if done else "")) as advance:
+                advance(done)
+                for ids, block in rows(done):
+                    for j, i in enumerate(ids):
+                        writer.write(int(i), block[j: j + 1])
+                    done += len(ids)
+                    advance(len(ids))
+                    writer.maybe_checkpoint(done)
+        writer.commit({**extra, "seconds": round(time.perf_counter() - t0, 3)})
+
+
+def _refuse_non_finite(backbone, layer: int, facet: str, item: str, overflow: bool):
+    why = ("values beyond float16's range (|x| > 65504), which the cache cannot store" if overflow
+           else "NaN or infinite values")
+    source = getattr(backbone, "source", "source unknown")  # a loaded Backbone always has one; test stand-ins not
+    raise BackboneError(f"backbone '{backbone.spec.id}' ({source}) gave {why} for facet '{facet}' of layer {layer} "
+                        f"on {item}: nothing was cached. The checkpoint's weights may be damaged (re-download it) or "
+                        "the input broken; outputs like these would turn into a meaningless score.")
 
 
 def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, batch_size, num_workers, amp,
@@ -210,7 +275,6 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
             torch.utils.data.Subset(view, range(start, shard.stop)),
             batch_size=batch_size if len(set(shapes)) == 1 else 1, num_workers=num_workers, shuffle=False,
             pin_memory=on_gpu, prefetch_factor=4 if num_workers else None)
-        use_amp = amp and on_gpu
         what = f"features {ref.spec.id} on {dataset.id}/{dataset.split}" if facets else f"labels {dataset.id}"
         if world.size > 1:
             what += f" (rank {world.rank}/{world.size}: images {shard.start}-{shard.stop - 1})"
@@ -218,23 +282,25 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
             what += f" (resuming at image {start})"
         done = start
         resized: list[str] = []
+
+        def name_of(i: int) -> str:
+            s = dataset.samples[i]
+            return f"image '{s.name}' ({s.image}) of {dataset.id}/{dataset.split}"
+
         with progress_bar(len(shard), what) as advance, torch.inference_mode():
             advance(start - shard.start)
-            for x, y, idx, was_resized in (_prefetched(loader) if num_workers == 0 else loader):
-                if backbone is not None:
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                        out = backbone(x.to(device, non_blocking=True), layer, tuple(facets))
-                    for f, v in out.items():
-                        v = v.float()
-                        if f in ("attn", "attn_logits"):
-                            v = v.permute(0, 2, 3, 1)
-                        v16 = v.to(torch.float16)  # on the device: half the bytes cross to the host
-                        bad = _first_bad(v16)
-                        if bad is not None:
-                            _refuse_non_finite(ref, dataset, layer, f, int(idx[bad]), overflow=_first_bad(v) is None)
-                        v16 = v16.cpu().numpy()
-                        for j, i in enumerate(idx.tolist()):
-                            writers[f].write(i, v16[j].reshape(-1, v16.shape[-1]))
+            batches = _prefetched(loader) if num_workers == 0 else loader
+            if backbone is not None:
+                batches = embed(backbone, batches, layer, facets, device, amp, name_of, half=True)
+            else:
+                batches = (({}, batch) for batch in batches)
+            for out, (_x, idx, y, was_resized) in batches:
+                for f, v in out.items():
+                    if f in ("attn", "attn_logits"):
+                        v = v.permute(0, 2, 3, 1)
+                    v16 = v.numpy()
+                    for j, i in enumerate(idx.tolist()):
+                        writers[f].write(i, v16[j].reshape(-1, v16.shape[-1]))
                 if "labels" in writers:
                     for j, i in enumerate(idx.tolist()):
                         writers["labels"].write(i, y[j].numpy().reshape(-1, 1))
@@ -255,12 +321,3 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
                 w.commit({**extra, **({"resized_masks": sorted(resized)} if name == "labels" else {})})
         distributed.barrier()
 
-
-def _refuse_non_finite(ref, dataset, layer: int, facet: str, i: int, overflow: bool):
-    s = dataset.samples[i]
-    why = ("values beyond float16's range (|x| > 65504), which the cache cannot store" if overflow
-           else "NaN or infinite values")
-    raise BackboneError(f"backbone '{ref.spec.id}' ({ref.source}) gave {why} for facet '{facet}' of layer {layer} "
-                        f"on image '{s.name}' ({s.image}) of {dataset.id}/{dataset.split}: nothing was cached. The "
-                        "checkpoint's weights may be damaged (re-download it) or the input broken; features like "
-                        "these would turn into a meaningless score.")

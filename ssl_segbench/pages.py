@@ -1,5 +1,5 @@
 """What every leaderboard page shares, markdown and site alike: page file names, a metric's text and the note on demo
-data. Below `leaderboard`, `site` and `plots`, so none of them imports another for these."""
+data. Below `board`, `leaderboard`, `site` and `plots`, so none of them imports another for these."""
 from __future__ import annotations
 
 from .paths import safe_component

@@ -5,8 +5,10 @@ on load: an unknown key, a missing field or a bad value is an error naming the e
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,7 +18,6 @@ from . import yamlload
 from .errors import SegbenchError
 from .paths import registry_override
 
-LOADERS = ("timm", "transformers", "builtin")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -86,6 +87,22 @@ def default_registry_path() -> Path:
     return registry_override() or Path(__file__).with_name("backbones.yaml")
 
 
+@functools.cache
+def loader_names() -> tuple[str, ...]:
+    """The backbone loaders' names, read from the source of the backbones package: the `name` each class decorated
+    `@register_loader` assigns (backbones/loader.py). Read, not imported: checking backbones.yaml must not import the
+    loaders (torch, timm); tests/test_plugins.py checks that this gives the names the imported loaders register."""
+    names = []
+    for module in sorted(Path(__file__).with_name("backbones").glob("*.py")):
+        for cls in ast.walk(ast.parse(module.read_text())):
+            if isinstance(cls, ast.ClassDef) and any(getattr(d, "id", None) == "register_loader"
+                                                     for d in cls.decorator_list):
+                names += [line.value.value for line in cls.body if isinstance(line, ast.Assign)
+                          and [getattr(t, "id", None) for t in line.targets] == ["name"]
+                          and isinstance(line.value, ast.Constant)]
+    return tuple(sorted(names))
+
+
 def is_int(v) -> bool:
     """An integer that is not a bool (YAML and JSON give True where a count was meant)."""
     return isinstance(v, int) and not isinstance(v, bool)
@@ -114,8 +131,8 @@ def _validate(entry: object, where: str) -> BackboneSpec:
 
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
         raise bad("id", "must be lowercase letters, digits, '_', '-', '.'")
-    if entry["loader"] not in LOADERS:
-        raise bad("loader", f"must be one of {LOADERS}")
+    if entry["loader"] not in loader_names():
+        raise bad("loader", f"must be one of {loader_names()}")
     if not isinstance(entry["repo_id"], str) or not entry["repo_id"]:
         raise bad("repo_id", "must be a non-empty string")
     rev = entry["revision"]

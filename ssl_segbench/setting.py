@@ -149,7 +149,7 @@ class Setting:
         yield "protocol", self.spec, f"{self.spec} v{self.version}"
         if self.k is not None:
             yield "k", str(self.k), f"K={self.k}"
-        cls = PROTOCOLS.get(self.protocol)
+        cls = PROTOCOLS.get(self.protocol) if self.protocol in PROTOCOLS else None
         for name, text in (cls.column_axes(p) if cls else {}).items():
             yield name, text, text
         yield "resolution", f"{p['resize']} {p['size']}", f"{p['resize']} {p['size']}"

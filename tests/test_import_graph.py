@@ -18,7 +18,18 @@ from pathlib import Path
 
 PACKAGE = "ssl_segbench"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
-SHARED_PROTOCOL_MODULES = {"base", "clustering", "training"}
+
+
+def _shared_protocol_modules() -> set[str]:
+    """protocols/__init__.py's SHARED_MODULES (the helpers the protocols share), read from its source: one list, the
+    one discovery uses."""
+    tree = ast.parse((ROOT / "protocols" / "__init__.py").read_text())
+    value, = (n.value for n in tree.body if isinstance(n, ast.Assign)
+              and [getattr(t, "id", None) for t in n.targets] == ["SHARED_MODULES"])
+    return set(ast.literal_eval(value))
+
+
+SHARED_PROTOCOL_MODULES = _shared_protocol_modules()
 LAZY = re.compile(r"#\s*lazy:\s*\S")
 
 

@@ -1,6 +1,6 @@
-"""A built wheel carries its registry: installed into a fresh virtualenv, outside the repository, `ssl-segbench list
-backbones` and a `pixels` run work (the heavy dependencies are taken from the project's environment, not
-downloaded)."""
+"""A built wheel carries its registry and the site's templates: installed into a fresh virtualenv, outside the
+repository, `ssl-segbench list backbones`, a `pixels` run and an html leaderboard work (the heavy dependencies are
+taken from the project's environment, not downloaded)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,7 @@ import site
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,9 @@ def test_a_wheel_installed_in_a_fresh_virtualenv_lists_and_runs(tmp_path, small_
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(wheels),
                     str(REPO)], check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = wheels.glob("ssl_segbench-*.whl")
+    with zipfile.ZipFile(wheel) as z:  # the site's templates ship with the package (an html board needs them)
+        shipped = {Path(n).name for n in z.namelist() if n.startswith("ssl_segbench/templates/")}
+    assert shipped == {f.name for f in (REPO / "ssl_segbench" / "templates").iterdir()}, shipped
     env_dir = tmp_path / "env"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -40,3 +44,8 @@ def test_a_wheel_installed_in_a_fresh_virtualenv_lists_and_runs(tmp_path, small_
                          env={**env, "SSL_SEGBENCH_CACHE": str(tmp_path / "cache")})
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert list((tmp_path / "res").rglob("*.json"))
+    site_out = tmp_path / "board"
+    board = subprocess.run([str(cli), "leaderboard", "--results-dir", str(tmp_path / "res"), "--out", str(site_out),
+                            "--format", "html"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert board.returncode == 0, board.stderr[-2000:]
+    assert "<table" in next(site_out.rglob("synthetic*.html")).read_text()

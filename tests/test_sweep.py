@@ -193,13 +193,13 @@ def test_checking_a_grid_needs_no_hub(grid_data, tmp_path, monkeypatch):
     Hub or cache access."""
     import huggingface_hub
 
-    import ssl_segbench.backbones as backbones
+    import ssl_segbench.backbones.loader as loader
     from ssl_segbench.sweep import check_cells
 
     def no_hub(*args, **kwargs):
         raise AssertionError("the Hub was asked")
 
-    monkeypatch.setattr(backbones, "resolve_revision", no_hub)
+    monkeypatch.setattr(loader, "resolve_revision", no_hub)  # where a loader pins a Hub revision
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
     doc = {"results_dir": str(tmp_path / "res"), "backbones": ["dinov2_vits14", "some-org/some-model"],
            "protocols": ["kmeans"], "datasets": {"syn": {"dataset": "synthetic", "data_root": str(grid_data[0])}},

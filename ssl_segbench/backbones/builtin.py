@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from .base import Backbone, BackboneError
+from .loader import Loader, register_loader
+from .timm_backbone import TimmBackbone
 
 
 class PixelsBackbone(Backbone):
@@ -39,3 +41,30 @@ def random_init_model(arch: str, seed: int):
         return timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
     finally:
         torch.random.set_rng_state(state)
+
+
+@register_loader
+class BuiltinLoader(Loader):
+    """`pixels` and `random-init:<timm arch>` (seeded by the entry's revision, `seed<N>`): no files, no Hub."""
+
+    name = "builtin"
+
+    def snapshot(self, spec):
+        return None
+
+    def pin(self, spec):
+        if spec.repo_id != "pixels" and not spec.repo_id.startswith("random-init:"):
+            raise BackboneError(f"backbone '{spec.id}': unknown builtin '{spec.repo_id}' "
+                                "(use 'pixels' or 'random-init:<timm arch>')")
+        return f"builtin:{spec.repo_id}", spec.revision
+
+    def model(self, spec, snapshot):
+        if spec.repo_id == "pixels":
+            return None
+        seed = int((spec.revision or "seed0").removeprefix("seed"))
+        return random_init_model(spec.repo_id.removeprefix("random-init:"), seed)
+
+    def backbone(self, spec, source, revision, model):
+        if model is None:
+            return PixelsBackbone(spec, source, revision)
+        return TimmBackbone(model, spec, source, revision)

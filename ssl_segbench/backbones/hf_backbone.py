@@ -3,9 +3,14 @@ through `from_pretrained`. Tokens of every block get the model's final norm, as 
 (transformers' CLIP applies `post_layernorm` to the pooled CLS only)."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from pathlib import Path
 
 from .base import Backbone, BackboneError, cls_attention
+from .hub import config_name, is_hub_error, offline_hint
+from .loader import NORMALISATION_FIX, Loader, register_loader
+from .weights import check_transformers_fit, describe_weights
 
 SUPPORTED_TYPES = ("dinov2", "dinov2_with_registers", "vit", "vit_msn", "ijepa", "clip", "siglip")
 # dual-encoder repos whose vision tower is loaded on its own
@@ -93,9 +98,57 @@ class HFBackbone(Backbone):
         return res
 
 
-def hf_spec_fields(config) -> dict:
-    """Spec fields read from a transformers config, for ad-hoc backbones given by path or repo id."""
-    cfg = vision_config(config)
-    return {"patch_size": int(cfg.patch_size), "embed_dim": int(cfg.hidden_size),
-            "num_prefix_tokens": prefix_tokens_from_config(cfg), "num_layers": int(cfg.num_hidden_layers),
-            "num_heads": int(cfg.num_attention_heads), "arch": f"{config.model_type} (transformers)"}
+
+@register_loader
+class TransformersLoader(Loader):
+    """transformers checkpoints: `org/name[@rev]` on the Hub or a local directory, loaded strictly. An ad-hoc
+    checkpoint's shape is read from its config, its normalisation from preprocessor_config.json."""
+
+    name = "transformers"
+    backbone_class = HFBackbone
+    normalisation_file = normalisation_where = "preprocessor_config.json"
+    normalisation_keys = ("image_mean", "image_std")
+
+    def config(self, spec):
+        """The transformers config of a checkpoint; one transformers cannot build (values that contradict each other)
+        is a BackboneError naming the file."""
+        from transformers import AutoConfig
+
+        local = Path(spec.repo_id).is_dir()
+        try:
+            return AutoConfig.from_pretrained(spec.repo_id, revision=None if local else spec.revision)
+        except Exception as e:
+            if not local and is_hub_error(e):
+                raise offline_hint(spec.repo_id, spec.revision, e, spec) from e
+            raise BackboneError(f"{config_name(spec, self.snapshot(spec))} is not a configuration transformers can "
+                                f"build ({type(e).__name__}: {str(e)[:300]}). To fix it, use the config.json saved "
+                                "with these weights.") from e
+
+    def model(self, spec, snapshot):
+        local = Path(spec.repo_id).is_dir()
+        config = self.config(spec)
+        cls = model_class(config)
+        try:
+            model, info = cls.from_pretrained(spec.repo_id, revision=None if local else spec.revision,
+                                              output_loading_info=True, ignore_mismatched_sizes=True)
+        except Exception as e:
+            if not local and is_hub_error(e):
+                raise offline_hint(spec.repo_id, spec.revision, e, spec) from e
+            raise
+        check_transformers_fit(model, info, describe_weights(snapshot), config_name(spec, snapshot),
+                               vision_tower=config.model_type in VISION_TOWERS)
+        return model
+
+    def fill_spec(self, spec, model):
+        config = self.config(spec)
+        cfg = vision_config(config)
+        return dataclasses.replace(spec, patch_size=int(cfg.patch_size), embed_dim=int(cfg.hidden_size),
+                                   num_prefix_tokens=prefix_tokens_from_config(cfg),
+                                   num_layers=int(cfg.num_hidden_layers), num_heads=int(cfg.num_attention_heads),
+                                   arch=f"{config.model_type} (transformers)")
+
+    def section(self, cfg, path, name):
+        if cfg.get("do_normalize") is False:
+            raise BackboneError(f"backbone '{name}': {path} says do_normalize false, which this benchmark does not "
+                                f"read as a normalisation. To fix it, {NORMALISATION_FIX} (0,0,0 and 1,1,1 for none)")
+        return cfg

@@ -6,11 +6,15 @@ own forward (`capture_attention`), so no architecture's attention is re-implemen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
 from .base import Backbone, BackboneError, cls_attention
+from .hub import config_name, is_hub_error, offline_hint, repair_hint
+from .loader import Loader, register_loader
+from .weights import checked_timm_load, describe_weights, read_json
 
 
 class TimmBackbone(Backbone):
@@ -90,3 +94,61 @@ def capture_attention(module: torch.nn.Module, backbone_id: str):
     if "q" not in seen:
         raise BackboneError(f"'{backbone_id}': attention module {type(module).__name__} did not call "
                             "scaled_dot_product_attention, so its keys, queries and attention cannot be read")
+
+
+def create_timm(name: str, weights: str, config: str, **kwargs):
+    """timm.create_model with position embeddings that follow the input size (`dynamic_img_size`), for the
+    architectures that have it; the others (BEiT: a relative position bias fixed to its grid) take their native size
+    only, and the backbone says so when given another. The loaded tensors must fit the model (`checked_timm_load`)."""
+    import timm
+
+    with checked_timm_load(weights, config):
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True, **kwargs)
+        except TypeError as e:
+            if "dynamic_img_size" not in str(e):
+                raise
+        return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+
+
+@register_loader
+class TimmLoader(Loader):
+    """timm checkpoints: `hf-hub:org/name[@rev]` on the Hub (timm's own layout, or bare weights read into the
+    registry's `timm_model`), or a local directory (`local-dir:<path>`). An ad-hoc checkpoint's shape is read from the
+    built model, its normalisation from config.json's pretrained_cfg."""
+
+    name = "timm"
+    backbone_class = TimmBackbone
+    source_prefix = "hf-hub:"
+    shape_from_model = True
+    normalisation_file, normalisation_keys, normalisation_where = "config.json", ("mean", "std"), "timm pretrained_cfg"
+
+    def model(self, spec, snapshot):
+        where = describe_weights(snapshot), config_name(spec, snapshot)
+        if spec.repo_id.startswith("local-dir:"):
+            return create_timm(spec.repo_id, *where)
+        hub_id = spec.repo_id + (f"@{spec.revision}" if spec.revision else "")
+        config = snapshot / "config.json" if snapshot is not None else None
+        if not spec.timm_model and config is not None and config.is_file() \
+                and "architecture" not in read_json(config, repair_hint(spec)):
+            raise BackboneError(f"{config} is not a timm config (it names no 'architecture'), so timm cannot build "
+                                f"hf-hub:{hub_id}. If the repo holds bare weights of a timm architecture, name it in "
+                                f"the registry entry's timm_model (e.g. timm_model: vit_base_patch16_224); otherwise "
+                                f"load it with its own library.")
+        try:
+            if spec.timm_model:  # bare weights without timm's config: timm's architecture, the repo's weights
+                return create_timm(spec.timm_model, *where, pretrained_cfg_overlay={"hf_hub_id": hub_id})
+            return create_timm(f"hf-hub:{hub_id}", *where)
+        except Exception as e:  # the hub raises several unrelated types for "not cached"
+            if is_hub_error(e):
+                raise offline_hint(spec.repo_id, spec.revision, e, spec) from e
+            raise
+
+    def fill_spec(self, spec, model):
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        return dataclasses.replace(spec, patch_size=model.patch_embed.patch_size[0], embed_dim=model.embed_dim,
+                                   num_prefix_tokens=model.num_prefix_tokens, num_layers=len(model.blocks),
+                                   arch=cfg.get("architecture", "timm"))
+
+    def section(self, cfg, path, name):
+        return cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}

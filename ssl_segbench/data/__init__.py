@@ -1,14 +1,19 @@
-"""Dataset registry: dataset ids → loader classes reading the authors' own layouts."""
+"""Dataset registry: dataset ids → loader classes reading the authors' own layouts.
+
+Every module of this package is a dataset (registered with `@register_dataset`) or a helper they share
+(SHARED_MODULES); a new dataset is one new file."""
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
 
 from ..paths import data_dir, safe_component
-from ..registry import did_you_mean
-from .base import DATASETS, DatasetError, Sample, SegmentationDataset, register_dataset, voc_palette
+from .base import DATASETS, HF_PREFIX, DatasetError, Sample, SegmentationDataset, register_dataset, voc_palette
+from .hf import HFDataset
 
-HF_PREFIX = "hf:"
+# helpers the datasets share, and `hf` (opened by the `hf:<org>/<name>` prefix, not registered); every other module is
+# a dataset
+SHARED_MODULES = ("base", "check", "hf", "labels")
 
 
 def dataset_options(cls: type[SegmentationDataset]) -> list[str]:
@@ -27,12 +32,8 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
     """
     if dataset_id.startswith(HF_PREFIX):
         cls, options = HFDataset, {**options, "repo": dataset_id[len(HF_PREFIX):]}
-    elif dataset_id not in DATASETS:
-        raise DatasetError(f"unknown dataset '{dataset_id}'."
-                           f"{did_you_mean(dataset_id, sorted(DATASETS), 'ssl-segbench list datasets')}; or "
-                           f"{HF_PREFIX}<org>/<name> for a Hugging Face dataset")
     else:
-        cls = DATASETS[dataset_id]
+        cls = DATASETS.get(dataset_id)
     unknown = sorted(set(options) - set(dataset_options(cls)))
     if unknown:
         raise DatasetError(f"dataset '{dataset_id}' takes no option(s) {unknown}; it takes: "
@@ -51,9 +52,7 @@ def get_dataset(dataset_id: str, root: str | Path | None, split: str | None = No
     return cls(root, split, **options)
 
 
-# Loaders register themselves on import.
-from . import ade20k, camvid, cityscapes, cocostuff, folder, potsdam, suim, synthetic, voc  # noqa: E402,F401
-from .hf import HFDataset  # noqa: E402  (not registered: `hf:<org>/<name>` ids open it)
+DATASETS.discover(__name__, shared=SHARED_MODULES)
 
-__all__ = ["DATASETS", "DatasetError", "Sample", "SegmentationDataset", "dataset_options", "get_dataset",
-           "register_dataset", "voc_palette"]
+__all__ = ["DATASETS", "HF_PREFIX", "SHARED_MODULES", "DatasetError", "Sample", "SegmentationDataset",
+           "dataset_options", "get_dataset", "register_dataset", "voc_palette"]

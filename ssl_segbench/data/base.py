@@ -407,15 +407,17 @@ class SegmentationDataset:
                 "n_masks": len(found), "masks": list(found)}
 
 
-# dataset id → loader class; loaders register themselves on import (data/__init__.py imports them all)
-DATASETS: dict[str, type[SegmentationDataset]] = {}
+# dataset id → loader class; each dataset module registers its class (data/__init__.py discovers the modules)
+from ..plugins import PluginError, Registry  # noqa: E402  (here with the registry it makes)
+
+HF_PREFIX = "hf:"  # `hf:<org>/<name>` opens a Hugging Face dataset (data/hf.py), which is not registered
+DATASETS = Registry("dataset", "id", "register_dataset", DatasetError, "ssl-segbench list datasets",
+                    hint=f"; or {HF_PREFIX}<org>/<name> for a Hugging Face dataset")
 
 
 def register_dataset(cls: type[SegmentationDataset]) -> type[SegmentationDataset]:
-    """Class decorator: make a dataset available under its ``id``."""
-    if not cls.id or cls.id in DATASETS:
-        raise ValueError(f"dataset id {cls.id!r} is empty or registered twice")
+    """Class decorator: make a dataset available under its ``id``; it must state where users get it and its terms."""
     if not cls.source or not cls.licence:
-        raise ValueError(f"dataset {cls.id!r} states no source or licence (where users download it, and its terms)")
-    DATASETS[cls.id] = cls
-    return cls
+        raise PluginError(f"dataset {cls.id!r} ({cls.__module__}) states no source or licence: set the class "
+                          "attributes source (where users download it) and licence (its terms)")
+    return DATASETS.register(cls)

@@ -1,17 +1,18 @@
-"""Protocol registry: names → Protocol classes, each carrying its version, defaults and presets."""
+"""Protocol registry: names → Protocol classes, each carrying its version, defaults and presets.
+
+Every module of this package is a protocol (registered with `@register_protocol`) or a helper they share
+(SHARED_MODULES); a new protocol is one new file."""
 from __future__ import annotations
 
 from ..registry import did_you_mean
 from .base import PROTOCOLS, Context, Protocol, ProtocolError, register_protocol
 
-_LISTING = "ssl-segbench list protocols"
+SHARED_MODULES = ("base", "clustering", "training")  # helpers the protocols share; every other module is a protocol
 
 
 def protocol_class(name: str) -> type[Protocol]:
     """The class registered as `name`; a mistyped name is an error suggesting the close ones."""
-    if name not in PROTOCOLS:
-        raise ProtocolError(f"unknown protocol '{name}'.{did_you_mean(name, sorted(PROTOCOLS), _LISTING)}")
-    return PROTOCOLS[name]
+    return PROTOCOLS.get(name)
 
 
 def get_protocol(spec: str, **overrides) -> Protocol:
@@ -21,11 +22,11 @@ def get_protocol(spec: str, **overrides) -> Protocol:
     cls = protocol_class(name)
     if preset and preset not in cls.presets and preset not in cls.preset_groups:
         raise ProtocolError(f"protocol '{name}' has no preset '{preset}'."
-                            f"{did_you_mean(preset, [*cls.presets, *cls.preset_groups], _LISTING)}")
+                            f"{did_you_mean(preset, [*cls.presets, *cls.preset_groups], PROTOCOLS.listing)}")
     return cls(preset or None, **overrides)
 
 
-from . import datus, fs4, kmeans, leopart_cd, linear, maskdistill, overcluster, retrieval  # noqa: E402,F401
+PROTOCOLS.discover(__name__, shared=SHARED_MODULES)
 
-__all__ = ["PROTOCOLS", "Context", "Protocol", "ProtocolError", "get_protocol", "protocol_class",
+__all__ = ["PROTOCOLS", "SHARED_MODULES", "Context", "Protocol", "ProtocolError", "get_protocol", "protocol_class",
            "register_protocol"]

@@ -29,7 +29,7 @@ from ..cache import ArrayStore
 from ..crf import CRFError, CRFParams, pool_map, refine_scores, require_crf
 from ..data import SegmentationDataset
 from ..errors import SegbenchError
-from ..features import FeatureSet
+from ..features import FeatureSet, embed
 from ..metrics import confusion, image_stats, remap, scores, sparse
 from ..paths import PathError, inside, safe_component
 from ..registry import is_int, is_number
@@ -326,21 +326,14 @@ class Protocol:
         raise NotImplementedError
 
 
-def backbone_tokens(ctx: Context, images: list[torch.Tensor], what: str) -> torch.Tensor:
+def backbone_tokens(ctx: Context, images: list[torch.Tensor], name_of: Callable[[int], str]) -> torch.Tensor:
     """(B, h, w, D) float32 CPU tokens of the run's layer for normalised (3, H, W) images of one size: a second pass
-    of a protocol's own (augmented crops), batched by `ctx.batch_size`, bf16 autocast on CUDA as the extraction. Non-
-    finite tokens stop the run: `what` names the images in the message."""
-    backbone = ctx.backbone()
-    use_amp = str(ctx.device).startswith("cuda")
-    out = []
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-        for b in range(0, len(images), ctx.batch_size):
-            chunk = torch.stack(images[b: b + ctx.batch_size]).to(ctx.device)
-            out.append(backbone(chunk, ctx.layer, ("tokens",))["tokens"].float().cpu())
-    tokens = torch.cat(out)
-    if not bool(torch.isfinite(tokens).all()):
-        raise ProtocolError(f"backbone '{backbone.spec.id}' gave non-finite tokens on {what}; refusing to use them")
-    return tokens
+    of a protocol's own (augmented crops), batched by `ctx.batch_size` through the one backbone pass (`features.embed`:
+    bf16 autocast on CUDA; non-finite tokens stop the run, naming `name_of(j)` of the first bad image j)."""
+    n, step = len(images), ctx.batch_size
+    batches = ((torch.stack(images[b: b + step]), range(b, min(b + step, n))) for b in range(0, n, step))
+    return torch.cat([out["tokens"] for out, _ in embed(ctx.backbone(), batches, ctx.layer, ("tokens",), ctx.device,
+                                                         name_of=name_of)])
 
 
 @dataclass
@@ -710,12 +703,8 @@ def accumulate_confusion(tokens: ArrayStore, labels: ArrayStore, score_fns: list
     return confs
 
 
-# protocol name → class; protocols register themselves on import (protocols/__init__.py imports them all)
-PROTOCOLS: dict[str, type[Protocol]] = {}
+# protocol name → class; each protocol module registers its class (protocols/__init__.py discovers the modules)
+from ..plugins import Registry  # noqa: E402  (here with the registry it makes)
 
-
-def register_protocol(cls: type[Protocol]) -> type[Protocol]:
-    if not cls.name or cls.name in PROTOCOLS:
-        raise ValueError(f"protocol name {cls.name!r} is empty or registered twice")
-    PROTOCOLS[cls.name] = cls
-    return cls
+PROTOCOLS = Registry("protocol", "name", "register_protocol", ProtocolError, "ssl-segbench list protocols")
+register_protocol = PROTOCOLS.register

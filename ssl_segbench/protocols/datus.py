@@ -55,13 +55,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cache import Entry, ensure, filling
+from ..cache import Entry, ensure
 from ..digest import sha256_hex
 from ..extras import require
+from ..features import backbone_key, compute_precision, embed, fill_rows
 from ..metrics import match, remap, scores
 from ..paths import cache_dir
 from ..progress import progress_bar
-from ..transforms import Transform
+from ..transforms import Transform, normalise
 from .base import (
     Context,
     LabelGrids,
@@ -77,7 +78,7 @@ from .base import (
     score_seeds,
 )
 
-SEGMENT_CACHE_VERSION = 1
+SEGMENT_CACHE_VERSION = 2  # 2: the backbone's key fields are features.backbone_key's
 
 
 @register_protocol
@@ -212,48 +213,33 @@ class DatUSProtocol(Protocol):
                                      + v.astype(np.int64).tobytes() + b"\n" for s, v in zip(segs, valid))
         entry_name = fs.keys.get("keys") if isinstance(fs.keys, dict) else None
         n = int(sum(len(v) for v in valid))
+
+        def rows(start: int):
+            return segment_cls(ctx, segs, valid, p["crop_resize"], p["crop_size"], start)
+
         if ctx.backbone_ref is None or not entry_name:
             t0 = time.perf_counter()
             emb = np.zeros((n, ctx.backbone().spec.embed_dim), dtype=np.float32)
-            embed_segments(ctx, segs, valid, p["crop_resize"], p["crop_size"], _Rows(emb))
+            for ids, block in rows(0):
+                emb[ids] = block
             ctx.record_pass("datus segment-crop embeddings", True, split=ds.split, crops=n)
             return emb, {"cache": "computed", "crops": n, "seconds": round(time.perf_counter() - t0, 3)}
         ref = ctx.backbone_ref
         key = {"kind": "datus-segment-cls", "version": SEGMENT_CACHE_VERSION, "keys_entry": entry_name,
-               "backbone": ref.spec.id, "source": ref.source, "revision": ref.revision, "layer": -1,
+               **backbone_key(ref, compute_precision(ctx.device)), "layer": -1,
                "segments_sha256": segments_sha256, "tau": p["tau"], "key_centering": p["key_centering"],
                "louvain_resolution": p["louvain_resolution"],
                "louvain_seed": p["louvain_seed"], "crop_resize": p["crop_resize"], "crop_size": p["crop_size"],
-               "transform": ctx.transform.to_dict(),
-               "autocast": "bfloat16" if str(ctx.device).startswith("cuda") else "none"}
+               "transform": ctx.transform.to_dict()}
         entry = Entry.at(cache_dir(), "datus", ref.spec.id, ds.id, ds.split, key)
-
-        def compute(_todo):
-            t0 = time.perf_counter()
-            writer = entry.writer([(1, 1)] * n, ref.spec.embed_dim, np.float32, per_item=True)
-            with filling([writer]):
-                embed_segments(ctx, segs, valid, p["crop_resize"], p["crop_size"], writer)
-                writer.commit({"seconds": round(time.perf_counter() - t0, 3), "device": str(ctx.device)})
-
-        computed = bool(ensure([entry], compute))
+        computed = bool(ensure([entry], lambda _todo: fill_rows(entry, n, ref.spec.embed_dim, rows,
+                                                                f"DatUS² CLS of {n} segment crops",
+                                                                {"device": str(ctx.device)})))
         store = entry.open()
         ctx.record_pass("datus segment-crop embeddings", computed, split=ds.split, crops=n)
         info = {"cache": "computed" if computed else "hit", "path": str(entry.path), "crops": n,
                 "seconds": store.meta["seconds"]}
         return np.asarray(store.data, dtype=np.float32), info
-
-
-class _Rows:
-    """An in-memory stand-in for a cache writer (embed_segments writes rows and checkpoints)."""
-
-    def __init__(self, out: np.ndarray):
-        self.out, self.done = out, 0
-
-    def write(self, i: int, rows: np.ndarray) -> None:
-        self.out[i: i + len(rows)] = rows
-
-    def maybe_checkpoint(self, done: int) -> None:
-        pass
 
 
 def discover_segments(keys: np.ndarray, resolution: float = 1.0, seed: int = 0,
@@ -327,61 +313,44 @@ def segment_crop(image: Image.Image, segment: np.ndarray, rows: np.ndarray, cols
     return Image.fromarray(arr.astype(np.uint8))
 
 
-def embed_segments(ctx: Context, segs: list[np.ndarray], valid: list[np.ndarray], resize: int, size: int,
-                   writer) -> None:
-    """CLS embeddings (L2-normalised, float32) of every valid segment's crop, written row by row into `writer` in
-    one batched pass; crops before `writer.done` (embedded before an interruption) are skipped, and the writer is
-    checkpointed between batches."""
+def segment_cls(ctx: Context, segs: list[np.ndarray], valid: list[np.ndarray], resize: int, size: int,
+                start: int = 0):
+    """(crop rows, L2-normalised float32 CLS embeddings) of every valid segment's crop from row `start` on, in
+    batches of `ctx.batch_size` through the one backbone pass (`features.embed`)."""
     import torchvision.transforms as T
 
     ds = ctx.eval_set
-    n = int(sum(len(v) for v in valid))
     spec = ctx.backbone_ref.spec if ctx.backbone_ref is not None else ctx.backbone().spec
     if size % spec.patch_size:
         raise ProtocolError(f"datus: crop_size {size} is not a multiple of the patch size {spec.patch_size}")
-    if writer.done >= n:
-        return
-    backbone = ctx.backbone()
-    prep = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(spec.mean, spec.std)])
-    device = ctx.device
-    use_amp = str(device).startswith("cuda")
-    batch: list[torch.Tensor] = []
-    first = [writer.done]  # row of the first crop in `batch`
+    geometry = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
+    owners = [(i, j) for i, v in enumerate(valid) for j in v]  # row → (image, segment id)
 
-    def flush():
-        if not batch:
-            return
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            cls = backbone(torch.stack(batch).to(device), -1, ("cls",))["cls"].float()
-        if not bool(torch.isfinite(cls).all()):
-            raise ProtocolError(f"datus: backbone '{spec.id}' gave non-finite CLS embeddings of segment crops of "
-                                f"{ds.id}/{ds.split}; nothing was cached")
-        writer.write(first[0], torch.nn.functional.normalize(cls, dim=1).cpu().numpy().astype(np.float32))
-        first[0] += len(batch)
-        batch.clear()
-        writer.maybe_checkpoint(first[0])
+    def name_of(row: int) -> str:
+        i, j = owners[row]
+        return f"the crop of segment {j} of image '{ds.samples[i].name}' of {ds.id}/{ds.split}"
 
-    what = f"DatUS² CLS of {n} segment crops" + (f" (resuming at crop {writer.done})" if writer.done else "")
-    row = 0
-    with progress_bar(n, what) as advance:
-        advance(writer.done)
+    def crops():
+        batch, ids, row = [], [], 0
         for i, (s, v) in enumerate(zip(segs, valid)):
-            if not len(v) or row + len(v) <= writer.done:
+            if not len(v) or row + len(v) <= start:
                 row += len(v)
                 continue
             img = ds.load_image(i)
             rows, cols = pixel_patches(ctx.transform, img.size[0], img.size[1], s.shape)
             for j in v:
-                if row >= writer.done:
-                    batch.append(prep(segment_crop(img, s == j, rows, cols)))
+                if row >= start:
+                    batch.append(normalise(geometry(segment_crop(img, s == j, rows, cols)), spec.mean, spec.std))
+                    ids.append(row)
                     if len(batch) == ctx.batch_size:  # batched like the main pass (--batch-size)
-                        flush()
-                        advance(ctx.batch_size)
+                        yield torch.stack(batch), ids
+                        batch, ids = [], []
                 row += 1
-        left = len(batch)
-        flush()
-        advance(left)
+        if batch:
+            yield torch.stack(batch), ids
+
+    for out, (_, ids) in embed(ctx.backbone(), crops(), -1, ("cls",), ctx.device, name_of=name_of):
+        yield ids, torch.nn.functional.normalize(out["cls"], dim=1).numpy()
 
 
 def reduce_dims(x: np.ndarray, pca_dim: int | None) -> np.ndarray:

@@ -140,7 +140,9 @@ def augmented_steps(ctx: Context, ds, p: dict, seed: int) -> Steps:
                 x, y = aug.apply(img, ds.load_mask(int(i)), box, flipped, spec.mean, spec.std)
                 xs.append(x)
                 ys.append(eval_labels(y, p["train_size"]))
-            t = backbone_tokens(ctx, xs, f"augmented images of {ds.id}/{ds.split} (linear, epoch {epoch})")
+            t = backbone_tokens(ctx, xs, lambda j, first=start, epoch=epoch: (
+                f"the augmented crop of image '{ds.samples[int(order[first + j])].name}' of {ds.id}/{ds.split} "
+                f"(linear, epoch {epoch})"))
             yield [(t.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(ys)))]
 
     return steps

@@ -78,7 +78,7 @@ from scipy import ndimage
 from ..backbones import BackboneRef
 from ..cache import Entry, ensure, filling, json_digest
 from ..extras import require
-from ..features import compute_precision
+from ..features import backbone_key, compute_precision, embed, fill_rows
 from ..metrics import hungarian
 from ..paths import cache_dir
 from ..progress import progress_bar
@@ -102,7 +102,8 @@ from .training import cached_steps, conv_head_scorer, train_head, train_split_in
 STAGES = ("pseudo", "distill-linear", "distill-conv")
 MATCHINGS = ("auto", "hungarian", "many-to-one")
 WHITENING = ("std", "pca", None)
-CACHE_VERSION = 2  # 2: masks and crop embeddings are separate, resumable cache entries
+CACHE_VERSION = 3  # 2: masks and crop embeddings are separate, resumable cache entries; 3: the embedding
+# backbone's key fields are features.backbone_key's (`backbone`, not `id`), the embeddings' meta says `seconds`
 PSEUDO_IGNORE = -1  # label of padding in the pseudo labels a head trains on
 _CLS_FACET = {"softmax": "attn", "raw-logits": "attn_logits"}  # where the CLS map is read from
 
@@ -421,11 +422,11 @@ class MaskDistillProtocol(Protocol):
                                                              ctx.device, ctx.batch_size))
         estore = emb_entry.open()
         ctx.record_pass("maskdistill crop embeddings", bool(emb_done), split=ds.split, crops=len(boxes),
-                        embed_backbone=embed_key["id"], masks_computed=bool(masks_done))
+                        embed_backbone=embed_key["backbone"], masks_computed=bool(masks_done))
         return {"masks": [mstore.image(i)[..., 0].astype(bool) for i in range(len(mstore))], "boxes": boxes,
                 "embeddings": np.asarray(estore.data, dtype=np.float32), "cache_hit": not (masks_done or emb_done),
                 "embed_key": embed_key,
-                "seconds": {"masks": mstore.meta["mask_seconds"], "embed": estore.meta["embed_seconds"]}}
+                "seconds": {"masks": mstore.meta["mask_seconds"], "embed": estore.meta["seconds"]}}
 
 
 def _embedder(ctx: Context, p: dict):
@@ -444,10 +445,8 @@ def _embedder(ctx: Context, p: dict):
 
 
 def _embed_identity(ref, device) -> dict:
-    """What of the embedding backbone goes into the embeddings' cache key."""
-    s = ref.spec
-    return {"id": s.id, "source": ref.source, "revision": ref.revision, "mean": list(s.mean), "std": list(s.std),
-            "patch_size": s.patch_size, "precision": compute_precision(device)}
+    """What of the embedding backbone goes into the embeddings' cache key (the patch size sets the crops' padding)."""
+    return {**backbone_key(ref, compute_precision(device)), "patch_size": ref.spec.patch_size}
 
 
 def _compute_masks(entry: Entry, ctx: Context, ds, fs, p: dict) -> None:
@@ -498,34 +497,23 @@ def _embed_crops(entry: Entry, ds, boxes: np.ndarray, load, spec, p: dict, devic
     for i, b in enumerate(boxes):
         groups.setdefault(shape_of(b), []).append(i)
     batches = [idx[s: s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
-    t0 = time.perf_counter()
-    writer = entry.writer([(1, 1)] * len(boxes), spec.embed_dim, np.float32, per_item=True)
-    use_amp = str(device).startswith("cuda")  # as the main pass: the key's precision says so
-    with filling([writer]):
-        backbone = load() if writer.done < len(boxes) else None
-        done = 0
-        what = f"crop CLS embeddings ({spec.id}) {ds.id}/{ds.split}" + \
-            (f" (resuming at crop {writer.done})" if writer.done else "")
-        with progress_bar(len(boxes), what) as advance, torch.inference_mode(), \
-                torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            advance(writer.done)
-            for chunk in batches:
-                if done < writer.done:  # embedded before an interruption
-                    done += len(chunk)
-                    continue
-                x = torch.stack([crop(i) for i in chunk]).to(device)
-                cls = backbone(x, -1, ("cls",))["cls"].float().cpu().numpy()
-                if not np.isfinite(cls).all():
-                    bad = chunk[int(np.flatnonzero(~np.isfinite(cls).all(1))[0])]
-                    raise ProtocolError(f"maskdistill: backbone '{spec.id}' gave a non-finite CLS embedding for the "
-                                        f"mask crop of image '{ds.samples[bad].name}' of {ds.id}/{ds.split}; nothing "
-                                        "was cached")
-                for j, i in enumerate(chunk):
-                    writer.write(i, cls[j: j + 1])
-                done += len(chunk)
-                advance(len(chunk))
-                writer.maybe_checkpoint(done)
-        writer.commit({"embed_seconds": round(time.perf_counter() - t0, 3), "device": str(device)})
+
+    def name_of(i: int) -> str:
+        return f"the mask crop of image '{ds.samples[i].name}' of {ds.id}/{ds.split}"
+
+    def rows(start: int):
+        """The batches after the first `start` crops (embedded before an interruption), through the backbone."""
+        done, todo = 0, []
+        for chunk in batches:
+            if done >= start:
+                todo.append(chunk)
+            done += len(chunk)
+        images = ((torch.stack([crop(i) for i in chunk]), chunk) for chunk in todo)
+        for out, (_, chunk) in embed(load(), images, -1, ("cls",), device, name_of=name_of):
+            yield chunk, out["cls"].numpy()
+
+    fill_rows(entry, len(boxes), spec.embed_dim, rows, f"crop CLS embeddings ({spec.id}) {ds.id}/{ds.split}",
+              {"device": str(device)})
 
 
 class _PseudoLabels:

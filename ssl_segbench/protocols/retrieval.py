@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import ArrayStore, Entry, ensure, filling, release_pages
-from ..features import compute_precision, label_dtype
+from ..features import backbone_key, compute_precision, label_dtype
 from ..knn import INDEXES, ApproximateIndex, approximate_search, exact_search, gpu_backend
 from ..metrics import match
 from ..paths import cache_dir, checkpoint_seconds
@@ -58,7 +58,7 @@ from .base import (
 from .training import check_crop_ranges, check_train_split, split_candidates, train_split_info
 
 MEMORY_VERSION = "1"  # bump when the memory bank's contents could change
-AUGMENT_VERSION = "1"  # bump when the augmented crops could change
+AUGMENT_VERSION = "2"  # bump when the augmented crops could change; 2: backbone fields of features.backbone_key
 MEMORY_MULTIPLES = (100, 1000, 10000)  # the reference's memory sizes, in units of 1024 patches
 
 
@@ -217,12 +217,11 @@ def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
     aug = RandomResizedCropFlip(size, tuple(p["aug_scale"]), tuple(p["aug_ratio"]), flip=0.0)
     views = []
     for epoch in range(p["augment"]):
-        key = {"kind": "retrieval-augmented", "version": AUGMENT_VERSION, "backbone": ref.spec.id,
-               "source": ref.source, "revision": ref.revision, "layer": ctx.layer, "dataset": ds.id,
+        key = {"kind": "retrieval-augmented", "version": AUGMENT_VERSION,
+               **backbone_key(ref, compute_precision(str(ctx.device))), "layer": ctx.layer, "dataset": ds.id,
                "split": ds.split, "content_sha256": ds.content_sha256(), "size": size,
                "aug_scale": p["aug_scale"], "aug_ratio": p["aug_ratio"], "aug_jitter": p["aug_jitter"],
-               "aug_jitter_p": p["aug_jitter_p"], "aug_seed": p["aug_seed"], "epoch": epoch,
-               "precision": compute_precision(str(ctx.device))}
+               "aug_jitter_p": p["aug_jitter_p"], "aug_seed": p["aug_seed"], "epoch": epoch}
         tok = Entry.at(cache_dir(), "retrieval", ref.spec.id, ds.id, ds.split, {**key, "facet": "tokens"})
         lab = Entry.at(cache_dir(), "retrieval", ref.spec.id, ds.id, ds.split, {**key, "facet": "labels"})
 
@@ -246,7 +245,9 @@ def augmented_views(ctx: Context, ds, p: dict) -> list[View]:
                         x, y = aug.apply(img, mask, box, flipped, ref.spec.mean, ref.spec.std, jitter)
                         xs.append(x)
                         ys.append(y)
-                    t = backbone_tokens(ctx, xs, f"augmented crops of {ds.id}/{ds.split} (retrieval, epoch {epoch})")
+                    t = backbone_tokens(ctx, xs, lambda j, idx=idx, epoch=epoch: (
+                        f"the augmented crop of image '{ds.samples[idx[j]].name}' of {ds.id}/{ds.split} (retrieval, "
+                        f"epoch {epoch})"))
                     for j, i in enumerate(idx):
                         tw.write(i, t[j].reshape(g * g, -1).numpy().astype(np.float16))
                         lw.write(i, ys[j].reshape(-1, 1).astype(dtype))
