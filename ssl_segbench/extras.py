@@ -32,6 +32,7 @@ class MissingExtraError(SegbenchError):
 
 
 def install_command(extra: str) -> str:
+    """The pip command that installs `extra` beside the package."""
     return f"pip install 'ssl-segbench[{extra}]'"
 
 
