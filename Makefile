@@ -50,8 +50,8 @@ ifeq ($(TORCH),cpu)
 else
 	@echo "[3/5] torch + torchvision: the default wheels, with CUDA libraries, come in step 4 (TORCH=cpu: CPU-only wheels)"
 endif
-	@echo "[4/5] the package, its pinned dependencies and the test tools ($(PACKAGE_COST))"
-	@$(PIP_INSTALL) -e ".[test]"
+	@echo "[4/5] the package with every extra but crf (pseudo, slurm, site), its pinned dependencies and the test tools ($(PACKAGE_COST))"
+	@$(PIP_INSTALL) -e ".[all,test]"
 	@echo "[5/5] optional: pydensecrf2 for --crf (about 1 minute: built from source, needs a C++ compiler)"
 	@$(PIP_INSTALL) -e ".[crf]" \
 		|| echo "note: pydensecrf2 could not be built here; everything works except --crf"

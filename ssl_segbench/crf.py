@@ -26,9 +26,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import SegbenchError
+from .extras import MissingExtraError, require
 from .paths import crf_timeout, crf_workers
 
-INSTALL_HINT = "pip install 'ssl-segbench[crf]'  (or: pip install pydensecrf2==1.1; it builds with a C++ compiler)"
 DEFAULT_TIMEOUT = 600.0  # seconds per task; $SSL_SEGBENCH_CRF_TIMEOUT overrides
 UNARY_CLIP = 1e-5  # probabilities are clipped here before −log, as pydensecrf.utils.unary_from_softmax does
 
@@ -73,11 +73,9 @@ class CRFParams:
 
 def _densecrf():
     try:
-        import pydensecrf.densecrf as dcrf
-    except ImportError as e:
-        raise CRFError(f"CRF post-processing needs the pydensecrf2 package, which is not installed: {INSTALL_HINT}. "
-                       f"({type(e).__name__}: {e})") from None
-    return dcrf
+        return require("pydensecrf.densecrf", "CRF post-processing (--crf, crf=true)")
+    except MissingExtraError as e:  # as a CRFError, which the protocols' scoring reports with the protocol's name
+        raise CRFError(str(e)) from None
 
 
 def require_crf() -> None:

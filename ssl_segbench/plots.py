@@ -8,11 +8,14 @@ import io
 
 import numpy as np
 
+from .extras import require
 from .pages import page_name
 from .records import Record
 from .setting import unique_labels
 
 N_BOOT = 1000
+# what matplotlib serves, as `extras.require` names it when the `site` extra is missing
+PLOTS = "the leaderboard's plots and static site (leaderboard --format md or html; csv and json need neither)"
 
 
 class PlotFiles(dict):
@@ -24,8 +27,7 @@ class PlotFiles(dict):
 
 
 def _svg(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
+    plt = require("matplotlib.pyplot", PLOTS)
     buf = io.BytesIO()
     with plt.rc_context({"svg.hashsalt": "ssl-segbench", "svg.fonttype": "path"}):
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches="tight")
@@ -81,11 +83,8 @@ def rank_agreement(recs: list[Record], min_backbones: int = 3) -> tuple[list[str
 
 def write_plots(records: list[Record], registry: dict) -> PlotFiles:
     """The plots of every dataset, named after its page (`page_name`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    require("matplotlib", PLOTS).use("Agg")
+    plt = require("matplotlib.pyplot", PLOTS)
     files = PlotFiles()
     by_dataset: dict[str, list[Record]] = {}
     for r in records:

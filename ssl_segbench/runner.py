@@ -24,6 +24,7 @@ from .backbones import BackboneRef, looks_like_path, normalisation_problem, regi
 from .data import HF_PREFIX, DatasetError, SegmentationDataset, get_dataset
 from .distributed import SINGLE, World
 from .errors import SegbenchError
+from .extras import require
 from .features import FeatureSet, compute_precision, extract, loader_workers
 from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
@@ -214,7 +215,11 @@ def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol
             raise ProtocolError(f"--param {name}.{next(iter(params[name]), 'KEY')}=...: '{name}' is not among this "
                                 f"run's protocols ({', '.join(names)}){known}; write --param PROTOCOL.KEY=VALUE with "
                                 "one of them")
-    return [get_protocol(spec, **params.get(spec.partition(":")[0], {})) for spec in dict.fromkeys(specs)]
+    protocols = [get_protocol(spec, **params.get(spec.partition(":")[0], {})) for spec in dict.fromkeys(specs)]
+    for proto in protocols:  # their optional packages (extras), before any backbone pass
+        for module, feature in proto.optional_packages().items():
+            require(module, feature)
+    return protocols
 
 
 CLS_FACETS = {"cls", "attn", "attn_logits"}

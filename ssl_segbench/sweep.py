@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 from . import yamlload
 from .atomic import write_json_atomic
 from .errors import SegbenchError
+from .extras import require
 from .paths import safe_component
 from .registry import is_int
 from .setting import Setting
@@ -349,8 +350,7 @@ def run_local(sweep: Sweep, cells: list[Cell], workers: int, say=print) -> list[
 
 def run_slurm(sweep: Sweep, cells: list[Cell], slurm: dict, wait: bool, say=print) -> list[str]:
     """One submitit array task per cell; waits for them unless `wait` is False; returns the cells that failed."""
-    import submitit
-
+    submitit = require("submitit", "sweep --executor slurm")
     executor = submitit.AutoExecutor(folder=sweep.work_dir / "slurm" / "%j", cluster="slurm")
     executor.update_parameters(
         name="ssl-segbench", nodes=1, tasks_per_node=1, cpus_per_task=slurm["cpus_per_task"],
@@ -428,6 +428,8 @@ def run_sweep(sweep: Sweep, executor: str | None = None, workers: int | None = N
     kind = executor or sweep.executor["kind"]
     if kind not in EXECUTORS:
         raise SweepError(f"--executor must be one of {EXECUTORS}, got {kind!r}")
+    if kind == "slurm":  # before any cell is checked, planned or submitted
+        require("submitit", "sweep --executor slurm")
     check_cells(sweep, here=kind == "local")
     cells = pending_cells(sweep, say)
     if not cells:

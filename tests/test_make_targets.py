@@ -99,7 +99,7 @@ def test_default_install_prints_each_step_before_it_and_keeps_pip_quiet(venv):
     assert re.search(r"make install: into .*about 9 minutes and 6\.5 GB", out), out
     assert "TORCH=cpu" in out  # the CPU option is named where the 6.5 GB is
     pips = _pip_installs(calls)
-    assert [c.split(" -e ")[-1] for c in pips if " -e " in c] == [".[test]", ".[crf]"], pips
+    assert [c.split(" -e ")[-1] for c in pips if " -e " in c] == [".[all,test]", ".[crf]"], pips
     assert all(c.startswith("-m pip install -qq ") for c in pips), pips
     assert not [c for c in pips if "--index-url" in c], pips  # the default wheels
     assert (venv / ".installed").is_file()
@@ -111,7 +111,7 @@ def test_cpu_install_takes_torch_and_torchvision_alone_from_a_reachable_cpu_inde
     assert proc.returncode == 0, proc.stderr
     pips = _pip_installs(calls)
     assert pips[1] == f"-m pip install -qq -c constraints.txt --no-deps --index-url {cpu_index} torch torchvision", pips
-    assert pips[2].endswith('-e .[test]'), pips  # their dependencies from the usual index, after them
+    assert pips[2].endswith('-e .[all,test]'), pips  # their dependencies from the usual index, after them
     assert "installed torch 2.14.1+cpu" in proc.stdout
     assert "and 2 GB (CPU-only torch)" in proc.stdout and "cannot be reached" not in proc.stdout
 
@@ -124,7 +124,7 @@ def test_cpu_install_falls_back_to_the_default_wheels_with_a_line_when_the_index
     assert any("urllib" in c and url in c for c in calls)  # it did probe that index
     pips = _pip_installs(calls)
     assert not [c for c in pips if "--index-url" in c], pips
-    assert pips[-2].endswith("-e .[test]") and (venv / ".installed").is_file()
+    assert pips[-2].endswith("-e .[all,test]") and (venv / ".installed").is_file()
 
 
 def test_cpu_install_keeps_a_torch_already_in_the_virtualenv_and_says_so(venv, cpu_index):
@@ -142,7 +142,7 @@ def test_an_unknown_torch_flavour_is_refused_before_anything_runs(venv):
 
 
 def test_a_pip_error_is_shown_and_stops_the_install_but_a_failed_crf_build_does_not(venv):
-    proc, _ = _install(venv, FAIL_PIP=".[test]")
+    proc, _ = _install(venv, FAIL_PIP=".[all,test]")
     assert proc.returncode != 0
     assert "ERROR: No matching distribution (stub)" in proc.stderr
     assert "[5/5]" not in proc.stdout and not (venv / ".installed").exists()

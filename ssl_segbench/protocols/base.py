@@ -191,6 +191,9 @@ class Protocol:
     # the parameters that name a column in its header, besides the shared ones (geometry, evaluation size, CRF):
     # header axis name → its text from the parameters (None: not shown); `Setting.column` reads them
     axes: ClassVar[dict[str, Callable[[dict], str | None]]] = {}
+    # the optional packages (import names, `extras.OPTIONAL`) this protocol imports: the runner checks them while
+    # planning (`optional_packages`), so a missing extra is refused before any backbone pass
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -283,6 +286,15 @@ class Protocol:
 
     def check(self) -> None:
         """The protocol's own rules on its parameters (ranges, combinations); raise ProtocolError."""
+
+    def optional_packages(self) -> dict[str, str]:
+        """Module → the feature that imports it, for every optional package this configured protocol needs: its
+        `requires`, and the CRF's package when its `crf` parameter is on. The runner imports each through
+        `extras.require` while planning."""
+        out = {module: f"protocol '{self.name}'" for module in self.requires}
+        if CRFParams.from_param(self.params["crf"]) is not None:
+            out["pydensecrf.densecrf"] = f"protocol '{self.name}' with crf=true (--crf)"
+        return out
 
     def positive(self, *keys: str, allow_none: bool = False) -> None:
         """Each of the parameters `keys` must be > 0 (or None when `allow_none`)."""

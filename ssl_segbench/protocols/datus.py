@@ -59,6 +59,7 @@ from PIL import Image
 
 from ..cache import Entry, ensure
 from ..digest import sha256_hex
+from ..extras import require
 from ..features import backbone_key, compute_precision, embed, fill_rows
 from ..metrics import match, remap, scores
 from ..paths import cache_dir
@@ -106,6 +107,7 @@ class DatUSParams(SharedParams):
 class DatUSProtocol(Protocol):
     name = "datus"
     axes = {"matching": matching_axis}
+    requires = ("sknetwork", "sklearn")
     version = "1"
     description = "DatUS² pseudo masks: key-affinity Louvain segments, CLS of segment crops, k-means, matching"
     default_seeds = 5
@@ -257,14 +259,14 @@ def discover_segments(keys: np.ndarray, resolution: float = 1.0, seed: int = 0,
     A = K Kᵀ > 0, each split into 8-connected components (numbered by group, then in raster order of their first
     patch). `center` subtracts the image's mean key first."""
     import scipy.sparse as sp
-    from sknetwork.clustering import Louvain
 
+    louvain = require("sknetwork.clustering", "protocol 'datus'").Louvain
     h, w, d = keys.shape
     x = np.asarray(keys, dtype=np.float32).reshape(-1, d)
     if center:
         x = x - x.mean(0)
     adj = x @ x.T > 0
-    groups = Louvain(resolution=resolution, random_state=seed).fit_predict(sp.csr_matrix(adj.astype(np.float64)))
+    groups = louvain(resolution=resolution, random_state=seed).fit_predict(sp.csr_matrix(adj.astype(np.float64)))
     return split_components(np.asarray(groups).reshape(h, w)), float(adj.mean())
 
 
@@ -369,17 +371,15 @@ def reduce_dims(x: np.ndarray, pca_dim: int | None) -> np.ndarray:
     if pca_dim > min(x.shape):
         raise ProtocolError(f"datus: pca_dim={pca_dim} needs at least that many segments and feature dimensions, "
                             f"got {x.shape[0]} segments of {x.shape[1]} dims")
-    from sklearn.decomposition import IncrementalPCA
-
-    return IncrementalPCA(n_components=pca_dim, batch_size=max(4096, 2 * x.shape[1])).fit_transform(
+    pca = require("sklearn.decomposition", "protocol 'datus'").IncrementalPCA
+    return pca(n_components=pca_dim, batch_size=max(4096, 2 * x.shape[1])).fit_transform(
         x.astype(np.float64))
 
 
 def cluster_segments(z: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
     """k-means++ (sklearn KMeans, `n_init` restarts, random_state = seed) cluster id of each segment."""
-    from sklearn.cluster import KMeans
-
-    return KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed).fit_predict(z).astype(np.int64)
+    kmeans = require("sklearn.cluster", "protocol 'datus'").KMeans
+    return kmeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed).fit_predict(z).astype(np.int64)
 
 
 def noise_mapping(conf: np.ndarray, matching: str) -> np.ndarray:

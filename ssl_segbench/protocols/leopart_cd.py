@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from ..cluster import KMEANS_BACKENDS, Preprocess, assign, kmeans, kmeans_backend, sample_rows, subsample_rows
+from ..extras import require
 from ..metrics import match
 from ..progress import progress_bar
 from ..registry import is_int, is_number
@@ -131,6 +132,7 @@ class LeopartCDParams(SharedParams):
 class LeopartCDProtocol(Protocol):
     name = "leopart-cd"
     axes = {"matching": matching_axis, "kmeans": kmeans_backend_axis}
+    requires = ("skimage", "infomap")
     version = "1"
     description = "Leopart CBFE + cluster co-occurrence community detection (infomap), Hungarian matching"
     default_seeds = 10
@@ -321,8 +323,9 @@ def noisy_foreground(attn: np.ndarray, kernel: int = 7, sigma: float = 0.6, mass
     """(h, w, heads) CLS attention → (h, w) bool: heads averaged, Gaussian-blurred, the most attended patches holding
     `mass` of the total kept, 8-connected components of at most `drop_upto` patches removed (Leopart's
     `process_attentions`)."""
-    from skimage.measure import label
     from torchvision.transforms.functional import gaussian_blur
+
+    label = require("skimage.measure", "protocol 'leopart-cd'").label
 
     a = torch.from_numpy(np.asarray(attn, dtype=np.float32).mean(-1))[None, None]
     h, w = a.shape[-2:]
@@ -374,8 +377,7 @@ def cbfe_threshold(precisions: np.ndarray, how) -> float:
     histogram of the clusters' precisions). Neither uses labels."""
     _check_cbfe_threshold(how)
     if isinstance(how, str):
-        from skimage.filters import threshold_otsu
-
+        threshold_otsu = require("skimage.filters", "protocol 'leopart-cd'").threshold_otsu
         vals = precisions[np.isfinite(precisions)]
         return float(vals.min()) if len(np.unique(vals)) < 2 else float(threshold_otsu(vals))
     return float(how)
@@ -383,8 +385,7 @@ def cbfe_threshold(precisions: np.ndarray, how) -> float:
 
 def cooccurrence_matrix(maps: list[np.ndarray], levels: int, distances=(1, 2)) -> np.ndarray:
     """(levels, levels) row-stochastic-per-image co-occurrence of cluster ids (PROTOCOLS.md §4 step 5)."""
-    from skimage.feature import graycomatrix
-
+    graycomatrix = require("skimage.feature", "protocol 'leopart-cd'").graycomatrix
     total = np.zeros((levels, levels))
     images_with = np.zeros(levels)
     dtype = np.uint8 if levels <= 256 else np.uint16
@@ -411,8 +412,7 @@ def communities(edges: list[tuple[int, int, float]], n_nodes: int, markov_time: 
     """Merged label (0..M-1) of every node: infomap's two-level modules; a node without edges is its own label, or,
     with `shared_isolated`, all such nodes share one label (Leopart's zero-initialised map). Labels are numbered by
     the smallest node id they contain, so they do not depend on infomap's module ids."""
-    import infomap
-
+    infomap = require("infomap", "protocol 'leopart-cd'")
     module = np.full(n_nodes, -1, dtype=np.int64)
     if edges:
         net = infomap.Network()

@@ -79,6 +79,7 @@ from scipy import ndimage
 
 from ..backbones import BackboneRef
 from ..cache import Entry, ensure, filling, json_digest
+from ..extras import require
 from ..features import backbone_key, compute_precision, embed, fill_rows
 from ..metrics import hungarian
 from ..paths import cache_dir
@@ -205,11 +206,10 @@ def whiten(x: np.ndarray, mode: str | None) -> np.ndarray:
 def cluster_embeddings(emb: np.ndarray, k: int, seed: int, whiten_mode: str | None = "std",
                        batch_size: int = 1000, n_init: int = 3) -> np.ndarray:
     """(n, D) mask embeddings → (n,) cluster ids in 0..k−1: whiten, L2-normalise, MiniBatchKMeans."""
-    from sklearn.cluster import MiniBatchKMeans
-
+    minibatch_kmeans = require("sklearn.cluster", "protocol 'maskdistill'").MiniBatchKMeans
     x = whiten(emb, whiten_mode)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=n_init)
+    km = minibatch_kmeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=n_init)
     return km.fit_predict(x.astype(np.float32)).astype(np.int64)
 
 
@@ -292,6 +292,7 @@ class MaskDistillParams(SharedParams):
 class MaskDistillProtocol(Protocol):
     name = "maskdistill"
     axes = {"matching": matching_axis}
+    requires = ("sklearn",)
     version = "1"
     description = "MaskDistill object-mask pseudo labels (CLS attention + key affinity, crop-CLS k-means), or a " \
                   "light head distilled from them"
