@@ -107,7 +107,7 @@ def test_retrieval_augmented_views_name_the_bad_crop_and_cache_nothing(small_syn
     ctx = Context(eval_set=ds, train_set=ds, features=None, seeds=[0], backbone_ref=_Ref(backbone),
                   transform=Transform("square", 32, 16), batch_size=2, _backbone=backbone)
     with pytest.raises(BackboneError) as e:
-        augmented_views(ctx, ds, get_protocol("retrieval", augment=1).params)
+        augmented_views(ctx, ds, get_protocol("retrieval", augment=1).p)
     _refused(str(e.value), f"the augmented crop of image '{ds.samples[3].name}' of synthetic/train (retrieval, "
              "epoch 0)", ds.samples[2].name, "tokens", -1)
     _nothing_cached(tmp_path / "cache")
@@ -118,7 +118,7 @@ def test_linear_augmented_steps_name_the_bad_crop(small_synthetic):
     backbone = _BadAt(5)
     ctx = Context(eval_set=ds, train_set=ds, features=None, seeds=[0], transform=Transform("square", 32, 16),
                   batch_size=2, _backbone=backbone)
-    p = {**get_protocol("linear").params, "batch_size": 4}
+    p = get_protocol("linear", batch_size=4).p
     order = np.random.default_rng(7).permutation(len(ds))
     with pytest.raises(BackboneError) as e:
         list(augmented_steps(ctx, ds, p, seed=0)(0, np.random.default_rng(7)))
@@ -149,6 +149,6 @@ def test_maskdistill_crop_embeddings_name_the_bad_image_and_cache_nothing(tmp_pa
     entry = Entry.at(tmp_path, "pseudo", "maskdistill-embeddings", ds.id, ds.split, {"test": 1})
     backbone = _BadAt(2)  # batches (by padded shape, then image): [0, 1], [2], [3]
     with pytest.raises(BackboneError) as e:
-        _embed_crops(entry, ds, boxes, lambda: backbone, SPEC, {"crop_size": None}, "cpu", 2)
+        _embed_crops(entry, ds, boxes, lambda: backbone, SPEC, get_protocol("maskdistill", crop_size=None).p, "cpu", 2)
     _refused(str(e.value), "the mask crop of image 'img2' of planted/val", "img1", "cls", -1)
     _nothing_cached(tmp_path)
