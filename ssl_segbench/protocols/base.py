@@ -163,7 +163,8 @@ def _type_name(allowed: tuple) -> str:
 @dataclass
 class ProtocolResult:
     """What a protocol's run returns: per-seed scores (`metrics.scores` plus protocol facts), facts for the record's
-    info, the confusion matrices, and the (S, N, C, 3) per-image [tp, fp, fn] for bootstrap intervals over images."""
+    info, the confusion matrices (arrays or nested lists: the record stores lists), and the (S, N, C, 3) per-image
+    [tp, fp, fn] for bootstrap intervals over images."""
 
     per_seed: list[dict]
     info: dict = field(default_factory=dict)

@@ -57,6 +57,7 @@ class KMeansFamily(Protocol):
         "stego": {"resize": "shorter", "size": 320, "l2_normalize": True, "spherical": True,
                   "upsample": "bilinear", "eval_size": None, "matching": "hungarian-pixels"},
     }
+
     def check(self) -> None:
         self.positive("k", "pca_dim", "max_points_per_centroid", "max_fit_points", allow_none=True)
         self.positive("niter", "nredo")
@@ -86,7 +87,7 @@ def cluster_and_score(ctx: Context, fs, k: int, p: KMeansParams, matching: str) 
         confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
     per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver)
     info = {"k": k, "fit_points": int(len(x)), "feature_dim": int(x.shape[1]), "score_scale": round(scale, 6)}
-    return ProtocolResult(per_seed, info, [c.tolist() for c in confs], stats)
+    return ProtocolResult(per_seed, info, confs, stats)
 
 
 def score_type(p: KMeansParams) -> str:

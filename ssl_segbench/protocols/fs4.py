@@ -155,7 +155,7 @@ class FS4Protocol(Protocol):
                                       extra=lambda j, conf, mapping: facts[j])
         info = {"k": k, "matching": matching, "tokens": int(len(emb)), "feature_dim": int(emb.shape[1]),
                 "cells": [int(len(c)) for c in cells] if cells is not None else None}
-        return ProtocolResult(per_seed, info, [c.tolist() for c in confs], stats)
+        return ProtocolResult(per_seed, info, confs, stats)
 
 
 class Layout:

@@ -135,7 +135,7 @@ class LinearProtocol(Protocol):
             confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, "identity"), saver,
                                       record_mapping=False)
-        return ProtocolResult(per_seed, info, [c.tolist() for c in confs], stats)
+        return ProtocolResult(per_seed, info, confs, stats)
 
 
 def _linear_head(num_classes: int) -> Callable[[int], torch.nn.Module]:

@@ -419,7 +419,7 @@ class MaskDistillProtocol(Protocol):
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match_labels(conf, matching, bg), saver)
         if saver.written:
             info["saved_masks"] = saver.written
-        return ProtocolResult(per_seed, info, [cf.tolist() for cf in confs], stats)
+        return ProtocolResult(per_seed, info, confs, stats)
 
     # --- masks + embeddings of one split, cached --------------------------------------------------------------
     def _entry(self, ctx: Context, ds, fs, p: MaskDistillParams) -> dict:

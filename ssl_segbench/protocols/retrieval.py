@@ -203,7 +203,7 @@ class RetrievalProtocol(Protocol):
             s["memory_rows"] = sc.bank.rows
         info.update({"matching": matching, "memory": [b.describe() for b in banks.values()],
                      "views": [v.describe() for v in views], "search": scorers[0].search})
-        return ProtocolResult(per_seed, info, [c.tolist() for c in confs], stats)
+        return ProtocolResult(per_seed, info, confs, stats)
 
 
 @dataclass
