@@ -111,7 +111,7 @@ gpu-check: install
 	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 lint: install
-	$(BIN)/ruff check ssl_segbench tests benchmarks
+	$(BIN)/ruff check ssl_segbench tests benchmarks docs/examples
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
