@@ -32,6 +32,7 @@ from ..errors import SegbenchError
 from ..features import FeatureSet, embed
 from ..metrics import ConfusionAccumulator, image_stats, remap, scores
 from ..paths import PathError, inside, safe_component
+from ..progress import progress_bar
 from ..registry import is_int, is_number
 from ..transforms import POLICIES, Transform
 
@@ -701,6 +702,21 @@ def count_confusions(stream: Predictions, num_classes: int, ignore_index: int,
             advance(len(idx))
     return [a.compute() for a in accs], [a.images for a in accs]
 
+
+
+def score_label_maps(ctx: Context, maps: list[np.ndarray], labels: ArrayStore, n_labels: list[int], upsample: str,
+                     eval_size: int | None, confidence: float, saver, what: str, score_type: str
+                     ) -> tuple[list[np.ndarray], list[list]]:
+    """Hard label maps scored as a protocol's predictions (the pseudo-mask protocols): image i's (h, w, S) map holds
+    seed j's labels (0..n_labels[j]-1) in channel j; each becomes one-hot log-probabilities with `confidence` on the
+    label (so the CRF, when on, sees soft unaries) and goes through the shared stream. Returns `count_confusions`'
+    per-seed confusions and per-image confusions against the evaluation split's classes."""
+    ds = ctx.eval_set
+    fns = [onehot_scorer(j, n, confidence) for j, n in enumerate(n_labels)]
+    with progress_bar(len(maps), f"{what} on {ds.id}/{ds.split}") as advance:
+        stream = Predictions(LabelGrids(maps), labels, fns, max(n_labels), upsample, eval_size, ctx.scoring,
+                             score_type=score_type)
+        return count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
 
 # protocol name → class; each protocol module registers its class (protocols/__init__.py discovers the modules)
 from ..plugins import Registry  # noqa: E402  (here with the registry it makes)

@@ -67,18 +67,15 @@ from ..progress import progress_bar
 from ..transforms import Transform, normalise
 from .base import (
     Context,
-    LabelGrids,
     MaskSaver,
-    Predictions,
     Protocol,
     ProtocolError,
     ProtocolResult,
     SharedParams,
     auto_matching,
-    count_confusions,
     matching_axis,
-    onehot_scorer,
     register_protocol,
+    score_label_maps,
     score_seeds,
 )
 
@@ -180,14 +177,12 @@ class DatUSProtocol(Protocol):
                 clusters.append(cluster_segments(z, k, seed, p.n_init))
                 advance()
         # per image: the patch-grid pseudo mask of every seed (noise = label k), scored as hard labels
-        grids = LabelGrids([np.stack([np.where(vm >= 0, cl[np.maximum(vm, 0)], k) for cl in clusters], -1)
-                            .astype(np.float32) for vm in vmaps])
-        fns = [onehot_scorer(j, k + 1, p.mask_confidence) for j in range(len(ctx.seeds))]
+        maps = [np.stack([np.where(vm >= 0, cl[np.maximum(vm, 0)], k) for cl in clusters], -1).astype(np.float32)
+                for vm in vmaps]
         saver = MaskSaver(ctx)
-        with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
-            stream = Predictions(grids, fs.labels, fns, k + 1, "nearest", p.eval_size, ctx.scoring,
-                                 score_type="hard pseudo labels (mask_confidence)")
-            confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
+        confs, per_image = score_label_maps(ctx, maps, fs.labels, [k + 1] * len(clusters), "nearest", p.eval_size,
+                                            p.mask_confidence, saver, "scoring pseudo masks",
+                                            "hard pseudo labels (mask_confidence)")
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: noise_mapping(conf, matching), saver,
                                       extra=lambda j, conf, m: {"cluster_to_class": m[:-1].tolist(),
                                                                 "noise_excluded": noise_excluded(conf, m)})

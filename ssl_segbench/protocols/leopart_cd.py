@@ -68,18 +68,15 @@ from ..progress import progress_bar
 from ..registry import is_int, is_number
 from .base import (
     Context,
-    LabelGrids,
     MaskSaver,
-    Predictions,
     Protocol,
     ProtocolError,
     ProtocolResult,
     SharedParams,
-    count_confusions,
     kmeans_backend_axis,
     matching_axis,
-    onehot_scorer,
     register_protocol,
+    score_label_maps,
     score_seeds,
     upsample_nearest,
 )
@@ -258,13 +255,11 @@ class LeopartCDProtocol(Protocol):
         n_labels = [int(m.max()) + 1 for m in merged]
         # the merged label maps are at the working resolution, which is the ground truth's (eval_size or label
         # resolution): scored as hard labels, nothing is resized
-        grids = LabelGrids([np.stack([m[maps[n]] for m in merged], -1).astype(np.float32) for n in ev])
-        fns = [onehot_scorer(j, n_labels[j], p.mask_confidence) for j in range(len(ctx.seeds))]
         saver = MaskSaver(ctx)
-        with progress_bar(len(ev), f"scoring merged labels on {ds.id}/{ds.split}") as advance:
-            stream = Predictions(grids, feats[0].labels, fns, max(n_labels), "nearest", p.eval_size, ctx.scoring,
-                                 score_type="hard merged labels (mask_confidence)")
-            confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
+        confs, per_image = score_label_maps(ctx, [np.stack([m[maps[n]] for m in merged], -1).astype(np.float32)
+                                                  for n in ev], feats[0].labels, n_labels, "nearest", p.eval_size,
+                                            p.mask_confidence, saver, "scoring merged labels",
+                                            "hard merged labels (mask_confidence)")
         def mapping_of(j: int, conf: np.ndarray) -> np.ndarray:
             """Seed j's merged labels matched to classes; the columns beyond its labels (other seeds merged into
             more) hold no pixels."""

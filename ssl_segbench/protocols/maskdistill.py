@@ -87,7 +87,6 @@ from ..progress import progress_bar
 from ..transforms import normalise
 from .base import (
     Context,
-    LabelGrids,
     MaskSaver,
     Predictions,
     Protocol,
@@ -97,8 +96,8 @@ from .base import (
     auto_matching,
     count_confusions,
     matching_axis,
-    onehot_scorer,
     register_protocol,
+    score_label_maps,
     score_seeds,
 )
 from .training import cached_steps, conv_head_scorer, train_head, train_split_info
@@ -394,13 +393,11 @@ class MaskDistillProtocol(Protocol):
         saver = MaskSaver(ctx, self.masks_subdir(self.params))
         t0 = time.perf_counter()
         if not distill:
-            grids = LabelGrids([np.stack([grid("eval", i, s) for s in range(len(ctx.seeds))], -1).astype(np.float32)
-                            for i in range(len(ds))])
-            fns = [onehot_scorer(j, n_labels, p.mask_confidence) for j in range(len(ctx.seeds))]
-            with progress_bar(len(ds), f"scoring pseudo masks on {ds.id}/{ds.split}") as advance:
-                stream = Predictions(grids, evalfs.labels, fns, n_labels, upsample, p.eval_size, ctx.scoring,
-                                     score_type="hard pseudo labels (mask_confidence)")
-                confs, per_image = count_confusions(stream, c, ds.ignore_index, saver, advance)
+            maps = [np.stack([grid("eval", i, s) for s in range(len(ctx.seeds))], -1).astype(np.float32)
+                    for i in range(len(ds))]
+            confs, per_image = score_label_maps(ctx, maps, evalfs.labels, [n_labels] * len(ctx.seeds), upsample,
+                                                p.eval_size, p.mask_confidence, saver, "scoring pseudo masks",
+                                                "hard pseudo labels (mask_confidence)")
         else:
             tname = "train" if "train" in splits else "eval"
             tds, tfs = splits[tname]
