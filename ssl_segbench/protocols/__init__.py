@@ -1,4 +1,4 @@
-"""Protocol registry: names → Protocol classes, each carrying its version, defaults and presets.
+"""Protocol registry: names → Protocol classes, each carrying its version, typed parameters (`Params`) and presets.
 
 Every module of this package is a protocol (registered with `@register_protocol`) or a helper they share
 (SHARED_MODULES); a new protocol is one new file."""
