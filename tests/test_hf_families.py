@@ -6,6 +6,8 @@ rotary embedding, recomputed by hand), CLS attention against the library's eager
 `ssl-segbench run` end to end; what cannot be had exactly is refused, saying why, with nothing written."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hubfake import _snapshot, save_preprocessor
@@ -158,6 +160,44 @@ def test_tokens_keys_and_attention_equal_the_models_own_computation(hf_families,
     finally:
         vision.set_attn_implementation("sdpa")
     torch.testing.assert_close(out["attn"], probs[:, :, 0, prefix:].reshape(2, 2, h, w))
+
+
+# model_type of a checkpoint saved as a vision encoder alone → (class name, extra config, prefix tokens)
+VISION_ONLY = {
+    "clip_vision_model": ("CLIPVision", dict(image_size=28), 1),
+    "siglip_vision_model": ("SiglipVision", dict(image_size=28), 0),
+    "siglip2_vision_model": ("Siglip2Vision", dict(num_patches=16), 0),
+    "tipsv2_vision_model": ("Tipsv2Vision", dict(image_size=28, num_register_tokens=1), 2),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(VISION_ONLY))
+def test_vision_encoders_saved_alone_load_with_their_tokens(model_type, tmp_path):
+    import transformers as tf
+
+    name, extra, prefix = VISION_ONLY[model_type]
+    torch.manual_seed(0)
+    model = getattr(tf, f"{name}Model")(getattr(tf, f"{name}Config")(**VISION, **extra)).eval()
+    assert model.config.model_type == model_type
+    model.save_pretrained(tmp_path / "ckpt")
+    save_preprocessor(tmp_path / "ckpt", ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    bb = BackboneRef(str(tmp_path / "ckpt")).load()
+    assert bb.spec.num_prefix_tokens == prefix
+    x = _input(None)
+    with torch.no_grad():
+        kw = {"interpolate_pos_encoding": True} if model_type in ("clip_vision_model", "siglip_vision_model") else {}
+        ref = _own_forward(model, x, **kw).last_hidden_state
+        if model_type == "clip_vision_model":  # CLIP's post_layernorm, which transformers applies to the CLS only
+            ref = model.post_layernorm(ref)
+    torch.testing.assert_close(bb(x)["tokens"], ref[:, prefix:].reshape(2, 5, 3, 32))
+
+
+def test_a_registry_entry_that_hides_a_fixed_grid_is_refused(hf_families, tmp_path):
+    _, registry, _ = hf_families
+    text = Path(registry).read_text().replace("    fixed_input: true\n", "")
+    (tmp_path / "backbones.yaml").write_text(text)
+    with pytest.raises(BackboneError, match="backbones.yaml says fixed_input=False but .* has True: fix the registry"):
+        BackboneRef("tiny_aimv2_224", str(tmp_path / "backbones.yaml")).load()
 
 
 def test_fixed_grid_aimv2_refuses_another_size(hf_families):

@@ -92,9 +92,11 @@ class HFBackbone(Backbone):
         super().__init__(spec, source, resolved_revision)
         cfg = vision_config(model.config)
         self.model = model.eval()
+        self.fixed_size = fixed_input_size(cfg)
         for name, expected, actual in (("patch_size", spec.patch_size, cfg.patch_size),
                                        ("embed_dim", spec.embed_dim, cfg.hidden_size),
-                                       ("num_prefix_tokens", spec.num_prefix_tokens, prefix_tokens_from_config(cfg))):
+                                       ("num_prefix_tokens", spec.num_prefix_tokens, prefix_tokens_from_config(cfg)),
+                                       ("fixed_input", spec.fixed_input, self.fixed_size is not None)):
             if expected != actual:
                 raise BackboneError(f"backbone '{spec.id}': backbones.yaml says {name}={expected} but {source} has "
                                     f"{actual}: fix the registry entry")
@@ -103,7 +105,6 @@ class HFBackbone(Backbone):
         self.final_norm = _first_attr(model, ("layernorm", "post_layernorm", "norm", "rms_norm"))
         self.num_heads = cfg.num_attention_heads
         self.model_type = cfg.model_type
-        self.fixed_size = fixed_input_size(cfg)
         self._kwargs = {"interpolate_pos_encoding": True} \
             if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters else {}
 
