@@ -49,6 +49,8 @@ def _build(family: str):
 
 
 FAMILIES = ("dinov3", "siglip2", "tipsv2", "aimv2", "aimv2_224")
+# the norm each family's transformers forward applies to its last block's output
+FINAL_NORM = {"dinov3": "norm", "siglip2": "post_layernorm", "tipsv2": "layernorm", "aimv2": "rms_norm"}
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +136,18 @@ def test_tokens_keys_and_attention_equal_the_models_own_computation(hf_families,
     bb = BackboneRef(f"tiny_{fam}", registry).load()
     x = _input(fixed)
     h, w = x.shape[-2] // 7, x.shape[-1] // 7
+    first = {}  # the first block's own output, seen by a hook
+    hook = _layers(vision)[0].register_forward_hook(
+        lambda _m, _a, o: first.update(x=o[0] if isinstance(o, tuple) else o))
     with torch.no_grad():
-        full = _own_forward(vision, x, output_hidden_states=True)
+        full = _own_forward(vision, x)
+    hook.remove()
     assert full.last_hidden_state.shape[1] == prefix + h * w
+    final_norm = getattr(vision, FINAL_NORM[fam.split("_")[0]])
     for layer in (-1, 0):
         out = bb(x, layer=layer, facets=("tokens", "keys", "queries"))
-        with torch.no_grad():  # the library's block output, normed by its final norm as every block's tokens are here
-            norm = {-1: lambda t: t, 0: getattr(vision, next(n for n in ("layernorm", "post_layernorm", "norm",
-                                                                          "rms_norm") if hasattr(vision, n)))}[layer]
-            ref = full.last_hidden_state if layer == -1 else norm(full.hidden_states[1])
+        with torch.no_grad():  # every block's tokens get the final norm, which the library applies to the last only
+            ref = full.last_hidden_state if layer == -1 else final_norm(first["x"])
         torch.testing.assert_close(out["tokens"], ref[:, prefix:].reshape(2, h, w, 32))
         q, k = _reference_qk(vision, x, layer)
         torch.testing.assert_close(out["queries"], q[:, prefix:].reshape(2, h, w, 32))
