@@ -167,33 +167,41 @@ def test_tokens_keys_and_attention_equal_the_models_own_computation(hf_families,
     torch.testing.assert_close(out["attn"], probs[:, :, 0, prefix:].reshape(2, 2, h, w))
 
 
-# model_type of a checkpoint saved as a vision encoder alone → (class name, extra config, prefix tokens)
-VISION_ONLY = {
+# model_type of a checkpoint saved as a vision encoder alone, or (no "_vision_model") an image-text model whose vision
+# tower is loaded alone → (transformers class prefix, vision config, prefix tokens)
+VISION_ENCODERS = {
     "clip_vision_model": ("CLIPVision", dict(image_size=28), 1),
+    "metaclip_2": ("MetaClip2", dict(image_size=28), 1),
     "siglip_vision_model": ("SiglipVision", dict(image_size=28), 0),
     "siglip2_vision_model": ("Siglip2Vision", dict(num_patches=16), 0),
     "tipsv2_vision_model": ("Tipsv2Vision", dict(image_size=28, num_register_tokens=1), 2),
 }
+CLIP_LAYOUT = ("clip_vision_model", "metaclip_2")  # final norm: post_layernorm, CLS only
 
 
-@pytest.mark.parametrize("model_type", sorted(VISION_ONLY))
-def test_vision_encoders_saved_alone_load_with_their_tokens(model_type, tmp_path):
+@pytest.mark.parametrize("model_type", sorted(VISION_ENCODERS))
+def test_vision_encoders_load_alone_with_their_tokens(model_type, tmp_path):
     import transformers as tf
 
-    name, extra, prefix = VISION_ONLY[model_type]
+    name, vision_cfg, prefix = VISION_ENCODERS[model_type]
+    config = getattr(tf, f"{name}Config")
     torch.manual_seed(0)
-    model = getattr(tf, f"{name}Model")(getattr(tf, f"{name}Config")(**VISION, **extra)).eval()
+    if model_type.endswith("_vision_model"):
+        model = vision = getattr(tf, f"{name}Model")(config(**VISION, **vision_cfg))
+    else:
+        model = getattr(tf, f"{name}Model")(config(text_config=TEXT, vision_config=dict(VISION, **vision_cfg)))
+        vision = model.vision_model
     assert model.config.model_type == model_type
-    model.save_pretrained(tmp_path / "ckpt")
+    model.eval().save_pretrained(tmp_path / "ckpt")
     save_preprocessor(tmp_path / "ckpt", ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     bb = BackboneRef(str(tmp_path / "ckpt")).load()
     assert bb.spec.num_prefix_tokens == prefix
     x = _input(None)
     with torch.no_grad():
-        kw = {"interpolate_pos_encoding": True} if model_type in ("clip_vision_model", "siglip_vision_model") else {}
-        ref = _own_forward(model, x, **kw).last_hidden_state
-        if model_type == "clip_vision_model":  # CLIP's post_layernorm, which transformers applies to the CLS only
-            ref = model.post_layernorm(ref)
+        kw = {} if "siglip2" in model_type or "tipsv2" in model_type else {"interpolate_pos_encoding": True}
+        ref = _own_forward(vision, x, **kw).last_hidden_state
+        if model_type in CLIP_LAYOUT:  # CLIP's post_layernorm, which transformers applies to the CLS only
+            ref = vision.post_layernorm(ref)
     torch.testing.assert_close(bb(x)["tokens"], ref[:, prefix:].reshape(2, 5, 3, 32))
 
 

@@ -1,6 +1,6 @@
 """Hugging Face transformers ViTs (DINOv2 ± registers, DINOv3, ViT, MSN, I-JEPA, AIMv2, and the vision towers of CLIP,
-SigLIP, SigLIP2 and TIPSv2) through `from_pretrained`. Tokens of every block get the model's final norm, as timm does
-for all its ViTs (transformers' CLIP applies `post_layernorm` to the pooled CLS only)."""
+MetaCLIP 2, SigLIP, SigLIP2 and TIPSv2) through `from_pretrained`. Tokens of every block get the model's final norm, as
+timm does for all its ViTs (transformers' CLIP applies `post_layernorm` to the pooled CLS only)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,11 +13,11 @@ from .loader import NORMALISATION_FIX, Loader, register_loader
 from .weights import check_transformers_fit, describe_weights
 
 SUPPORTED_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit", "vit_msn", "ijepa", "clip",
-                   "clip_vision_model", "siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model",
-                   "aimv2_vision_model", "tipsv2", "tipsv2_vision_model")
+                   "clip_vision_model", "metaclip_2", "siglip", "siglip_vision_model", "siglip2",
+                   "siglip2_vision_model", "aimv2_vision_model", "tipsv2", "tipsv2_vision_model")
 # dual-encoder repos whose vision tower is loaded on its own
-VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip2": "Siglip2VisionModel",
-                 "tipsv2": "Tipsv2VisionModel"}
+VISION_TOWERS = {"clip": "CLIPVisionModel", "metaclip_2": "MetaClip2VisionModel", "siglip": "SiglipVisionModel",
+                 "siglip2": "Siglip2VisionModel", "tipsv2": "Tipsv2VisionModel"}
 # vision encoders without a CLS token: every token is a patch
 CLS_FREE_TYPES = ("ijepa", "siglip", "siglip_vision_model", "siglip2_vision_model", "aimv2_vision_model")
 # types refused with the reason: their dense grid cannot be had exactly through transformers
