@@ -130,14 +130,15 @@ class HFBackbone(Backbone):
             att = _first_attr(self.layers[layer], ("attention", "self_attn"))
             for facet, proj in (("queries", att.q_proj), ("keys", att.k_proj)):
                 hooks.append(proj.register_forward_hook(lambda _m, _i, o, f=facet: captured.__setitem__(f, o)))
-            hooks.append(att.register_forward_pre_hook(  # DINOv3's rotary embedding, for the patch tokens' q and k
-                lambda _m, _a, kw: captured.__setitem__("rope", kw.get("position_embeddings")), with_kwargs=True))
+            if self.model_type == "dinov3_vit":  # its rotary embedding, for the patch tokens' q and k
+                hooks.append(att.register_forward_pre_hook(
+                    lambda _m, _a, kw: captured.__setitem__("rope", kw["position_embeddings"]), with_kwargs=True))
         try:
             out = self.model(**self._inputs(images), output_hidden_states=True)
         finally:
             for h in hooks:
                 h.remove()
-        if captured.get("rope") is not None:
+        if "rope" in captured:
             captured["queries"], captured["keys"] = rotate_patches(captured["queries"], captured["keys"],
                                                                    captured["rope"], self.num_heads)
         seq = self.final_norm(out.hidden_states[layer + 1])
