@@ -1,9 +1,10 @@
-"""The transformers families added for issue 23 (DINOv3, SigLIP2 with NaFlex input, AIMv2, TIPSv2), each a tiny random
-checkpoint of the real transformers class saved with `save_pretrained` into the fake Hub cache and loaded by registry id
-through `from_pretrained` (dual encoders as their vision tower): patch tokens against the model's own forward (prefix
-tokens cut by count, final norm on every block), keys/queries against the block's own projections (after DINOv3's
-rotary embedding, recomputed by hand), CLS attention against the library's eager attention probabilities, and
-`ssl-segbench run` end to end; what cannot be had exactly is refused, saying why, with nothing written."""
+"""The transformers families added for issue 23 (DINOv3, SigLIP2 with NaFlex input, AIMv2, TIPSv2, MetaCLIP 2, and
+vision encoders saved alone), each a tiny random checkpoint of the real transformers class saved with `save_pretrained`
+into the fake Hub cache or a local directory and loaded by registry id or path through `from_pretrained` (dual encoders
+as their vision tower): patch tokens against the model's own forward (prefix tokens cut by count, final norm on every
+block), keys/queries against the block's own projections (after DINOv3's rotary embedding, recomputed by hand), CLS
+attention against the library's eager attention probabilities, and `ssl-segbench run` end to end; what cannot be had
+exactly is refused, saying why, with nothing written."""
 from __future__ import annotations
 
 from pathlib import Path
