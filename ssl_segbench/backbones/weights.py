@@ -37,7 +37,8 @@ _SHOWN = 3  # keys named in a message
 # transformers keys of modules the features never pass through (see the module docstring)
 HF_ABSENT_OK = ("pooler.",)
 HF_EXTRA_OK = ("classifier.",)
-DUAL_ENCODER_EXTRA_OK = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
+DUAL_ENCODER_EXTRA_OK = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias",
+                         "temperature")  # temperature: TIPSv2's logit temperature
 
 
 def weight_files(directory: Path) -> list[Path]:
