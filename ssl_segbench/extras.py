@@ -22,9 +22,12 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "submitit": ("submitit", "slurm"),
     "matplotlib": ("matplotlib", "site"),
     "pydensecrf": ("pydensecrf2", "crf"),
+    "lightning": ("lightning", "lightning"),
 }
 # extras that `all` leaves out, and why
-NOT_IN_ALL = {"crf": "it builds from source and needs a C++ compiler, so 'ssl-segbench[all]' leaves it out"}
+NOT_IN_ALL = {"crf": "it builds from source and needs a C++ compiler, so 'ssl-segbench[all]' leaves it out",
+              "lightning": "only the Lightning callback (ssl_segbench.callback) uses it, so 'ssl-segbench[all]' "
+                           "leaves it out"}
 
 
 class MissingExtraError(SegbenchError):

@@ -41,7 +41,7 @@ OVERWRITE = ("skip", "always")
 
 @dataclass
 class RunOptions:
-    backbone: str
+    backbone: str  # or an in-memory model object (`ssl_segbench.evaluate`)
     dataset: str
     protocols: tuple[str, ...] = ("kmeans", "linear")
     data_root: str | None = None
@@ -226,9 +226,16 @@ def plan_protocols(specs: tuple[str, ...], params: dict | None) -> list[Protocol
 CLS_FACETS = {"cls", "attn", "attn_logits"}
 
 
-def check_backbone_fits(proto: Protocol, spec, transform: Transform) -> None:
-    """Refuse, before any work, a protocol that needs what the backbone cannot give: the CLS token or its attention
-    on a backbone without one, or an input size the backbone cannot take."""
+def check_backbone_fits(proto: Protocol, spec, transform: Transform, given: tuple[str, ...] | None = None) -> None:
+    """Refuse, before any work, a protocol that needs what the backbone cannot give: a facet outside `given` (an
+    in-memory Adapter's facets; None: every facet), the CLS token or its attention on a backbone without one, or an
+    input size the backbone cannot take."""
+    lacking = sorted(proto.backbone_facets() - set(given)) if given is not None else []
+    if lacking:
+        usable = sorted(n for n, cls in PROTOCOLS.items() if cls().backbone_facets() <= set(given))
+        raise ProtocolError(f"protocol '{proto.name}' needs {', '.join(lacking)} of the backbone, but the Adapter of "
+                            f"'{spec.id}' gives only {', '.join(given)}: pass {', '.join(f + '=' for f in lacking)} "
+                            f"to ssl_segbench.Adapter, or use a protocol it can serve: {', '.join(usable)}")
     missing = sorted(proto.backbone_facets() & CLS_FACETS) if spec.num_prefix_tokens == 0 else []
     if missing:
         usable = sorted(n for n, cls in PROTOCOLS.items() if not cls().backbone_facets() & CLS_FACETS)
@@ -427,7 +434,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) \
     out, jobs = [], []
     for proto in protocols:
         proto, params, transform = resolve_params(proto, ref.spec.patch_size, opts.size, opts.resize, device)
-        check_backbone_fits(proto, ref.spec, transform)
+        check_backbone_fits(proto, ref.spec, transform, ref.facets)
         seeds = resolve_seeds(opts.seeds) or list(range(proto.default_seeds))
         train_set, train_note = splits.train_for(proto)
         setting = plan_setting(ref, eval_set, train_set, proto, params, opts.layer, seeds)

@@ -19,6 +19,7 @@ from ..registry import BackboneSpec, did_you_mean, is_number, load_registry
 from .base import FACETS, Backbone, BackboneError
 from .hub import repair_hint, resolve_revision, verify_checkpoint_files
 from .loader import LOADERS, NORMALISATION_FIX, loader_of
+from .module import Adapter, in_memory_spec
 from .weights import read_json, weights_sha256
 
 Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std) per RGB channel
@@ -139,15 +140,23 @@ class BackboneRef:
     reading weights (except for ad-hoc timm checkpoints, whose shape is only known from the model), so a feature-cache
     hit never loads or runs the model."""
 
-    def __init__(self, name: str, registry_path=None, normalisation: Normalisation | None = None):
-        """`normalisation`: (mean, std) stated by the user (`--mean/--std`), replacing the registry's or the
+    def __init__(self, name, registry_path=None, normalisation: Normalisation | None = None):
+        """`name`: a registry id or --backbone string, or an in-memory model object (`backbones/module.py`).
+        `normalisation`: (mean, std) stated by the user (`--mean/--std`), replacing the registry's or the
         checkpoint's. `normalisation_source` says where the spec's mean/std came from; `note` is a line for the
         console when a Hub id was read as a registry entry."""
-        registry = load_registry(registry_path)
-        spec = registry.get(name)
         self._model = None
         self._loaded: dict[str, Backbone] = {}
         self.note = None
+        self.facets = None  # the facets it gives where not every facet its spec allows: an Adapter's
+        if not isinstance(name, str):  # the object is the model; its identity is its state dict's digest
+            self._model = name
+            self.facets = name.facets if isinstance(name, Adapter) else None
+            self.spec, self.normalisation_source = in_memory_spec(name, normalisation, normalisation_problem)
+            self.source, self.revision = loader_of(self.spec).pin(self.spec)
+            return
+        registry = load_registry(registry_path)
+        spec = registry.get(name)
         self.normalisation_source = "registry"
         if spec is None and (spec := registry_match(name, registry)) is not None:
             self.note = (f"backbone '{name}' is the registry entry '{spec.id}': its pin and facts (normalisation "
@@ -208,5 +217,5 @@ def load_backbone(name: str, device: str | torch.device = "cpu", registry_path=N
     return BackboneRef(name, registry_path).load(device)
 
 
-__all__ = ["FACETS", "Backbone", "BackboneError", "BackboneRef", "load_backbone", "normalisation_problem",
+__all__ = ["FACETS", "Adapter", "Backbone", "BackboneError", "BackboneRef", "load_backbone", "normalisation_problem",
            "registry_match", "resolve_revision"]
