@@ -198,3 +198,20 @@ def test_arch_and_checkpoint_key_round_trip_through_argv(tmp_path):
     opts = RunOptions(backbone=str(tmp_path / "run dir" / "checkpoint.pth"), dataset="voc", protocols=("kmeans",),
                       arch=DINOV2, checkpoint_key="model.teacher", params={}, dataset_options={})
     assert run_options(build_parser().parse_args(["run", *opts.argv()])) == opts
+
+
+def test_a_file_that_needs_code_to_load_or_is_truncated_is_refused_naming_it(ckpts, tmp_path, monkeypatch):
+    """Only torch's weights-only unpickler reads the file: an object that would need its code run (a numpy scalar
+    here) is named, not executed; a truncated copy is named with the fix."""
+    import numpy as np
+
+    monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "cache"))
+    with_code = tmp_path / "with_code.pth"
+    torch.save({"teacher": ckpts["dino"][1]["teacher"].state_dict(), "loss": np.float64(0.5)}, with_code)
+    with pytest.raises(BackboneError, match=r"with_code\.pth could not be read .*it pickles numpy\S*scalar"):
+        BackboneRef(str(with_code), arch=TINY)
+    truncated = tmp_path / "truncated.pth"
+    data = ckpts["dino"][0].read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    with pytest.raises(BackboneError, match=r"truncated\.pth could not be read .*copy it again"):
+        BackboneRef(str(truncated), arch=TINY)

@@ -129,10 +129,13 @@ def read_checkpoint(path: Path):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged file raises from zipfile, pickle or torch alike
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        why = f"it pickles {code.group(1)}, which only running its code could load" if code else \
+            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
         raise BackboneError(f"training checkpoint {path} could not be read with torch.load(weights_only=True): "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}. If it pickles other objects, "
-                            "save just the state dicts: torch.save({'teacher': ckpt['teacher']}, 'teacher.pth'); if "
-                            "the copy was interrupted, copy it again.") from None
+                            f"{why}. To fix it, save just the state dicts (torch.save({{'teacher': "
+                            "ckpt['teacher']}, 'teacher.pth') where you trust the file), or copy it again if the "
+                            "copy was interrupted.") from None
 
 
 def _arch(arch: str | None, name: str) -> str:
