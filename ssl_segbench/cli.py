@@ -76,7 +76,16 @@ def _run_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False, parents=[dataset_arguments("synthetic")])
     common.add_argument("--backbone", required=True,
                         help="registry id (see `list backbones`), a local checkpoint directory, "
-                             "hf-hub:org/name[@rev] (timm) or org/name[@rev] (transformers)")
+                             "hf-hub:org/name[@rev] (timm), org/name[@rev] (transformers) or a training checkpoint "
+                             "file (.pth, .pt, .pth.tar, .ckpt: DINO, DINOv2/v3, iBOT, MAE, I-JEPA) with --arch")
+    common.add_argument("--arch", metavar="TIMM_ARCH",
+                        help="timm architecture of a training checkpoint file's backbone, e.g. "
+                             "vit_small_patch14_dinov2 or vit_base_patch16_224; its timm pretrained_cfg gives the "
+                             "normalisation unless --mean/--std are given")
+    common.add_argument("--checkpoint-key", metavar="KEY",
+                        help="state dict of a training checkpoint file to read (teacher, student, model, "
+                             "target_encoder, encoder, model.student, ...; default: the teacher, or I-JEPA's target "
+                             "encoder)")
     common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (N below the number of GPUs)")
     common.add_argument("--batch-size", type=int, help="images per backbone call (default: 64 on GPU, 16 on CPU)")
     common.add_argument("--workers", type=int,
@@ -223,7 +232,8 @@ def _run_options_of(args, protocols: tuple[str, ...], **more):
     return RunOptions(backbone=args.backbone, dataset=args.dataset, protocols=protocols, data_root=args.data_root,
                       split=args.split, device=args.device, batch_size=args.batch_size, workers=args.workers,
                       layer=args.layer, resize=args.resize, size=args.size, registry=args.registry, params=params,
-                      dataset_options=dataset_options_of(args), mean=args.mean, std=args.std, **more)
+                      dataset_options=dataset_options_of(args), mean=args.mean, std=args.std, arch=args.arch,
+                      checkpoint_key=args.checkpoint_key, **more)
 
 
 def run_options(args):

@@ -22,6 +22,7 @@ import torch
 from . import __version__, distributed
 from .atomic import write_json_atomic
 from .backbones import BackboneRef, looks_like_path, normalisation_problem, registry_match
+from .backbones.checkpoint import options_problem as checkpoint_options_problem
 from .data import HF_PREFIX, DatasetError, SegmentationDataset, get_dataset
 from .distributed import SINGLE, World
 from .errors import SegbenchError
@@ -63,6 +64,8 @@ class RunOptions:
     plan_only: bool = False  # True: resolve every record's path and return ('pending', path, None) for the missing
     mean: tuple[float, ...] | None = None  # input normalisation stated by the user (with std), replacing the backbone's
     std: tuple[float, ...] | None = None
+    arch: str | None = None  # timm architecture of a training checkpoint file (--backbone run/checkpoint.pth)
+    checkpoint_key: str | None = None  # its key set to read (teacher, student, ...); None: the default choice
 
     def argv(self) -> list[str]:
         """The `ssl-segbench run` arguments that parse back to these options (`cli.run_options`, tested both ways): how
@@ -74,7 +77,8 @@ class RunOptions:
                             ("--batch-size", self.batch_size), ("--workers", self.workers), ("--layer", self.layer),
                             ("--resize", self.resize), ("--size", self.size), ("--registry", self.registry),
                             ("--results-dir", self.results_dir), ("--overwrite", self.overwrite),
-                            ("--save-masks", self.save_masks)):
+                            ("--save-masks", self.save_masks), ("--arch", self.arch),
+                            ("--checkpoint-key", self.checkpoint_key)):
             if value is not None:
                 argv.append(f"{flag}={value}")
         if self.seeds is not None:  # a trailing comma keeps a one-seed list a list: '3,' is seed 3, '3' three seeds
@@ -170,6 +174,7 @@ def option_problems(opts: RunOptions, here: bool = True) -> list[tuple[str, str]
         found.append(("std" if why.startswith("std") else "mean",
                       f"--mean/--std: {why}; give 3 finite numbers each, std above 0, e.g. --mean 0.5,0.5,0.5 "
                       "--std 0.5,0.5,0.5"))
+    found.append(("arch", checkpoint_options_problem(opts.backbone, opts.arch, opts.checkpoint_key)))
     if opts.workers is not None and (not is_int(opts.workers) or opts.workers < 0):
         found.append(("workers", f"--workers {opts.workers!r}: DataLoader workers must be 0 (decode in the main "
                                  "process) or more; leave it out for the default"))
@@ -289,7 +294,7 @@ def plan_setting(ref: BackboneRef, eval_set: SegmentationDataset, train_set: Seg
         train_images=len(train_set) if train_set is not None else None)
 
 
-def _spec_without_hub(name: str, registry: str | None, normalisation=None):
+def _spec_without_hub(name: str, registry: str | None, normalisation=None, arch=None, checkpoint_key=None):
     """The backbone's spec as far as it is known without the Hub: the registry entry (named by its id or its Hub
     repo), or a local checkpoint directory's; None for a Hub repo id not in the registry (its job resolves it). An
     unknown id, a missing directory or a checkpoint without normalisation is the error `BackboneRef` gives."""
@@ -299,7 +304,7 @@ def _spec_without_hub(name: str, registry: str | None, normalisation=None):
         return spec
     if "/" in name and not looks_like_path(name) and not Path(name).expanduser().exists():
         return None
-    return BackboneRef(name, registry, normalisation).spec
+    return BackboneRef(name, registry, normalisation, arch, checkpoint_key).spec
 
 
 def preflight(opts: RunOptions, here: bool = True) -> list[tuple[str, str]]:
@@ -322,7 +327,8 @@ def preflight(opts: RunOptions, here: bool = True) -> list[tuple[str, str]]:
         attempt("dataset", lambda: get_dataset(opts.dataset, opts.data_root, opts.split,
                                                **(opts.dataset_options or {})))
     spec = attempt("backbone", lambda: _spec_without_hub(opts.backbone, opts.registry,
-                                                                     opts.normalisation()))
+                                                                     opts.normalisation(), opts.arch,
+                                                                     opts.checkpoint_key))
     if spec is not None and not {key for key, _ in found} & {"layer", "size", "resize"}:
         attempt("layer", lambda: check_layer(opts.layer, spec))
         for proto in protocols or []:  # the input size against the patch, and what the protocol needs of the backbone
@@ -422,7 +428,7 @@ def run(opts: RunOptions, on_record=lambda status, path, record: None) \
         distributed.setup(resolve_device(opts.device))
     options = opts.dataset_options or {}
     eval_set = get_dataset(opts.dataset, opts.data_root, opts.split, **options)
-    ref = BackboneRef(opts.backbone, opts.registry, opts.normalisation())
+    ref = BackboneRef(opts.backbone, opts.registry, opts.normalisation(), opts.arch, opts.checkpoint_key)
     if ref.note:
         console.print(ref.note, highlight=False)
     check_layer(opts.layer, ref.spec)
@@ -496,7 +502,8 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
         schema=SCHEMA, key=job.setting.key, identity=job.setting.identity(),
         backbone={**ref.spec.to_dict(), "source": ref.source, "revision_resolved": ref.revision,
                   "weights_sha256": ref.weights_sha256(), "layer": opts.layer,
-                  "normalisation_source": ref.normalisation_source},
+                  "normalisation_source": ref.normalisation_source,
+                  **({"checkpoint": ref.checkpoint} if ref.checkpoint else {})},
         dataset={**eval_set.describe(), "n_resized_masks": len(resized), "resized_masks": resized},
         protocol={"name": proto.name, "version": proto.version, "preset": proto.preset, "params": job.params},
         transform=transform.to_dict(), seeds=job.seeds, metrics=metrics, per_seed=result.per_seed, info=info,

@@ -14,7 +14,7 @@ from ssl_segbench.data.check import dataset_options_of
 
 _DATASET = {"--dataset", "--data-root", "--split", "-o", "--option", "--skip-bad"}
 _RUN_AND_SHOW = {"-h", "--help", "--backbone", "--device", "--batch-size", "--workers", "--layer", "--resize", "--size",
-                 "--param", "--registry", "--mean", "--std", "--crf"} | _DATASET
+                 "--param", "--registry", "--mean", "--std", "--crf", "--arch", "--checkpoint-key"} | _DATASET
 # the option strings each `--help` listed before the options were shared (read from main's `--help` output)
 BEFORE = {
     (): {"-h", "--help", "--version"},

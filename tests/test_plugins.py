@@ -149,7 +149,8 @@ def test_the_packages_register_every_plugin_module():
 def test_backbones_yaml_loader_names_are_the_registered_loaders():
     """registry.py reads the loader names from the loaders' source (no torch to check backbones.yaml); they are the
     names the imported loader classes register."""
-    assert registry.loader_names() == tuple(LOADERS.names()) == ("builtin", "module", "timm", "transformers")
+    assert registry.loader_names() == tuple(LOADERS.names()) == ("builtin", "checkpoint", "module", "timm",
+                                                                 "transformers")
     assert LOADERS.get("timm").backbone_class is TimmBackbone
     assert LOADERS.get("transformers").backbone_class is HFBackbone
     with pytest.raises(BackboneError, match="unknown backbone loader 'tim'. Did you mean 'timm'"):
@@ -195,7 +196,7 @@ def test_a_loader_registered_in_its_own_module_is_what_backbone_ref_uses(tmp_pat
     monkeypatch.delitem(sys.modules, "toy_loader", raising=False)
     path = _one_entry_registry(tmp_path / "b.yaml", "toy", "anything")
     with pytest.raises(registry.RegistryError, match=r"backbone 'toy', key 'loader': must be one of \('builtin', "
-                                                     r"'module', 'timm', 'transformers'\)"):
+                                                     r"'checkpoint', 'module', 'timm', 'transformers'\)"):
         BackboneRef("toy", path)  # a loader outside backbones/ is not one backbones.yaml may name
     importlib.import_module("toy_loader")
     monkeypatch.setattr(registry, "loader_names", lambda: tuple(LOADERS.names()))  # as if it were in backbones/

@@ -17,10 +17,11 @@ import torch
 
 from ..registry import BackboneSpec, did_you_mean, is_number, load_registry
 from .base import FACETS, Backbone, BackboneError
+from .checkpoint import is_checkpoint_file, open_checkpoint, options_problem
 from .hub import repair_hint, resolve_revision, verify_checkpoint_files
 from .loader import LOADERS, NORMALISATION_FIX, loader_of
 from .module import Adapter, in_memory_spec
-from .weights import read_json, weights_sha256
+from .weights import read_json
 
 Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std) per RGB channel
 # helpers the loaders share; every other module of this package registers a loader (`@register_loader`)
@@ -140,15 +141,18 @@ class BackboneRef:
     reading weights (except for ad-hoc timm checkpoints, whose shape is only known from the model), so a feature-cache
     hit never loads or runs the model."""
 
-    def __init__(self, name, registry_path=None, normalisation: Normalisation | None = None):
+    def __init__(self, name, registry_path=None, normalisation: Normalisation | None = None,
+                 arch: str | None = None, checkpoint_key: str | None = None):
         """`name`: a registry id or --backbone string, or an in-memory model object (`backbones/module.py`).
         `normalisation`: (mean, std) stated by the user (`--mean/--std`), replacing the registry's or the
         checkpoint's. `normalisation_source` says where the spec's mean/std came from; `note` is a line for the
-        console when a Hub id was read as a registry entry."""
+        console when a Hub id was read as a registry entry. `arch` / `checkpoint_key`: the timm architecture and key
+        set of a training checkpoint file (`checkpoint.py`), whose extraction facts `checkpoint` holds."""
         self._model = None
         self._loaded: dict[str, Backbone] = {}
         self.note = None
         self.facets = None  # the facets it gives where not every facet its spec allows: an Adapter's
+        self.checkpoint = None
         if not isinstance(name, str):  # the object is the model; its identity is its state dict's digest
             self._model = name
             self.facets = name.facets if isinstance(name, Adapter) else None
@@ -161,7 +165,12 @@ class BackboneRef:
         if spec is None and (spec := registry_match(name, registry)) is not None:
             self.note = (f"backbone '{name}' is the registry entry '{spec.id}': its pin and facts (normalisation "
                          "included) are used")
-        if spec is None:
+        if problem := options_problem(name, arch, checkpoint_key, registry_entry=spec is not None):
+            raise BackboneError(problem)
+        if spec is None and is_checkpoint_file(name):
+            spec, self._model, self.checkpoint = open_checkpoint(name, arch, checkpoint_key)
+            self.normalisation_source = f"timm pretrained_cfg of {spec.arch}"
+        elif spec is None:
             if not (Path(name).expanduser().exists() or "/" in name or looks_like_path(name)):
                 listing = "ssl-segbench list backbones" + (f" --registry {registry_path}" if registry_path else "")
                 raise BackboneError(f"unknown backbone '{name}'.{did_you_mean(name, registry, listing)}; or give a "
@@ -191,7 +200,7 @@ class BackboneRef:
         checkpoint is hashed once per machine. None for the weight-free builtins (a random-init baseline's seed is its
         `revision`) and for a Hub checkpoint whose weights are not in this machine's cache."""
         if not hasattr(self, "_weights_sha256"):
-            self._weights_sha256 = weights_sha256(loader_of(self.spec).snapshot(self.spec), self.spec.id)
+            self._weights_sha256 = loader_of(self.spec).weights_sha256(self.spec)
         return self._weights_sha256
 
     def load(self, device: str | torch.device = "cpu") -> Backbone:

@@ -16,6 +16,7 @@ from ..plugins import Registry
 from ..registry import BackboneSpec
 from .base import Backbone, BackboneError
 from .hub import hub_file, is_hub_error, offline_hint, resolve_revision
+from .weights import weights_sha256
 
 NORMALISATION_FIX = ("state it with the run options --mean R,G,B --std R,G,B (the values the checkpoint was trained "
                      "with), or add the checkpoint to the registry (backbones.yaml, keys mean and std)")
@@ -59,6 +60,10 @@ class Loader:
             if is_hub_error(e):
                 raise offline_hint(spec.repo_id, spec.revision, e, spec) from e
             raise
+
+    def weights_sha256(self, spec: BackboneSpec) -> dict[str, str] | None:
+        """sha256 of each weight file of the checkpoint (file name → hex digest), for the record: its directory's."""
+        return weights_sha256(self.snapshot(spec), spec.id)
 
     def model(self, spec: BackboneSpec, snapshot: Path | None):
         """The library's model with the checkpoint's weights (checked to fit it); `snapshot`: its files, if here."""

@@ -57,11 +57,13 @@ def describe_weights(directory: Path | None) -> str:
     return f"the weights in {directory}" + (f" ({', '.join(f.name for f in files)})" if files else "")
 
 
-def weights_sha256(directory: Path | None, what: str) -> dict[str, str] | None:
+def weights_sha256(directory: Path | None, what: str, files: list[Path] | None = None) -> dict[str, str] | None:
     """sha256 of each weight file of a checkpoint directory (file name → hex digest), read from the files, never from
     a loaded model. Each digest is remembered in the cache while its file is unchanged (`fingerprint.Manifest`), so a
-    large checkpoint is read once per machine, not once per run. None when no weight file is here."""
-    files = weight_files(directory) if directory is not None else []
+    large checkpoint is read once per machine, not once per run. None when no weight file is here. `files`: only these
+    files of `directory` (a training checkpoint beside the run's other epochs)."""
+    if files is None:
+        files = weight_files(directory) if directory is not None else []
     if not files:
         return None
     # hashes the files not yet remembered (with a progress bar) and stores their digests in the manifest
@@ -111,11 +113,12 @@ def _prefix_fix(missing: list[str], unexpected: list[str]) -> str | None:
 
 
 def refuse_misfit(missing, unexpected, mismatched, *, model: str, weights: str, config: str,
-                  absent_ok: tuple[str, ...] = (), extra_ok: tuple[str, ...] = ()) -> None:
+                  absent_ok: tuple[str, ...] = (), extra_ok: tuple[str, ...] = (), fix: str | None = None) -> None:
     """Raise a BackboneError when the checkpoint does not fit the model: `missing` keys (but those starting with one of
     `absent_ok`), `unexpected` keys (but those starting with one of `extra_ok`), `mismatched` (key, checkpoint shape,
-    model shape) triples. `model`, `weights` and `config` name the model class and the files, for the message."""
-    fix = _prefix_fix(sorted(missing), sorted(unexpected))
+    model shape) triples. `model`, `weights` and `config` name the model class and the files, for the message; `fix`
+    replaces the advice written for checkpoint directories (their config.json)."""
+    fix = fix or _prefix_fix(sorted(missing), sorted(unexpected))
     missing = sorted(k for k in missing if not k.startswith(absent_ok))
     unexpected = sorted(k for k in unexpected if not k.startswith(extra_ok))
     mismatched = sorted((k, tuple(a), tuple(b)) for k, a, b in mismatched)
