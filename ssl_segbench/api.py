@@ -107,12 +107,14 @@ def evaluate(model, dataset: str = "synthetic", data_root: str | Path | None = N
              crf: bool = False, save_masks: str | Path | None = None, results_dir: str | Path | None = None,
              cache: bool = True, write_records: bool = True, batch_size: int | None = None,
              workers: int | None = None, mean=None, std=None, overwrite: str = "skip", registry: str | None = None,
-             dataset_options: dict | None = None) -> Results:
+             dataset_options: dict | None = None, arch: str | None = None,
+             checkpoint_key: str | None = None) -> Results:
     """Benchmark `model` on `dataset` with each protocol of `protocols` (names or presets, 'kmeans:stego'; a comma
     string as --protocol takes it works too), exactly as `ssl-segbench run` does with the same options (same names,
     same defaults). `model`: a registry id or --backbone string, a timm VisionTransformer / Eva, a transformers vision
     model, or `Adapter(module, ...)`. `params`: {'linear.epochs': 5} or {'linear': {'epochs': 5}}; `crf`: the CRF for
-    every protocol (--crf); `mean`/`std`: the input normalisation, replacing the model's own. `device='auto'` runs an
+    every protocol (--crf); `mean`/`std`: the input normalisation, replacing the model's own; `arch` / `checkpoint_key`:
+    the timm architecture and key set of a training checkpoint file (--arch, --checkpoint-key). `device='auto'` runs an
     in-memory model where its parameters are. `cache=False`: nothing is written under the cache root;
     `write_records=False`: no record file is written. Returns the results by protocol spec."""
     if isinstance(protocols, str):
@@ -131,7 +133,8 @@ def evaluate(model, dataset: str = "synthetic", data_root: str | Path | None = N
                       results_dir=None if results_dir is None else Path(results_dir), overwrite=overwrite,
                       registry=registry, params=by_protocol, dataset_options=dataset_options,
                       save_masks=None if save_masks is None else Path(save_masks), write_records=write_records,
-                      mean=None if mean is None else tuple(mean), std=None if std is None else tuple(std))
+                      mean=None if mean is None else tuple(mean), std=None if std is None else tuple(std),
+                      arch=arch, checkpoint_key=checkpoint_key)
     with contextlib.ExitStack() as stack:
         if module is not None:
             stack.enter_context(preserved(module))

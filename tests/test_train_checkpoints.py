@@ -180,6 +180,22 @@ def test_a_cli_run_records_the_key_set_and_the_files_sha256(ckpts, small_synthet
     assert keys["teacher"] != keys["student"]
 
 
+
+def test_evaluate_takes_a_training_checkpoint_as_the_cli_does(ckpts, small_synthetic, tmp_path, monkeypatch):
+    """`evaluate(path, arch=, checkpoint_key=)` writes the CLI's record for the same file and key set."""
+    import ssl_segbench
+
+    monkeypatch.setenv("SSL_SEGBENCH_CACHE", str(tmp_path / "cache"))
+    path = ckpts["dino"][0]
+    rc, err = _cli(tmp_path, *_run_args(tmp_path, small_synthetic, path), "--arch", TINY, "--checkpoint-key", "student")
+    assert rc == 0, err
+    (cli_record,) = [json.loads(p.read_text()) for p in (tmp_path / "res").rglob("*.json")]
+    res = ssl_segbench.evaluate(str(path), dataset="synthetic", data_root=small_synthetic, protocols=["kmeans"],
+                                seeds=1, size=64, arch=TINY, checkpoint_key="student", write_records=False)
+    record = res["kmeans"].record
+    assert record.key == cli_record["key"] and record.metrics == cli_record["metrics"]
+    assert record.backbone["checkpoint"]["key_set"] == "student"
+
 @pytest.mark.parametrize("backbone, extra, expected", [
     ("dino", ["--arch", "vit_tiny_patch16_22"], ["--arch 'vit_tiny_patch16_22' is not a timm architecture",
                                                  "Did you mean 'vit_tiny_patch16_224'"]),
