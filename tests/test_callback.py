@@ -5,6 +5,7 @@ README's two examples run here as they are printed."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,44 +25,26 @@ def _toy_vit():
                              img_size=64, embed_dim=32, depth=2, num_heads=2)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example(name: str, data) -> dict:
+    """Run the README's python block marked `<!-- example: NAME ... -->` as printed, with `DATA` bound to the dataset
+    folder; its variables come back."""
+    text = README.read_text()
+    after = text[text.index(f"<!-- example: {name} "):]
+    code = after[after.index("```python\n") + len("```python\n"): after.index("\n```\n")]
+    namespace = {"DATA": data}
+    exec(compile(code, f"README.md ({name} example)", "exec"), namespace)  # noqa: S102 - the README's own example
+    return namespace
+
+
 def readme_api_example(DATA):  # noqa: N803 - the README's name for the dataset folder
-    import timm
-
-    import ssl_segbench
-
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True)
-    res = ssl_segbench.evaluate(model, dataset="synthetic", data_root=DATA, protocols=["kmeans", "linear"],
-                                params={"linear.epochs": 2}, seeds=1, size=64, device="cpu")
-    print(res["kmeans"].miou, res["linear"].pixel_acc, [r.key for r in res.records])
-    return res
+    return readme_example("api", DATA)["res"]
 
 
 def readme_callback_example(DATA):  # noqa: N803
-    import copy
-
-    import timm
-    import torch
-
-    from ssl_segbench.callback import evaluate_every
-
-    student = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
-                                img_size=64, embed_dim=32, depth=2, num_heads=2)  # a toy size
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    hook = evaluate_every(1, log=lambda metrics, step: print(step, metrics),  # e.g. wandb.log
-                          dataset="synthetic", data_root=DATA, protocols=["kmeans"], seeds=1, size=64)
-    for epoch in range(2):
-        for _ in range(2):  # your data loader
-            x = torch.randn(4, 3, 64, 64)
-            loss = (student(x + 0.1 * torch.randn_like(x)) - teacher(x)).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():  # the teacher is an EMA of the student, as in DINO
-                for ps, pt in zip(student.parameters(), teacher.parameters()):
-                    pt.mul_(0.99).add_(ps, alpha=0.01)
-        hook(teacher, epoch)  # every N epochs: benchmark the teacher (cache=False: no features kept)
-    return hook
+    return readme_example("callback", DATA)["hook"]
 
 
 def test_readme_api_example_runs(small_synthetic, tmp_path, monkeypatch):
