@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__, distributed
@@ -507,7 +506,7 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
         dataset={**eval_set.describe(), "n_resized_masks": len(resized), "resized_masks": resized},
         protocol={"name": proto.name, "version": proto.version, "preset": proto.preset, "params": job.params},
         transform=transform.to_dict(), seeds=job.seeds, metrics=metrics, per_seed=result.per_seed, info=info,
-        confusions=None if result.confusions is None else [np.asarray(c).tolist() for c in result.confusions],
+        confusions=result.confusions,
         image_stats=None if stats is None else {
             "what": "per seed, per image (dataset order), per class: [tp, fp, fn] after matching",
             **encode_array(stats)},

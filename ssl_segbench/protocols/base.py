@@ -164,13 +164,17 @@ def _type_name(allowed: tuple) -> str:
 @dataclass
 class ProtocolResult:
     """What a protocol's run returns: per-seed scores (`metrics.scores` plus protocol facts), facts for the record's
-    info, the confusion matrices (arrays or nested lists: the record stores lists), and the (S, N, C, 3) per-image
-    [tp, fp, fn] for bootstrap intervals over images."""
+    info, the confusion matrices (given as arrays or nested lists, kept as the nested lists a record stores), and the
+    (S, N, C, 3) per-image [tp, fp, fn] for bootstrap intervals over images."""
 
     per_seed: list[dict]
     info: dict = field(default_factory=dict)
     confusions: list | None = None
     image_stats: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.confusions is not None:
+            self.confusions = [np.asarray(c).tolist() for c in self.confusions]
 
 
 class Protocol:

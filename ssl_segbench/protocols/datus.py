@@ -186,12 +186,11 @@ class DatUSProtocol(Protocol):
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: noise_mapping(conf, matching), saver,
                                       extra=lambda j, conf, m: {"cluster_to_class": m[:-1].tolist(),
                                                                 "noise_excluded": noise_excluded(conf, m)})
-        confs = [conf.tolist() for conf in confs]
 
         n_seg = int(sum(int(s.max()) + 1 for s in segs))
         noise_patches = int(sum((vm < 0).sum() for vm in vmaps))
         total_patches = int(sum(vm.size for vm in vmaps))
-        conf0 = np.asarray(confs[0])
+        conf0 = confs[0]
         info = {
             "k": k, "matching": matching, "segments": n_seg, "valid_segments": n_valid,
             "noise_segments": n_seg - n_valid, "noise_patch_fraction": round(noise_patches / total_patches, 6),
