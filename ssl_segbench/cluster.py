@@ -160,10 +160,10 @@ def nearest(x: torch.Tensor, c: torch.Tensor, spherical: bool, chunk: int | None
                                                                                                    float]:
     """Each row's centroid (largest inner product for spherical k-means, else smallest Euclidean distance) and the
     k-means objective (sum of those inner products, or of squared distances), in chunks of rows that bound the
-    (rows × k) score matrix."""
+    (rows × k) score matrix. No rows (an image without foreground tokens in leopart-cd) give no labels."""
     chunk = chunk or max(1, (1 << 25) // max(len(c), 1))
     bias = _bias(c, spherical)
-    labels, obj = [], 0.0
+    labels, obj = [torch.zeros(0, dtype=torch.long, device=x.device)], 0.0
     for start in range(0, len(x), chunk):
         xs = x[start: start + chunk]
         best, lab = (xs @ c.T + bias).max(1)
