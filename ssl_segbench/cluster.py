@@ -2,6 +2,7 @@
 the clustering protocols."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -65,6 +66,33 @@ class Preprocess:
 
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 _EPS = 1.0 / 1024  # relative perturbation when an empty cluster takes over half of another (faiss's value)
+# Work of one Lloyd iteration (points × dimensions × clusters) below which a faiss fit runs on one OpenMP thread. Such
+# an iteration takes at most about 15 ms on one core; split between threads, each of its few parallel steps ends in a
+# barrier that, on a busy machine, waits a scheduler slice for a thread that is not running: K=8 on 2,048 tokens of 384
+# dimensions took 16× longer per iteration with 2 threads than with 1 on a loaded 2-core machine. faiss's centroids
+# are the same bytes for any thread count (tests/test_kmeans_threads.py), so the policy moves no number.
+ONE_THREAD_WORK = 1 << 27
+
+
+def faiss_fit_threads(n: int, d: int, k: int) -> int | None:
+    """OpenMP threads for a faiss k-means fit of n points of d dimensions into k clusters, from the problem alone: 1
+    below `ONE_THREAD_WORK`, else None (faiss's own setting: every core)."""
+    return 1 if n * d * k < ONE_THREAD_WORK else None
+
+
+@contextmanager
+def faiss_threads(n: int | None):
+    """faiss's OpenMP thread count (the calling thread's) set to `n` inside the block and restored after it, also after
+    an exception; None leaves it as it is."""
+    if n is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def kmeans_backend(requested: str, device: str) -> str:
@@ -83,7 +111,8 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spherical: 
     """k-means centroids (k, D), the best of `nredo` restarts of `niter` Lloyd iterations. `max_points_per_centroid`
     caps the points used at k × that many, drawn uniformly; None fits on every given point (faiss's own default of
     256 silently subsamples; Leopart's preset keeps it). `backend` 'faiss' (on the GPU when faiss has one and
-    `device` is CUDA), 'torch' (`torch_kmeans` on `device`) or 'auto' (`kmeans_backend`)."""
+    `device` is CUDA), 'torch' (`torch_kmeans` on `device`) or 'auto' (`kmeans_backend`). A fit on the CPU runs on
+    `faiss_fit_threads` OpenMP threads."""
     if len(x) < k:
         raise SegbenchError(f"k-means with k={k} needs at least {k} points, got {len(x)}: lower k")
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -94,10 +123,13 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spherical: 
         raise SegbenchError(f"kmeans_backend must be one of {KMEANS_BACKENDS}, got {backend!r}")
     # min_points_per_centroid only gates faiss's raw stderr line "WARNING clustering N points to K centroids: please
     # provide at least ..." (the centroids are the same); a fit on fewer than k points is refused above
+    gpu = device.startswith("cuda") and faiss.get_num_gpus() > 0
     km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, verbose=False,
                       max_points_per_centroid=max_points_per_centroid or (len(x) // k + 1), min_points_per_centroid=1,
-                      gpu=device.startswith("cuda") and faiss.get_num_gpus() > 0)
-    km.train(x)
+                      gpu=gpu)
+    fitted = min(len(x), k * max_points_per_centroid) if max_points_per_centroid else len(x)
+    with faiss_threads(None if gpu else faiss_fit_threads(fitted, x.shape[1], k)):
+        km.train(x)
     return km.centroids.copy()
 
 
@@ -128,10 +160,10 @@ def nearest(x: torch.Tensor, c: torch.Tensor, spherical: bool, chunk: int | None
                                                                                                    float]:
     """Each row's centroid (largest inner product for spherical k-means, else smallest Euclidean distance) and the
     k-means objective (sum of those inner products, or of squared distances), in chunks of rows that bound the
-    (rows × k) score matrix."""
+    (rows × k) score matrix. No rows (an image without foreground tokens in leopart-cd) give no labels."""
     chunk = chunk or max(1, (1 << 25) // max(len(c), 1))
     bias = _bias(c, spherical)
-    labels, obj = [], 0.0
+    labels, obj = [torch.zeros(0, dtype=torch.long, device=x.device)], 0.0
     for start in range(0, len(x), chunk):
         xs = x[start: start + chunk]
         best, lab = (xs @ c.T + bias).max(1)

@@ -45,6 +45,19 @@ def test_nearest_matches_brute_force_distances():
     np.testing.assert_array_equal(assign(x, c, False), d2.argmin(1))
 
 
+def test_nearest_of_no_rows_is_no_labels():
+    """An image without foreground tokens (leopart-cd assigns each image's foreground alone): no labels, objective 0,
+    and the image's map keeps its background label; the rows of other calls are labelled as before."""
+    c = np.random.default_rng(0).normal(size=(4, 7)).astype(np.float32)
+    for spherical in (False, True):
+        lab, obj = nearest(torch.zeros(0, 7), torch.from_numpy(c), spherical)
+        assert lab.dtype == torch.int64 and lab.shape == (0,) and obj == 0.0
+    m, fg = np.full((2, 3), 4), np.zeros((2, 3), dtype=bool)
+    m[fg] = assign(np.zeros((0, 7), dtype=np.float32), c, False)
+    np.testing.assert_array_equal(m, np.full((2, 3), 4))
+    np.testing.assert_array_equal(assign(c[[2, 0]] + 0.01, c, False), [2, 0])
+
+
 @pytest.mark.parametrize("spherical", [False, True])
 def test_torch_kmeans_finds_planted_clusters_as_faiss_does(spherical):
     """Three clusters and 20 restarts (a random start hits all three with probability 2/9, so the best restart finds
