@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .cache import release_pages
+from .cluster import faiss_threads
 from .errors import SegbenchError
 
 INDEXES = ("exact", "ivf", "hnsw")
@@ -117,14 +118,10 @@ class ApproximateIndex:
             index.hnsw.efSearch = self.ef
         else:
             raise SegbenchError(f"approximate index must be 'ivf' or 'hnsw', got {self.kind!r}")
-        threads = faiss.omp_get_max_threads()
-        if self.kind == "hnsw":  # a multithreaded HNSW insert links nodes in a racy order: one thread, one graph
-            faiss.omp_set_num_threads(1)
-        try:
+        # a multithreaded HNSW insert links nodes in a racy order: one thread, one graph
+        with faiss_threads(1 if self.kind == "hnsw" else None):
             for start in range(0, n, BANK_ROWS):
                 index.add(np.ascontiguousarray(bank[start: start + BANK_ROWS], dtype=np.float32))
-        finally:
-            faiss.omp_set_num_threads(threads)
         return index
 
 
