@@ -237,7 +237,8 @@ class LeopartCDProtocol(Protocol):
             maps = []
             for n, (xi, f, g) in enumerate(zip(x, fg_tokens, grids)):
                 m = np.full(g, k, dtype=np.int64)
-                m[f] = assign(xi[f.ravel()], c_k, False, ctx.device)
+                if f.any():  # an image CBFE left without foreground is all background (nothing to assign)
+                    m[f] = assign(xi[f.ravel()], c_k, False, ctx.device)
                 maps.append(upsample_nearest(m, work_shape(*images[n])))
 
             # 5. co-occurrence graph (all fit images)
