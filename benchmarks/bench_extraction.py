@@ -2,8 +2,10 @@
 
 1. harness feature extraction (decode, transform, DataLoader, forward, fp16 memmap write) vs the bare backbone forward
    on the same, pre-transformed tensors, the model loaded once as in a run;
-2. the whole protocol suite vs one feature pass, per protocol: on the SUIM sample with the shared DINOv2 (when
-   ../shared is there) and on the synthetic set with the random ViT;
+2. the whole protocol suite vs one feature pass, per protocol, its own backbone passes (crops) apart from its own
+   work (scoring, graph, masks, fit; `breakdown`, from the seconds records keep in their info), with fs4 and retrieval
+   timed in the same run: on the SUIM sample with the shared DINOv2 (when ../shared is there) and on the synthetic
+   set with the random ViT;
 3. peak resident memory of extraction at two dataset sizes, in fresh processes: it should not grow with the number of
    images beyond the page cache of the memory-mapped output.
 
