@@ -2,8 +2,10 @@
 
 1. harness feature extraction (decode, transform, DataLoader, forward, fp16 memmap write) vs the bare backbone forward
    on the same, pre-transformed tensors, the model loaded once as in a run;
-2. the whole protocol suite vs one feature pass, per protocol: on the SUIM sample with the shared DINOv2 (when
-   ../shared is there) and on the synthetic set with the random ViT;
+2. the whole protocol suite vs one feature pass, per protocol, its own backbone passes (crops) apart from its own
+   work (scoring, graph, masks, fit; `breakdown`, from the seconds records keep in their info), with fs4 and retrieval
+   timed in the same run: on the SUIM sample with the shared DINOv2 (when ../shared is there) and on the synthetic
+   set with the random ViT;
 3. peak resident memory of extraction at two dataset sizes, in fresh processes: it should not grow with the number of
    images beyond the page cache of the memory-mapped output.
 
@@ -78,14 +80,39 @@ def bench_throughput(args, work: Path) -> None:
 
 
 SUITE = ("kmeans", "linear", "overcluster", "leopart-cd", "datus", "maskdistill")
+EXTRA = ("fs4", "retrieval")  # timed in the same run, listed apart: issue 24's suite ratio is SUITE's
+SUIM_EXTRA = ("fs4",)  # the SUIM sample has no train split for retrieval's memory bank
 SMALL = {"overcluster": {"k": 100}, "leopart-cd": {"cbfe_k": 50, "k": 20}}  # the samples are a few images
 
 
+def breakdown(record) -> dict[str, float]:
+    """A record's wall seconds split by what its info and passes say ran (seconds the protocols record themselves):
+    `crops` its own backbone passes computed in this run (DatUS² segment crops, MaskDistill mask crops), `scoring`
+    the Predictions streams (scoring functions, upsampling, argmax), `graph` graph work (DatUS² per-image Louvain
+    segment discovery, leopart-cd co-occurrence graph and infomap), `masks` MaskDistill's object masks, and `fit`
+    the rest: clustering, training, matching, reading the cache."""
+    info, computed = record.info, any(p["computed"] for p in record.provenance["passes"] if p["kind"] != "features")
+    out = {"crops": 0.0, "scoring": float(info.get("stream_seconds", 0.0)), "graph": 0.0, "masks": 0.0}
+    if computed and "segment_embeddings" in info:
+        out["crops"] += float(info["segment_embeddings"]["seconds"])
+    if "segment_discovery_seconds" in info:
+        out["graph"] += float(info["segment_discovery_seconds"])
+    if "seconds" in info.get("graph", {}):
+        out["graph"] += float(info["graph"]["seconds"])
+    for name, sec in info.get("pseudo_seconds", {}).items():
+        if not info["pseudo_cache_hit"][name]:
+            out["crops"] += float(sec["embed"])
+            out["masks"] += float(sec["masks"])
+    out["fit"] = max(0.0, float(record.provenance["wall_seconds"]) - sum(out.values()))
+    return out
+
+
 def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, device: str = "cpu",
-                tag: str = "[2]") -> None:
-    """One feature pass (tokens of the evaluation split), then the whole suite in a fresh cache: its one shared pass
-    (every facet of every split it reads), each protocol on top, and the ratios. The dataset is hashed first and the
-    model's load time is taken out of the suite's figures, so every ratio compares compute with compute."""
+                tag: str = "[2]", extra: tuple[str, ...] = EXTRA) -> None:
+    """One feature pass (tokens of the evaluation split), then the whole suite (and `extra`) in a fresh cache: its
+    one shared pass (every facet of every split it reads), each protocol on top, split by `breakdown`, and the
+    ratios. The dataset is hashed first and the model's load time is taken out of the suite's figures, so every ratio
+    compares compute with compute."""
     import torch
 
     from ssl_segbench.backbones import BackboneRef
@@ -107,8 +134,8 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
             else 16, num_workers=loader_workers(device), root=work / f"one-pass-{name}")
     one = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = run(RunOptions(backbone=backbone, dataset=dataset, data_root=data_root, protocols=SUITE, params=SMALL,
-                         device=device, results_dir=work / f"res-{name}", write_records=False))
+    out = run(RunOptions(backbone=backbone, dataset=dataset, data_root=data_root, protocols=SUITE + tuple(extra),
+                         params=SMALL, device=device, results_dir=work / f"res-{name}", write_records=False))
     total = time.perf_counter() - t0 - load
     records = [r for _, _, r in out]
     shared = records[0].provenance["shared_feature_pass_seconds"] - load
@@ -123,12 +150,32 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
     print(f"    one feature pass (tokens of {ds.split}, {len(ds)} images)  {one:7.2f} s")
     print(f"    the suite's shared pass (all facets, {' + '.join(f'{k} {v}' for k, v in splits.items())} images)"
           f"  {shared:7.2f} s = {shared / one:5.2f} × one pass")
+    parts = ("crops", "scoring", "graph", "masks", "fit")
+    print(f"    {'protocol':12s} {'seconds':>8s} {'× pass':>7s}   own backbone passes | own work, × one pass: "
+          "scoring (score, upsample, argmax) / graph / masks / fit (clustering, training, rest)")
+    extra_s = 0.0
     for r in records:
         sec = r.provenance["wall_seconds"]
-        crops = sorted({p["kind"] for p in r.provenance["passes"] if p["kind"] != "features"})
-        note = f"  (incl. {', '.join(crops)})" if crops else ""
-        print(f"    {r.protocol_spec:12s} {sec:7.2f} s = {sec / one:5.2f} × one pass{note}")
-    print(f"    whole suite  {total:7.2f} s = {total / one:5.2f} × one pass")
+        if r.protocol["name"] in extra:
+            extra_s += sec
+        b = {k: v / one for k, v in breakdown(r).items()}
+        own = " / ".join(f"{b[k]:5.2f}" for k in parts[1:])
+        print(f"    {r.protocol_spec:12s} {sec:8.2f} {sec / one:7.2f}   crops {b['crops']:5.2f} | {own}"
+              + ("   (not in the suite ratio)" if r.protocol["name"] in extra else ""))
+    suite = total - extra_s
+    print(f"    whole suite ({', '.join(SUITE)}: shared pass + protocols)  {suite:7.2f} s = {suite / one:5.2f} × one "
+          "pass")
+
+
+def bench_suites(shared: Path, work: Path, device: str = "cpu", tag: str = "[2]") -> None:
+    """`bench_suite` on the SUIM sample with the shared DINOv2 (when `shared` has them), then on the synthetic set
+    with the random ViT-S/16."""
+    model, suim = shared / "models" / "dinov2-small-imgfocus", shared / "data" / "suim_sample"
+    if model.is_dir() and suim.is_dir():
+        bench_suite("suim-sample", str(model), "suim", str(suim), work, device, tag, extra=SUIM_EXTRA)
+    else:
+        print(f"{tag} suite on the SUIM sample: skipped, {model} or {suim} is not there (--shared DIR)")
+    bench_suite("synthetic", "random_vits16", "synthetic", None, work, device, tag)
 
 
 def _peak_child(n: int, work: Path, args) -> dict:
@@ -190,13 +237,7 @@ def main() -> None:
         if "1" in only:
             bench_throughput(args, work)
         if "2" in only:
-            shared = Path(args.shared)
-            model, suim = shared / "models" / "dinov2-small-imgfocus", shared / "data" / "suim_sample"
-            if model.is_dir() and suim.is_dir():
-                bench_suite("suim-sample", str(model), "suim", str(suim), work)
-            else:
-                print(f"[2] suite on the SUIM sample: skipped, {model} or {suim} is not there (--shared DIR)")
-            bench_suite("synthetic", "random_vits16", "synthetic", None, work)
+            bench_suites(Path(args.shared), work)
         if "3" in only:
             bench_memory(args, work)
 

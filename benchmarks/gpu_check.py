@@ -4,7 +4,9 @@ on a GPU), printing figures.
 1. the tests that exercise CUDA paths (tests/test_cuda.py and the device-agnostic protocol tests, on the GPU);
 2. extraction of a ViT-B/16 at 448² in bf16: the bare forward on pre-decoded tensors, the DataLoader alone (decode,
    resize, normalise in workers), and the harness end to end (decode → forward → fp16 cache), as images/s and ratios;
-3. the protocol suite vs one feature pass (benchmarks/bench_extraction.py's [2], on the GPU);
+3. the protocol suite (and fs4, retrieval) vs one feature pass, per protocol with its own backbone passes apart from
+   its own work (benchmarks/bench_extraction.py's [2], on the GPU): on the synthetic set, and on the SUIM sample with
+   the shared DINOv2 where --shared has them;
 4. k-means on 1M tokens of width 768: torch on the GPU (K = 27 and K = 500) and faiss on the CPU cores.
 
 Figures are printed, never asserted. `--quick --device cpu` runs every part at toy sizes (a smoke test of this script).
@@ -139,6 +141,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes: checks that every part of the script runs")
     p.add_argument("--skip", default="", help="parts to leave out, e.g. 1,3")
     p.add_argument("--test-timeout", type=int, default=240)
+    p.add_argument("--shared", default=str(HERE.parent / "shared"),
+                   help="a folder with data/suim_sample and models/dinov2-small-imgfocus: part 3 then also runs the "
+                        "suite on the SUIM sample (default: shared/ of this checkout)")
     args = p.parse_args()
     args.images, args.size, args.batch_size, args.tokens = (768, 448, 64, 1_000_000) if not args.quick else \
         (8, 64, 4, 5_000)
@@ -154,9 +159,9 @@ def main() -> None:
         if "2" not in skip:
             bench_extraction(args, work)
         if "3" not in skip:
-            from bench_extraction import bench_suite
+            from bench_extraction import bench_suites
 
-            bench_suite("synthetic", "random_vits16", "synthetic", None, work, device=args.device, tag="[3]")
+            bench_suites(Path(args.shared), work, args.device, "[3]")
         if "4" not in skip:
             bench_kmeans(args)
 

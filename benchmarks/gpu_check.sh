@@ -2,6 +2,9 @@
 # The GPU check as one command on a lent GPU machine (its image has torch, timm, transformers, scikit-image; the rest
 # travels as wheels made here by `make gpu-wheels` into .whl/, carried with the working tree):
 #   device run: bash benchmarks/gpu_check.sh        (carry: .whl)
+# Part 3 times the whole protocol suite per protocol on the synthetic set, and on the SUIM sample with the shared DINOv2
+# where shared/ (data/suim_sample, models/dinov2-small-imgfocus) is in the checkout or `--shared DIR` names it.
+# A CPU smoke test of every part at toy sizes: bash benchmarks/gpu_check.sh --quick --device cpu
 # Output goes to the terminal and, where $OUT is set, to $OUT/gpu_check.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -96,6 +96,8 @@ def test_crop_maps_patches_back_to_the_original_image():
     seg = np.array([[True, True], [False, True]])
     crop = np.asarray(segment_crop(img, seg, rows, cols))
     assert crop.shape == (4, 4, 3) and crop[2:, :2].max() == 0 and crop[:2, :2, 2].min() == 200
+    # the image's RGB array, converted once for all its segments (segment_cls), crops the same pixels
+    assert np.array_equal(np.asarray(segment_crop(np.asarray(img), seg, rows, cols)), crop)
     # square policy, downscaling 8×8 → 4×4: patch (1, 0) covers y 4..7, x 0..3
     rows, cols = pixel_patches(Transform("square", 4, 2), 8, 8, (2, 2))
     assert rows.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and cols.tolist() == rows.tolist()

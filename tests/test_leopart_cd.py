@@ -107,14 +107,15 @@ def test_cluster_precisions_and_label_free_thresholds():
         cbfe_threshold(precs, "oracle")
 
 
-def _planted(tmp_path, n=12, grid=8, patch=4, dim=16):
-    """Background (class 0, low attention) with the three object classes as 2×2-patch squares (high attention)."""
+def _planted(tmp_path, n=12, grid=8, patch=4, dim=16, empty=()):
+    """Background (class 0, low attention) with the three object classes as 2×2-patch squares (high attention);
+    the images in `empty` are background only."""
     rng = np.random.default_rng(1)
     centres = np.random.default_rng(7).normal(size=(4, dim)).astype(np.float32) * 3
     tokens, attn, labels = [], [], []
-    for _ in range(n):
+    for i in range(n):
         g = np.zeros((grid, grid), dtype=np.int64)
-        for c, (r, col) in zip((1, 2, 3), [(0, 0), (0, 5), (5, 2)]):
+        for c, (r, col) in zip((1, 2, 3), [(0, 0), (0, 5), (5, 2)] if i not in empty else []):
             dr, dc = rng.integers(0, 2, size=2)
             g[r + dr: r + dr + 2, col + dc: col + dc + 2] = c
         tokens.append(centres[g] + 0.05 * rng.normal(size=(grid, grid, dim)).astype(np.float32))
@@ -143,6 +144,17 @@ def test_protocol_recovers_planted_objects_without_merging(tmp_path):
     for s in res.per_seed:
         assert s["merged_labels"] == 4 and s["miou"] == 1.0 and s["pixel_acc"] == 1.0
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(f"img{i}.png" for i in range(12))
+
+
+def test_an_image_without_foreground_is_all_background(tmp_path):
+    """CBFE can leave an image with no foreground token (seen on the synthetic set with random_vits16): the image is
+    predicted background everywhere, the others as before."""
+    fs = _planted(tmp_path, empty=(0,))
+    res = get_protocol("leopart-cd", k=3, markov_time=1.0, weight_threshold=2.0, cbfe_k=8, pca_dim=8,
+                       eval_size=None).run(_ctx(fs, [0]))
+    s = res.per_seed[0]
+    assert s["merged_labels"] == 4 and s["miou"] == 1.0 and s["pixel_acc"] == 1.0
+    assert np.asarray(res.confusions[0])[0].sum() > np.asarray(res.confusions[0])[1].sum()  # image 0: background
 
 
 def test_fewer_merged_labels_than_classes_count_as_wrong(tmp_path):

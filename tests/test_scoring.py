@@ -195,3 +195,29 @@ def test_crf_true_without_scoring_through_the_stream_is_refused():
 def test_a_protocol_cannot_replace_run():
     with pytest.raises(TypeError, match="implements evaluate"):
         type("Bypass", (Protocol,), {"run": lambda self, ctx: None})
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
+@pytest.mark.parametrize("limit,calls", [(1 << 26, 3), (2 * 4 * 6 * 18 * 21, 4), (1, 6)])
+def test_seeds_upsampled_together_equal_one_call_per_seed(monkeypatch, upsample, limit, calls):
+    """Issue 24: the seeds' scores of a batch share one interpolation and argmax where their shapes agree and the
+    upsampled scores stay within the limit; the labels equal one `scores_to_labels` call per seed, bit for bit."""
+    from ssl_segbench.protocols import base
+
+    rng = np.random.default_rng(3)
+    ks = [6, 6, 6, 5, 6, 6]  # seed 3 has fewer clusters: its neighbours cannot be concatenated with it
+    scored = [torch.from_numpy(rng.normal(size=(4, k, 7, 5)).astype(np.float32)) for k in ks]
+    size = (18, 21)
+    reference = [base.scores_to_labels(s, size, upsample) for s in scored]
+    made = []
+    real = base.scores_to_labels
+    monkeypatch.setattr(base, "scores_to_labels", lambda s, *a: made.append(len(s)) or real(s, *a))
+    monkeypatch.setattr(base, "UPSAMPLED_SCORES", limit)
+    labels = base.seeds_to_labels(scored, size, upsample)
+    assert len(made) == calls  # all-in-one limit: [0-2], [3], [4-5]; two seeds at a time: [0-1], [2], [3], [4-5]
+    assert sum(made) == 4 * len(ks)
+    assert len(labels) == len(ks)
+    for got, want in zip(labels, reference):
+        assert got.shape == (4, *size)
+        assert torch.equal(got, want)
+    assert not torch.equal(labels[0], labels[1])  # the seeds' labels differ: a mix-up would show

@@ -220,6 +220,7 @@ class Protocol:
             raise ProtocolError(f"protocol '{self.name}' with crf=true: {e}") from None
         self.check_data(ctx.eval_set, ctx.train_set, ctx.transform)
         result = self.evaluate(ctx)
+        result.info["stream_seconds"] = round(ctx.scoring.seconds, 3)
         if ctx.scoring.crf is not None:
             result.info["crf"] = ctx.scoring.record(self.name)
         return result
@@ -387,7 +388,8 @@ def backbone_tokens(ctx: Context, images: list[torch.Tensor], name_of: Callable[
 class Scoring:
     """A protocol run's scoring setting, given explicitly to every `Predictions` stream: the CRF parameters (None:
     plain argmax), the temperature of the CRF's unaries, the device scores are computed on, and the datasets whose
-    images the CRF compares labels against. The streams tally here what the CRF did, for the record's `info.crf`."""
+    images the CRF compares labels against. The streams tally here what the CRF did, for the record's `info.crf`, and
+    the seconds spent scoring, upsampling and refining (the record's `info.stream_seconds`, read by `make bench`)."""
 
     crf: CRFParams | None = None
     temperature: float = 1.0
@@ -589,6 +591,28 @@ def scores_to_labels(scores: torch.Tensor, size: tuple[int, int], upsample: str)
     raise ProtocolError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
 
 
+UPSAMPLED_SCORES = 1 << 26  # at most this many upsampled scores (floats) at once while scoring
+
+
+def seeds_to_labels(scored: list[torch.Tensor], size: tuple[int, int], upsample: str) -> list[torch.Tensor]:
+    """`scores_to_labels` of every scoring function's (B, K, h, w) scores of one batch of images, upsampled together:
+    consecutive seeds whose scores have the same shape share one interpolation and one argmax, at most
+    `UPSAMPLED_SCORES` upsampled scores at once. Interpolation and argmax work image by image and channel by channel,
+    so the labels equal those of one call per seed."""
+    out, j = [], 0
+    while j < len(scored):
+        shape = scored[j].shape
+        per_seed = shape[0] * shape[1] * size[0] * size[1]
+        group = max(1, UPSAMPLED_SCORES // max(per_seed, 1))
+        end = j + 1
+        while end < len(scored) and end - j < group and scored[end].shape == shape:
+            end += 1
+        labels = scores_to_labels(torch.cat(scored[j:end]), size, upsample)
+        out.extend(labels.split(shape[0]))
+        j = end
+    return out
+
+
 def _batches(tokens, labels, eval_size: int | None, budget: int) -> Iterator[list[int]]:
     """Consecutive images whose token grids and label maps have the same shapes, at most `budget` label pixels per
     batch (so B × K × H × W upsampled scores stay bounded)."""
@@ -652,13 +676,17 @@ class Predictions:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.scoring.device)
 
     def _argmax(self) -> Iterator[tuple[list[int], int, torch.Tensor, torch.Tensor]]:
-        budget = max(1, (1 << 26) // max(self.num_preds, 1))  # label pixels per batch: ≤ 64 M upsampled scores
+        budget = max(1, UPSAMPLED_SCORES // max(self.num_preds, 1))  # label pixels per batch: ≤ 64 M upsampled scores
         for idx in _batches(self.tokens, self.labels, self.eval_size, budget):
             gt = np.stack([eval_labels(self.labels.labels(i), self.eval_size) for i in idx])
             gt = torch.from_numpy(gt).to(self.scoring.device)
             x = self._tokens(idx)
-            for j, fn in enumerate(self.score_fns):
-                yield idx, j, gt, scores_to_labels(self._scored(fn, x, idx[0]), tuple(gt.shape[1:]), self.upsample)
+            t0 = time.perf_counter()
+            scored = [self._scored(fn, x, idx[0]) for fn in self.score_fns]
+            labels = seeds_to_labels(scored, tuple(gt.shape[1:]), self.upsample)
+            self.scoring.seconds += time.perf_counter() - t0
+            for j, lab in enumerate(labels):
+                yield idx, j, gt, lab
 
     def _refined(self) -> Iterator[tuple[list[int], int, torch.Tensor, torch.Tensor]]:
         if self.upsample not in ("bilinear", "nearest"):

@@ -302,9 +302,11 @@ def pixel_patches(transform: Transform, width: int, height: int, grid: tuple[int
     return _axis_patches(height, rh, top, p, grid[0]), _axis_patches(width, rw, left, p, grid[1])
 
 
-def segment_crop(image: Image.Image, segment: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> Image.Image:
-    """The original image cropped to the segment's bounding box, pixels outside the segment's patches set to 0.
-    `segment` is an (h, w) bool patch mask, `rows` / `cols` the patch index of each original pixel row / column."""
+def segment_crop(image: Image.Image | np.ndarray, segment: np.ndarray, rows: np.ndarray, cols: np.ndarray
+                 ) -> Image.Image:
+    """The original image (or its (H, W, 3) RGB array, converted once for all its segments) cropped to the segment's
+    bounding box, pixels outside the segment's patches set to 0. `segment` is an (h, w) bool patch mask, `rows` /
+    `cols` the patch index of each original pixel row / column."""
     pr, pc = np.flatnonzero(segment.any(1)), np.flatnonzero(segment.any(0))
     ys = np.flatnonzero((rows >= pr[0]) & (rows <= pr[-1]))
     xs = np.flatnonzero((cols >= pc[0]) & (cols <= pc[-1]))
@@ -314,7 +316,8 @@ def segment_crop(image: Image.Image, segment: np.ndarray, rows: np.ndarray, cols
     y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
     mask = segment[np.ix_(np.clip(rows[y0:y1], 0, None), np.clip(cols[x0:x1], 0, None))]
     mask &= (rows[y0:y1, None] >= 0) & (cols[None, x0:x1] >= 0)
-    arr = np.asarray(image.convert("RGB"))[y0:y1, x0:x1] * mask[..., None]
+    rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
+    arr = rgb[y0:y1, x0:x1] * mask[..., None]
     return Image.fromarray(arr.astype(np.uint8))
 
 
@@ -343,9 +346,10 @@ def segment_cls(ctx: Context, segs: list[np.ndarray], valid: list[np.ndarray], r
                 continue
             img = ds.load_image(i)
             rows, cols = pixel_patches(ctx.transform, img.size[0], img.size[1], s.shape)
+            rgb = np.asarray(img.convert("RGB"))
             for j in v:
                 if row >= start:
-                    batch.append(normalise(geometry(segment_crop(img, s == j, rows, cols)), spec.mean, spec.std))
+                    batch.append(normalise(geometry(segment_crop(rgb, s == j, rows, cols)), spec.mean, spec.std))
                     ids.append(row)
                     if len(batch) == ctx.batch_size:  # batched like the main pass (--batch-size)
                         yield torch.stack(batch), ids

@@ -55,6 +55,7 @@ Deliberate departures from Leopart's code:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -236,10 +237,12 @@ class LeopartCDProtocol(Protocol):
             maps = []
             for n, (xi, f, g) in enumerate(zip(x, fg_tokens, grids)):
                 m = np.full(g, k, dtype=np.int64)
-                m[f] = assign(xi[f.ravel()], c_k, False, ctx.device)
+                if f.any():  # an image CBFE left without foreground is all background (nothing to assign)
+                    m[f] = assign(xi[f.ravel()], c_k, False, ctx.device)
                 maps.append(upsample_nearest(m, work_shape(*images[n])))
 
             # 5. co-occurrence graph (all fit images)
+            t0 = time.perf_counter()
             adj = cooccurrence_matrix(maps, k + 1, p.distances)
             edges = graph_edges(adj, hp["weight_threshold"])
             in_graph = {a for e in edges for a in e[:2]}
@@ -252,6 +255,7 @@ class LeopartCDProtocol(Protocol):
                 merged.append(communities(edges, k + 1, hp["markov_time"], preferred, seed + 1,
                                           shared_isolated=p.isolated_clusters == "shared-label"))
                 advance()
+            info["graph"]["seconds"] = round(time.perf_counter() - t0, 3)  # co-occurrence + communities, all seeds
         n_labels = [int(m.max()) + 1 for m in merged]
         # the merged label maps are at the working resolution, which is the ground truth's (eval_size or label
         # resolution): scored as hard labels, nothing is resized
