@@ -237,8 +237,7 @@ class LeopartCDProtocol(Protocol):
             maps = []
             for n, (xi, f, g) in enumerate(zip(x, fg_tokens, grids)):
                 m = np.full(g, k, dtype=np.int64)
-                if f.any():  # an image CBFE left without foreground is all background (nothing to assign)
-                    m[f] = assign(xi[f.ravel()], c_k, False, ctx.device)
+                m[f] = assign(xi[f.ravel()], c_k, False, ctx.device)  # no foreground: nothing assigned, background
                 maps.append(upsample_nearest(m, work_shape(*images[n])))
 
             # 5. co-occurrence graph (all fit images)
