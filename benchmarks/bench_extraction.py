@@ -92,7 +92,7 @@ def breakdown(record) -> dict[str, float]:
     segment discovery, leopart-cd co-occurrence graph and infomap), `masks` MaskDistill's object masks, and `fit`
     the rest: clustering, training, matching, reading the cache."""
     info, computed = record.info, any(p["computed"] for p in record.provenance["passes"] if p["kind"] != "features")
-    out = {"crops": 0.0, "scoring": float(info.get("stream_seconds", 0.0)), "graph": 0.0, "masks": 0.0}
+    out = {"crops": 0.0, "scoring": float(record.provenance.get("scoring_seconds", 0.0)), "graph": 0.0, "masks": 0.0}
     if computed and "segment_embeddings" in info:
         out["crops"] += float(info["segment_embeddings"]["seconds"])
     if "segment_discovery_seconds" in info:

@@ -518,4 +518,5 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
                     "extraction_ranks": plan.world.size,
                     "started": started, "wall_seconds": round(time.perf_counter() - t0, 3),
                     "shared_feature_pass_seconds": plan.seconds,
+                    "scoring_seconds": round(ctx.scoring.seconds, 3),  # in the shared prediction stream
                     "passes": ctx.passes, "cache_hit": not any(p["computed"] for p in ctx.passes)})

@@ -220,7 +220,6 @@ class Protocol:
             raise ProtocolError(f"protocol '{self.name}' with crf=true: {e}") from None
         self.check_data(ctx.eval_set, ctx.train_set, ctx.transform)
         result = self.evaluate(ctx)
-        result.info["stream_seconds"] = round(ctx.scoring.seconds, 3)
         if ctx.scoring.crf is not None:
             result.info["crf"] = ctx.scoring.record(self.name)
         return result
@@ -389,7 +388,8 @@ class Scoring:
     """A protocol run's scoring setting, given explicitly to every `Predictions` stream: the CRF parameters (None:
     plain argmax), the temperature of the CRF's unaries, the device scores are computed on, and the datasets whose
     images the CRF compares labels against. The streams tally here what the CRF did, for the record's `info.crf`, and
-    the seconds spent scoring, upsampling and refining (the record's `info.stream_seconds`, read by `make bench`)."""
+    the seconds spent scoring, upsampling and refining (the record's `provenance.scoring_seconds`, read by `make
+    bench`)."""
 
     crf: CRFParams | None = None
     temperature: float = 1.0
