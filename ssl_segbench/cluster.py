@@ -7,12 +7,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-import faiss
 import numpy as np
 import torch
 
 from .cache import ArrayStore
 from .errors import SegbenchError
+from .faiss_blas import faiss
 
 
 def subsample_rows(x: np.ndarray, max_rows: int | None, rng: int | np.random.Generator = 0) -> np.ndarray:
