@@ -117,6 +117,7 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
 
     from ssl_segbench.backbones import BackboneRef
     from ssl_segbench.data import get_dataset
+    from ssl_segbench.faiss_blas import blas_config
     from ssl_segbench.features import extract, loader_workers
     from ssl_segbench.runner import RunOptions, run
     from ssl_segbench.transforms import Transform
@@ -153,11 +154,14 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
     parts = ("crops", "scoring", "graph", "masks", "fit")
     print(f"    {'protocol':12s} {'seconds':>8s} {'× pass':>7s}   own backbone passes | own work, × one pass: "
           "scoring (score, upsample, argmax) / graph / masks / fit (clustering, training, rest)")
-    extra_s = 0.0
+    extra_s, passes, fits = 0.0, shared, 0.0
     for r in records:
         sec = r.provenance["wall_seconds"]
         if r.protocol["name"] in extra:
             extra_s += sec
+        else:
+            passes += breakdown(r)["crops"]
+            fits += breakdown(r)["fit"] if r.protocol["name"] in ("kmeans", "overcluster") else 0.0
         b = {k: v / one for k, v in breakdown(r).items()}
         own = " / ".join(f"{b[k]:5.2f}" for k in parts[1:])
         print(f"    {r.protocol_spec:12s} {sec:8.2f} {sec / one:7.2f}   crops {b['crops']:5.2f} | {own}"
@@ -165,6 +169,9 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
     suite = total - extra_s
     print(f"    whole suite ({', '.join(SUITE)}: shared pass + protocols)  {suite:7.2f} s = {suite / one:5.2f} × one "
           "pass")
+    print(f"    of which backbone passes (shared + crops) {passes / one:5.2f}, k-means fits of kmeans and overcluster "
+          f"(faiss's matrix products) {fits / one:5.2f}, everything else {(suite - passes - fits) / one:5.2f} × one "
+          f"pass; faiss's BLAS: {blas_config()}")
 
 
 def bench_suites(shared: Path, work: Path, device: str = "cpu", tag: str = "[2]") -> None:
