@@ -19,6 +19,7 @@ import torch
 from ssl_segbench.cluster import kmeans
 from ssl_segbench.metrics import match, remap, scores
 from ssl_segbench.protocols import stego
+from ssl_segbench.setting import Setting
 from ssl_segbench.transforms import five_crop_boxes
 
 
@@ -257,9 +258,12 @@ def test_final_step_rule_head_ignores_evaluation_labels(monkeypatch, tmp_path, s
     # the scores do read the evaluation labels: scrambling them changes the number, not the head
     assert res_a["stego"].miou != res_b["stego"].miou
     # the reference's selection reads them: with it the selected state follows the evaluation labels
-    best_a, _ = _heads(monkeypatch, tmp_path / "c", small_synthetic, selection="best-val", val_every=1)
+    best_a, res_c = _heads(monkeypatch, tmp_path / "c", small_synthetic, selection="best-val", val_every=1)
     best_b, _ = _heads(monkeypatch, tmp_path / "d", scrambled, selection="best-val", val_every=1)
     assert best_a[0][1] != best_b[0][1] or not _same_head(best_a[0][0], best_b[0][0])
+    # ... and is its own column, whose header says so
+    final, best = (Setting.of_record(r["stego"].record).column for r in (res_a, res_c))
+    assert final != best and "best-of-validation" in str(best) and "best-of-validation" not in str(final)
 
 
 def _cli(tmp_path, *args):
@@ -312,3 +316,19 @@ def test_cli_refuses_bad_params_writing_nothing(tmp_path, small_synthetic, param
     cache = tmp_path / "cache"
     assert not [q for q in cache.rglob("meta.json") if "stego" in q.parts or "features" in q.parts]
     assert not list(cache.rglob("*.partial"))
+
+
+def test_crf_and_linear_headline_through_the_shared_paths(monkeypatch, tmp_path, small_synthetic):
+    """`--crf` refines both probes of every image through the shared CRF path and the record says so; `probe=linear`
+    makes the linear probe (identity mapping, no cluster_to_class) the headline of the same trained head."""
+    fitted, plain = _heads(monkeypatch, tmp_path / "plain", small_synthetic)
+    from ssl_segbench.api import evaluate
+
+    crf = evaluate("pixels", "synthetic", small_synthetic, protocols=("stego",), params={"stego": _TINY}, seeds=[0],
+                   write_records=False, device="cpu", crf=True)["stego"].record
+    assert crf.info["crf"]["images_refined"] == 2 * 8 and crf.info["crf"]["iterations"] == 10
+    assert crf.per_seed[0]["cluster_miou"] != plain["stego"].record.per_seed[0]["cluster_miou"]
+    _, lin = _heads(monkeypatch, tmp_path / "lin", small_synthetic, probe="linear")
+    seed = lin["stego"].record.per_seed[0]
+    assert seed["miou"] == seed["linear_miou"] == plain["stego"].record.per_seed[0]["linear_miou"]
+    assert "cluster_to_class" not in seed
