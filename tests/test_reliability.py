@@ -84,7 +84,7 @@ def _crop_cmd(data, results, protocol):
             "--results-dir", str(results), *{"datus": ["--param", "datus.k=4", "--param", "datus.tau=0"],
                                              "retrieval": ["--param", "retrieval.augment=3"],
                                              "stego": [a for q in ("size=64", "train_res=32", "steps=2",
-                                                                   "feature_samples=3", "knn_top=5")
+                                                                   "feature_samples=3", "knn_top=10")
                                                        for a in ("--param", f"stego.{q}")]}.get(protocol, [])]
 
 
