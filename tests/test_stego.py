@@ -249,6 +249,34 @@ def _same_head(a, b) -> bool:
     return all(torch.equal(sa[k], sb[k]) for k in sa) and torch.equal(a.centroids, b.centroids)
 
 
+def test_cached_training_views_are_the_five_crops_resized_nearest(monkeypatch, tmp_path, small_synthetic):
+    """The cached labels of the training views (cut by the same code as their images) equal each hand-cut corner
+    and centre crop of the mask, shorter side → train_res by nearest neighbour, centre-cropped."""
+    from PIL import Image
+
+    from ssl_segbench.cache import ArrayStore
+    from ssl_segbench.data import get_dataset
+
+    _heads(monkeypatch, tmp_path, small_synthetic)
+    (labels,) = [ArrayStore(m.parent) for m in (tmp_path / "cache" / "stego").rglob("meta.json")
+                 if json.loads(m.read_text())["key"]["facet"] == "labels"]
+    ds = get_dataset("synthetic", small_synthetic, "train")
+    res = _TINY["train_res"]
+    assert len(labels) == 5 * len(ds)
+    for i in (0, 5):
+        mask = ds.load_mask(i)
+        h, w = mask.shape
+        ch, cw = h // 2, w // 2
+        corners = [(0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch), (round((w - cw) / 2), round((h - ch) / 2))]
+        for v, (x, y) in enumerate(corners):
+            crop = Image.fromarray(mask[y: y + ch, x: x + cw].astype(np.int32))
+            scale = res / min(cw, ch)
+            rw, rh = max(res, round(cw * scale)), max(res, round(ch * scale))
+            big = np.asarray(crop.resize((rw, rh), Image.NEAREST))
+            left, top = (rw - res) // 2, (rh - res) // 2
+            assert np.array_equal(labels.labels(5 * i + v), big[top: top + res, left: left + res]), (i, v)
+
+
 def test_final_step_rule_head_ignores_evaluation_labels(monkeypatch, tmp_path, small_synthetic):
     scrambled = _scrambled_copy(small_synthetic, tmp_path / "scrambled")
     final_a, res_a = _heads(monkeypatch, tmp_path / "a", small_synthetic)
