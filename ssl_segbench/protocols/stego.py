@@ -123,11 +123,18 @@ class StegoProtocol(Protocol):
     default_seeds = 5
     Params = StegoParams
     axes = {"probe": lambda params: f"{params['probe']} probe", "selection": _selection_axis}
+    # train_config.yml blocks (PROTOCOLS.md §11 B2), (weight, shift) of the negative, kNN and self pairs; the
+    # defaults are the active block "IAROA vit small 1/31/22" (lines 58-64)
     presets = {
+        # "Cocostuff27 vit small 1/31/22" (lines 74-80), the newest ViT-S block for COCO-Stuff
         "cocostuff27": _block((0.63, 0.66), (0.25, 0.02), (0.67, 0.08)),
+        # "Cocostuff27 10/3 vit_small" (lines 94-101)
         "cocostuff27-vits-10-3": _block((0.63, 0.16), (0.25, 0.02), (0.67, 0.08)),
+        # "Cocostuff27 10/3 vit_base" (lines 83-91), the block issue #3 retrained the released ViT-B/8 head with
         "cocostuff27-vitb": _block((0.1538, 1.0), (1.0, 0.2), (0.1, 0.12)),
+        # "Cityscapes 10/3" (lines 126-134); dim stays 70 (the released Cityscapes head has 100, STEGO #52)
         "cityscapes27": _block((0.906, 0.314), (0.577, 0.175), (1.0, 0.458)),
+        # "Potsdam vit small 1/31/22" (lines 66-72); no five-crop (STEGO #39's configuration)
         "potsdam3": {**_block((0.63, 0.46), (0.25, 0.02), (0.67, 0.08)), "crop_type": "none"},
     }
 
