@@ -331,7 +331,9 @@ def test_cli_record_is_deterministic_and_says_what_it_did(tmp_path, small_synthe
 @pytest.mark.parametrize("param, expected", [
     ("stego.batch_size=1", "batch_size must be >= 2"),
     ("stego.knn_top=80", "knn_top=80 neighbours, but the training set has 80 views"),
-    ("stego.train_res=40", "train_res=40 is not a multiple of the backbone's patch size 16"),
+    ("stego.train_res=40", "train_res=40 is not a multiple of the backbone's patch size 16: set --param "
+                           "stego.train_res=32 or 48"),
+    ("stego.size=72", "size=72 is not a multiple of the backbone's patch size 16: set --param stego.size=64 or 80"),
     ("stego.resize=square", "resize must be 'shorter'"),
     ("stego.selection=best", "selection must be one of"),
     ("stego.num_neighbors=9", "num_neighbors (9) must be <= knn_top (5)"),

@@ -164,15 +164,19 @@ class StegoProtocol(Protocol):
     def train_split_wanted(self) -> list[str]:
         return split_candidates(self.p.train_split)
 
+    def input_size(self, patch_size: int) -> int:
+        """The evaluation size, refused (naming this protocol's parameter, which --size does not set) when the patch
+        size does not divide it; so is `train_res`."""
+        for key in ("size", "train_res"):
+            res = getattr(self.p, key)
+            if res % patch_size:
+                below, above = res // patch_size * patch_size, (res // patch_size + 1) * patch_size
+                raise ProtocolError(f"stego: {key}={res} is not a multiple of the backbone's patch size {patch_size}: "
+                                    f"set --param stego.{key}={below or above}" + (f" or {above}" if below else ""))
+        return self.p.size
+
     def check_data(self, eval_set, train_set, transform) -> None:
         p = self.p
-        if transform is not None:
-            for key, res in (("size", transform.size), ("train_res", p.train_res)):
-                if res % transform.patch_size:
-                    q = transform.patch_size
-                    below, above = res // q * q, (res // q + 1) * q
-                    raise ProtocolError(f"stego: {key}={res} is not a multiple of the backbone's patch size {q}: "
-                                        f"set --param stego.{key}={below or above} (or {above})")
         n = len(train_set if train_set is not None else eval_set) * (5 if p.crop_type == "five" else 1)
         if p.knn_top > n - 1:
             raise ProtocolError(f"stego: knn_top={p.knn_top} neighbours, but the training set has {n} views (each "
