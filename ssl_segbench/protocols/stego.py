@@ -35,7 +35,9 @@ block ("IAROA vit small 1/31/22").
 Known differences from the reference: the five crops are cut in memory (the reference saves them as JPEGs first); the
 kNN table uses the tokens without dropout (the reference's featurizer left Dropout2d on); the shorter-side resize
 rounds the long side (torchvision truncates); the batch order is one permutation of the training views per epoch, a
-trailing single view dropped (a negative needs two); the CRF compares against the bicubic-resized image.
+trailing single view dropped (a negative needs two); the CRF compares against the bicubic-resized image; negatives
+are true permutations without fixed points (STEGO shifts a random permutation's fixed points by one, which can repeat
+an image).
 """
 from __future__ import annotations
 
