@@ -107,6 +107,20 @@ def breakdown(record) -> dict[str, float]:
     return out
 
 
+def warm_imports(protocols: tuple[str, ...]) -> None:
+    """What a process imports once, the first time a protocol needs it: the protocols' optional packages and torch's
+    compiler machinery, which torch imports when the first optimizer is made. Imported before anything is timed, as
+    the model is loaded first, so the ratios compare compute with compute."""
+    import torch._dynamo  # noqa: F401
+
+    from ssl_segbench.extras import require
+    from ssl_segbench.protocols import protocol_class
+
+    for name in protocols:
+        for module in protocol_class(name).requires:
+            require(module, f"protocol {name!r}")
+
+
 def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, device: str = "cpu",
                 tag: str = "[2]", extra: tuple[str, ...] = EXTRA) -> None:
     """One feature pass (tokens of the evaluation split), then the whole suite (and `extra`) in a fresh cache: its
@@ -123,6 +137,9 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
     from ssl_segbench.transforms import Transform
 
     os.environ["SSL_SEGBENCH_CACHE"] = str(work / f"cache-suite-{name}")
+    t0 = time.perf_counter()
+    warm_imports(SUITE + tuple(extra))
+    imports = time.perf_counter() - t0
     ds = get_dataset(dataset, data_root)
     ds.content_sha256()  # hashed once (remembered in the cache), before anything is timed
     BackboneRef(backbone).load(device)  # imports and the checkpoint's pages warm, as for the run's own load below
@@ -146,8 +163,8 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
         if train and train not in splits:
             splits[train] = len(get_dataset(dataset, data_root, train))
     print(f"{tag} suite on {name}: {dataset}, {backbone}, {device}, {torch.get_num_threads()} threads, model load "
-          f"{load:.2f} s "
-          "(not counted below)")
+          f"{load:.2f} s and the protocols' first imports {imports:.2f} s (a process pays both once;"
+          " not counted below)")
     print(f"    one feature pass (tokens of {ds.split}, {len(ds)} images)  {one:7.2f} s")
     print(f"    the suite's shared pass (all facets, {' + '.join(f'{k} {v}' for k, v in splits.items())} images)"
           f"  {shared:7.2f} s = {shared / one:5.2f} × one pass")
