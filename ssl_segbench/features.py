@@ -179,10 +179,12 @@ def _first_bad(v: torch.Tensor) -> int | None:
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
-def embed(backbone, batches, layer: int, facets, device: str, amp: bool = True, name_of=str, half: bool = False):
+def embed(backbone, batches, layer: int, facets, device: str, amp: bool = True, name_of=str, half: bool = False,
+          on_device: bool = False):
     """The one batched backbone pass: for each batch, a tuple (images (B, 3, H, W), B item ids, anything else),
     yield (facet → CPU output, the batch). Outputs are float32, or float16 with `half` (what the feature cache
-    stores: converted on the device, so half the bytes cross to the host); bf16 autocast on CUDA with `amp`, as
+    stores: converted on the device, so half the bytes cross to the host); with `on_device` they stay on `device`
+    (a head trained there reads them without a round trip); bf16 autocast on CUDA with `amp`, as
     `compute_precision` says. A NaN or infinite output, or with `half` one beyond float16's range, raises
     BackboneError naming the backbone, layer, facet and first bad item (`name_of(id)`): the caller's partial cache
     entries are then removed (`cache.filling`)."""
@@ -200,7 +202,7 @@ def embed(backbone, batches, layer: int, facets, device: str, amp: bool = True, 
                 if bad is not None:
                     _refuse_non_finite(backbone, layer, f, name_of(int(ids[bad])),
                                        overflow=half and _first_bad(v) is None)
-                outputs[f] = kept.cpu()
+                outputs[f] = kept if on_device else kept.cpu()
         yield outputs, batch
 
 
