@@ -111,7 +111,7 @@ TINY = ["--param", "linear-dinov2.img_scale={'*': [99999999, 32]}", "--param", "
 
 def _run(tmp_path, data, res, *extra, iterations=60, env=None, popen=False):
     args = [sys.executable, "-m", "ssl_segbench", "run", "--backbone", "pixels", "--dataset", "ade20k", "--data-root",
-            str(data), "--size", "32", "--protocol", PROTO, "--seeds", "1", "--results-dir", str(res), *TINY,
+            str(data), "--size", "64", "--protocol", PROTO, "--seeds", "1", "--results-dir", str(res), *TINY,
             "--param", f"linear-dinov2.iterations={iterations}", *extra]
     full = {**os.environ, "SSL_SEGBENCH_CACHE": str(tmp_path / "cache"), **(env or {})}
     if popen:
@@ -133,6 +133,8 @@ def test_planted_dataset_head_reaches_miou_one_and_counts_only_labelled_pixels(t
     assert int(np.asarray(rec.confusions[0]).sum()) == labelled
     assert rec.info["iterations"] == 60 and rec.info["training"][0]["iterations_run_here"] == 60
     assert "depends on batch_size" in rec.info["batch_dependence"]
+    # the run's --size 64 does not reach the augmented variant's record (its column): fixed at the crop, padded
+    assert (rec.protocol["params"]["size"], rec.protocol["params"]["resize"]) == (32, "pad")
     # the same seed again (fresh cache): the same record; the head is then taken from the cache
     again = _run(tmp_path, data, tmp_path / "res2", env={"SSL_SEGBENCH_CACHE": str(tmp_path / "cache2")})
     assert again.per_seed == rec.per_seed and again.confusions == rec.confusions
@@ -177,9 +179,10 @@ def test_killed_training_resumes_to_the_identical_record(tmp_path):
 def test_cached_variant_trains_on_cached_tokens_and_is_its_own_column(tmp_path):
     data = tmp_path / "ade"
     _ade(data)
-    rec = _run(tmp_path, data, tmp_path / "res", "--param", "linear-dinov2.variant=cached")
+    rec = _run(tmp_path, data, tmp_path / "res", "--param", "linear-dinov2.variant=cached", "--param",
+               "linear-dinov2.resize=null")
     assert rec.metrics["miou"]["mean"] == 1.0
-    assert rec.protocol["params"]["variant"] == "cached"
+    assert rec.protocol["params"]["variant"] == "cached" and rec.protocol["params"]["size"] == 64
     kinds = {p["kind"]: p for p in rec.provenance["passes"]}
     assert "linear-dinov2 head training (cached)" in kinds and kinds["features"]["split"] == "train"
     assert get_protocol(f"{PROTO}:dinov2-cached").column_axes(rec.protocol["params"]) == {
@@ -210,5 +213,5 @@ def test_cached_variant_with_padded_grids_is_refused(tmp_path):
     rc, err = _cli(tmp_path, "run", "--backbone", "pixels", "--dataset", "ade20k", "--data-root", str(data),
                    "--size", "32", "--resize", "pad", "--protocol", f"{PROTO}:dinov2-cached", "--results-dir",
                    str(tmp_path / "res"))
-    assert rc == 2 and "--resize shorter or square" in err, err
+    assert rc == 2 and "resize 'pad' gives each image its own grid" in err, err
     _nothing_written(tmp_path)

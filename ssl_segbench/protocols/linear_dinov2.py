@@ -63,7 +63,7 @@ from ..paths import cache_dir, checkpoint_seconds
 from ..progress import progress_bar
 from ..registry import is_int, is_number
 from ..sliding import slide_logits
-from ..transforms import normalise
+from ..transforms import POLICIES, normalise
 from .base import (
     Context,
     MaskSaver,
@@ -90,6 +90,9 @@ class LinearDinov2Params(SharedParams):
     order and probabilities of DINOv3's photometric steps (`photometric: dinov3`: mmseg's structure with DINOv3's
     ranges) and weight decay on the BN parameters (applied to all head parameters, as AdamW without paramwise rules)."""
 
+    # the augmented variant reads no cached features, so the run's transform does not matter: it is fixed here (pad,
+    # at crop_size) so that --size/--resize never split its column; the cached presets take the run's (resize None)
+    resize: Literal[(None, *POLICIES)] = "pad"
     variant: Literal["augmented", "cached"] = "augmented"
     train_split: str | list = field(default_factory=lambda: ["trainaug", "default"])
     layers: int = 1  # the last `layers` blocks (ending at --layer), concatenated
@@ -125,6 +128,8 @@ _MS = {"layers": 4, "img_scale": {"ade20k": [NO_LIMIT, 640], "*": [NO_LIMIT, 640
 _V3 = {"head_dropout": 0.1, "weight_decay": 1e-3, "schedule": "cosine", "photometric": "dinov3",
        "img_scale": {"*": [NO_LIMIT, 512]}}
 
+_CACHED = {"variant": "cached", "resize": None}
+
 
 def _variant_axis(params: dict) -> str | None:
     return "head on cached features" if params["variant"] == "cached" else None
@@ -137,8 +142,8 @@ class LinearDinov2Protocol(Protocol):
     description = "DINOv2/DINOv3 linear segmentation: BN + 1×1 head on augmented crops, sliding-window evaluation"
     default_seeds = 1
     Params = LinearDinov2Params
-    presets = {"dinov2": {}, "dinov2-ms": _MS, "dinov3": _V3, "dinov2-cached": {"variant": "cached"},
-               "dinov3-cached": {**_V3, "variant": "cached"}}
+    presets = {"dinov2": {}, "dinov2-ms": _MS, "dinov3": _V3, "dinov2-cached": _CACHED,
+               "dinov3-cached": {**_V3, **_CACHED}}
     axes = {"training": _variant_axis}
 
     def check(self) -> None:
@@ -181,10 +186,14 @@ class LinearDinov2Protocol(Protocol):
             raise ProtocolError(f"{self.name}: scores at the labels' own resolution, as the reference does; leave "
                                 "eval_size unset")
 
+    def input_size(self, patch_size: int) -> int | None:
+        return self.p.size or (self.p.crop_size if self.p.variant == "augmented" else None)
+
     def check_data(self, eval_set, train_set, transform) -> None:
         if self.p.variant == "cached" and transform is not None and transform.policy == "pad":
-            raise ProtocolError(f"{self.name}: variant=cached batches cached token grids of one size; --resize pad "
-                                "gives each image its own grid: use --resize shorter or square")
+            raise ProtocolError(f"{self.name}: variant=cached batches cached token grids of one size; resize 'pad' "
+                                "gives each image its own grid: use a preset dinov2-cached / dinov3-cached with "
+                                "--resize shorter or square, or --param linear-dinov2.resize=shorter")
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
         # the augmented variant embeds its crops and windows itself; the cached one reads the train split's tokens
