@@ -114,7 +114,7 @@ class _TorchView(torch.utils.data.Dataset):
         return x, i, torch.from_numpy(y), resized
 
 
-def _prefetched(iterable):
+def prefetched(iterable):
     """Yield from `iterable` while a background thread already fetches the next item: with in-process loading
     (num_workers=0, the CPU default) image decoding overlaps the forward pass instead of alternating with it (PIL and
     numpy release the GIL)."""
@@ -291,7 +291,7 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
 
         with progress_bar(len(shard), what) as advance, torch.inference_mode():
             advance(start - shard.start)
-            batches = _prefetched(loader) if num_workers == 0 else loader
+            batches = prefetched(loader) if num_workers == 0 else loader
             if backbone is not None:
                 batches = embed(backbone, batches, layer, facets, device, amp, name_of, half=True)
             else:

@@ -57,7 +57,7 @@ from PIL import Image
 from ..atomic import write_guard
 from ..cache import Entry, ensure
 from ..errors import SegbenchError
-from ..features import backbone_key, compute_precision, embed
+from ..features import backbone_key, compute_precision, embed, loader_workers, prefetched
 from ..metrics import ConfusionAccumulator, match
 from ..paths import cache_dir, checkpoint_seconds
 from ..progress import progress_bar
@@ -214,7 +214,7 @@ class LinearDinov2Protocol(Protocol):
             backbone.layer_index(layer)  # out of range: refused before any training
         heads, trained = [], []
         for seed in ctx.seeds:
-            head, facts = _trained_head(ctx, train_set, p, layers, seed)
+            head, facts = trained_head(ctx, train_set, p, layers, seed)
             heads.append(head)
             trained.append(facts)
         info.update({
@@ -415,27 +415,53 @@ def image_order(seed: int, n: int, position: int) -> int:
     return int(np.random.default_rng([seed, epoch, n]).permutation(n)[k])
 
 
-def _augmented_batch(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: int, it: int):
-    """(tokens (B, D·L, h, w), labels (B, crop, crop)) of iteration `it`: one backbone call per layer for the batch."""
+class _TrainCrops(torch.utils.data.Dataset):
+    """Item k: the batch of iteration start + k, (images (B, 3, crop, crop), labels (B, crop, crop)), a function of
+    (seed, iteration) alone, so DataLoader workers (or a prefetch thread) build batches ahead of the backbone without
+    changing them."""
+
+    def __init__(self, ds, p: LinearDinov2Params, seed: int, start: int, mean, std):
+        self.ds, self.p, self.seed, self.start = ds, p, seed, start
+        self.aug = _Augment(p, scale_for(p, ds.id), ds.ignore_index, mean, std)
+
+    def __len__(self) -> int:
+        return self.p.iterations - self.start
+
+    def __getitem__(self, k: int):
+        it, n, b = self.start + k, len(self.ds), self.p.batch_size
+        xs, ys = [], []
+        for slot in range(b):
+            i = image_order(self.seed, n, it * b + slot)
+            x, y = self.aug(self.ds.load_image(i), self.ds.load_mask(i), np.random.default_rng([self.seed, it, slot]))
+            xs.append(x)
+            ys.append(y)
+        return torch.stack(xs), torch.from_numpy(np.stack(ys))
+
+
+def augmented_batches(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: int, start: int):
+    """(tokens (B, D·L, h, w), labels (B, crop, crop)) on the device for iterations start, start + 1, ...: crops built
+    ahead (`loader_workers` DataLoader workers on a GPU, a prefetch thread on the CPU), each batch embedded in one
+    backbone call per layer."""
     backbone = ctx.backbone()
-    aug = _Augment(p, scale_for(p, ds.id), ds.ignore_index, backbone.spec.mean, backbone.spec.std)
-    xs, ys = [], []
-    for slot in range(p.batch_size):
-        i = image_order(seed, len(ds), it * p.batch_size + slot)
-        x, y = aug(ds.load_image(i), ds.load_mask(i), np.random.default_rng([seed, it, slot]))
-        xs.append(x)
-        ys.append(y)
-    feats = backbone_features(ctx, backbone, torch.stack(xs), layers,
-                              f"an augmented crop (linear-dinov2, iteration {it}) of {ds.id}/{ds.split}, batch slot")
-    return feats, torch.from_numpy(np.stack(ys)).to(ctx.device)
+    crops = _TrainCrops(ds, p, seed, start, backbone.spec.mean, backbone.spec.std)
+    workers = loader_workers(ctx.device)
+    loader = torch.utils.data.DataLoader(crops, batch_size=None, shuffle=False, num_workers=workers,
+                                         pin_memory=str(ctx.device).startswith("cuda"),
+                                         prefetch_factor=4 if workers else None)
+    for it, (x, y) in enumerate(loader if workers else prefetched(loader), start):
+        what = f"an augmented crop (linear-dinov2, iteration {it}) of {ds.id}/{ds.split}, batch slot"
+        yield backbone_features(ctx, backbone, x, layers, what), y.to(ctx.device, non_blocking=True)
 
 
-def _cached_batch(tokens, labels, p: LinearDinov2Params, seed: int, it: int, device: str):
-    """(tokens, labels) of iteration `it` from the feature cache (the run's transform, no augmentation)."""
-    idx = [image_order(seed, len(tokens), it * p.batch_size + slot) for slot in range(p.batch_size)]
-    x = torch.from_numpy(np.stack([np.asarray(tokens.image(i), dtype=np.float32) for i in idx])).permute(0, 3, 1, 2)
-    y = torch.from_numpy(np.stack([labels.labels(i) for i in idx]))
-    return x.to(device), y.to(device)
+def cached_batches(fs, p: LinearDinov2Params, seed: int, start: int, device: str):
+    """(tokens, labels) for iterations start, start + 1, ... from the feature cache (the run's transform, no
+    augmentation), the images drawn in the same order as the augmented variant's."""
+    tokens, labels = fs["tokens"], fs.labels
+    for it in range(start, p.iterations):
+        idx = [image_order(seed, len(tokens), it * p.batch_size + slot) for slot in range(p.batch_size)]
+        x = torch.from_numpy(np.stack([np.asarray(tokens.image(i), dtype=np.float32) for i in idx]))
+        y = torch.from_numpy(np.stack([labels.labels(i) for i in idx]))
+        yield x.permute(0, 3, 1, 2).to(device), y.to(device)
 
 
 def head_key(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: int) -> dict:
@@ -449,7 +475,7 @@ def head_key(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: i
             "seed": seed, "transform": ctx.transform.to_dict() if p.variant == "cached" and ctx.transform else None}
 
 
-def _trained_head(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: int) -> tuple[Head, dict]:
+def trained_head(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: int) -> tuple[Head, dict]:
     """The head of `seed`, from its complete cache entry or trained now (resuming a checkpoint), and facts for the
     record."""
     entry = Entry.at(cache_dir(), "linear-dinov2", ctx.backbone_ref.spec.id, ds.id, ds.split,
@@ -511,11 +537,9 @@ def _train(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: int
         with progress_bar(p.iterations, f"linear-dinov2 head ({p.variant}), seed {seed}" +
                           (f" (resuming at iteration {start})" if start else "")) as advance:
             advance(start)
-            for it in range(start, p.iterations):
-                if cached is None:
-                    x, y = _augmented_batch(ctx, ds, p, layers, seed, it)
-                else:
-                    x, y = _cached_batch(cached["tokens"], cached.labels, p, seed, it, ctx.device)
+            batches = augmented_batches(ctx, ds, p, layers, seed, start) if cached is None else \
+                cached_batches(cached, p, seed, start, ctx.device)
+            for it, (x, y) in enumerate(batches, start):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(it, p)
                 logits = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
