@@ -142,11 +142,16 @@ def test_planted_dataset_head_reaches_miou_one_and_counts_only_labelled_pixels(t
     assert cached.per_seed == rec.per_seed and cached.info["training"][0]["head"] == "from the cache"
 
 
-def test_too_few_iterations_do_not_reach_the_planted_answer(tmp_path):
+def test_untrained_heads_miss_the_planted_answer_and_seeds_share_the_windows(tmp_path):
     data = tmp_path / "ade"
     _ade(data)
     rec = _run(tmp_path, data, tmp_path / "res", "--param", "linear-dinov2.lr=0.000001", iterations=2)
     assert rec.metrics["miou"]["mean"] < 0.9  # the head is what gets the planted answer right
+    # two seeds: both heads score every window of one backbone pass; seed 0's numbers are the one-seed run's
+    two = _run(tmp_path, data, tmp_path / "res2", "--param", "linear-dinov2.lr=0.000001", "--seeds", "2",
+               iterations=2)
+    assert len(two.per_seed) == 2 and two.per_seed[0] == rec.per_seed[0] and two.confusions[0] == rec.confusions[0]
+    assert two.confusions[1] != two.confusions[0]  # another seed, another (untrained) head
 
 
 def test_killed_training_resumes_to_the_identical_record(tmp_path):

@@ -229,8 +229,7 @@ class LinearDinov2Protocol(Protocol):
         with progress_bar(len(ds), f"linear-dinov2 sliding-window evaluation on {ds.id}/{ds.split}") as advance:
             for i in range(len(ds)):
                 img, gt = ds.load_image(i), torch.from_numpy(ds.load_mask(i))[None]
-                for j, head in enumerate(heads):
-                    pred = predict(ctx, backbone, head, img, tuple(gt.shape[1:]), p, layers, ds.id)
+                for j, pred in enumerate(predict(ctx, backbone, heads, img, tuple(gt.shape[1:]), p, layers, ds.id)):
                     accs[j].update(gt, pred[None])
                     saver(i, j, pred.numpy())
                 advance()
@@ -307,16 +306,18 @@ def backbone_features(ctx: Context, backbone, images: torch.Tensor, layers: list
     return torch.cat(out, 1).clone()  # a normal tensor (embed's are inference tensors), usable with autograd
 
 
-def predict(ctx: Context, backbone, head: Head, img: Image.Image, label_size: tuple[int, int], p: LinearDinov2Params,
-            layers: list[int], dataset_id: str) -> torch.Tensor:
-    """(H, W) predicted labels of one image (module docstring: test-time views, sliding windows, softmax averaged)."""
+def predict(ctx: Context, backbone, heads: list[Head], img: Image.Image, label_size: tuple[int, int],
+            p: LinearDinov2Params, layers: list[int], dataset_id: str) -> list[torch.Tensor]:
+    """Each head's (H, W) predicted labels of one image (module docstring: test-time views, sliding windows, softmax
+    averaged); every window goes through the backbone once for all heads (seeds)."""
     long, short = scale_for(p, dataset_id)
     spec = backbone.spec
-    head = head.to(ctx.device).eval()
+    heads = [h.to(ctx.device).eval() for h in heads]
 
     def logits_of(windows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            logits = head(backbone_features(ctx, backbone, windows, layers, "a sliding window of the evaluation"))
+            feats = backbone_features(ctx, backbone, windows, layers, "a sliding window of the evaluation")
+            logits = torch.cat([h(feats) for h in heads], 1)
         return F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
 
     prob = None
@@ -327,12 +328,13 @@ def predict(ctx: Context, backbone, head: Head, img: Image.Image, label_size: tu
             logits = slide_logits(x.flip(-1) if flipped else x, logits_of, p.slide_crop, p.slide_stride,
                                   ctx.batch_size)
             logits = logits.flip(-1) if flipped else logits
-            sm = F.interpolate(logits[None], size=label_size, mode="bilinear", align_corners=False).softmax(1)
+            logits = F.interpolate(logits[None], size=label_size, mode="bilinear", align_corners=False)
+            sm = torch.cat([part.softmax(1) for part in logits.split(logits.shape[1] // len(heads), 1)])
             prob = sm if prob is None else prob + sm
     if not bool(torch.isfinite(prob).all()):
         raise ProtocolError("linear-dinov2: the head's scores contain NaN or infinite values (a diverged head or "
                             "broken features); refusing to turn them into labels")
-    return prob[0].argmax(0).cpu()
+    return list(prob.argmax(1).cpu())
 
 
 class _Augment:
