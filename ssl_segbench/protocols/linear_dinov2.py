@@ -1,6 +1,6 @@
-"""`linear-dinov2`: the linear segmentation protocol of DINOv2 and DINOv3 (PROTOCOLS.md §10), the dense number backbone
-papers report: a BatchNorm + 1×1 convolution head on frozen patch tokens, trained on augmented 512 crops and evaluated
-with sliding windows at the reference's image scale.
+"""`linear-dinov2`: the linear segmentation protocol of DINOv2 and DINOv3 (PROTOCOLS.md §10; docs/linear_dinov2.md),
+the dense number backbone papers report: a BatchNorm + 1×1 convolution head on frozen patch tokens, trained on
+augmented 512 crops and evaluated with sliding windows at the reference's image scale.
 
 Training (each iteration): `batch_size` train images, drawn in a per-epoch random order seeded by (seed, epoch), each
 augmented from a generator seeded by (seed, iteration, slot), so the crops do not depend on how the loop is cut
