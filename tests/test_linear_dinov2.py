@@ -191,7 +191,7 @@ def test_cached_variant_trains_on_cached_tokens_and_is_its_own_column(tmp_path):
     kinds = {p["kind"]: p for p in rec.provenance["passes"]}
     assert "linear-dinov2 head training (cached)" in kinds and kinds["features"]["split"] == "train"
     assert get_protocol(f"{PROTO}:dinov2-cached").column_axes(rec.protocol["params"]) == {
-        "training": "head on cached features"}
+        "training": "head on cached features", "iterations": "60 iterations"}
 
 
 @pytest.mark.parametrize("param, expected", [

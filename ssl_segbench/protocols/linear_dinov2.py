@@ -135,6 +135,10 @@ def _variant_axis(params: dict) -> str | None:
     return "head on cached features" if params["variant"] == "cached" else None
 
 
+def _iterations_axis(params: dict) -> str:
+    return f"{params['iterations']:,} iterations"
+
+
 @register_protocol
 class LinearDinov2Protocol(Protocol):
     name = "linear-dinov2"
@@ -144,7 +148,7 @@ class LinearDinov2Protocol(Protocol):
     Params = LinearDinov2Params
     presets = {"dinov2": {}, "dinov2-ms": _MS, "dinov3": _V3, "dinov2-cached": _CACHED,
                "dinov3-cached": {**_V3, **_CACHED}}
-    axes = {"training": _variant_axis}
+    axes = {"training": _variant_axis, "iterations": _iterations_axis}
 
     def check(self) -> None:
         p = self.p
