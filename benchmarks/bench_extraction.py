@@ -107,6 +107,20 @@ def breakdown(record) -> dict[str, float]:
     return out
 
 
+def warm_imports(protocols: tuple[str, ...]) -> None:
+    """What a process imports once, the first time a protocol needs it: the protocols' optional packages and torch's
+    compiler machinery, which torch imports when the first optimizer is made. Imported before anything is timed, as
+    the model is loaded first, so the ratios compare compute with compute."""
+    import torch._dynamo  # noqa: F401
+
+    from ssl_segbench.extras import require
+    from ssl_segbench.protocols import protocol_class
+
+    for name in protocols:
+        for module in protocol_class(name).requires:
+            require(module, f"protocol {name!r}")
+
+
 def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, device: str = "cpu",
                 tag: str = "[2]", extra: tuple[str, ...] = EXTRA) -> None:
     """One feature pass (tokens of the evaluation split), then the whole suite (and `extra`) in a fresh cache: its
@@ -117,11 +131,15 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
 
     from ssl_segbench.backbones import BackboneRef
     from ssl_segbench.data import get_dataset
+    from ssl_segbench.faiss_blas import blas_config
     from ssl_segbench.features import extract, loader_workers
     from ssl_segbench.runner import RunOptions, run
     from ssl_segbench.transforms import Transform
 
     os.environ["SSL_SEGBENCH_CACHE"] = str(work / f"cache-suite-{name}")
+    t0 = time.perf_counter()
+    warm_imports(SUITE + tuple(extra))
+    imports = time.perf_counter() - t0
     ds = get_dataset(dataset, data_root)
     ds.content_sha256()  # hashed once (remembered in the cache), before anything is timed
     BackboneRef(backbone).load(device)  # imports and the checkpoint's pages warm, as for the run's own load below
@@ -145,19 +163,22 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
         if train and train not in splits:
             splits[train] = len(get_dataset(dataset, data_root, train))
     print(f"{tag} suite on {name}: {dataset}, {backbone}, {device}, {torch.get_num_threads()} threads, model load "
-          f"{load:.2f} s "
-          "(not counted below)")
+          f"{load:.2f} s and the protocols' first imports {imports:.2f} s (a process pays both once;"
+          " not counted below)")
     print(f"    one feature pass (tokens of {ds.split}, {len(ds)} images)  {one:7.2f} s")
     print(f"    the suite's shared pass (all facets, {' + '.join(f'{k} {v}' for k, v in splits.items())} images)"
           f"  {shared:7.2f} s = {shared / one:5.2f} × one pass")
     parts = ("crops", "scoring", "graph", "masks", "fit")
     print(f"    {'protocol':12s} {'seconds':>8s} {'× pass':>7s}   own backbone passes | own work, × one pass: "
           "scoring (score, upsample, argmax) / graph / masks / fit (clustering, training, rest)")
-    extra_s = 0.0
+    extra_s, passes, fits = 0.0, shared, 0.0
     for r in records:
         sec = r.provenance["wall_seconds"]
         if r.protocol["name"] in extra:
             extra_s += sec
+        else:
+            passes += breakdown(r)["crops"]
+            fits += breakdown(r)["fit"] if r.protocol["name"] in ("kmeans", "overcluster") else 0.0
         b = {k: v / one for k, v in breakdown(r).items()}
         own = " / ".join(f"{b[k]:5.2f}" for k in parts[1:])
         print(f"    {r.protocol_spec:12s} {sec:8.2f} {sec / one:7.2f}   crops {b['crops']:5.2f} | {own}"
@@ -165,6 +186,9 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
     suite = total - extra_s
     print(f"    whole suite ({', '.join(SUITE)}: shared pass + protocols)  {suite:7.2f} s = {suite / one:5.2f} × one "
           "pass")
+    print(f"    of which backbone passes (shared + crops) {passes / one:5.2f}, k-means fits of kmeans and overcluster "
+          f"(faiss's matrix products) {fits / one:5.2f}, everything else {(suite - passes - fits) / one:5.2f} × one "
+          f"pass; faiss's BLAS: {blas_config()}")
 
 
 def bench_suites(shared: Path, work: Path, device: str = "cpu", tag: str = "[2]") -> None:

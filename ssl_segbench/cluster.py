@@ -2,15 +2,17 @@
 the clustering protocols."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
-import faiss
 import numpy as np
 import torch
 
 from .cache import ArrayStore
 from .errors import SegbenchError
+from .faiss_blas import faiss
 
 
 def subsample_rows(x: np.ndarray, max_rows: int | None, rng: int | np.random.Generator = 0) -> np.ndarray:
@@ -131,6 +133,28 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spherical: 
     with faiss_threads(None if gpu else faiss_fit_threads(fitted, x.shape[1], k)):
         km.train(x)
     return km.centroids.copy()
+
+
+def kmeans_seeds(x: np.ndarray, k: int, seeds: list[int], niter: int, nredo: int, spherical: bool,
+                 max_points_per_centroid: int | None, backend: str = "faiss", device: str = "cpu",
+                 done: Callable[[], None] = lambda: None) -> list[np.ndarray]:
+    """`kmeans` once per seed, in seed order. Fits that `faiss_fit_threads` puts on one thread run side by side, as
+    many as faiss may use OpenMP threads (faiss releases the GIL), so the cores the policy leaves idle fit the other
+    seeds; each is the same single-threaded computation as alone, so the centroids are the same bytes
+    (tests/test_kmeans_threads.py). Larger fits, torch and GPU fits run one after another, each on every core. `done`
+    is called once per finished fit."""
+    def fit(seed: int) -> np.ndarray:
+        c = kmeans(x, k, seed, niter, nredo, spherical, max_points_per_centroid, backend, device)
+        done()
+        return c
+
+    fitted = min(len(x), k * max_points_per_centroid) if max_points_per_centroid else len(x)
+    workers = min(len(seeds), faiss.omp_get_max_threads())
+    if (workers < 2 or kmeans_backend(backend, device) != "faiss" or device.startswith("cuda")
+            or faiss_fit_threads(fitted, x.shape[1], k) != 1):
+        return [fit(s) for s in seeds]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fit, seeds))
 
 
 def torch_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, spherical: bool,

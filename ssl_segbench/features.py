@@ -208,11 +208,19 @@ def embed(backbone, batches, layer: int, facets, device: str, amp: bool = True, 
 
 def fill_rows(entry: Entry, n: int, width: int, rows, what: str, extra: dict) -> None:
     """Fill `entry` with one float32 row per item (crop embeddings): `rows(done)` yields (item ids, (B, width)
-    array) pairs in a fixed order, from item `done` on (the earlier ones were written before an interruption). The
-    entry is checkpointed between batches, so a killed run resumes; a refusal removes it (`cache.filling`); it is
-    committed with `extra` and the seconds taken."""
+    array) pairs in a fixed order, from item `done` on (`fill_items`)."""
+    fill_items(entry, [(1, 1)] * n, width, np.float32, rows, what, extra, per_item=True)
+
+
+def fill_items(entry: Entry, shapes: list[tuple[int, int]], width: int, dtype, rows, what: str, extra: dict,
+               per_item: bool = False) -> None:
+    """Fill `entry` with item i's h·w rows of `width` (`shapes[i]` = (h, w); one row with `per_item`): `rows(done)`
+    yields (item ids, (B, ...) array whose item j holds h·w·width values) pairs in a fixed order, from item `done` on
+    (the earlier ones were written before an interruption). The entry is checkpointed between batches, so a killed
+    run resumes; a refusal removes it (`cache.filling`); it is committed with `extra` and the seconds taken."""
     t0 = time.perf_counter()
-    writer = entry.writer([(1, 1)] * n, width, np.float32, per_item=True)
+    n = len(shapes)
+    writer = entry.writer(shapes, width, dtype, per_item=per_item)
     with filling([writer]):
         if writer.done < n:
             done = writer.done
@@ -220,7 +228,7 @@ def fill_rows(entry: Entry, n: int, width: int, rows, what: str, extra: dict) ->
                 advance(done)
                 for ids, block in rows(done):
                     for j, i in enumerate(ids):
-                        writer.write(int(i), block[j: j + 1])
+                        writer.write(int(i), np.asarray(block[j], dtype=dtype).reshape(-1, width))
                     done += len(ids)
                     advance(len(ids))
                     writer.maybe_checkpoint(done)

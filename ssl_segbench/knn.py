@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
 from .cache import release_pages
 from .cluster import faiss_threads
 from .errors import SegbenchError
+from .faiss_blas import faiss
 
 INDEXES = ("exact", "ivf", "hnsw")
 BANK_ROWS = 1 << 16  # bank rows read (and converted to float32) at a time

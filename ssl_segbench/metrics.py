@@ -50,21 +50,25 @@ class ConfusionAccumulator:
 
 def _confusions_batch(gt, pred, num_classes: int, num_preds: int, ignore_index: int) -> np.ndarray:
     """(B, ...) label maps → (B, C, K) int64 confusions, one bincount for the batch on the maps' device (ignore pixels
-    go to a spare bin)."""
+    go to a spare bin). Ranges are checked with min/max and bins are int32 where they fit: two passes fewer over the
+    pixels, the same counts."""
     import torch  # lazy: start-up time (torch); `compare` reads this module and needs no torch
 
     gt, pred = torch.as_tensor(gt), torch.as_tensor(pred)
     if gt.shape != pred.shape:
         raise ValueError(f"ground truth is {tuple(gt.shape)} but prediction is {tuple(pred.shape)}")
     b = gt.shape[0]
-    gt, pred = gt.reshape(b, -1).to(torch.int64), pred.reshape(b, -1).to(torch.int64)
+    gt, pred = gt.reshape(b, -1), pred.reshape(b, -1)
     keep = gt != ignore_index
-    if bool((keep & ((gt < 0) | (gt >= num_classes))).any()):
+    gt = torch.where(keep, gt, 0)  # an ignore pixel counts in the spare bin below, whatever its class
+    if gt.numel() and (int(gt.min()) < 0 or int(gt.max()) >= num_classes):
         raise ValueError(f"ground-truth labels outside 0..{num_classes - 1} (ignore {ignore_index})")
-    if bool(((pred < 0) | (pred >= num_preds)).any()):
+    if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_preds):
         raise ValueError(f"predicted labels outside 0..{num_preds - 1}")
     cells = b * num_classes * num_preds
-    flat = (torch.arange(b, device=gt.device)[:, None] * num_classes + gt) * num_preds + pred
+    bins = torch.int32 if cells < 2 ** 31 - 1 else torch.int64
+    flat = (gt.to(bins) + torch.arange(b, dtype=bins, device=gt.device)[:, None] * num_classes) * num_preds \
+        + pred.to(bins)
     counts = torch.bincount(torch.where(keep, flat, cells).reshape(-1), minlength=cells + 1)[:cells]
     return counts.reshape(b, num_classes, num_preds).cpu().numpy().astype(np.int64)
 

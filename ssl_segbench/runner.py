@@ -26,6 +26,7 @@ from .data import HF_PREFIX, DatasetError, SegmentationDataset, get_dataset
 from .distributed import SINGLE, World
 from .errors import SegbenchError
 from .extras import require
+from .faiss_blas import blas_config
 from .features import FeatureSet, compute_precision, extract, loader_workers
 from .metrics import bootstrap_ci
 from .paths import results_dir as default_results_dir
@@ -515,6 +516,7 @@ def _run_job(job: _Job, plan: _FeaturePlan, opts: RunOptions, ref: BackboneRef, 
                     "compute_precision": compute_precision(device), "batch_size": batch_size,
                     # CPU kernels (AVX2 / AVX-512) and threads: they can move the last float bits of a number
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_threads": torch.get_num_threads(),
+                    "faiss_blas": blas_config(),  # the kernel of faiss's matrix products (faiss_blas.py)
                     "extraction_ranks": plan.world.size,
                     "started": started, "wall_seconds": round(time.perf_counter() - t0, 3),
                     "shared_feature_pass_seconds": plan.seconds,

@@ -81,11 +81,12 @@ class Transform:
             img = img.crop((left, top, left + self.size, top + self.size))
         return img
 
-    def image(self, img: Image.Image, mean, std) -> torch.Tensor:
-        """PIL RGB → normalised (3, H, W) float tensor."""
+    def image(self, img: Image.Image, mean, std, resample: int = Image.BICUBIC) -> torch.Tensor:
+        """PIL RGB → normalised (3, H, W) float tensor, resized with `resample` (bicubic; STEGO's loader uses
+        nearest)."""
         import torch
 
-        t = normalise(self._geometry(img, Image.BICUBIC), mean, std)
+        t = normalise(self._geometry(img, resample), mean, std)
         oh, ow = self.output_size(*img.size)
         if t.shape[1:] != (oh, ow):
             t = torch.nn.functional.pad(t, (0, ow - t.shape[2], 0, oh - t.shape[1]))
@@ -99,6 +100,18 @@ class Transform:
         if out.shape != (oh, ow):
             out = np.pad(out, ((0, oh - out.shape[0]), (0, ow - out.shape[1])), constant_values=ignore_index)
         return out
+
+
+def five_crop_boxes(width: int, height: int, ratio: float) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of torchvision's five_crop at (int(ratio·H), int(ratio·W)) for a width × height
+    image, in its order: top-left, top-right, bottom-left, bottom-right, centre (offsets round half to even, as
+    torchvision's center_crop does). STEGO's `crop_type: five` training set (PROTOCOLS.md §11)."""
+    ch, cw = int(height * ratio), int(width * ratio)
+    if ch < 1 or cw < 1:
+        raise TransformError(f"a {width}x{height} image has no {ratio:g} five-crop (a side would be 0 pixels)")
+    top, left = round((height - ch) / 2.0), round((width - cw) / 2.0)
+    corners = [(0, 0), (width - cw, 0), (0, height - ch), (width - cw, height - ch), (left, top)]
+    return [(x, y, x + cw, y + ch) for x, y in corners]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Test environment: no network, a private fake Hugging Face cache, private feature cache and results.
 
 The Hub variables must be set before timm / transformers / huggingface_hub are imported, so they are set here at
-import time; `hub` builds tiny checkpoints into that cache with the libraries' own save functions.
+import time; `hub` builds tiny checkpoints into that cache with the libraries' own save functions. faiss is
+imported through the package first, so every test runs the matrix-product kernel a run does (faiss_blas.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ os.environ["SSL_SEGBENCH_CACHE"] = str(_ROOT / "cache")
 os.environ["SSL_SEGBENCH_RESULTS"] = str(_ROOT / "results")
 
 import pytest  # noqa: E402
+
+import ssl_segbench.faiss_blas  # noqa: E402,F401  (faiss loaded as a run loads it, before a test module imports it)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -1,10 +1,12 @@
 """The thread policy of faiss k-means (`cluster.faiss_fit_threads`): a small fit runs on one OpenMP thread, chosen from
 the problem's size alone, and that changes no number (the same centroids bit for bit, the same records); faiss's
-thread count is restored after every fit, also after a failed one."""
+thread count is restored after every fit, also after a failed one; the seeds' one-thread fits run side by side
+(`cluster.kmeans_seeds`) and give the same centroids as one after another."""
 from __future__ import annotations
 
 import json
 import os
+import threading
 
 import faiss
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 
 from ssl_segbench import cluster
 from ssl_segbench.cli import main
-from ssl_segbench.cluster import ONE_THREAD_WORK, faiss_fit_threads, kmeans
+from ssl_segbench.cluster import ONE_THREAD_WORK, faiss_fit_threads, kmeans, kmeans_seeds
 from ssl_segbench.records import iter_records
 
 
@@ -136,3 +138,36 @@ def test_policy_is_a_function_of_the_problem_only(faiss_threads, cores, fit_thre
     finally:
         faiss.omp_set_num_threads(before[0])
         torch.set_num_threads(before[1])
+
+
+def test_seeds_fit_side_by_side_give_the_serial_centroids_in_seed_order(two_threads, monkeypatch):
+    """Five seeds of a one-thread problem: fitted on two Python threads at once (two faiss fits in flight together),
+    each seed's centroids are the bytes of its fit alone, returned in seed order; a problem above the threshold runs
+    its seeds one after another on the calling thread."""
+    x = _blobs()
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    seeds = [4, 0, 3, 1, 2]
+    alone = [kmeans(x, 8, s, 20, 2, True, None) for s in seeds]
+    threads, calls, lock, train = set(), [0], threading.Lock(), faiss.Kmeans.train
+    both = threading.Barrier(2, timeout=30)  # the first two fits wait for each other: only fits in flight together pass
+
+    def spy(self, *args, **kwargs):
+        with lock:
+            threads.add(threading.get_ident())
+            calls[0] += 1
+            first_two = calls[0] <= 2
+        if first_two:
+            both.wait()
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(faiss.Kmeans, "train", spy)
+    done = []
+    side_by_side = kmeans_seeds(x, 8, seeds, 20, 2, True, None, done=lambda: done.append(1))
+    assert [c.tobytes() for c in side_by_side] == [c.tobytes() for c in alone]
+    assert len({c.tobytes() for c in alone}) > 1  # the seeds disagree: order matters
+    assert len(threads) == 2 and threading.get_ident() not in threads and len(done) == 5
+    threads.clear()
+    calls[0] = 2  # no more waiting
+    monkeypatch.setattr(cluster, "ONE_THREAD_WORK", 0)  # every problem above the threshold: one after another
+    assert [c.tobytes() for c in kmeans_seeds(x, 8, seeds, 20, 2, True, None)] == [c.tobytes() for c in alone]
+    assert threads == {threading.get_ident()}

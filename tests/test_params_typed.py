@@ -66,6 +66,12 @@ REFERENCE = {
                    "markov_time": None, "weight_threshold": None, "preferred_modules": None, "distances": [1, 2],
                    "matching": "hungarian-iou", "isolated_clusters": "own-label", "unmatched": "wrong",
                    "background_class": 0, "mask_confidence": 0.7},
+    "stego": {**_SHARED, "resize": "shorter", "size": 320, "probe": "cluster", "selection": "final", "val_every": 100,
+              "train_split": "default", "crop_type": "five", "crop_ratio": 0.5, "train_res": 224, "dim": 70,
+              "dropout": 0.1, "drop_loss_features": True, "feature_samples": 11, "neg_samples": 5, "pointwise": True,
+              "pos_intra_weight": 0.67, "pos_intra_shift": 0.18, "pos_inter_weight": 0.25, "pos_inter_shift": 0.12,
+              "neg_inter_weight": 0.63, "neg_inter_shift": 0.46, "knn_top": 30, "num_neighbors": 7, "lr": 5e-4,
+              "probe_lr": 5e-3, "steps": 5000, "batch_size": 16, "flip_average": True},
 }
 
 

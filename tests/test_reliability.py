@@ -82,7 +82,10 @@ def _crop_cmd(data, results, protocol):
     return [sys.executable, "-m", "ssl_segbench", "run", "--backbone", "random_vits16", "--dataset", "synthetic",
             "--data-root", str(data), "--size", "64", "--batch-size", "1", "--protocol", protocol, "--seeds", "1",
             "--results-dir", str(results), *{"datus": ["--param", "datus.k=4", "--param", "datus.tau=0"],
-                                             "retrieval": ["--param", "retrieval.augment=3"]}.get(protocol, [])]
+                                             "retrieval": ["--param", "retrieval.augment=3"],
+                                             "stego": [a for q in ("size=64", "train_res=32", "steps=2",
+                                                                   "feature_samples=3", "knn_top=10")
+                                                       for a in ("--param", f"stego.{q}")]}.get(protocol, [])]
 
 
 def _crop_passes(results):
@@ -99,7 +102,7 @@ def crop_data(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol, entries", [("datus", "datus"), ("maskdistill", "pseudo/maskdistill-embeddings"),
-                                               ("retrieval", "retrieval")])
+                                               ("retrieval", "retrieval"), ("stego", "stego")])
 def test_a_run_killed_while_embedding_crops_resumes_from_its_entry(crop_data, tmp_path, protocol, entries):
     subprocess.run(_crop_cmd(crop_data, tmp_path / "ref-res", protocol), env=_env(tmp_path / "ref-cache"), check=True,
                    capture_output=True)

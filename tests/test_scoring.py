@@ -31,7 +31,8 @@ def _per_pixel(gt: np.ndarray, pred: np.ndarray, c: int, k: int, ignore: int) ->
     return out
 
 
-def test_accumulator_equals_a_per_pixel_count_and_its_images_sum_to_it():
+@pytest.mark.parametrize("gt_dtype", [np.int64, np.uint8])  # label stores hold uint8 maps
+def test_accumulator_equals_a_per_pixel_count_and_its_images_sum_to_it(gt_dtype):
     rng = np.random.default_rng(0)
     c, k, ignore = 4, 6, 255
     acc = ConfusionAccumulator(c, k, ignore, per_image=True)
@@ -40,7 +41,7 @@ def test_accumulator_equals_a_per_pixel_count_and_its_images_sum_to_it():
         gt = rng.integers(0, c, size=(b, h, w))
         gt[rng.random(gt.shape) < 0.2] = ignore
         pred = rng.integers(0, k, size=(b, h, w))
-        acc.update(torch.from_numpy(gt), torch.from_numpy(pred))
+        acc.update(torch.from_numpy(gt.astype(gt_dtype)), torch.from_numpy(pred))
         for i in range(b):
             images.append(_per_pixel(gt[i], pred[i], c, k, ignore))
             expected += images[-1]

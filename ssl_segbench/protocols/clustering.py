@@ -8,7 +8,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..cluster import KMEANS_BACKENDS, Preprocess, centroid_scores, kmeans, kmeans_backend, sample_rows
+from ..cluster import KMEANS_BACKENDS, Preprocess, centroid_scores, kmeans_backend, kmeans_seeds, sample_rows
 from ..metrics import match
 from ..progress import progress_bar
 from .base import (
@@ -72,13 +72,10 @@ def cluster_and_score(ctx: Context, fs, k: int, p: KMeansParams, matching: str) 
     del fit
     # Euclidean scores are measured on features of unit mean squared norm (module docstring); cosine needs nothing
     scale = 1.0 if p.spherical else max(float(np.mean(np.einsum("nd,nd->n", x, x))), 1e-12)
-    score_fns = []
     with progress_bar(len(ctx.seeds), f"k-means K={k} on {len(x)} tokens") as advance:
-        for seed in ctx.seeds:
-            c = kmeans(x, k, seed, p.niter, p.nredo, p.spherical, p.max_points_per_centroid,
-                       p.kmeans_backend, ctx.device)
-            score_fns.append(centroid_scores(c, p.spherical, scale))
-            advance()
+        fits = kmeans_seeds(x, k, list(ctx.seeds), p.niter, p.nredo, p.spherical, p.max_points_per_centroid,
+                            p.kmeans_backend, ctx.device, advance)
+    score_fns = [centroid_scores(c, p.spherical, scale) for c in fits]
     saver = MaskSaver(ctx)
     with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
         stream = Predictions(fs["tokens"], fs.labels, score_fns, k, p.upsample, p.eval_size, ctx.scoring,
