@@ -7,7 +7,10 @@ on a GPU), printing figures.
 3. the protocol suite (and fs4, retrieval) vs one feature pass, per protocol with its own backbone passes apart from
    its own work (benchmarks/bench_extraction.py's [2], on the GPU): on the synthetic set, and on the SUIM sample with
    the shared DINOv2 where --shared has them;
-4. k-means on 1M tokens of width 768: torch on the GPU (K = 27 and K = 500) and faiss on the CPU cores.
+4. k-means on 1M tokens of width 768: torch on the GPU (K = 27 and K = 500) and faiss on the CPU cores;
+5. linear-dinov2's head training (benchmarks/bench_linear_dinov2.py): a few hundred iterations at batch 16 on 512
+   crops of 640×480 synthetic images, bf16 backbone: iterations/s, the loop over its forward passes, peak GPU memory
+   and the hours 40,000 iterations would take.
 
 Figures are printed, never asserted. `--quick --device cpu` runs every part at toy sizes (a smoke test of this script).
 """
@@ -135,6 +138,19 @@ def bench_kmeans(args) -> None:
               f"{25 * 100 * s / niter:.0f} s")
 
 
+def bench_linear_dinov2(args, work: Path) -> None:
+    from bench_linear_dinov2 import bench
+
+    f = bench(args.backbone, args.linear_batch, args.linear_iterations, args.linear_crop, args.device,
+              work / "linear-dinov2", image_size=(640, 480))
+    peak = "n/a (CPU)" if f["peak_gpu_bytes"] is None else f"{f['peak_gpu_bytes'] / 2**30:.2f} GiB"
+    print(f"[5] linear-dinov2 head training: {args.backbone}, batch {args.linear_batch} of {args.linear_crop}² crops, "
+          f"{args.linear_iterations} iterations", flush=True)
+    print(f"    training loop {f['loop_it_s']:8.2f} it/s   bare forward {f['bare_it_s']:8.2f} it/s   "
+          f"loop / its forwards = {f['loop_over_forwards']:.3f}")
+    print(f"    peak GPU memory {peak}; 40,000 iterations ≈ {40000 / f['loop_it_s'] / 3600:.1f} h")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -148,6 +164,7 @@ def main() -> None:
     args.images, args.size, args.batch_size, args.tokens = (768, 448, 64, 1_000_000) if not args.quick else \
         (8, 64, 4, 5_000)
     args.backbone = "random_vitb16" if not args.quick else "random_vits16"
+    args.linear_batch, args.linear_crop, args.linear_iterations = (16, 512, 300) if not args.quick else (2, 64, 3)
     skip = set(args.skip.split(","))
     sys.path.insert(0, str(HERE))
     environment(args.device)
@@ -164,6 +181,8 @@ def main() -> None:
             bench_suites(Path(args.shared), work, args.device, "[3]")
         if "4" not in skip:
             bench_kmeans(args)
+        if "5" not in skip:
+            bench_linear_dinov2(args, work)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #   device run: bash benchmarks/gpu_check.sh        (carry: .whl)
 # Part 3 times the whole protocol suite per protocol on the synthetic set, and on the SUIM sample with the shared DINOv2
 # where shared/ (data/suim_sample, models/dinov2-small-imgfocus) is in the checkout or `--shared DIR` names it.
+# Part 5 trains linear-dinov2's head for 300 iterations (batch 16, 512 crops) and prints it/s and peak GPU memory.
 # A CPU smoke test of every part at toy sizes: bash benchmarks/gpu_check.sh --quick --device cpu
 # Output goes to the terminal and, where $OUT is set, to $OUT/gpu_check.log.
 set -euo pipefail

@@ -114,7 +114,7 @@ class _TorchView(torch.utils.data.Dataset):
         return x, i, torch.from_numpy(y), resized
 
 
-def _prefetched(iterable):
+def prefetched(iterable):
     """Yield from `iterable` while a background thread already fetches the next item: with in-process loading
     (num_workers=0, the CPU default) image decoding overlaps the forward pass instead of alternating with it (PIL and
     numpy release the GIL)."""
@@ -179,10 +179,12 @@ def _first_bad(v: torch.Tensor) -> int | None:
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
-def embed(backbone, batches, layer: int, facets, device: str, amp: bool = True, name_of=str, half: bool = False):
+def embed(backbone, batches, layer: int, facets, device: str, amp: bool = True, name_of=str, half: bool = False,
+          on_device: bool = False):
     """The one batched backbone pass: for each batch, a tuple (images (B, 3, H, W), B item ids, anything else),
     yield (facet → CPU output, the batch). Outputs are float32, or float16 with `half` (what the feature cache
-    stores: converted on the device, so half the bytes cross to the host); bf16 autocast on CUDA with `amp`, as
+    stores: converted on the device, so half the bytes cross to the host); with `on_device` they stay on `device`
+    (a head trained there reads them without a round trip); bf16 autocast on CUDA with `amp`, as
     `compute_precision` says. A NaN or infinite output, or with `half` one beyond float16's range, raises
     BackboneError naming the backbone, layer, facet and first bad item (`name_of(id)`): the caller's partial cache
     entries are then removed (`cache.filling`)."""
@@ -200,7 +202,7 @@ def embed(backbone, batches, layer: int, facets, device: str, amp: bool = True, 
                 if bad is not None:
                     _refuse_non_finite(backbone, layer, f, name_of(int(ids[bad])),
                                        overflow=half and _first_bad(v) is None)
-                outputs[f] = kept.cpu()
+                outputs[f] = kept if on_device else kept.cpu()
         yield outputs, batch
 
 
@@ -297,7 +299,7 @@ def _compute(ref, dataset, transform, layer, todo: dict[str, Entry], device, bat
 
         with progress_bar(len(shard), what) as advance, torch.inference_mode():
             advance(start - shard.start)
-            batches = _prefetched(loader) if num_workers == 0 else loader
+            batches = prefetched(loader) if num_workers == 0 else loader
             if backbone is not None:
                 batches = embed(backbone, batches, layer, facets, device, amp, name_of, half=True)
             else:

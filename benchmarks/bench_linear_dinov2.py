@@ -1,0 +1,96 @@
+"""linear-dinov2's head-training loop against the bare backbone forward passes it needs (issue 25): iterations per
+second of the protocol's own training (augmented crops built ahead, one backbone call per batch, head forward and
+backward, AdamW step, checkpoints) and of the same number of bare `backbone_features` calls on one fixed batch of the
+same size (timed before and after the loop), and the loop's time over its own forward calls' (timed inside it, so a
+busy machine slows both alike): what the loop adds (target: at most 1.10). A random-init ViT-S/16 (`random_vits16`, no
+weights) on the synthetic dataset's 256×192 images, 224 crops. Printed, never asserted.
+
+Usage: python benchmarks/bench_linear_dinov2.py [--batch 8] [--iterations 12] [--crop 224] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--iterations", type=int, default=12)
+    ap.add_argument("--crop", type=int, default=224)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backbone", default="random_vits16")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SSL_SEGBENCH_CACHE"] = str(Path(tmp) / "cache")
+        f = bench(args.backbone, args.batch, args.iterations, args.crop, args.device, Path(tmp))
+        print(f"[linear-dinov2] {args.backbone} on {args.device}, batch {args.batch} of {args.crop}² crops, "
+              f"{args.iterations} iterations: training loop {f['loop_it_s']:.2f} it/s, bare forward "
+              f"{f['bare_it_s']:.2f} it/s (loop / bare {f['loop_over_bare']:.3f}); inside the loop the forwards took "
+              f"{f['forward_seconds']:.2f} s of {f['loop_seconds']:.2f} s: loop / its forwards "
+              f"{f['loop_over_forwards']:.3f} (target <= 1.10)")
+
+
+def bench(backbone_id: str, batch: int, iterations: int, crop: int, device: str, tmp: Path,
+          image_size: tuple[int, int] = (256, 192)) -> dict:
+    """One measurement: seconds and iterations per second of the loop and of the bare forwards, their ratios, and
+    on CUDA the peak GPU memory of the loop (torch.cuda.max_memory_allocated)."""
+    import torch
+
+    import ssl_segbench.protocols.linear_dinov2 as module
+    from ssl_segbench.backbones import BackboneRef
+    from ssl_segbench.data.synthetic import Synthetic, generate_synthetic
+    from ssl_segbench.protocols import get_protocol
+    from ssl_segbench.protocols.base import Context
+    from ssl_segbench.protocols.linear_dinov2 import NO_LIMIT, backbone_features, trained_head
+
+    ds = Synthetic(generate_synthetic(tmp / "syn", n_train=2 * batch, n_test=1, size=image_size), "train")
+    ref = BackboneRef(backbone_id)
+    proto = get_protocol("linear-dinov2", iterations=iterations, batch_size=batch, crop_size=crop,
+                         img_scale={"*": [NO_LIMIT, crop]}, warmup_iters=1)
+    ctx = Context(eval_set=ds, train_set=ds, features=None, seeds=[0], device=device, backbone_ref=ref,
+                  batch_size=batch)
+    backbone = ctx.backbone()
+    x = torch.randn(batch, 3, crop, crop)
+    backbone_features(ctx, backbone, x, [-1], "warm-up")  # first-call costs out of both timings
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            backbone_features(ctx, backbone, x, [-1], "bench")
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    inside = []
+
+    def timed(*a, **kw):  # the loop's own backbone calls, timed where they run
+        t = time.perf_counter()
+        out = backbone_features(*a, **kw)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        inside.append(time.perf_counter() - t)
+        return out
+
+    before = bare()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    module.backbone_features = timed
+    try:
+        t0 = time.perf_counter()
+        trained_head(ctx, ds, proto.p, [-1], 0)
+        loop = time.perf_counter() - t0
+    finally:
+        module.backbone_features = backbone_features
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    forward = (before + bare()) / 2  # timed before and after the loop: a busy machine hits both alike
+    return {"loop_seconds": loop, "loop_it_s": iterations / loop, "bare_it_s": iterations / forward,
+            "loop_over_bare": loop / forward, "forward_seconds": sum(inside), "loop_over_forwards": loop / sum(inside),
+            "peak_gpu_bytes": peak}
+
+
+if __name__ == "__main__":
+    main()
