@@ -147,10 +147,13 @@ def bench_suite(name: str, backbone: str, dataset: str, data_root, work: Path, d
     ref = BackboneRef(backbone)
     ref.load(device)
     load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    extract(ref, ds, Transform("shorter", 224, ref.spec.patch_size), device=device, batch_size=64 if device != "cpu"
-            else 16, num_workers=loader_workers(device), root=work / f"one-pass-{name}")
-    one = time.perf_counter() - t0
+    one = float("inf")
+    for k in range(2):  # the faster of two: the first forward at a new shape also pays the kernels' first-call setup
+        t0 = time.perf_counter()
+        extract(ref, ds, Transform("shorter", 224, ref.spec.patch_size), device=device,
+                batch_size=64 if device != "cpu" else 16, num_workers=loader_workers(device),
+                root=work / f"one-pass-{name}-{k}")
+        one = min(one, time.perf_counter() - t0)
     t0 = time.perf_counter()
     out = run(RunOptions(backbone=backbone, dataset=dataset, data_root=data_root, protocols=SUITE + tuple(extra),
                          params=SMALL, device=device, results_dir=work / f"res-{name}", write_records=False))
