@@ -100,6 +100,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_retrieval.py
 	$(BIN)/python benchmarks/bench_api.py
 	$(BIN)/python benchmarks/bench_kmeans.py
+	$(BIN)/python benchmarks/bench_linear_dinov2.py --iterations 40
 
 # The GPU check, for a lent GPU machine: `make gpu-wheels` here (needs PyPI), then `bash benchmarks/gpu_check.sh` there
 # with .whl carried. On a machine with a GPU and this virtualenv, `make gpu-check` runs it directly.
