@@ -1,5 +1,6 @@
 """`linear-dinov2` (issue 25, PROTOCOLS.md §10): its schedules against their formulas, centre padding, mmcv's
-keep-ratio rescale and ADE20K's reduce_zero_label against hand-built cases; a planted ADE20K-layout dataset on which
+keep-ratio rescale and ADE20K's reduce_zero_label against hand-built cases; the crop-window rescale against resizing the
+whole image and cropping; a planted ADE20K-layout dataset on which
 the head must reach mIoU 1; a run killed with SIGKILL resumes to the identical record; the same seed gives the same
 record; the cached variant; bad parameters refused through the CLI with nothing written."""
 from __future__ import annotations
@@ -15,13 +16,21 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from fixtures_data import write_labels
 from PIL import Image
 from test_refusals import _cli, _nothing_written
 
 from ssl_segbench.data.ade20k import ADE20K
 from ssl_segbench.protocols import get_protocol
-from ssl_segbench.protocols.linear_dinov2 import centre_pad, image_order, lr_at, rescaled_size
+from ssl_segbench.protocols.linear_dinov2 import (
+    _Augment,
+    centre_pad,
+    image_order,
+    lr_at,
+    rescale_window,
+    rescaled_size,
+)
 from ssl_segbench.records import iter_records
 
 PROTO = "linear-dinov2"
@@ -70,6 +79,39 @@ def test_keep_ratio_rescale_is_mmcvs():
     assert rescaled_size(500, 375, (99999999, 512)) == (683, 512)  # short side 512
     assert rescaled_size(2048, 1024, (2048, 1024)) == (2048, 1024)
     assert rescaled_size(3000, 500, (2048, 512)) == (2048, 341)  # the long side caps it
+
+
+@pytest.mark.parametrize("size", [(23, 17), (61, 45), (150, 111)])  # down, up, far up from 40 × 30
+def test_a_crop_window_rescaled_alone_equals_the_whole_image_rescaled_then_cropped(size):
+    """Bilinear without antialiasing (OpenCV's INTER_LINEAR, torch's align_corners=False) and nearest labels
+    (OpenCV's INTER_NEAREST), computed for the window alone: against a float64 loop over the whole rescaled image
+    (then cropped) and torch's own resize, and labels against the whole nearest-resized map, cropped."""
+    rng = np.random.default_rng(0)
+    im = rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    w, h = size
+    ref = np.empty((h, w, 3))
+    for y in range(h):
+        for x in range(w):
+            sy = min(max((y + 0.5) * 30 / h - 0.5, 0), 29)
+            sx = min(max((x + 0.5) * 40 / w - 0.5, 0), 39)
+            y0, x0 = int(sy), int(sx)
+            y1, x1, ly, lx = min(y0 + 1, 29), min(x0 + 1, 39), sy - y0, sx - x0
+            ref[y, x] = ((1 - ly) * ((1 - lx) * im[y0, x0] + lx * im[y0, x1])
+                         + ly * ((1 - lx) * im[y1, x0] + lx * im[y1, x1]))
+    torch_ref = F.interpolate(torch.from_numpy(im).permute(2, 0, 1)[None].double(), size=(h, w), mode="bilinear",
+                              align_corners=False, antialias=False)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ref, torch_ref, atol=1e-9)  # the loop is torch's rule
+    top, left, ch, cw = h // 3, w // 4, h - h // 3 - 1, w // 2
+    window = rescale_window(im, size, top, left, ch, cw)
+    expected = ref[top: top + ch, left: left + cw]
+    assert window.shape == expected.shape and window.dtype == np.uint8
+    assert np.abs(window - expected).max() <= 0.5 + 1e-4  # rounded to the nearest integer
+    np.testing.assert_array_equal(rescale_window(im, size, 0, 0, h, w)[top: top + ch, left: left + cw], window)
+    mask = rng.integers(0, 7, size=(30, 40))
+    whole = mask[np.minimum(np.arange(h) * 30 // h, 29)][:, np.minimum(np.arange(w) * 40 // w, 39)]
+    aug = _Augment(_p(crop_size=max(ch, cw)), [512, 512], 255, (0, 0, 0), (1, 1, 1))
+    np.testing.assert_array_equal(aug.labels(mask, size, top, left), whole[top: top + max(ch, cw), left:
+                                                                           left + max(ch, cw)])
 
 
 def test_image_order_does_not_depend_on_batch_size():

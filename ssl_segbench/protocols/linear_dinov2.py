@@ -3,16 +3,17 @@ the dense number backbone papers report: a BatchNorm + 1×1 convolution head on 
 augmented 512 crops and evaluated with sliding windows at the reference's image scale.
 
 Training (each iteration): `batch_size` train images, drawn in a per-epoch random order seeded by (seed, epoch), each
-augmented from a generator seeded by (seed, iteration, slot), so the crops do not depend on how the loop is cut
-(mmseg's pipeline, ours in `_Augment`): keep-ratio resize to `img_scale` × U(`ratio_range`) (bilinear; labels
-nearest), a random `crop_size` crop re-drawn up to 10 times while one class covers ≥ `cat_max_ratio` of its labelled
-pixels, a horizontal flip with probability `flip`, photometric distortion (`photometric`), normalisation, padding to
-the crop (image 0, labels 255). The whole batch goes through the frozen backbone (eval mode) in one call per layer
-(`features.embed`: bf16 autocast on CUDA), each input centre-padded to a multiple of the patch (DINOv2's
-CenterPadding; a no-op for patch 16 at 512); tokens of the last `layers` blocks (final norm, no CLS) are concatenated;
-the head's logits are resized bilinearly to the crop and trained with cross-entropy (ignore 255) averaged over
-`loss_average` pixels, by AdamW with a linear warm-up from `warmup_ratio` over `warmup_iters`, then `schedule` (poly
-to `min_lr`, or cosine to 0) over `iterations`. The head is trained on the CPU or GPU in float32.
+augmented from a generator seeded by (seed, iteration, slot), so the crops do not depend on how the loop is cut (mmseg's
+pipeline, ours in `_Augment`): keep-ratio resize to `img_scale` × U(`ratio_range`) (bilinear without antialiasing and
+labels nearest, as mmcv's OpenCV rescale; computed for the crop window alone), a random `crop_size` crop re-drawn up to
+10 times while one class covers ≥ `cat_max_ratio` of its labelled pixels, a horizontal flip with probability `flip`,
+photometric distortion (`photometric`), normalisation, padding to the crop (image 0, labels 255). The whole batch goes
+through the frozen backbone (eval mode) in one call per layer (`features.embed`: bf16 autocast on CUDA), each input
+centre-padded to a multiple of the patch (DINOv2's CenterPadding; a no-op for patch 16 at 512); tokens of the last
+`layers` blocks (final norm, no CLS) are concatenated; the head's logits are resized bilinearly to the crop and trained
+with cross-entropy (ignore 255) averaged over `loss_average` pixels, by AdamW with a linear warm-up from `warmup_ratio`
+over `warmup_iters`, then `schedule` (poly to `min_lr`, or cosine to 0) over `iterations`. The head is trained on the
+CPU or GPU in float32.
 
 Resumable: the head, the optimiser, the iteration reached and torch's RNG state are checkpointed every
 $SSL_SEGBENCH_CHECKPOINT_SECONDS into a partial cache entry keyed by everything that determines the head; a run
@@ -76,7 +77,7 @@ from .base import (
 )
 from .training import check_train_split, split_candidates, train_split_info
 
-HEAD_VERSION = 1  # bump when a head trained under the same key could differ
+HEAD_VERSION = 2  # bump when a head trained under the same key could differ
 NO_LIMIT = 99999999  # mmseg's "no limit" long side of img_scale
 EVAL_ONLY = ("slide_crop", "slide_stride", "tta_ratios", "tta_flip", "resize", "eval_size", "crf", "crf_temperature")
 PHOTOMETRIC = ("mmseg", "dinov3", "none")
@@ -258,6 +259,39 @@ def rescaled_size(width: int, height: int, scale: tuple[float, float]) -> tuple[
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
+def linear_taps(n_in: int, n_out: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples start .. start+count-1 of a bilinear resize of n_in samples to n_out without antialiasing (OpenCV's
+    INTER_LINEAR, which mmcv's rescale uses; torch's align_corners=False): each one's two source indices and the
+    weight of the second, from the source position (i + 0.5) · n_in / n_out − 0.5 clamped to the edges."""
+    src = np.clip((np.arange(start, start + count, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    lo = np.floor(src).astype(np.int64)
+    return lo, np.minimum(lo + 1, n_in - 1), (src - lo).astype(np.float32)
+
+
+def nearest_taps(n_in: int, n_out: int, start: int, count: int) -> np.ndarray:
+    """Samples start .. start+count-1 of a nearest resize of n_in samples to n_out (OpenCV's INTER_NEAREST, mmcv's for
+    labels): source index floor(i · n_in / n_out), in integers."""
+    return np.minimum(np.arange(start, start + count, dtype=np.int64) * n_in // n_out, n_in - 1)
+
+
+def rgb(img: Image.Image) -> np.ndarray:
+    """The image as an (H, W, 3) uint8 array (datasets decode to RGB already; anything else is converted)."""
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+def rescale_window(im: np.ndarray, size: tuple[int, int], top: int, left: int, h: int, w: int) -> np.ndarray:
+    """The (h, w) window at (top, left) of the (H, W, C) uint8 image `im` resized bilinearly to `size` (width,
+    height), computed for the window's pixels alone: the values of resizing the whole image, then cropping, with
+    float weights rounded to the nearest integer (OpenCV: 11-bit fixed-point weights, so a pixel may differ by 1). A
+    512 crop of an image rescaled to twice 512 costs a crop, not the whole rescaled image."""
+    ylo, yhi, wy = linear_taps(im.shape[0], size[1], top, h)
+    xlo, xhi, wx = linear_taps(im.shape[1], size[0], left, w)
+    wy, wx = wy[:, None, None], wx[None, :, None]
+    rows = im[ylo].astype(np.float32) * (1 - wy) + im[yhi].astype(np.float32) * wy
+    out = rows[:, xlo] * (1 - wx) + rows[:, xhi] * wx
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def lr_at(it: int, p: LinearDinov2Params) -> float:
     """The learning rate of iteration `it` (0-based). poly (mmcv's PolyLrUpdaterHook): (lr − min_lr)·(1 − it /
     iterations)^power + min_lr, and during the warm-up that value × (1 − (1 − it / warmup_iters)·(1 − warmup_ratio))
@@ -327,7 +361,8 @@ def predict(ctx: Context, backbone, heads: list[Head], img: Image.Image, label_s
     prob = None
     for ratio in p.tta_ratios:
         size = rescaled_size(*img.size, (int(long * ratio), int(short * ratio)))
-        x = normalise(img.resize(size, Image.BILINEAR), spec.mean, spec.std).to(ctx.device)
+        x = normalise(rescale_window(rgb(img), size, 0, 0, size[1], size[0]), spec.mean,
+                      spec.std).to(ctx.device)
         for flipped in (False, True) if p.tta_flip else (False,):
             logits = slide_logits(x.flip(-1) if flipped else x, logits_of, p.slide_crop, p.slide_stride,
                                   ctx.batch_size)
@@ -351,11 +386,11 @@ class _Augment:
         p = self.p
         ratio = rng.uniform(*p.ratio_range)
         size = rescaled_size(*img.size, (self.scale[0] * ratio, self.scale[1] * ratio))
-        im = np.asarray(img.resize(size, Image.BILINEAR))
-        lab = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST), dtype=np.int64)
-        top, left = self.crop_box(lab, rng)
         c = p.crop_size
-        im, lab = im[top: top + c, left: left + c], lab[top: top + c, left: left + c]
+        top, left = self.crop_box(mask, size, rng)
+        h, w = min(c, size[1] - top), min(c, size[0] - left)
+        im = rescale_window(rgb(img), size, top, left, h, w)
+        lab = self.labels(mask, size, top, left)
         if rng.random() < p.flip:
             im, lab = im[:, ::-1], lab[:, ::-1]
         im = photometric(np.ascontiguousarray(im), rng, p.photometric)
@@ -364,11 +399,19 @@ class _Augment:
         y = np.pad(lab, ((0, c - lab.shape[0]), (0, c - lab.shape[1])), constant_values=self.ignore)
         return x, y
 
-    def crop_box(self, lab: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
-        """(top, left) of mmseg's RandomCrop: a uniform box, re-drawn up to 10 times while fewer than two classes are
-        in it or one class holds ≥ cat_max_ratio of its labelled pixels (the last draw is kept)."""
+    def labels(self, mask: np.ndarray, size: tuple[int, int], top: int, left: int) -> np.ndarray:
+        """The crop window at (top, left) of `mask` resized by nearest neighbour to `size` (width, height), int64."""
         c = self.p.crop_size
-        mh, mw = max(lab.shape[0] - c, 0), max(lab.shape[1] - c, 0)
+        rows = nearest_taps(mask.shape[0], size[1], top, min(c, size[1] - top))
+        cols = nearest_taps(mask.shape[1], size[0], left, min(c, size[0] - left))
+        return np.asarray(mask, dtype=np.int64)[np.ix_(rows, cols)]
+
+    def crop_box(self, mask: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+        """(top, left) of mmseg's RandomCrop in the image rescaled to `size`: a uniform box, re-drawn up to 10 times
+        while fewer than two classes are in it or one class holds ≥ cat_max_ratio of its labelled pixels (the last
+        draw is kept)."""
+        c = self.p.crop_size
+        mh, mw = max(size[1] - c, 0), max(size[0] - c, 0)
 
         def draw():
             return int(rng.integers(0, mh + 1)), int(rng.integers(0, mw + 1))
@@ -376,7 +419,7 @@ class _Augment:
         box = draw()
         if self.p.cat_max_ratio < 1:
             for _ in range(10):
-                seg = lab[box[0]: box[0] + c, box[1]: box[1] + c]
+                seg = self.labels(mask, size, *box)
                 _, cnt = np.unique(seg[seg != self.ignore], return_counts=True)
                 if len(cnt) > 1 and cnt.max() / cnt.sum() < self.p.cat_max_ratio:
                     break
