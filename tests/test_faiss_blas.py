@@ -34,6 +34,7 @@ def test_the_avx2_kernel_is_pinned_and_the_variable_is_gone_after_the_import():
     assert config.endswith(f"core {faiss_blas.PINNED_CORE}") and var is None
 
 
+@pytest.mark.skipif(not faiss_blas._has_avx2_fma(), reason="'Prescott' names an x86 kernel: this is not Linux x86-64")
 def test_a_kernel_the_user_chose_is_kept_and_named():
     config, var = _probe(OPENBLAS_CORETYPE="Prescott")
     assert config.endswith("core Prescott") and var == "Prescott"
