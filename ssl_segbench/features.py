@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,16 +115,24 @@ class _TorchView(torch.utils.data.Dataset):
         return x, i, torch.from_numpy(y), resized
 
 
+_PREFETCH = "ssl-segbench-prefetch"
+
+
 def prefetched(iterable):
     """Yield from `iterable` while a background thread already fetches the next item: with in-process loading
     (num_workers=0, the CPU default) image decoding overlaps the forward pass instead of alternating with it (PIL and
     numpy release the GIL)."""
     it = iter(iterable)
-    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssl-segbench-prefetch") as pool:
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=_PREFETCH)
+    try:
         pending = pool.submit(next, it, None)
         while (item := pending.result()) is not None:
             pending = pool.submit(next, it, None)
             yield item
+    finally:
+        # an abandoned generator (a refusal mid-pass) may be closed by the garbage collector on the prefetch thread
+        # itself, which cannot wait for itself to end
+        pool.shutdown(wait=not threading.current_thread().name.startswith(_PREFETCH), cancel_futures=True)
 
 
 def loader_workers(device: str) -> int:
