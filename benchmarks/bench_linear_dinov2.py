@@ -2,8 +2,11 @@
 second of the protocol's own training (augmented crops built ahead, one backbone call per batch, head forward and
 backward, AdamW step, checkpoints) and of the same number of bare `backbone_features` calls on one fixed batch of the
 same size (timed before and after the loop), and the loop's time over its own forward calls' (timed inside it, so a
-busy machine slows both alike). Issue 25's target is loop / bare ≤ 1.10. A random-init ViT-S/16 (`random_vits16`, no
-weights) on the synthetic dataset's 256×192 images, 224 crops. Printed, never asserted.
+busy machine slows both alike). Issue 25's target is loop / bare ≤ 1.10. Also the loop's parts per iteration: its
+forward call, the rest (head forward and backward over the crop-sized logits, AdamW, waits for crops), and the CPU
+time that building one batch of crops costs on one thread (what the prefetch thread or a DataLoader worker spends; on a
+2-core CPU it competes with the forward). A random-init ViT-S/16 (`random_vits16`, no weights) on the synthetic
+dataset's 256×192 images (8 classes; ADE20K's 150 make the head step larger), 224 crops. Printed, never asserted.
 
 Usage: python benchmarks/bench_linear_dinov2.py [--batch 8] [--iterations 12] [--crop 224] [--device cpu]
 """
@@ -32,12 +35,16 @@ def main() -> None:
               f"{f['bare_it_s']:.2f} it/s (loop / bare {f['loop_over_bare']:.3f}, target <= 1.10); inside the loop the "
               f"forwards took {f['forward_seconds']:.2f} s of {f['loop_seconds']:.2f} s: loop / its forwards "
               f"{f['loop_over_forwards']:.3f}")
+        print(f"[linear-dinov2] per iteration: bare forward {f['bare_ms']:.1f} ms, the loop's forward "
+              f"{f['forward_ms']:.1f} ms, the rest of the loop {f['rest_ms']:.1f} ms; building one batch of crops "
+              f"{f['crops_ms']:.1f} ms of one CPU thread")
 
 
 def bench(backbone_id: str, batch: int, iterations: int, crop: int, device: str, tmp: Path,
           image_size: tuple[int, int] = (256, 192)) -> dict:
-    """One measurement: seconds and iterations per second of the loop and of the bare forwards, their ratios, and
-    on CUDA the peak GPU memory of the loop (torch.cuda.max_memory_allocated)."""
+    """One measurement: seconds and iterations per second of the loop and of the bare forwards, their ratios, the
+    loop's parts per iteration (ms), the single-thread milliseconds of building one batch of crops, and on CUDA the
+    peak GPU memory of the loop (torch.cuda.max_memory_allocated)."""
     import torch
 
     import ssl_segbench.protocols.linear_dinov2 as module
@@ -45,7 +52,7 @@ def bench(backbone_id: str, batch: int, iterations: int, crop: int, device: str,
     from ssl_segbench.data.synthetic import Synthetic, generate_synthetic
     from ssl_segbench.protocols import get_protocol
     from ssl_segbench.protocols.base import Context
-    from ssl_segbench.protocols.linear_dinov2 import NO_LIMIT, backbone_features, trained_head
+    from ssl_segbench.protocols.linear_dinov2 import NO_LIMIT, _TrainCrops, backbone_features, trained_head
 
     ds = Synthetic(generate_synthetic(tmp / "syn", n_train=2 * batch, n_test=1, size=image_size), "train")
     ref = BackboneRef(backbone_id)
@@ -87,9 +94,20 @@ def bench(backbone_id: str, batch: int, iterations: int, crop: int, device: str,
         module.backbone_features = backbone_features
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     forward = (before + bare()) / 2  # timed before and after the loop: a busy machine hits both alike
+    crops = _TrainCrops(ds, proto.p, 0, 0, backbone.spec.mean, backbone.spec.std)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the prefetch thread or a DataLoader worker
+    try:
+        t0 = time.perf_counter()
+        for k in range(min(iterations, 10)):
+            crops[k]
+        crops_ms = 1000 * (time.perf_counter() - t0) / min(iterations, 10)
+    finally:
+        torch.set_num_threads(threads)
     return {"loop_seconds": loop, "loop_it_s": iterations / loop, "bare_it_s": iterations / forward,
             "loop_over_bare": loop / forward, "forward_seconds": sum(inside), "loop_over_forwards": loop / sum(inside),
-            "peak_gpu_bytes": peak}
+            "bare_ms": 1000 * forward / iterations, "forward_ms": 1000 * sum(inside) / iterations,
+            "rest_ms": 1000 * (loop - sum(inside)) / iterations, "crops_ms": crops_ms, "peak_gpu_bytes": peak}
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ def decode_suim_rgb(rgb: np.ndarray) -> ColourLabels:
     exact-colour matching loses PF and SR). The bits are the nearest of the eight colours; a pixel with a channel in
     [OFF_PALETTE_LOW, OFF_PALETTE_HIGH] is near none of them and marked off the palette."""
     rgb = np.asarray(rgb)[..., :3]
-    bits = (rgb >= 128).astype(np.int64)
-    off = ((rgb >= OFF_PALETTE_LOW) & (rgb <= OFF_PALETTE_HIGH)).any(-1)
-    return ColourLabels(bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2], off)
+    r, g, b = (rgb[..., c] >= 128 for c in range(3))
+    band = (rgb >= OFF_PALETTE_LOW) & (rgb <= OFF_PALETTE_HIGH)
+    off = band[..., 0] | band[..., 1] | band[..., 2]
+    return ColourLabels(r.astype(np.int64) * 4 + g * 2 + b, off)
 
 
 @register_dataset

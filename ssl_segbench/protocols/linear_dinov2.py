@@ -286,6 +286,8 @@ def rescale_window(im: np.ndarray, size: tuple[int, int], top: int, left: int, h
     512 crop of an image rescaled to twice 512 costs a crop, not the whole rescaled image."""
     ylo, yhi, wy = linear_taps(im.shape[0], size[1], top, h)
     xlo, xhi, wx = linear_taps(im.shape[1], size[0], left, w)
+    first = int(xlo[0]) if len(xlo) else 0  # only the source columns the window reads
+    im, xlo, xhi = im[:, first: int(xhi.max(initial=first)) + 1], xlo - first, xhi - first
     wy, wx = wy[:, None, None], wx[None, :, None]
     rows = im[ylo].astype(np.float32) * (1 - wy) + im[yhi].astype(np.float32) * wy
     out = rows[:, xlo] * (1 - wx) + rows[:, xhi] * wx
@@ -404,7 +406,7 @@ class _Augment:
         c = self.p.crop_size
         rows = nearest_taps(mask.shape[0], size[1], top, min(c, size[1] - top))
         cols = nearest_taps(mask.shape[1], size[0], left, min(c, size[0] - left))
-        return np.asarray(mask, dtype=np.int64)[np.ix_(rows, cols)]
+        return np.asarray(mask)[np.ix_(rows, cols)].astype(np.int64)
 
     def crop_box(self, mask: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
         """(top, left) of mmseg's RandomCrop in the image rescaled to `size`: a uniform box, re-drawn up to 10 times
@@ -420,7 +422,8 @@ class _Augment:
         if self.p.cat_max_ratio < 1:
             for _ in range(10):
                 seg = self.labels(mask, size, *box)
-                _, cnt = np.unique(seg[seg != self.ignore], return_counts=True)
+                cnt = np.bincount(seg[seg != self.ignore])
+                cnt = cnt[cnt > 0]
                 if len(cnt) > 1 and cnt.max() / cnt.sum() < self.p.cat_max_ratio:
                     break
                 box = draw()
@@ -435,8 +438,8 @@ def photometric(im: np.ndarray, rng: np.random.Generator, kind: str) -> np.ndarr
     if kind == "none":
         return im
 
-    def convert(a, alpha=1.0, beta=0.0):
-        return np.clip(a.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+    def convert(a, alpha=1.0, beta=0.0):  # a table over the 256 values, in the reference's float32 arithmetic
+        return np.clip(np.arange(256, dtype=np.float32) * alpha + beta, 0, 255).astype(np.uint8)[a]
 
     if rng.integers(2):
         im = convert(im, beta=rng.uniform(-32, 32))
@@ -450,7 +453,7 @@ def photometric(im: np.ndarray, rng: np.random.Generator, kind: str) -> np.ndarr
     if rng.integers(2):
         turn = rng.integers(-18, 18) / 180 if kind == "mmseg" else rng.uniform(-0.5, 0.5)
         hsv = np.array(Image.fromarray(im).convert("HSV"))
-        hsv[..., 0] = ((hsv[..., 0].astype(np.int64) + int(round(turn * 256))) % 256).astype(np.uint8)
+        hsv[..., 0] = ((np.arange(256) + int(round(turn * 256))) % 256).astype(np.uint8)[hsv[..., 0]]
         im = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
     if not contrast_first and rng.integers(2):
         im = convert(im, alpha=rng.uniform(0.5, 1.5))
