@@ -6,7 +6,9 @@ busy machine slows both alike). Issue 25's target is loop / bare ≤ 1.10. Also 
 forward call, the rest (head forward and backward over the crop-sized logits, AdamW, waits for crops), and the CPU
 time that building one batch of crops costs on one thread (what the prefetch thread or a DataLoader worker spends; on a
 2-core CPU it competes with the forward). A random-init ViT-S/16 (`random_vits16`, no weights) on the synthetic
-dataset's 256×192 images (8 classes; ADE20K's 150 make the head step larger), 224 crops. Printed, never asserted.
+dataset's 256×192 images (8 classes), 224 crops. Then the head step alone (`head_step`: BatchNorm + 1×1 conv, logits
+resized to the crop, cross-entropy, backward, AdamW) at the reference's ADE20K size: 150 classes, batch 16, 512² crops
+from ViT-S/14 tokens (37² × 384), which the loop adds to every forward. Printed, never asserted.
 
 Usage: python benchmarks/bench_linear_dinov2.py [--batch 8] [--iterations 12] [--crop 224] [--device cpu]
 """
@@ -38,6 +40,9 @@ def main() -> None:
         print(f"[linear-dinov2] per iteration: bare forward {f['bare_ms']:.1f} ms, the loop's forward "
               f"{f['forward_ms']:.1f} ms, the rest of the loop {f['rest_ms']:.1f} ms; building one batch of crops "
               f"{f['crops_ms']:.1f} ms of one CPU thread")
+        ms = head_step_ms(args.device)
+        print(f"[linear-dinov2] the head step alone at ADE20K's size (150 classes, batch 16, 512² crops, 37² × 384 "
+              f"tokens) on {args.device}: {ms:.0f} ms")
 
 
 def bench(backbone_id: str, batch: int, iterations: int, crop: int, device: str, tmp: Path,
@@ -108,6 +113,30 @@ def bench(backbone_id: str, batch: int, iterations: int, crop: int, device: str,
             "loop_over_bare": loop / forward, "forward_seconds": sum(inside), "loop_over_forwards": loop / sum(inside),
             "bare_ms": 1000 * forward / iterations, "forward_ms": 1000 * sum(inside) / iterations,
             "rest_ms": 1000 * (loop - sum(inside)) / iterations, "crops_ms": crops_ms, "peak_gpu_bytes": peak}
+
+
+def head_step_ms(device: str, classes: int = 150, batch: int = 16, crop: int = 512, grid: int = 37, dim: int = 384,
+                 repeats: int = 3) -> float:
+    """Milliseconds of one `head_step` on random tokens and labels of the given sizes (best of `repeats`, after one
+    warm-up step)."""
+    import torch
+
+    from ssl_segbench.protocols.linear_dinov2 import Head, head_step
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, dim, grid, grid, generator=g).to(device)
+    y = torch.randint(0, classes, (batch, crop, crop), generator=g).to(device)
+    head = Head(dim, classes, 0.0, 0.01).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
+    best = float("inf")
+    for k in range(repeats + 1):
+        t0 = time.perf_counter()
+        head_step(head, opt, x, y, 255, "all-pixels")
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if k:
+            best = min(best, time.perf_counter() - t0)
+    return 1000 * best
 
 
 if __name__ == "__main__":

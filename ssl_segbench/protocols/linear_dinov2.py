@@ -559,6 +559,18 @@ def _rng_state(device: str) -> dict:
     return out
 
 
+def head_step(head: Head, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, ignore_index: int,
+              loss_average: str) -> None:
+    """One optimiser step: the head's logits of tokens `x` resized bilinearly to the (B, crop, crop) labels `y`,
+    cross-entropy summed over the labelled pixels and divided by all pixels or by the labelled ones (`loss_average`)."""
+    logits = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
+    denom = y.numel() if loss_average == "all-pixels" else max(int((y != ignore_index).sum()), 1)
+    opt.zero_grad(set_to_none=True)
+    (loss / denom).backward()
+    opt.step()
+
+
 def _train(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: int, entry: Entry) -> dict:
     """Train one head into `entry` (module docstring), resuming `<entry>.partial/state.pt` when its key matches."""
     partial = entry.path.with_name(entry.path.name + ".partial")
@@ -594,12 +606,7 @@ def _train(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: int
             for it, (x, y) in enumerate(batches, start):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(it, p)
-                logits = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
-                loss = F.cross_entropy(logits, y, ignore_index=ds.ignore_index, reduction="sum")
-                denom = y.numel() if p.loss_average == "all-pixels" else max(int((y != ds.ignore_index).sum()), 1)
-                opt.zero_grad(set_to_none=True)
-                (loss / denom).backward()
-                opt.step()
+                head_step(head, opt, x, y, ds.ignore_index, p.loss_average)
                 advance()
                 if time.monotonic() - last > checkpoint_seconds() and it + 1 < p.iterations:
                     _save(state_path, {"key": entry.key, "iteration": it + 1, "head": head.state_dict(),
