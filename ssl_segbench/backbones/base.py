@@ -70,7 +70,8 @@ class Backbone(torch.nn.Module):
                                 "those one layer at a time")
         return tuple(self.layer_index(i) for i in listed)
 
-    def forward(self, images: torch.Tensor, layer=-1, facets=("tokens",)) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, layer: int | list[int] | tuple[int, ...] = -1,
+                facets=("tokens",)) -> dict[str, torch.Tensor]:
         """The facets of `images` at `layer` (module docstring); a list of layers gives their tokens concatenated
         along the channels in the listed order, from one model forward."""
         self.check_facets(facets)
