@@ -188,10 +188,11 @@ def _first_bad(v: torch.Tensor) -> int | None:
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
-def embed(backbone, batches, layer: int, facets, device: str, amp: bool = True, name_of=str, half: bool = False,
-          on_device: bool = False):
+def embed(backbone, batches, layer: int | tuple[int, ...], facets, device: str, amp: bool = True, name_of=str,
+          half: bool = False, on_device: bool = False):
     """The one batched backbone pass: for each batch, a tuple (images (B, 3, H, W), B item ids, anything else),
-    yield (facet → CPU output, the batch). Outputs are float32, or float16 with `half` (what the feature cache
+    yield (facet → CPU output, the batch); a tuple of layers gives their tokens concatenated along the channels, from
+    one backbone call (`Backbone.forward`). Outputs are float32, or float16 with `half` (what the feature cache
     stores: converted on the device, so half the bytes cross to the host); with `on_device` they stay on `device`
     (a head trained there reads them without a round trip); bf16 autocast on CUDA with `amp`, as
     `compute_precision` says. A NaN or infinite output, or with `half` one beyond float16's range, raises
@@ -244,11 +245,12 @@ def fill_items(entry: Entry, shapes: list[tuple[int, int]], width: int, dtype, r
         writer.commit({**extra, "seconds": round(time.perf_counter() - t0, 3)})
 
 
-def _refuse_non_finite(backbone, layer: int, facet: str, item: str, overflow: bool):
+def _refuse_non_finite(backbone, layer, facet: str, item: str, overflow: bool):
     why = ("values beyond float16's range (|x| > 65504), which the cache cannot store" if overflow
            else "NaN or infinite values")
     source = getattr(backbone, "source", "source unknown")  # a loaded Backbone always has one; test stand-ins not
-    raise BackboneError(f"backbone '{backbone.spec.id}' ({source}) gave {why} for facet '{facet}' of layer {layer} "
+    layers = f"layers {list(layer)}" if isinstance(layer, (list, tuple)) else f"layer {layer}"
+    raise BackboneError(f"backbone '{backbone.spec.id}' ({source}) gave {why} for facet '{facet}' of {layers} "
                         f"on {item}: nothing was cached. The checkpoint's weights may be damaged (re-download it) or "
                         "the input broken; outputs like these would turn into a meaningless score.")
 

@@ -2,12 +2,15 @@
 
 `Backbone.forward(images, layer, facets)` returns a dict with any of:
 - ``tokens``: (B, h, w, D) patch tokens of block `layer` (−1 = last), with the model's final norm applied and every
-  prefix token (CLS, registers) removed by count from the spec, never by guessing from the sequence length;
+  prefix token (CLS, registers) removed by count from the spec, never by guessing from the sequence length; `layer`
+  may also be a list of blocks (e.g. DINOv2's last four), whose tokens come from one model forward, concatenated along
+  the channels in the listed order (repeats included): (B, h, w, D·L), each part what that layer alone gives;
 - ``cls``: (B, D) the CLS token of the same block (final norm applied);
 - ``attn``: (B, heads, h, w) attention of the CLS query over the patch keys in block `layer` (softmax over all tokens);
 - ``attn_logits``: (B, heads, h, w) the same attention before the softmax: q_cls · k_j times the attention's scale
   (MaskDistill's released code thresholds these raw logits; any positive scale leaves its mask unchanged);
 - ``keys`` / ``queries``: (B, h, w, D) that block's keys / queries, heads concatenated, prefix tokens removed.
+Every facet but ``tokens`` describes one block, so it is read with one layer only.
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ class BackboneError(SegbenchError):
 
 
 class Backbone(torch.nn.Module):
-    """Base class; subclasses implement `_forward(x, layer, facets) -> dict` on token sequences."""
+    """Base class; subclasses implement `_forward(images, layers, facets) -> dict` on token sequences, for distinct
+    non-negative block indices in ascending order (several only when the facets are just 'tokens'): 'tokens' → one
+    (B, N, D) sequence per layer, in that order, from one model forward; any other facet → its one layer's output.
+    `forward` checks the request, shapes each output (`_shaped`) and puts the layers in the caller's order."""
 
     def __init__(self, spec: BackboneSpec, source: str, resolved_revision: str | None):
         super().__init__()
@@ -50,18 +56,49 @@ class Backbone(torch.nn.Module):
             raise BackboneError(f"layer {layer} out of range for '{self.spec.id}' with {n} blocks")
         return layer % n
 
-    def forward(self, images: torch.Tensor, layer: int = -1, facets=("tokens",)) -> dict[str, torch.Tensor]:
+    def layer_indices(self, layer, facets) -> tuple[int, ...]:
+        """`layer` (one block index, or a list / tuple of them) → the non-negative indices in the listed order, each
+        checked by `layer_index`; several only for the 'tokens' facet (the others describe one block)."""
+        listed = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
+        if not listed:
+            raise BackboneError(f"backbone '{self.spec.id}': an empty list of layers was given; give a block index "
+                                "(-1 = last) or a non-empty list of them")
+        single = set(facets) - {"tokens"}
+        if len(listed) > 1 and single:
+            raise BackboneError(f"backbone '{self.spec.id}': several layers {list(listed)} can be read in one call "
+                                f"for the 'tokens' facet only, and {sorted(single)} describe one block: ask for "
+                                "those one layer at a time")
+        return tuple(self.layer_index(i) for i in listed)
+
+    def forward(self, images: torch.Tensor, layer: int | list[int] | tuple[int, ...] = -1,
+                facets=("tokens",)) -> dict[str, torch.Tensor]:
+        """The facets of `images` at `layer` (module docstring); a list of layers gives their tokens concatenated
+        along the channels in the listed order, from one model forward."""
         self.check_facets(facets)
-        b, _, height, width = images.shape
+        _, _, height, width = images.shape
         p = self.spec.patch_size
         if height % p or width % p:
             raise BackboneError(f"input {height}x{width} is not a multiple of patch size {p}")
-        out = self._forward(images, self.layer_index(layer), tuple(facets))
-        h, w = height // p, width // p
-        return {k: _grid(v, h, w, self.spec.num_prefix_tokens, k) for k, v in out.items()}
+        listed = self.layer_indices(layer, facets)
+        taken = tuple(sorted(set(listed)))
+        out = self._forward(images, taken, tuple(facets))
+        res = {}
+        for k, v in out.items():
+            if k == "tokens":
+                grids = {i: self._shaped(t, k, images) for i, t in zip(taken, v, strict=True)}
+                parts = [grids[i] for i in listed]
+                res[k] = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+            else:
+                res[k] = self._shaped(v, k, images)
+        return res
 
-    def _forward(self, images, layer, facets) -> dict[str, torch.Tensor]:
+    def _forward(self, images, layers: tuple[int, ...], facets) -> dict:
         raise NotImplementedError
+
+    def _shaped(self, v: torch.Tensor, facet: str, images: torch.Tensor) -> torch.Tensor:
+        """One facet's output for `images` → its documented shape (`_grid`)."""
+        p = self.spec.patch_size
+        return _grid(v, images.shape[-2] // p, images.shape[-1] // p, self.spec.num_prefix_tokens, facet)
 
 
 def _grid(v: torch.Tensor, h: int, w: int, n_prefix: int, facet: str) -> torch.Tensor:

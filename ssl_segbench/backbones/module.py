@@ -57,7 +57,7 @@ class Adapter:
 
 class AdapterBackbone(Backbone):
     """An `Adapter` behind the dense interface: each facet from its callable, its shape checked against the spec. The
-    callables give one block's outputs, so only --layer -1 exists."""
+    callables give one block's outputs, so only --layer -1 exists (a list of -1s repeats its tokens)."""
 
     def __init__(self, adapter: Adapter, spec, source, resolved_revision):
         super().__init__(spec, source, resolved_revision)
@@ -82,26 +82,25 @@ class AdapterBackbone(Backbone):
                                 f"not {', '.join(lacking)}: pass {', '.join(f + '=' for f in lacking)} callables to "
                                 "ssl_segbench.Adapter")
 
-    def forward(self, images: torch.Tensor, layer: int = -1, facets=("tokens",)) -> dict[str, torch.Tensor]:
-        self.check_facets(facets)
-        self.layer_index(layer)
+    def _forward(self, images, layers, facets):
+        out = {f: self.adapter.callables[f](images) for f in facets}
+        if "tokens" in out:
+            out["tokens"] = [out["tokens"]]  # its one layer
+        return out
+
+    def _shaped(self, v, facet, images):
+        """The callable's output as it is, once its shape is checked: the facet's documented shape for `images`."""
         b, _, height, width = images.shape
         p = self.spec.patch_size
-        if height % p or width % p:
-            raise BackboneError(f"input {height}x{width} is not a multiple of patch size {p}")
-        out = {}
-        for f in facets:
-            v = self.adapter.callables[f](images)
-            heads = v.shape[1] if isinstance(v, torch.Tensor) and v.ndim == 4 else -1
-            expected = ((b, height // p, width // p, self.spec.embed_dim) if f in GRID_FACETS else
-                        (b, self.spec.embed_dim) if f == "cls" else (b, heads, height // p, width // p))
-            if not isinstance(v, torch.Tensor) or tuple(v.shape) != expected:
-                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise BackboneError(f"backbone '{self.spec.id}' (Adapter): the {f} callable gave {got} for a "
-                                    f"{b}x3x{height}x{width} batch; expected {expected} (h, w = input / patch_size "
-                                    f"{p}, D = embed_dim {self.spec.embed_dim})")
-            out[f] = v
-        return out
+        heads = v.shape[1] if isinstance(v, torch.Tensor) and v.ndim == 4 else -1
+        expected = ((b, height // p, width // p, self.spec.embed_dim) if facet in GRID_FACETS else
+                    (b, self.spec.embed_dim) if facet == "cls" else (b, heads, height // p, width // p))
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != expected:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise BackboneError(f"backbone '{self.spec.id}' (Adapter): the {facet} callable gave {got} for a "
+                                f"{b}x3x{height}x{width} batch; expected {expected} (h, w = input / patch_size "
+                                f"{p}, D = embed_dim {self.spec.embed_dim})")
+        return v
 
 
 def _is_timm_vit(obj) -> bool:

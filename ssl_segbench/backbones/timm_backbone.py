@@ -32,7 +32,7 @@ class TimmBackbone(Backbone):
     def num_layers(self) -> int:
         return len(self.model.blocks)
 
-    def _forward(self, images, layer, facets):
+    def _forward(self, images, layers, facets):
         fixed = getattr(self.model.patch_embed, "img_size", None)
         if not getattr(self.model, "dynamic_img_size", False) and fixed is not None and \
                 tuple(images.shape[-2:]) != tuple(fixed):
@@ -40,17 +40,17 @@ class TimmBackbone(Backbone):
                                 f"{fixed[0]}×{fixed[1]} input (its position terms are fixed to that grid), got "
                                 f"{images.shape[-2]}×{images.shape[-1]}: use --resize square --size {fixed[0]}")
         need_attention = bool({"attn", "attn_logits", "keys", "queries"} & set(facets))
-        attn_mod = self.model.blocks[layer].attn
+        attn_mod = self.model.blocks[layers[0]].attn  # attention facets come with one layer only
         with capture_attention(attn_mod, self.spec.id) if need_attention else contextlib.nullcontext({}) as seen:
-            (found,) = self.model.forward_intermediates(
-                images, indices=[layer], norm=True, output_fmt="NLC", intermediates_only=True,
+            found = self.model.forward_intermediates(  # in block order, which `layers` is
+                images, indices=list(layers), norm=True, output_fmt="NLC", intermediates_only=True,
                 return_prefix_tokens=self.model.num_prefix_tokens > 0, stop_early=True)
-        spatial, prefix = found if isinstance(found, tuple) else (found, found[:, :0])
+        split = [f if isinstance(f, tuple) else (f, f[:, :0]) for f in found]  # (spatial, prefix) per layer
         out = {}
         if "tokens" in facets:
-            out["tokens"] = torch.cat([prefix, spatial], dim=1)
+            out["tokens"] = [torch.cat([prefix, spatial], dim=1) for spatial, prefix in split]
         if "cls" in facets:
-            out["cls"] = prefix[:, 0]
+            out["cls"] = split[0][1][:, 0]
         if need_attention:
             b, heads, n, hd = seen["q"].shape
             q = seen["q"].transpose(1, 2).reshape(b, n, heads * hd)

@@ -336,14 +336,12 @@ class Head(torch.nn.Module):
 
 def backbone_features(ctx: Context, backbone, images: torch.Tensor, layers: list[int], what: str) -> torch.Tensor:
     """(B, 3, H, W) normalised images → (B, D·len(layers), h, w) float32 tokens on the run's device: centre-padded to
-    the patch, one `embed` call per layer (bf16 autocast on CUDA), layers concatenated along the channels."""
+    the patch, one `embed` call for all layers (one backbone forward; bf16 autocast on CUDA), the layers concatenated
+    along the channels in the listed order."""
     x = centre_pad(images, backbone.spec.patch_size)
-    out = []
-    for layer in layers:
-        outputs, _ = next(embed(backbone, [(x, range(len(x)))], layer, ("tokens",), ctx.device,
-                                name_of=lambda j: f"{what} {j}", on_device=True))
-        out.append(outputs["tokens"].permute(0, 3, 1, 2))
-    return torch.cat(out, 1).clone()  # a normal tensor (embed's are inference tensors), usable with autograd
+    outputs, _ = next(embed(backbone, [(x, range(len(x)))], tuple(layers), ("tokens",), ctx.device,
+                            name_of=lambda j: f"{what} {j}", on_device=True))
+    return outputs["tokens"].permute(0, 3, 1, 2).clone()  # a normal tensor (embed's are inference tensors)
 
 
 def predict(ctx: Context, backbone, heads: list[Head], img: Image.Image, label_size: tuple[int, int],
