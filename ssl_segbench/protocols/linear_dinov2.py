@@ -8,8 +8,8 @@ pipeline, ours in `_Augment`): keep-ratio resize to `img_scale` × U(`ratio_rang
 labels nearest, as mmcv's OpenCV rescale; computed for the crop window alone), a random `crop_size` crop re-drawn up to
 10 times while one class covers ≥ `cat_max_ratio` of its labelled pixels, a horizontal flip with probability `flip`,
 photometric distortion (`photometric`), normalisation, padding to the crop (image 0, labels 255). The whole batch goes
-through the frozen backbone (eval mode) in one call per layer (`features.embed`: bf16 autocast on CUDA), each input
-centre-padded to a multiple of the patch (DINOv2's CenterPadding; a no-op for patch 16 at 512); tokens of the last
+through the frozen backbone (eval mode) in one call for all its layers (`features.embed`: bf16 autocast on CUDA), each
+input centre-padded to a multiple of the patch (DINOv2's CenterPadding; a no-op for patch 16 at 512); tokens of the last
 `layers` blocks (final norm, no CLS) are concatenated; the head's logits are resized bilinearly to the crop and trained
 with cross-entropy (ignore 255) averaged over `loss_average` pixels, by AdamW with a linear warm-up from `warmup_ratio`
 over `warmup_iters`, then `schedule` (poly to `min_lr`, or cosine to 0) over `iterations`. The head is trained on the
@@ -491,7 +491,7 @@ class _TrainCrops(torch.utils.data.Dataset):
 def augmented_batches(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: int, start: int):
     """(tokens (B, D·L, h, w), labels (B, crop, crop)) on the device for iterations start, start + 1, ...: crops built
     ahead (`loader_workers` DataLoader workers on a GPU, a prefetch thread on the CPU), each batch embedded in one
-    backbone call per layer."""
+    backbone call for all its layers."""
     backbone = ctx.backbone()
     crops = _TrainCrops(ds, p, seed, start, backbone.spec.mean, backbone.spec.std)
     workers = loader_workers(ctx.device)
