@@ -394,8 +394,8 @@ class _Augment:
         if rng.random() < p.flip:
             im, lab = im[:, ::-1], lab[:, ::-1]
         im = photometric(np.ascontiguousarray(im), rng, p.photometric)
-        x = normalise(im, self.mean, self.std)
-        x = F.pad(x, (0, c - x.shape[2], 0, c - x.shape[1]))
+        x = normalise(im, self.mean, self.std).numpy()
+        x = np.pad(x, ((0, 0), (0, c - x.shape[1]), (0, c - x.shape[2])))
         y = np.pad(lab, ((0, c - lab.shape[0]), (0, c - lab.shape[1])), constant_values=self.ignore)
         return x, y
 
@@ -485,7 +485,8 @@ class _TrainCrops(torch.utils.data.Dataset):
             x, y = self.aug(self.ds.load_image(i), self.ds.load_mask(i), np.random.default_rng([self.seed, it, slot]))
             xs.append(x)
             ys.append(y)
-        return torch.stack(xs), torch.from_numpy(np.stack(ys))
+        # numpy only: a torch kernel here would start a second OpenMP team beside the forward's on a CPU run
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
 def augmented_batches(ctx: Context, ds, p: LinearDinov2Params, layers: list[int], seed: int, start: int):
