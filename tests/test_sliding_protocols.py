@@ -4,13 +4,15 @@ windows gives; unset, the parameters leave every record key where it was; bad va
 Cityscapes-size image runs end to end."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from fixtures_data import write_image, write_labels
 from PIL import Image
-from test_refusals import _cli_refused, _run_args
+from test_refusals import _cli_refused, _dinov2_dir, _run_args
 
 from ssl_segbench.backbones import BackboneRef
 from ssl_segbench.cli import main
@@ -18,18 +20,21 @@ from ssl_segbench.data import get_dataset
 from ssl_segbench.protocols import get_protocol
 from ssl_segbench.protocols import linear as linear_module
 from ssl_segbench.protocols import retrieval as retrieval_module
+from ssl_segbench.published import Claim
 from ssl_segbench.records import iter_records
 from ssl_segbench.runner import plan_setting, resolve_params
 from ssl_segbench.setting import Setting
 from ssl_segbench.transforms import Transform
 
 NEW = ("slide_crop", "slide_stride")
-FAST = {"linear": ["--param", "linear.epochs=2"], "retrieval": ["--param", "retrieval.k=5"]}
+FAST = {"linear": {"epochs": 2}, "retrieval": {"k": 5}}
 
 
-def _run(tmp_path, data, protocol, results, *extra, backbone="pixels", size="64"):
-    args = ["run", "--backbone", backbone, "--dataset", "synthetic", "--data-root", str(data), "--size", size,
-            "--protocol", protocol, "--seeds", "1", "--results-dir", str(tmp_path / results), *FAST[protocol], *extra]
+def _run(tmp_path, data, protocol, results, *extra, backbone="pixels"):
+    args = ["run", "--backbone", str(backbone), "--dataset", "synthetic", "--data-root", str(data), "--size", "64",
+            "--protocol", protocol, "--seeds", "1", "--results-dir", str(tmp_path / results), *extra]
+    for key, value in FAST[protocol].items():
+        args += ["--param", f"{protocol}.{key}={value}"]
     assert main(args) == 0
     return [rec for _, rec in iter_records(tmp_path / results)]
 
@@ -42,7 +47,7 @@ def _slide(protocol, crop, stride):
 def test_one_window_over_each_image_gives_the_whole_image_numbers(small_synthetic, tmp_path, protocol):
     (whole,) = _run(tmp_path, small_synthetic, protocol, "whole")
     # 64 × 64 images (--size 64): a 64 crop is one window per image, a 128 crop is clipped to the image
-    for crop, stride in ((64, 32), (128, 128)):
+    for crop, stride in ((64, 32), (128, 128)) if protocol == "linear" else ((64, 32),):
         (slid,) = _run(tmp_path, small_synthetic, protocol, f"slide{crop}", *_slide(protocol, crop, stride))
         assert slid.key != whole.key
         assert slid.metrics == whole.metrics and slid.per_seed == whole.per_seed
@@ -52,6 +57,12 @@ def test_one_window_over_each_image_gives_the_whole_image_numbers(small_syntheti
         assert "slide" not in whole.setting.column.label and "sliding" not in whole.info
         # the evaluation split's tokens were never extracted: its labels alone were read
         assert not [p for p in slid.provenance["passes"] if p.get("split") == "test" and p.get("facets")]
+        # a published claim matches the records of exactly its own setting
+        plain = Claim("synthetic", "test", "pixels", protocol, "1", None, FAST[protocol], run={"size": 64},
+                      train={"split": "train"})
+        claimed = replace(plain, overrides={**FAST[protocol], "slide_crop": crop, "slide_stride": stride})
+        assert plain.matches(whole) and not plain.matches(slid)
+        assert claimed.matches(slid) and not claimed.matches(whole)
 
 
 def _hand_windows(length: int, crop: int, stride: int) -> list[int]:
@@ -62,11 +73,11 @@ def _hand_windows(length: int, crop: int, stride: int) -> list[int]:
     return starts
 
 
-def _brute_force(data, scorer, crop: int, stride: int, size: int) -> list[np.ndarray]:
-    """Each test image's label map, the slow way: every window embedded alone (random_vits16, float16 tokens as the
-    cache keeps them), scored, bilinearly resized to the window, summed and counted per pixel, averaged, argmax."""
+def _brute_force(data, checkpoint, scorer, crop: int, stride: int, size: int) -> list[np.ndarray]:
+    """Each test image's label map, the slow way: every window embedded alone (float16 tokens, as the cache keeps
+    them), scored, bilinearly resized to the window, summed and counted per pixel, averaged, argmax."""
     ds = get_dataset("synthetic", data, "test")
-    ref = BackboneRef("random_vits16")
+    ref = BackboneRef(str(checkpoint))
     backbone = ref.load("cpu")
     transform = Transform("shorter", size, ref.spec.patch_size)
     out = []
@@ -94,10 +105,12 @@ def _masks(folder) -> list[np.ndarray]:
 @pytest.mark.parametrize("protocol, module", [("linear", linear_module), ("retrieval", retrieval_module)])
 def test_overlapping_windows_give_the_label_map_of_a_hand_written_window_loop(small_synthetic, tmp_path,
                                                                               monkeypatch, protocol, module):
-    """96 × 96 images, crop 48, stride 32: windows start at 0, 32 and 48 (the last moved back to the edge) along each
-    axis, so pixels are covered by one to four windows. The protocol's own scorer (the trained head, the memory
-    bank) is taken from the run; everything around it is recomputed by hand. Batch size 1 embeds each window alone,
-    as the loop does, so the two see the same floats."""
+    """64 × 64 images, a tiny DINOv2 of patch 8 (global attention: a window's tokens differ from the whole image's),
+    crop 32, stride 24: windows start at 0, 24 and 32 (the last moved back to the edge) along each axis, so pixels
+    are covered by one to four windows. The protocol's own scorer (the trained head, the memory bank) is taken from
+    the run; everything around it is recomputed by hand. Batch size 1 embeds each window alone, as the loop does, so
+    the two see the same floats."""
+    checkpoint = _dinov2_dir(tmp_path / "tiny-dinov2")
     scorers = []
     original = module.eval_predictions
 
@@ -107,16 +120,17 @@ def test_overlapping_windows_give_the_label_map_of_a_hand_written_window_loop(sm
 
     monkeypatch.setattr(module, "eval_predictions", capture)
     common = ["--batch-size", "1"]
-    (slid,) = _run(tmp_path, small_synthetic, protocol, "slide", *common, *_slide(protocol, 48, 32),
-                   "--save-masks", str(tmp_path / "slide-masks"), backbone="random_vits16", size="96")
-    assert slid.info["sliding"] == {"crop": 48, "stride": 32, "images": 8, "windows": 8 * 9}
-    expected = _brute_force(small_synthetic, scorers[0], 48, 32, 96)
+    (slid,) = _run(tmp_path, small_synthetic, protocol, "slide", *common, *_slide(protocol, 32, 24),
+                   "--save-masks", str(tmp_path / "slide-masks"), backbone=checkpoint)
+    assert _hand_windows(64, 32, 24) == [0, 24, 32]
+    assert slid.info["sliding"] == {"crop": 32, "stride": 24, "images": 8, "windows": 8 * 9}
+    expected = _brute_force(small_synthetic, checkpoint, scorers[0], 32, 24, 64)
     got = _masks(tmp_path / "slide-masks" / protocol)
     assert len(got) == len(expected) == 8
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
     _run(tmp_path, small_synthetic, protocol, "whole", *common, "--save-masks", str(tmp_path / "whole-masks"),
-         backbone="random_vits16", size="96")
+         backbone=checkpoint)
     whole = _masks(tmp_path / "whole-masks" / protocol)
     assert sum(int((w != g).sum()) for w, g in zip(whole, got)) > 100  # the windows changed the answer
 
