@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from fixtures_data import write_image, write_labels
 from PIL import Image
 from test_refusals import _cli_refused, _dinov2_dir, _run_args
+from timm.models.vision_transformer import VisionTransformer
 
+import ssl_segbench
 from ssl_segbench.backbones import BackboneRef
 from ssl_segbench.cli import main
 from ssl_segbench.data import get_dataset
-from ssl_segbench.protocols import get_protocol
+from ssl_segbench.protocols import ProtocolError, get_protocol
 from ssl_segbench.protocols import linear as linear_module
 from ssl_segbench.protocols import retrieval as retrieval_module
 from ssl_segbench.published import Claim
@@ -135,6 +137,15 @@ def test_overlapping_windows_give_the_label_map_of_a_hand_written_window_loop(sm
     assert sum(int((w != g).sum()) for w, g in zip(whole, got)) > 100  # the windows changed the answer
 
 
+def test_the_crf_refines_the_sliding_window_scores(small_synthetic, tmp_path):
+    pytest.importorskip("pydensecrf.densecrf")
+    (plain,) = _run(tmp_path, small_synthetic, "retrieval", "plain", *_slide("retrieval", 32, 16))
+    (refined,) = _run(tmp_path, small_synthetic, "retrieval", "crf", *_slide("retrieval", 32, 16), "--crf")
+    assert refined.info["crf"]["images_refined"] == 8 and refined.info["sliding"]["windows"] == 8 * 9
+    assert refined.info["crf"]["score_types"] == ["retrieved label distributions"]
+    assert refined.confusions != plain.confusions and refined.key != plain.key
+
+
 @pytest.mark.parametrize("protocol", ["linear", "retrieval"])
 def test_unset_sliding_parameters_leave_the_record_key_as_it_was(small_synthetic, protocol):
     ds = get_dataset("synthetic", small_synthetic, "test")
@@ -203,3 +214,16 @@ def test_a_cityscapes_size_image_is_evaluated_by_sliding_windows_end_to_end(tmp_
     assert rec.info["sliding"] == {"crop": 128, "stride": 96, "images": 2, "windows": 30}
     assert rec.identity["dataset"] == "cityscapes19" and 0 <= rec.metrics["miou"]["mean"] <= 1
     assert "slide 128/96 · pad 256" in rec.setting.column.label
+
+
+def test_a_fixed_input_backbone_is_refused_windows_smaller_than_its_input(small_synthetic, tmp_path):
+    """A model whose position terms are fixed to 64 × 64 cannot embed 32-pixel windows: refused with the fix, before
+    any window goes through it, and no record is written."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=0).eval()
+    with pytest.raises(ProtocolError, match=r"takes only 64×64 input, but slide_crop=32 .* or set slide_crop >= 64"):
+        ssl_segbench.evaluate(model, dataset="synthetic", data_root=small_synthetic, protocols=("retrieval",),
+                              params={"retrieval.slide_crop": 32, "retrieval.slide_stride": 32, "retrieval.k": 5},
+                              size=64, resize="square", seeds=1, mean=(0.5,) * 3, std=(0.5,) * 3,
+                              results_dir=tmp_path / "res")
+    assert not list(tmp_path.rglob("*.json"))

@@ -157,7 +157,7 @@ def sliding_axis(params: dict) -> str | None:
 def check_sliding(name: str, crop: int | None, stride: int | None, patch_size: int | None = None) -> None:
     """The rules of `slide_crop` / `slide_stride` (both or neither; positive; stride <= crop, else pixels between
     windows go unscored; with the backbone's `patch_size` known, a crop on its patch grid), for every protocol that
-    offers sliding-window evaluation (`sliding_predictions`)."""
+    offers sliding-window evaluation (`eval_predictions`)."""
     if (crop is None) != (stride is None):
         raise ProtocolError(f"{name}: slide_crop and slide_stride go together (both set: sliding-window evaluation; "
                             f"neither: whole-image), got slide_crop={crop!r}, slide_stride={stride!r}; set --param "
@@ -858,7 +858,8 @@ def eval_predictions(ctx: Context, score_fns: list, num_preds: int, upsample: st
     spec = ctx.backbone_ref.spec  # the crop's own rules: `check_sliding`, run by the protocol's check and check_data
     if spec.fixed_input and crop < ctx.transform.size:
         raise ProtocolError(f"backbone '{spec.id}' takes only {spec.image_size}×{spec.image_size} input, but "
-                            f"slide_crop={crop} would give it smaller windows: leave slide_crop/slide_stride unset")
+                            f"slide_crop={crop} would give it smaller windows: leave slide_crop/slide_stride unset, "
+                            f"or set slide_crop >= {ctx.transform.size} (one window per image)")
     labels = ctx.get(ds, ()).labels
     store = SlidingScores(ctx, score_fns, num_preds, crop, stride, upsample, labels)
     ctx.info["sliding"] = store.facts  # filled in as the stream runs
