@@ -71,12 +71,14 @@ class Claim:
         return get_protocol(self.protocol + (f":{self.preset}" if self.preset else ""), **self.overrides)
 
     def params_for(self, patch_size: int, device: str | None) -> dict:
-        """The parameters a run of the claim records on `device` for a backbone of `patch_size`."""
+        """The parameters the Setting of a run of the claim holds on `device` for a backbone of `patch_size` (those
+        added after records existed left out at their default, as `runner.plan_setting` does)."""
         from .runner import RunOptions, resolve_params  # lazy: start-up time (torch)
 
         defaults = {f.name: f.default for f in fields(RunOptions) if f.name in _RUN_KEYS}
         run = {**defaults, **self.run}
-        return resolve_params(self.protocol_made(), patch_size, run["size"], run["resize"], device)[1]
+        proto, params, _ = resolve_params(self.protocol_made(), patch_size, run["size"], run["resize"], device)
+        return proto.identity_params(params)
 
     def matches(self, rec: Record) -> bool:
         """Whether `rec` was measured under this claim: its Setting equals the claim in every field a claim fixes."""

@@ -279,10 +279,12 @@ def resolve_params(proto: Protocol, patch_size: int, size: int, resize: str,
 
 def plan_setting(ref: BackboneRef, eval_set: SegmentationDataset, train_set: SegmentationDataset | None,
                  proto: Protocol, params: dict, layer: int, seeds: list[int]) -> Setting:
-    """The Setting of one protocol's record, built here alone (every reader takes it from the record)."""
+    """The Setting of one protocol's record, built here alone (every reader takes it from the record); parameters
+    added after records existed are left out while at their default (`Protocol.identity_params`)."""
     return Setting(
         backbone=ref.spec.id, source=ref.source, revision=ref.revision, dataset=eval_set.id, split=eval_set.split,
-        data_digest=eval_set.content_sha256(), protocol=proto.name, version=proto.version, params=params, layer=layer,
+        data_digest=eval_set.content_sha256(), protocol=proto.name, version=proto.version,
+        params=proto.identity_params(params), layer=layer,
         seeds=tuple(seeds),
         # registry entries' keys stay as they were before this field
         normalisation=None if ref.normalisation_source == "registry" else {"mean": list(ref.spec.mean),

@@ -14,6 +14,13 @@ What it alone produces:
   `axes` (no protocol-specific branch outside the protocol);
 - the published-entry match (`published.Claim.matches` compares a claim with it, field by field).
 
+Parameters added to a protocol after records of it existed: a field of the protocol's `Params` made with
+`protocols.base.added_param(default)` (dataclass field metadata) is left out of `params` while it holds that default,
+the behaviour the older records measured (`Protocol.identity_params`, applied by `runner.plan_setting` and by
+`published.Claim.params_for`); set to anything else it is in the identity, so in the key and the column. Older records
+keep their keys, and every reader sees such a key absent exactly when the parameter was at its default (a protocol's
+`axes` name it only when set). The record's `protocol.params` still lists every parameter.
+
 Descriptive fields (the preset's name, the decoding options, K, the train split's size) name the column or serve the
 published match without entering the key: the resolved parameters and the content digests already cover what they
 change.

@@ -136,10 +136,11 @@ def test_a_preset_that_does_not_fix_the_size_matches_the_record_of_that_preset(s
 
 
 def _rec(backbone: str, miou: float, spec: str, dataset: str = "voc", train=None, **overrides) -> Record:
-    """A record as a run of `spec` (with `overrides`) on CPU writes it, for a backbone of patch 16 at size 224."""
+    """A record as a run of `spec` (with `overrides`) on CPU writes it, for a backbone of patch 16 at size 224 (its
+    Setting's parameters as `runner.plan_setting` makes them, the record's `protocol.params` all of them)."""
     proto, params, _ = resolve_params(get_protocol(spec, **overrides), 16, 224, "shorter", "cpu")
-    setting = Setting(backbone, backbone, "a" * 40, dataset, "val", "f" * 64, proto.name, proto.version, params, -1,
-                      (0,), train=train, preset=proto.preset)
+    setting = Setting(backbone, backbone, "a" * 40, dataset, "val", "f" * 64, proto.name, proto.version,
+                      proto.identity_params(params), -1, (0,), train=train, preset=proto.preset)
     m = {"mean": miou, "std": 0.0, "per_seed": [miou]}
     return Record.from_json({
         "schema": SCHEMA, "key": setting.key, "identity": setting.identity(),

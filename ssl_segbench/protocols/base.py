@@ -34,6 +34,7 @@ from ..metrics import ConfusionAccumulator, image_stats, remap, scores
 from ..paths import PathError, inside, safe_component
 from ..progress import progress_bar
 from ..registry import is_int, is_number
+from ..sliding import slide_logits, windows
 from ..transforms import POLICIES, Transform
 
 
@@ -136,6 +137,44 @@ def auto_matching(matching: str, k: int, n_classes: int, one_to_one: str = "hung
 def kmeans_backend_axis(params: dict) -> str | None:
     """The k-means implementation, named where it is not the default faiss."""
     return None if params["kmeans_backend"] == "faiss" else f"{params['kmeans_backend']} k-means"
+
+
+ADDED_LATER = "added_later"  # field metadata: see `added_param`
+
+
+def added_param(default):
+    """A parameter field added to a protocol after records of it existed: while it holds `default` (the behaviour the
+    older records measured) it stays out of the Setting's parameters, so their keys and columns do not move
+    (`Protocol.identity_params`; setting.py's docstring). The default must be that older behaviour."""
+    return field(default=default, metadata={ADDED_LATER: True})
+
+
+def sliding_axis(params: dict) -> str | None:
+    """'slide crop/stride' where sliding-window evaluation is on (`slide_crop`, `slide_stride`)."""
+    return f"slide {params['slide_crop']}/{params['slide_stride']}" if params.get("slide_crop") else None
+
+
+def check_sliding(name: str, crop: int | None, stride: int | None, patch_size: int | None = None) -> None:
+    """The rules of `slide_crop` / `slide_stride` (both or neither; positive; stride <= crop, else pixels between
+    windows go unscored; with the backbone's `patch_size` known, a crop on its patch grid), for every protocol that
+    offers sliding-window evaluation (`eval_predictions`)."""
+    if (crop is None) != (stride is None):
+        raise ProtocolError(f"{name}: slide_crop and slide_stride go together (both set: sliding-window evaluation; "
+                            f"neither: whole-image), got slide_crop={crop!r}, slide_stride={stride!r}; set --param "
+                            f"{name}.slide_crop=C --param {name}.slide_stride=S, or neither")
+    if crop is None:
+        return
+    for key, v in (("slide_crop", crop), ("slide_stride", stride)):
+        if not v > 0:
+            raise ProtocolError(f"{name}: {key} must be > 0, got {v!r}")
+    if stride > crop:
+        raise ProtocolError(f"{name}: slide_stride={stride} exceeds slide_crop={crop}: pixels between windows would "
+                            f"get no score; set slide_stride <= {crop}")
+    if patch_size is not None and crop % patch_size:
+        below, above = crop // patch_size * patch_size, (crop // patch_size + 1) * patch_size
+        near = f"{below} or {above}" if below else str(above)
+        raise ProtocolError(f"{name}: slide_crop={crop} is not a multiple of the backbone's patch size {patch_size} "
+                            f"(windows must cover whole patches); set --param {name}.slide_crop={near}")
 
 
 def _type_ok(value, allowed: tuple) -> bool:
@@ -243,6 +282,15 @@ class Protocol:
         """Every parameter's default, in field order (the shared ones first)."""
         return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
                 for f in fields(cls.Params)}
+
+    @classmethod
+    def identity_params(cls, params: dict) -> dict:
+        """`params` as the Setting holds them: without the parameters added after records existed (`added_param`)
+        while they hold their default, so the records measured before each was added keep their keys."""
+        later = {f.name for f in fields(cls.Params) if f.metadata.get(ADDED_LATER)}
+        defaults = cls.all_defaults()
+        return {k: v for k, v in params.items()
+                if not (k in later and type(v) is type(defaults[k]) and v == defaults[k])}
 
     def __init__(self, preset: str | None = None, **overrides):
         params = copy.deepcopy(self.all_defaults())
@@ -373,14 +421,17 @@ class Protocol:
         raise NotImplementedError
 
 
-def backbone_tokens(ctx: Context, images: list[torch.Tensor], name_of: Callable[[int], str]) -> torch.Tensor:
+def backbone_tokens(ctx: Context, images: list[torch.Tensor], name_of: Callable[[int], str],
+                    half: bool = False) -> torch.Tensor:
     """(B, h, w, D) float32 CPU tokens of the run's layer for normalised (3, H, W) images of one size: a second pass
-    of a protocol's own (augmented crops), batched by `ctx.batch_size` through the one backbone pass (`features.embed`:
-    bf16 autocast on CUDA; non-finite tokens stop the run, naming `name_of(j)` of the first bad image j)."""
+    of a protocol's own (augmented crops, sliding windows), batched by `ctx.batch_size` through the one backbone pass
+    (`features.embed`: bf16 autocast on CUDA; non-finite tokens stop the run, naming `name_of(j)` of the first bad
+    image j). With `half` the tokens are rounded to float16 first, as the feature cache stores them (a value beyond
+    float16's range is refused as the cache refuses it)."""
     n, step = len(images), ctx.batch_size
     batches = ((torch.stack(images[b: b + step]), range(b, min(b + step, n))) for b in range(0, n, step))
-    return torch.cat([out["tokens"] for out, _ in embed(ctx.backbone(), batches, ctx.layer, ("tokens",), ctx.device,
-                                                         name_of=name_of)])
+    return torch.cat([out["tokens"].float() for out, _ in embed(ctx.backbone(), batches, ctx.layer, ("tokens",),
+                                                                 ctx.device, name_of=name_of, half=half)])
 
 
 @dataclass
@@ -734,6 +785,87 @@ def count_confusions(stream: Predictions, num_classes: int, ignore_index: int,
             advance(len(idx))
     return [a.compute() for a in accs], [a.images for a in accs]
 
+
+
+class SlidingScores:
+    """Duck-typed token store for Predictions scoring the evaluation split by sliding windows
+    (`eval_predictions`): image i, at the run's transform, goes window by window (batched) through the backbone
+    (tokens rounded to float16, as the cache holds them), each scoring function scores every window at token
+    resolution, its scores are resized to the window (`upsample`: bilinear, or nearest, which keeps the argmax of
+    nearest-upsampled labels) and averaged over overlapping windows (`sliding.slide_logits`). Image i → (H, W, S·K):
+    scoring function j's K channels at j·K; pair it with `channel_scorer`. `facts` counts the images and windows."""
+
+    def __init__(self, ctx: Context, score_fns: list, channels: int, crop: int, stride: int, upsample: str,
+                 labels: ArrayStore):
+        self.ctx, self.score_fns, self.channels, self.upsample, self.labels = ctx, score_fns, channels, upsample, labels
+        self.crop, self.stride = crop, stride
+        self.facts = {"crop": crop, "stride": stride, "images": 0, "windows": 0}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def grid(self, i: int) -> tuple[int, int]:
+        return self.labels.grid(i)
+
+    def image(self, i: int) -> np.ndarray:
+        ctx, ds = self.ctx, self.ctx.eval_set
+        spec = ctx.backbone_ref.spec
+        x = ctx.transform.image(ds.load_image(i), spec.mean, spec.std)
+        if tuple(x.shape[1:]) != tuple(self.grid(i)):
+            raise ProtocolError(f"sliding windows: image {i} is {tuple(x.shape[1:])} at the run's transform but its "
+                                f"labels are {tuple(self.grid(i))}")
+        name = f"a sliding window of image '{sample_name(ds, i)}' of {ds.id}/{ds.split}"
+
+        def logits_of(wins: torch.Tensor) -> torch.Tensor:
+            t = backbone_tokens(ctx, list(wins), lambda j: name, half=True).to(ctx.scoring.device)
+            out = []
+            for fn in self.score_fns:
+                sc = fn(t).float()
+                if sc.shape[1] != self.channels:
+                    raise ProtocolError(f"sliding windows: a scoring function gave {sc.shape[1]} channels, expected "
+                                        f"{self.channels}")
+                bilinear = {"align_corners": False} if self.upsample == "bilinear" else {}
+                out.append(F.interpolate(sc, size=tuple(wins.shape[-2:]), mode=self.upsample, **bilinear))
+            return torch.cat(out, 1)
+
+        scores = slide_logits(x, logits_of, self.crop, self.stride, ctx.batch_size)
+        self.facts["images"] += 1
+        self.facts["windows"] += len(windows(*x.shape[1:], (self.crop,) * 2, (self.stride,) * 2))
+        return scores.permute(1, 2, 0).cpu().numpy()
+
+
+def channel_scorer(j: int, channels: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Scoring function for SlidingScores: (B, H, W, S·K) → scoring function j's (B, K, H, W) scores."""
+    return lambda x: x[..., j * channels: (j + 1) * channels].permute(0, 3, 1, 2)
+
+
+def eval_predictions(ctx: Context, score_fns: list, num_preds: int, upsample: str, eval_size: int | None,
+                     score_type: str, sliding: tuple[int, int] | None = None) -> Predictions:
+    """The evaluation split's prediction stream for token scoring functions ((B, h, w, D) → (B, num_preds, h, w)),
+    one path for every protocol that scores tokens: whole-image from the split's cached tokens, or, with `sliding` =
+    (crop, stride), each image through sliding windows (`SlidingScores`; the cached labels alone are read, and the
+    record's info.sliding says how many windows ran). Both go to label resolution (or eval_size) and argmax in the
+    same `Predictions`, so `count_confusions`, the CRF and --save-masks see no difference."""
+    ds = ctx.eval_set
+    if sliding is None:
+        fs = ctx.get(ds, ("tokens",))
+        return Predictions(fs["tokens"], fs.labels, score_fns, num_preds, upsample, eval_size, ctx.scoring,
+                           score_type=score_type)
+    crop, stride = sliding
+    if ctx.transform is None or ctx.backbone_ref is None:
+        raise ProtocolError("sliding windows embed the evaluation images at the run's transform, but the run gave no "
+                            "backbone or transform")
+    spec = ctx.backbone_ref.spec  # the crop's own rules: `check_sliding`, run by the protocol's check and check_data
+    if spec.fixed_input and crop < ctx.transform.size:
+        raise ProtocolError(f"backbone '{spec.id}' takes only {spec.image_size}×{spec.image_size} input, but "
+                            f"slide_crop={crop} would give it smaller windows: leave slide_crop/slide_stride unset, "
+                            f"or set slide_crop >= {ctx.transform.size} (one window per image)")
+    labels = ctx.get(ds, ()).labels
+    store = SlidingScores(ctx, score_fns, num_preds, crop, stride, upsample, labels)
+    ctx.info["sliding"] = store.facts  # filled in as the stream runs
+    ctx.record_pass("sliding-window evaluation", True, split=ds.split, crop=crop, stride=stride)
+    return Predictions(store, labels, [channel_scorer(j, num_preds) for j in range(len(score_fns))], num_preds,
+                       upsample, eval_size, ctx.scoring, score_type=score_type)
 
 
 def score_label_maps(ctx: Context, maps: list[np.ndarray], labels: ArrayStore, n_labels: list[int], upsample: str,

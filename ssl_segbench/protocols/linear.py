@@ -12,6 +12,10 @@ Variants (`variant`):
   0.8–1) + horizontal flip (p 0.5) and through the backbone again (batched, bf16 autocast on CUDA); crops are drawn
   from a generator seeded by (seed, epoch, image), so they do not depend on batch sizes. Evaluation still reads the
   cached tokens of the evaluation split.
+Sliding-window evaluation (`slide_crop`, `slide_stride`, both or neither; for images too large to embed whole, as
+Cityscapes at 1024×2048): each evaluation image at the run's transform goes through windows of the backbone, the
+head scores each window, its logits are resized to the window and averaged over overlaps (`base.eval_predictions`);
+training is unchanged. Unset (the default), the evaluation split's cached whole-image tokens are scored.
 Train split (`train_split`): 'default' (the dataset's own train split), a split name, or a list of candidates of which
 the first available under the root is used; preset `leopart` asks for VOC's `trainaug` (10,582 images) and falls back
 to the default train split elsewhere. The record's info says which split trained the probe and why; when the root has
@@ -31,16 +35,19 @@ from ..transforms import RandomResizedCropFlip
 from .base import (
     Context,
     MaskSaver,
-    Predictions,
     Protocol,
     ProtocolError,
     ProtocolResult,
     SharedParams,
+    added_param,
     backbone_tokens,
+    check_sliding,
     count_confusions,
     eval_labels,
+    eval_predictions,
     register_protocol,
     score_seeds,
+    sliding_axis,
 )
 from .training import (
     Steps,
@@ -57,7 +64,8 @@ from .training import (
 @dataclass(frozen=True)
 class LinearParams(SharedParams):
     """Parameters of the linear probe (module docstring): variant, train split, Leopart's SGD recipe, the label size
-    it trains against, upsampling, and the RandomResizedCrop + flip of the augmented variant."""
+    it trains against, upsampling, the RandomResizedCrop + flip of the augmented variant, and sliding-window
+    evaluation (added after records existed: unset, they leave the record key as it was)."""
 
     variant: Literal["cached-features", "augmented"] = "cached-features"
     train_split: str | list = "default"
@@ -72,6 +80,8 @@ class LinearParams(SharedParams):
     aug_scale: list = field(default_factory=lambda: [0.8, 1.0])
     aug_ratio: list = field(default_factory=lambda: [0.75, 4 / 3])
     aug_flip: float = 0.5
+    slide_crop: int | None = added_param(None)
+    slide_stride: int | None = added_param(None)
 
 
 @register_protocol
@@ -81,6 +91,7 @@ class LinearProtocol(Protocol):
     description = "linear probe on frozen patch tokens (train split → eval split)"
     default_seeds = 1
     Params = LinearParams
+    axes = {"sliding": sliding_axis}
     presets = {"leopart": {"resize": "square", "size": 448, "eval_size": 100, "train_split": ["trainaug", "default"]},
                "leopart-augmented": {"resize": "square", "size": 448, "eval_size": 100,
                                      "train_split": ["trainaug", "default"], "variant": "augmented"}}
@@ -92,11 +103,20 @@ class LinearProtocol(Protocol):
         check_crop_ranges(self.name, aug_scale=p.aug_scale, aug_ratio=p.aug_ratio)
         if not 0 <= p.aug_flip <= 1:
             raise ProtocolError(f"linear: aug_flip must be a probability in [0, 1], got {p.aug_flip!r}")
+        check_sliding(self.name, p.slide_crop, p.slide_stride)
+
+    def check_data(self, eval_set, train_set, transform) -> None:
+        if transform is not None:
+            check_sliding(self.name, self.p.slide_crop, self.p.slide_stride, transform.patch_size)
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
+        evaluation = () if self.p.slide_crop else ("tokens",)  # sliding windows embed the images themselves
         if self.p.variant == "augmented":  # trains on fresh backbone passes (a second pass of its own)
-            return {"eval": ("tokens",)}
-        return {"eval": ("tokens",), "train": ("tokens",)}
+            return {"eval": evaluation}
+        return {"eval": evaluation, "train": ("tokens",)}
+
+    def backbone_facets(self) -> set[str]:
+        return {"tokens"}
 
     def train_split_wanted(self) -> list[str]:
         return split_candidates(self.p.train_split)
@@ -108,7 +128,6 @@ class LinearProtocol(Protocol):
             raise ProtocolError("linear: variant=augmented crops train images at the run's input size, but the run "
                                 "gave no transform")
         train_set, info = train_split_info(ctx)
-        evalfs = ctx.get(ds, ("tokens",))
         heads = []
         with progress_bar(len(ctx.seeds) * p.epochs, f"linear probe ({p.variant}) on "
                                                          f"{train_set.id}/{train_set.split}") as adv:
@@ -119,7 +138,7 @@ class LinearProtocol(Protocol):
                     heads.append(train_head(_linear_head(ds.num_classes), train["tokens"].data.shape[1], steps,
                                             ds.ignore_index, p, seed, ctx.device, adv))
             else:
-                dim = evalfs["tokens"].data.shape[1]
+                dim = ctx.backbone().spec.embed_dim  # the width of its tokens (the cache's rows)
                 for seed in ctx.seeds:
                     steps = augmented_steps(ctx, train_set, p, seed)
                     heads.append(train_head(_linear_head(ds.num_classes), dim, steps, ds.ignore_index, p, seed,
@@ -130,8 +149,9 @@ class LinearProtocol(Protocol):
                                              f"ratio {p.aug_ratio}) + flip p {p.aug_flip}")
         saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"predicting {ds.id}/{ds.split}") as advance:
-            stream = Predictions(evalfs["tokens"], evalfs.labels, [conv_head_scorer(h) for h in heads], ds.num_classes,
-                                 p.upsample, p.eval_size, ctx.scoring, score_type="linear-head logits")
+            stream = eval_predictions(ctx, [conv_head_scorer(h) for h in heads], ds.num_classes, p.upsample,
+                                      p.eval_size, "linear-head logits",
+                                      (p.slide_crop, p.slide_stride) if p.slide_crop else None)
             confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, "identity"), saver,
                                       record_mapping=False)

@@ -17,6 +17,10 @@ patch of an evaluation image takes the labels of its nearest train patches.
    label = Σ softmax(similarity / temperature) · neighbour distributions; that soft label grid bilinearly upsampled to
    label resolution, argmax. A `k` above the bank's rows is refused, never clamped (`check_data` before extraction
    where the image count and patch grid already rule it out, `check_bank` once the bank is built).
+   With `slide_crop` / `slide_stride` (both or neither; for images too large to embed whole, as Cityscapes at
+   1024×2048) the queries come from sliding windows instead: each evaluation image at the run's transform goes through
+   the backbone window by window, each window's soft label grid is resized to the window and averaged over overlaps
+   (`base.eval_predictions`); the memory bank is unchanged.
 4. Scoring: predictions are in class space, so the confusion is scored directly (`matching: none`). The reference
    also applies Hungarian matching (`matching: hungarian-iou`) and counts ignore pixels as background when it builds
    the memory (`ignore: background`): both are offered as named variants, used by the `hummingbird-*` presets so that
@@ -47,16 +51,19 @@ from ..transforms import RandomResizedCropFlip, sample_jitter
 from .base import (
     Context,
     MaskSaver,
-    Predictions,
     Protocol,
     ProtocolError,
     ProtocolResult,
     SharedParams,
+    added_param,
     backbone_tokens,
+    check_sliding,
     count_confusions,
+    eval_predictions,
     matching_axis,
     register_protocol,
     score_seeds,
+    sliding_axis,
 )
 from .training import check_crop_ranges, check_train_split, split_candidates, train_split_info
 
@@ -74,7 +81,8 @@ def memory_axis(params: dict) -> str:
 class RetrievalParams(SharedParams):
     """Parameters of dense retrieval (module docstring): neighbours and softmax temperature, the memory bank (size,
     ignore handling, augmentation epochs and their crops and colour jitter), the search index, the train split, the
-    upsampling and how the input size fits the patch size."""
+    upsampling, how the input size fits the patch size, and sliding-window evaluation (added after records existed:
+    unset, they leave the record key as it was)."""
 
     k: int = 30
     temperature: float = 0.02
@@ -96,12 +104,14 @@ class RetrievalParams(SharedParams):
     upsample: Literal["bilinear", "nearest"] = "bilinear"
     size_fit: Literal["exact", "floor"] = "exact"
     crf_temperature: float = 0.1
+    slide_crop: int | None = added_param(None)
+    slide_stride: int | None = added_param(None)
 
 
 @register_protocol
 class RetrievalProtocol(Protocol):
     name = "retrieval"
-    axes = {"matching": matching_axis, "memory": memory_axis}
+    axes = {"matching": matching_axis, "memory": memory_axis, "sliding": sliding_axis}
     version = "1"
     description = "dense k-NN retrieval of train patch labels (Hummingbird), scored directly (no matching)"
     default_seeds = 1
@@ -130,6 +140,7 @@ class RetrievalProtocol(Protocol):
         if p.index == "hnsw" and p.k > p.hnsw_ef:
             raise ProtocolError(f"retrieval: k={p.k} exceeds hnsw_ef={p.hnsw_ef} (an HNSW search of breadth "
                                 "ef finds at most ef neighbours); set hnsw_ef >= k")
+        check_sliding(self.name, p.slide_crop, p.slide_stride)
 
     def check_data(self, eval_set, train_set, transform) -> None:
         """Before any extraction: a train split other than the evaluation images must exist, a bounded memory must
@@ -152,6 +163,7 @@ class RetrievalProtocol(Protocol):
                                 f"no patch; set memory_size >= {n_views} or leave it unbounded (null)")
         if transform is None:  # a context without one (a direct `run`): only the built bank is checked
             return
+        check_sliding(self.name, p.slide_crop, p.slide_stride, transform.patch_size)
         least = (transform.size // transform.patch_size) ** 2  # patches of the smallest view
         quota = least if p.memory_size is None else min(least, p.memory_size // n_views)
         if p.k > n_views * quota:  # else k fits whatever the grids, and no image header is read
@@ -170,9 +182,13 @@ class RetrievalProtocol(Protocol):
         return size
 
     def facets_needed(self) -> dict[str, tuple[str, ...]]:
+        evaluation = () if self.p.slide_crop else ("tokens",)  # sliding windows embed the images themselves
         if self.p.augment:  # the memory comes from augmented crops (a pass of its own, cached)
-            return {"eval": ("tokens",)}
-        return {"eval": ("tokens",), "train": ("tokens",)}
+            return {"eval": evaluation}
+        return {"eval": evaluation, "train": ("tokens",)}
+
+    def backbone_facets(self) -> set[str]:
+        return {"tokens"}
 
     def train_split_wanted(self) -> list[str]:
         return split_candidates(self.p.train_split)
@@ -190,12 +206,12 @@ class RetrievalProtocol(Protocol):
         check_bank(min(b.rows for b in banks.values()), train, p)
         scorers = [Scorer(banks[seed if p.memory_size is not None else None], p, ctx.device)
                    for seed in ctx.seeds]
-        evalfs = ctx.get(ds, ("tokens",))
         matching = "identity" if p.matching == "none" else p.matching
         saver = MaskSaver(ctx)
         with progress_bar(len(ds), f"retrieving labels for {ds.id}/{ds.split}") as advance:
-            stream = Predictions(evalfs["tokens"], evalfs.labels, scorers, ds.num_classes, p.upsample,
-                                 p.eval_size, ctx.scoring, score_type="retrieved label distributions")
+            stream = eval_predictions(ctx, scorers, ds.num_classes, p.upsample, p.eval_size,
+                                      "retrieved label distributions",
+                                      (p.slide_crop, p.slide_stride) if p.slide_crop else None)
             confs, per_image = count_confusions(stream, ds.num_classes, ds.ignore_index, saver, advance)
         per_seed, stats = score_seeds(confs, per_image, lambda j, conf: match(conf, matching), saver,
                                       record_mapping=matching != "identity")
