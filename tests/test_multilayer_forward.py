@@ -183,6 +183,33 @@ def test_pixels_have_one_layer_under_either_index():
         pixels(x, [-1, 1])
 
 
+class _ThreeBlocks(ssl_segbench.backbones.base.Backbone):
+    """A loader written against the one-block contract alone (`_forward`, no `_layer_tokens`), as a plugin may be:
+    block k's tokens are the patch means times k + 1; it counts its calls."""
+
+    calls: list
+
+    @property
+    def num_layers(self) -> int:
+        return 3
+
+    def _forward(self, images, layer, facets):
+        self.calls.append(layer)
+        means = torch.nn.functional.avg_pool2d(images, kernel_size=self.spec.patch_size)
+        return {"tokens": means.flatten(2).transpose(1, 2) * (layer + 1)}
+
+
+def test_a_one_block_loader_gives_listed_layers_by_one_call_per_distinct_block():
+    spec = SimpleNamespace(id="three", patch_size=4, num_prefix_tokens=0)
+    backbone = _ThreeBlocks(spec, "test", None)
+    backbone.calls = []
+    x = torch.randn(2, 3, 8, 12)
+    means = torch.nn.functional.avg_pool2d(x, kernel_size=4).permute(0, 2, 3, 1)  # (B, h, w, 3)
+    out = backbone(x, [2, 0, -1])["tokens"]
+    assert torch.equal(out, torch.cat([means * 3, means * 1, means * 3], -1))
+    assert sorted(backbone.calls) == [0, 2]
+
+
 def _per_layer_features(backbone, images, layers):
     """linear-dinov2's `backbone_features` before the change, as the reference: one embed call per layer, the
     (B, D, h, w) tokens concatenated along the channels."""

@@ -27,10 +27,10 @@ class BackboneError(SegbenchError):
 
 
 class Backbone(torch.nn.Module):
-    """Base class; subclasses implement `_forward(images, layers, facets) -> dict` on token sequences, for distinct
-    non-negative block indices in ascending order (several only when the facets are just 'tokens'): 'tokens' → one
-    (B, N, D) sequence per layer, in that order, from one model forward; any other facet → its one layer's output.
-    `forward` checks the request, shapes each output (`_shaped`) and puts the layers in the caller's order."""
+    """Base class; subclasses implement `_forward(images, layer, facets) -> dict` on token sequences for one
+    non-negative block index (the contract of every loader, built-in or plugin). A loader that can read several blocks
+    in one model forward also implements `_layer_tokens(images, layers)`; the default calls `_forward` once per block.
+    `forward` checks the request, shapes each output (`_shaped`) and puts listed layers in the caller's order."""
 
     def __init__(self, spec: BackboneSpec, source: str, resolved_revision: str | None):
         super().__init__()
@@ -81,19 +81,22 @@ class Backbone(torch.nn.Module):
             raise BackboneError(f"input {height}x{width} is not a multiple of patch size {p}")
         listed = self.layer_indices(layer, facets)
         taken = tuple(sorted(set(listed)))
-        out = self._forward(images, taken, tuple(facets))
-        res = {}
-        for k, v in out.items():
-            if k == "tokens":
-                grids = {i: self._shaped(t, k, images) for i, t in zip(taken, v, strict=True)}
-                parts = [grids[i] for i in listed]
-                res[k] = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-            else:
-                res[k] = self._shaped(v, k, images)
-        return res
+        if len(taken) == 1:
+            res = {k: self._shaped(v, k, images) for k, v in self._forward(images, taken[0], tuple(facets)).items()}
+            if len(listed) > 1:  # one block listed several times (tokens only: `layer_indices`)
+                res["tokens"] = torch.cat([res["tokens"]] * len(listed), -1)
+            return res
+        grids = dict(zip(taken, (self._shaped(t, "tokens", images) for t in self._layer_tokens(images, taken)),
+                         strict=True))
+        return {"tokens": torch.cat([grids[i] for i in listed], -1)}
 
-    def _forward(self, images, layers: tuple[int, ...], facets) -> dict:
+    def _forward(self, images, layer: int, facets) -> dict:
         raise NotImplementedError
+
+    def _layer_tokens(self, images, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """The (B, N, D) token sequences of distinct blocks `layers` (ascending), in that order; one `_forward` per
+        block here, one model forward where a loader overrides it."""
+        return [self._forward(images, i, ("tokens",))["tokens"] for i in layers]
 
     def _shaped(self, v: torch.Tensor, facet: str, images: torch.Tensor) -> torch.Tensor:
         """One facet's output for `images` → its documented shape (`_grid`)."""

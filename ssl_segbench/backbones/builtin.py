@@ -25,10 +25,10 @@ class PixelsBackbone(Backbone):
         if set(facets) - {"tokens"}:
             raise BackboneError(f"backbone '{self.spec.id}' (raw pixels) has only the 'tokens' facet")
 
-    def _forward(self, images, layers, facets):
+    def _forward(self, images, layer, facets):
         p = self.spec.patch_size
         patches = torch.nn.functional.unfold(images, kernel_size=p, stride=p)  # (B, 3·p², h·w)
-        return {"tokens": [patches.transpose(1, 2)]}  # its one layer
+        return {"tokens": patches.transpose(1, 2)}
 
 
 def random_init_model(arch: str, seed: int):

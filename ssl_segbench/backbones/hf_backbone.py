@@ -123,11 +123,16 @@ class HFBackbone(Backbone):
                                 f"{self.fixed_size}")
         return {"pixel_values": images, **self._kwargs}
 
-    def _forward(self, images, layers, facets):
+    def _layer_tokens(self, images, layers):
+        """One forward's hidden states of `layers`, final norm applied (hidden_states[0] is the embeddings)."""
+        out = self.model(**self._inputs(images), output_hidden_states=True)
+        return [self.final_norm(out.hidden_states[i + 1]) for i in layers]
+
+    def _forward(self, images, layer, facets):
         captured = {}
         hooks = []
-        if {"attn", "attn_logits", "keys", "queries"} & set(facets):  # asked with one layer only
-            att = _first_attr(self.layers[layers[0]], ("attention", "self_attn"))
+        if {"attn", "attn_logits", "keys", "queries"} & set(facets):
+            att = _first_attr(self.layers[layer], ("attention", "self_attn"))
             for facet, proj in (("queries", att.q_proj), ("keys", att.k_proj)):
                 hooks.append(proj.register_forward_hook(lambda _m, _i, o, f=facet: captured.__setitem__(f, o)))
             if self.model_type == "dinov3_vit":  # its rotary embedding, for the patch tokens' q and k
@@ -141,12 +146,12 @@ class HFBackbone(Backbone):
         if "rope" in captured:
             captured["queries"], captured["keys"] = rotate_patches(captured["queries"], captured["keys"],
                                                                    captured["rope"], self.num_heads)
-        seqs = [self.final_norm(out.hidden_states[i + 1]) for i in layers]  # [0]: the embeddings
+        seq = self.final_norm(out.hidden_states[layer + 1])
         res = {}
         if "tokens" in facets:
-            res["tokens"] = seqs
+            res["tokens"] = seq
         if "cls" in facets:
-            res["cls"] = seqs[0][:, 0]
+            res["cls"] = seq[:, 0]
         if {"attn", "attn_logits"} & set(facets):
             res.update(cls_attention(captured["queries"], captured["keys"], self.num_heads, None, facets))
         for f in ("keys", "queries"):

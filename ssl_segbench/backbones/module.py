@@ -82,11 +82,8 @@ class AdapterBackbone(Backbone):
                                 f"not {', '.join(lacking)}: pass {', '.join(f + '=' for f in lacking)} callables to "
                                 "ssl_segbench.Adapter")
 
-    def _forward(self, images, layers, facets):
-        out = {f: self.adapter.callables[f](images) for f in facets}
-        if "tokens" in out:
-            out["tokens"] = [out["tokens"]]  # its one layer
-        return out
+    def _forward(self, images, layer, facets):
+        return {f: self.adapter.callables[f](images) for f in facets}
 
     def _shaped(self, v, facet, images):
         """The callable's output as it is, once its shape is checked: the facet's documented shape for `images`."""

@@ -32,25 +32,33 @@ class TimmBackbone(Backbone):
     def num_layers(self) -> int:
         return len(self.model.blocks)
 
-    def _forward(self, images, layers, facets):
+    def _sequences(self, images, layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(patch tokens, prefix tokens) of blocks `layers` (ascending), final norm applied, from one forward that
+        stops after the last of them."""
         fixed = getattr(self.model.patch_embed, "img_size", None)
         if not getattr(self.model, "dynamic_img_size", False) and fixed is not None and \
                 tuple(images.shape[-2:]) != tuple(fixed):
             raise BackboneError(f"backbone '{self.spec.id}' ({type(self.model).__name__}) takes only "
                                 f"{fixed[0]}×{fixed[1]} input (its position terms are fixed to that grid), got "
                                 f"{images.shape[-2]}×{images.shape[-1]}: use --resize square --size {fixed[0]}")
+        found = self.model.forward_intermediates(  # in block order, which `layers` is
+            images, indices=list(layers), norm=True, output_fmt="NLC", intermediates_only=True,
+            return_prefix_tokens=self.model.num_prefix_tokens > 0, stop_early=True)
+        return [f if isinstance(f, tuple) else (f, f[:, :0]) for f in found]
+
+    def _layer_tokens(self, images, layers):
+        return [torch.cat([prefix, spatial], dim=1) for spatial, prefix in self._sequences(images, layers)]
+
+    def _forward(self, images, layer, facets):
         need_attention = bool({"attn", "attn_logits", "keys", "queries"} & set(facets))
-        attn_mod = self.model.blocks[layers[0]].attn  # attention facets come with one layer only
+        attn_mod = self.model.blocks[layer].attn
         with capture_attention(attn_mod, self.spec.id) if need_attention else contextlib.nullcontext({}) as seen:
-            found = self.model.forward_intermediates(  # in block order, which `layers` is
-                images, indices=list(layers), norm=True, output_fmt="NLC", intermediates_only=True,
-                return_prefix_tokens=self.model.num_prefix_tokens > 0, stop_early=True)
-        split = [f if isinstance(f, tuple) else (f, f[:, :0]) for f in found]  # (spatial, prefix) per layer
+            ((spatial, prefix),) = self._sequences(images, (layer,))
         out = {}
         if "tokens" in facets:
-            out["tokens"] = [torch.cat([prefix, spatial], dim=1) for spatial, prefix in split]
+            out["tokens"] = torch.cat([prefix, spatial], dim=1)
         if "cls" in facets:
-            out["cls"] = split[0][1][:, 0]
+            out["cls"] = prefix[:, 0]
         if need_attention:
             b, heads, n, hd = seen["q"].shape
             q = seen["q"].transpose(1, 2).reshape(b, n, heads * hd)
