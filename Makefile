@@ -88,7 +88,7 @@ check: demo
 # Times: the slow tests took 4.6 minutes together on a quiet 2-core machine and about 21 file by file on a busy one
 # (other sessions' tests on the same cores); the whole suite took about 10 and 43.
 test: install
-	@echo "make test: about 8 minutes on a quiet 2-core machine (about 20 on a busy one); skip reasons are listed at the end; the slow end-to-end tests are left to \`make test-slow\` (about 4 minutes, 20 busy)"
+	@echo "make test: about 10 minutes on a quiet 2-core machine (about 20 on a busy one); skip reasons are listed at the end; the slow end-to-end tests are left to \`make test-slow\` (about 4 minutes, 20 busy)"
 	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 test-slow: install
