@@ -8,7 +8,8 @@ time that building one batch of crops costs on one thread (what the prefetch thr
 2-core CPU it competes with the forward). A random-init ViT-S/16 (`random_vits16`, no weights) on the synthetic
 dataset's 256×192 images (8 classes), 224 crops. Then the head step alone (`head_step`: BatchNorm + 1×1 conv, logits
 resized to the crop, cross-entropy, backward, AdamW) at the reference's ADE20K size: 150 classes, batch 16, 512² crops
-from ViT-S/14 tokens (37² × 384), which the loop adds to every forward. Printed, never asserted.
+from ViT-S/14 tokens (37² × 384), which the loop adds to every forward. Last, `dinov2-ms`'s four layers: one backbone
+call for all of them against one call per layer (the tokens are equal; best of 3). Printed, never asserted.
 
 Usage: python benchmarks/bench_linear_dinov2.py [--batch 8] [--iterations 12] [--crop 224] [--device cpu]
 """
@@ -43,6 +44,9 @@ def main() -> None:
         ms = head_step_ms(args.device)
         print(f"[linear-dinov2] the head step alone at ADE20K's size (150 classes, batch 16, 512² crops, 37² × 384 "
               f"tokens) on {args.device}: {ms:.0f} ms")
+        one, four = four_layers_s(args.backbone, args.batch, args.crop, args.device)
+        print(f"[linear-dinov2] dinov2-ms's last four layers, batch {args.batch} of {args.crop}²: one call "
+              f"{one:.3f} s, a call per layer {four:.3f} s ({four / one:.2f}×)")
 
 
 def bench(backbone_id: str, batch: int, iterations: int, crop: int, device: str, tmp: Path,
@@ -137,6 +141,37 @@ def head_step_ms(device: str, classes: int = 150, batch: int = 16, crop: int = 5
         if k:
             best = min(best, time.perf_counter() - t0)
     return 1000 * best
+
+
+def four_layers_s(backbone_id: str, batch: int, crop: int, device: str, repeats: int = 3) -> tuple[float, float]:
+    """Seconds for the last four layers' tokens of one batch: one `Backbone.forward` with the list of layers, and one
+    call per layer (best of `repeats` each; the two results are checked equal)."""
+    import torch
+
+    from ssl_segbench.backbones import BackboneRef
+
+    backbone = BackboneRef(backbone_id).load(device)
+    x = torch.randn(batch, 3, crop, crop, generator=torch.Generator().manual_seed(0)).to(device)
+    layers = [-4, -3, -2, -1]
+
+    def one():
+        return backbone(x, layers)["tokens"]
+
+    def each():
+        return torch.cat([backbone(x, i)["tokens"] for i in layers], -1)
+
+    best = {}
+    with torch.inference_mode():
+        if not torch.equal(one(), each()):
+            raise SystemExit("the tokens of one call for four layers differ from one call per layer")
+        for name, fn in (("one", one), ("each", each)):
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    return best["one"], best["each"]
 
 
 if __name__ == "__main__":
